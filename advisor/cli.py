@@ -1,0 +1,303 @@
+"""The `tuneplan` command. User mistakes end with a clear message and exit code 2, never a traceback.
+
+The estimate path imports neither torch nor transformers when the model's shape is cached
+(bundled profiles ship theirs), so `tuneplan estimate --model <profile> --json` is fast cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from advisor.spec import OPTIMIZERS, PRECISIONS
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Problems to show the user, one line each."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                   default=default, help=help)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the CLI contract (DESIGN.md); None means 'the plan's default'."""
+    p.add_argument("--model", required=True, help="bundled profile, local config.json or model dir, or hub id")
+    p.add_argument("--task", choices=["training", "inference"], default="training")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], help="default: qlora")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adamw")
+    p.add_argument("--batch", type=int, help="micro-batch (training) or concurrent sequences (inference)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (inference: prompt + generated)")
+    p.add_argument("--grad-accum", type=int)
+    _bool_flag(p, "grad-checkpointing", None, "recompute activations in backward (default: on)")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="all-linear or a comma list such as q_proj,v_proj")
+    p.add_argument("--attn", dest="attn_impl", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--weight-quant", choices=["none", "int8", "nf4"], help="inference weight storage")
+    p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
+    p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage across GPUs")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--revision", help="hub revision")
+
+
+def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
+    def put(d: dict, key: str, val: Any) -> None:
+        if val is not None:
+            d[key] = val
+
+    training: dict[str, Any] = {}
+    inference: dict[str, Any] = {}
+    lora: dict[str, Any] = {}
+    hardware: dict[str, Any] = {"device": a.device}
+    put(training, "method", a.method)
+    put(training, "precision", a.precision)
+    put(training, "optimizer", a.optimizer)
+    put(training, "grad_accum", a.grad_accum)
+    put(training, "grad_checkpointing", a.grad_checkpointing)
+    put(training, "attn_impl", a.attn_impl)
+    put(lora, "r", a.lora_r)
+    put(lora, "alpha", a.lora_alpha)
+    put(lora, "dropout", a.lora_dropout)
+    put(lora, "targets", a.lora_targets)
+    if lora:
+        training["lora"] = lora
+    if a.task == "inference":
+        put(inference, "batch", a.batch)
+        put(inference, "seq_len", a.seq)
+        put(inference, "weight_quant", a.weight_quant)
+        if a.precision in ("fp32", "bf16", "fp16"):
+            inference["precision"] = a.precision
+        training.pop("precision", None)
+    else:
+        put(training, "micro_batch", a.batch)
+        put(training, "seq_len", a.seq)
+    hardware["gpu"] = a.gpu
+    put(hardware, "gpus", a.gpus)
+    put(hardware, "zero", a.zero)
+    model = {"ref": a.model, "trust_remote_code": a.trust_remote_code}
+    put(model, "revision", a.revision)
+    return {"model": model, "task": a.task, "training": training, "inference": inference, "hardware": hardware}
+
+
+def load_plan_and_shape(data: dict[str, Any]):
+    """Validate the plan and resolve the model; every problem reported together."""
+    from advisor.model import ModelError, resolve
+    from advisor.spec import SpecError, build_plan, check_against_shape
+
+    problems: list[str] = []
+    plan = None
+    try:
+        plan = build_plan(data)
+    except SpecError as e:
+        problems += e.problems
+    shape = None
+    model = data.get("model", {})
+    try:
+        shape = resolve(model.get("ref", ""), model.get("revision"), bool(model.get("trust_remote_code")))
+    except ModelError as e:
+        problems.append(str(e))
+    if plan is not None and shape is not None:
+        problems += check_against_shape(plan, shape)
+    gpu = None
+    if plan is not None and plan.hardware.gpu:
+        from advisor.gpus import GpuError, find_gpu
+        try:
+            gpu = find_gpu(plan.hardware.gpu)
+        except GpuError as e:
+            problems.append(str(e))
+    if plan is not None and gpu is not None and plan.task == "training" and not gpu.bf16 \
+            and plan.training.precision in ("bf16", "amp-bf16") and plan.hardware.device == "cuda":
+        problems.append(f"{gpu.name} has no bf16 support (needs Ampere or newer); use --precision fp16 "
+                        "or amp-fp16")
+    if problems:
+        raise UserError(problems)
+    return plan, shape, gpu
+
+
+def estimate_result(plan, shape, gpu) -> dict[str, Any]:
+    """The --json object of the CLI contract."""
+    from advisor.memory import estimate, trainable_params
+
+    bd = estimate(plan, shape)
+    trainable = trainable_params(shape, plan.training) if plan.task == "training" else 0
+    out: dict[str, Any] = {
+        "model": {
+            "name": shape.name, "model_type": shape.model_type, "architecture": shape.architecture,
+            "params_total": shape.params_total, "params_trainable": trainable,
+            "params_embedding": shape.params_embedding, "params_lm_head": shape.params_lm_head,
+            "params_linear": shape.params_linear, "params_other": shape.params_other,
+            "num_layers": shape.num_layers, "hidden_size": shape.hidden_size, "vocab_size": shape.vocab_size,
+        },
+        "plan": plan.model_dump(mode="json"),
+        "mode": "analytic",
+        "breakdown": bd.components,
+        "peak_phase": bd.peak_phase,
+        "phases": bd.phases,
+        "overhead": bd.overhead,
+        "peak_allocated_bytes": bd.peak_allocated_bytes,
+        "peak_reserved_bytes": bd.peak_reserved_bytes,
+        "notes": bd.notes,
+    }
+    if gpu is not None:
+        cap = gpu.memory_bytes
+        out["gpu"] = {"name": gpu.name, "id": gpu.id, "memory_bytes": cap,
+                      "fits": bd.peak_reserved_bytes <= cap,
+                      "headroom_bytes": cap - bd.peak_reserved_bytes,
+                      "status": fit_status(bd.peak_reserved_bytes, cap)}
+    return out
+
+
+def fit_status(need: int, capacity: int) -> str:
+    """fits (under 90% of the card), tight (90-100%), oom (over)."""
+    if need > capacity:
+        return "oom"
+    return "tight" if need > 0.9 * capacity else "fits"
+
+
+def _gib(b: int) -> str:
+    return f"{b / 1024**3:,.2f} GiB"
+
+
+COMPONENT_LABELS = {
+    "weights": "weights", "lora_adapters": "LoRA adapters", "gradients": "gradients",
+    "optimizer_states": "optimizer states", "activations": "activations",
+    "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
+    "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",
+    "ddp_buckets": "DDP gradient buckets", "cuda_context": "CUDA context", "cublas_workspace": "cuBLAS workspace",
+    "allocator_slack": "allocator slack",
+}
+
+
+def print_estimate(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    m, plan = res["model"], res["plan"]
+    if plan["task"] == "training":
+        t = plan["training"]
+        what = (f"{t['method']} · {t['precision']} · {t['optimizer']} · batch {t['micro_batch']} × seq "
+                f"{t['seq_len']} · grad-ckpt {'on' if t['grad_checkpointing'] else 'off'}")
+        if t["method"] != "full":
+            what += f" · LoRA r={t['lora']['r']} on {t['lora']['targets'] if isinstance(t['lora']['targets'], str) else ','.join(t['lora']['targets'])}"
+    else:
+        i = plan["inference"]
+        what = f"inference · {i['precision']} · weights {i['weight_quant']} · batch {i['batch']} × seq {i['seq_len']}"
+    hw = plan["hardware"]
+    con.print(f"[bold]{m['name']}[/] ({m['architecture']}, {m['params_total']:,} parameters, "
+              f"{m['params_trainable']:,} trainable)")
+    con.print(f"{what} · device {hw['device']}" + (f" × {hw['gpus']} GPUs, ZeRO-{hw['zero']}" if hw['gpus'] > 1 else ""))
+    table = Table(title=f"Peak memory (at {res['peak_phase'].replace('_', ' ')})", title_justify="left")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("share", justify="right")
+    total = res["peak_reserved_bytes"] or 1
+    for k, v in res["breakdown"].items():
+        table.add_row(COMPONENT_LABELS.get(k, k), f"{v / 1024**3:,.2f}", f"{100 * v / total:.0f}%")
+    table.add_row("[bold]peak allocated (tensors)[/]", f"[bold]{res['peak_allocated_bytes'] / 1024**3:,.2f}[/]", "")
+    for k, v in res["overhead"].items():
+        table.add_row(COMPONENT_LABELS.get(k, k), f"{v / 1024**3:,.2f}", f"{100 * v / total:.0f}%")
+    if res["overhead"]:
+        table.add_row("[bold]peak reserved (nvidia-smi)[/]", f"[bold]{res['peak_reserved_bytes'] / 1024**3:,.2f}[/]", "")
+    con.print(table)
+    if "gpu" in res:
+        g = res["gpu"]
+        badge = {"fits": "[green]fits[/]", "tight": "[yellow]tight[/]", "oom": "[red]out of memory[/]"}[g["status"]]
+        con.print(f"{g['name']}: {_gib(g['memory_bytes'])} → {badge} "
+                  f"({'headroom' if g['headroom_bytes'] >= 0 else 'short by'} {_gib(abs(g['headroom_bytes']))})")
+    for n in res["notes"]:
+        con.print(f"[dim]note: {n}[/]")
+
+
+def cmd_estimate(a: argparse.Namespace) -> int:
+    if a.mode == "simulate":
+        raise UserError("--mode simulate is not available yet; use --mode analytic")
+    plan, shape, gpu = load_plan_and_shape(plan_dict_from_args(a))
+    res = estimate_result(plan, shape, gpu)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_estimate(res)
+    return 0
+
+
+def cmd_profiles(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    if a.gpus:
+        from advisor.gpus import gpu_table, prices_as_of
+        t = Table(title=f"GPU profiles (prices as of {prices_as_of()})", title_justify="left")
+        for col in ("id", "name", "memory", "bf16", "TFLOPS", "$/hour"):
+            t.add_column(col, justify="right" if col in ("memory", "TFLOPS", "$/hour") else "left")
+        for g in gpu_table().values():
+            t.add_row(g.id, g.name, f"{g.memory_gib:.1f} GiB", "yes" if g.bf16 else "no", f"{g.tflops:g}",
+                      f"{g.price_usd_hour:.2f}" if g.price_usd_hour is not None else "-")
+        con.print(t)
+        return 0
+    from advisor.model import bundled_profiles, resolve
+    t = Table(title="Bundled model profiles (offline; `--model NAME`)", title_justify="left")
+    for col in ("name", "type", "parameters", "layers", "hidden", "vocab"):
+        t.add_column(col, justify="left" if col in ("name", "type") else "right")
+    for name in bundled_profiles():
+        s = resolve(name)
+        t.add_row(name, s.model_type, f"{s.params_total / 1e9:.2f}B", str(s.num_layers), str(s.hidden_size),
+                  str(s.vocab_size))
+    con.print(t)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneplan", description="Will this fine-tune fit, and what will it cost?")
+    sub = p.add_subparsers(dest="command")
+    e = sub.add_parser("estimate", help="peak memory of a training step or of serving")
+    add_plan_arguments(e)
+    e.add_argument("--mode", choices=["analytic", "simulate"], default="analytic")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_estimate)
+    pr = sub.add_parser("profiles", help="list bundled model profiles (or --gpus)")
+    pr.add_argument("--gpus", action="store_true", help="list GPU profiles instead")
+    pr.set_defaults(func=cmd_profiles)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except UserError as e:
+        if len(e.problems) == 1:
+            print(f"tuneplan: {e.problems[0]}", file=sys.stderr)
+        else:
+            print(f"tuneplan: {len(e.problems)} problems:", file=sys.stderr)
+            for line in e.problems:
+                print(f"  - {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tuneplan ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Resolve a model reference to a ModelShape: dimensions and exact parameter counts.
+
+A reference is a bundled profile name, a local config.json, a local model directory, or a hub
+id (config.json only). Parameter counts come from building the real transformers architecture
+on the meta device (no weights, no memory) and counting, as accelerate's ``estimate-memory``
+does. Shapes are cached by the config's hash: bundled profiles ship theirs in
+``profiles/shapes/``, everything else is cached under the user cache directory, so a repeated
+estimate never imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+MODELS_DIR = PROFILES_DIR / "models"
+SHAPES_DIR = PROFILES_DIR / "shapes"
+SHAPE_VERSION = 4
+# Config values (with the architecture's defaults filled in) that change what training keeps.
+FEATURE_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")  # bump when ModelShape gains fields; stale cache entries are recomputed
+
+# Config fields every causal LM needs, under the names the families use for them.
+_ALIASES = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "vocab_size": ("vocab_size",),
+}
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linear layers that share a path pattern across decoder layers (e.g. model.layers.*.self_attn.q_proj)."""
+
+    path: str
+    in_features: int
+    out_features: int
+    bias: bool
+    count: int
+
+    @property
+    def leaf(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the estimators need about an architecture, counted from the real model."""
+
+    name: str
+    model_type: str
+    architecture: str
+    config_sha256: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position: int | None
+    tie_word_embeddings: bool
+    hidden_act: str
+    num_experts: int  # 0 for dense models
+    experts_per_token: int
+    params_total: int  # unique parameters (tied weights once)
+    params_embedding: int  # input token embeddings (+ learned position embeddings)
+    params_lm_head: int  # output head, 0 when tied to the embeddings
+    params_linear: int  # nn.Linear / Conv1D weights+biases outside the output head (quantized by QLoRA)
+    params_other: int  # norms, fused expert tensors, router, anything else (kept in compute dtype)
+    linears: tuple[LinearGroup, ...] = field(default_factory=tuple)
+    features: dict = field(default_factory=dict)  # FEATURE_KEYS as the built config has them
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+    version: int = SHAPE_VERSION
+
+    def __post_init__(self) -> None:
+        parts = self.params_embedding + self.params_lm_head + self.params_linear + self.params_other
+        if parts != self.params_total:
+            raise AssertionError(f"parameter parts {parts} != total {self.params_total} for {self.name}")
+
+    # --- LoRA -------------------------------------------------------------------------------
+    def lora_groups(self, targets: str | list[str]) -> list[LinearGroup]:
+        """The linear groups peft would wrap: 'all-linear' = every linear but the output head."""
+        if targets == "all-linear":
+            return list(self.linears)
+        wanted = list(targets)
+        return [g for g in self.linears if any(g.path == t or g.path.endswith("." + t) or g.leaf == t
+                                               for t in wanted)]
+
+    def unknown_targets(self, targets: str | list[str]) -> list[str]:
+        if targets == "all-linear":
+            return []
+        return [t for t in targets if not any(g.path == t or g.path.endswith("." + t) or g.leaf == t
+                                              for g in self.linears)]
+
+    def lora_params(self, targets: str | list[str], r: int) -> int:
+        """r * (in + out) per wrapped module (A: in x r, B: r x out), peft's LoRA without bias."""
+        return sum(g.count * r * (g.in_features + g.out_features) for g in self.lora_groups(targets))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["linears"] = [asdict(g) for g in self.linears]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelShape:
+        d = dict(d)
+        d["linears"] = tuple(LinearGroup(**g) for g in d.get("linears", []))
+        return cls(**d)
+
+
+# --- references --------------------------------------------------------------------------
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@lru_cache(maxsize=1)
+def bundled_profiles() -> dict[str, Path]:
+    """Hub id ('org/name') -> bundled config.json copy."""
+    out = {}
+    for p in sorted(MODELS_DIR.glob("*.json")):
+        out[p.stem.replace("--", "/", 1)] = p
+    return out
+
+
+def _bundled_lookup(ref: str) -> str | None:
+    profiles = bundled_profiles()
+    if ref in profiles:
+        return ref
+    key = _norm(ref)
+    for hub_id in profiles:
+        if key in (_norm(hub_id), _norm(hub_id.split("/", 1)[-1])):
+            return hub_id
+    return None
+
+
+def closest_profiles(ref: str, n: int = 5) -> list[str]:
+    names = list(bundled_profiles())
+    short = {_norm(h.split("/", 1)[-1]): h for h in names}
+    hits = difflib.get_close_matches(_norm(ref.split("/")[-1]), list(short), n=n, cutoff=0.4)
+    found = [short[h] for h in hits]
+    # substring matches ("llama" -> every Llama) after the fuzzy ones
+    for h in names:
+        if len(found) >= n:
+            break
+        if _norm(ref.split("/")[-1]) in _norm(h) and h not in found:
+            found.append(h)
+    return found[:n]
+
+
+def _unknown(ref: str, why: str) -> ModelError:
+    near = closest_profiles(ref)
+    hint = f" Closest bundled profiles: {', '.join(near)}." if near else ""
+    return ModelError(f"unknown model {ref!r}: {why}.{hint} See `tuneplan profiles` for the full list.")
+
+
+def load_config(ref: str, revision: str | None = None) -> tuple[str, dict]:
+    """Find the config.json for a reference; returns (display name, config dict)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelError(f"{path} is a directory without a config.json; point --model at a model "
+                             "directory saved with save_pretrained, or at a config.json file.")
+        return str(path), _read_json(cfg_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ModelError(f"no such file: {path}")
+        return str(path), _read_json(path)
+    hub_id = _bundled_lookup(ref)
+    if hub_id is not None:
+        return hub_id, _read_json(bundled_profiles()[hub_id])
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref):
+        return ref, _hub_config(ref, revision)
+    raise _unknown(ref, "not a bundled profile, a local file or directory, or a hub id (org/name)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object (a model config), not {type(data).__name__}")
+    return data
+
+
+def _hub_config(repo_id: str, revision: str | None) -> dict:
+    """Fetch config.json only (cached by huggingface_hub; HF_HUB_OFFLINE=1 uses the cache alone)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise _unknown(repo_id, "huggingface_hub is not installed, so hub ids cannot be fetched") from None
+    try:
+        # the token, if any, comes from HF_TOKEN / the hub login; it is never logged or saved by tuneplan
+        path = hf_hub_download(repo_id, "config.json", revision=revision, etag_timeout=5)
+    except GatedRepoError:
+        raise ModelError(f"{repo_id} is gated on the hub: accept its licence there and set HF_TOKEN, "
+                         "or pass a local config.json") from None
+    except RepositoryNotFoundError:
+        raise _unknown(repo_id, "no such repository on the hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{repo_id} has no revision {revision!r}") from None
+    except EntryNotFoundError:
+        raise ModelError(f"{repo_id} has no config.json on the hub") from None
+    except LocalEntryNotFoundError:
+        raise _unknown(repo_id, "the hub cannot be reached (offline) and its config.json is not cached") from None
+    except Exception as e:  # network errors of all kinds
+        raise _unknown(repo_id, f"the hub could not be reached ({type(e).__name__})") from None
+    return _read_json(Path(path))
+
+
+# --- shapes ------------------------------------------------------------------------------
+
+def config_sha256(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("TUNEPLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tuneplan")
+    return Path(base) / "shapes"
+
+
+def _first(config: dict, key: str) -> int | None:
+    for name in _ALIASES[key]:
+        if isinstance(config.get(name), int):
+            return config[name]
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        for name in _ALIASES[key]:
+            if isinstance(text.get(name), int):
+                return text[name]
+    return None
+
+
+def check_config(config: dict, where: str) -> None:
+    """Say which required field is missing or wrong before transformers fails obscurely."""
+    problems = []
+    if not isinstance(config.get("model_type"), str):
+        problems.append("'model_type' is missing (which architecture: llama, mistral, qwen2, gpt2...)")
+    for key, names in _ALIASES.items():
+        v = _first(config, key)
+        if v is None:
+            problems.append(f"'{names[0]}' is missing or not an integer")
+        elif v <= 0:
+            problems.append(f"'{names[0]}' must be positive (got {v})")
+    if problems:
+        raise ModelError(f"malformed config {where}: " + "; ".join(problems))
+
+
+@lru_cache(maxsize=64)
+def _resolve_cached(ref: str, revision: str | None, trust_remote_code: bool) -> ModelShape:
+    name, config = load_config(ref, revision)
+    check_config(config, f"for {name}")
+    digest = config_sha256(config)
+    for candidate in (SHAPES_DIR / f"{name.replace('/', '--')}.json", _cache_dir() / f"{digest}.json"):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if data.get("config_sha256") == digest and data.get("version") == SHAPE_VERSION:
+                data["config"] = config
+                data["name"] = name
+                return ModelShape.from_json(data)
+    shape = count_on_meta(name, config, trust_remote_code=trust_remote_code)
+    try:
+        path = _cache_dir() / f"{digest}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: v for k, v in shape.to_json().items() if k != "config"}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return shape
+
+
+def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """Reference -> ModelShape (cached in memory and on disk)."""
+    return _resolve_cached(ref, revision, trust_remote_code)
+
+
+def build_meta_model(config: dict, trust_remote_code: bool = False):
+    """The real transformers causal-LM architecture on the meta device (no memory used)."""
+    import torch
+    import transformers
+
+    cfg_dict = copy.deepcopy(config)  # transformers normalizes nested fields (rope) in place
+    model_type = cfg_dict.pop("model_type")
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, KeyError) as e:
+        if "auto_map" in config and not trust_remote_code:
+            raise ModelError(f"model_type {model_type!r} needs custom code from its repository; pass "
+                             "--trust-remote-code only if you trust it") from None
+        raise ModelError(f"transformers {transformers.__version__} does not know model_type "
+                         f"{model_type!r}: {e}") from None
+    with torch.device("meta"):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise ModelError(f"{model_type!r} is not a causal language model transformers can build: "
+                             f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> ModelShape:
+    """Build on the meta device and count every parameter by the kind of module that owns it."""
+    import torch
+
+    digest = config_sha256(config)
+    model = build_meta_model(config, trust_remote_code)
+    try:
+        from transformers.pytorch_utils import Conv1D
+        linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover
+        linear_types = (torch.nn.Linear,)
+
+    out_emb = model.get_output_embeddings()
+    in_emb = model.get_input_embeddings()
+    seen: set[int] = set()
+    owner_kind: dict[int, str] = {}
+    groups: dict[tuple, int] = {}
+    for mod_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if module is out_emb:
+            kind = "lm_head"
+        elif isinstance(module, torch.nn.Embedding):
+            kind = "embedding"
+        elif isinstance(module, linear_types):
+            kind = "linear"
+            w = module.weight
+            if isinstance(module, torch.nn.Linear):
+                fin, fout = module.in_features, module.out_features
+            else:  # GPT-2's Conv1D stores weight as (in, out)
+                fin, fout = w.shape[0], w.shape[1]
+            key = (re.sub(r"\.\d+\.", ".*.", mod_name), fin, fout, module.bias is not None)
+            groups[key] = groups.get(key, 0) + 1
+        else:
+            kind = "other"
+        for _, p in own:
+            if id(p) not in owner_kind:
+                owner_kind[id(p)] = kind
+    counts = {"embedding": 0, "lm_head": 0, "linear": 0, "other": 0}
+    for p in model.parameters():  # parameters() yields tied weights once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        counts[owner_kind.get(id(p), "other")] += p.numel()
+    total = sum(p.numel() for p in model.parameters())
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = _first(config, "hidden_size") or 0
+    heads = _first(config, "num_heads") or 1
+    kv = getattr(text_cfg, "num_key_value_heads", None) or getattr(text_cfg, "num_kv_heads", None)
+    if getattr(text_cfg, "multi_query", False) and not getattr(text_cfg, "new_decoder_architecture", False):
+        kv = 1
+    head_dim = getattr(text_cfg, "head_dim", None) or hidden // heads
+    inter = (getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None)
+             or getattr(text_cfg, "ffn_hidden_size", None) or 4 * hidden)
+    act = (getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "hidden_activation", None)
+           or getattr(text_cfg, "activation_function", None) or getattr(text_cfg, "activation", None) or "gelu")
+    experts = getattr(text_cfg, "num_local_experts", None) or getattr(text_cfg, "num_experts", None) or 0
+    topk = getattr(text_cfg, "num_experts_per_tok", None) or (1 if experts else 0)
+    max_pos = (getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None))
+    linears = tuple(LinearGroup(path, fi, fo, b, c) for (path, fi, fo, b), c in sorted(groups.items()))
+    return ModelShape(
+        name=name,
+        model_type=cfg.model_type,
+        architecture=type(model).__name__,
+        config_sha256=digest,
+        hidden_size=hidden,
+        num_layers=_first(config, "num_layers") or 0,
+        num_heads=heads,
+        num_kv_heads=int(kv or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(inter),
+        vocab_size=_first(config, "vocab_size") or 0,
+        max_position=int(max_pos) if max_pos else None,
+        tie_word_embeddings=bool(tied),
+        hidden_act=str(act),
+        num_experts=int(experts),
+        experts_per_token=int(topk),
+        params_total=total,
+        params_embedding=counts["embedding"],
+        params_lm_head=counts["lm_head"],
+        params_linear=counts["linear"],
+        params_other=counts["other"],
+        linears=linears,
+        features={k: getattr(text_cfg, k) for k in FEATURE_KEYS
+                  if isinstance(getattr(text_cfg, k, None), (int, float))},
+        config=config,
+    )
+
+
+def write_bundled_shapes() -> list[str]:
+    """Count every bundled profile on the meta device and store its shape in profiles/shapes/."""
+    SHAPES_DIR.mkdir(exist_ok=True)
+    written = []
+    for name, path in bundled_profiles().items():
+        config = _read_json(path)
+        shape = count_on_meta(name, config)
+        data = {k: v for k, v in shape.to_json().items() if k != "config"}
+        (SHAPES_DIR / f"{path.stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+        written.append(f"{name}: {shape.params_total:,}")
+    return written
+
+
+if __name__ == "__main__":  # python -m advisor.model: regenerate profiles/shapes/
+    for line in write_bundled_shapes():
+        print(line)

@@ -1,0 +1,176 @@
+"""Pydantic input models: the one Plan that travels from the form to the runner.
+
+Every field has a description (it becomes help text and docs); choices are ``Literal``;
+numbers carry bounds. Unknown keys are an error. Cross-field rules that need the model's
+shape (LoRA rank above the hidden size, a sequence longer than the model's maximum) live in
+:func:`check_against_shape`, which reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from advisor.model import ModelShape
+
+Method = Literal["full", "lora", "qlora"]
+Precision = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
+Optimizer = Literal[
+    "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "sgd_momentum", "adafactor"
+]
+AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
+Task = Literal["training", "inference"]
+Device = Literal["cuda", "cpu"]
+WeightQuant = Literal["none", "int8", "nf4"]
+
+METHODS: tuple[str, ...] = ("full", "lora", "qlora")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
+OPTIMIZERS: tuple[str, ...] = (
+    "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "sgd_momentum", "adafactor"
+)
+
+
+class SpecError(ValueError):
+    """A user mistake in the plan: every problem found, each with how to fix it."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(f"- {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelRef(_Strict):
+    ref: str = Field(
+        "meta-llama/Llama-3.1-8B",
+        description="A bundled profile name, a local config.json, a local model directory, or a hub id.",
+        min_length=1,
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom modelling code from the hub. Off unless you trust the repository."
+    )
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank r of the A (in x r) and B (r x out) matrices.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 saves a mask per layer).")
+    targets: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' (every linear layer but the output head, as peft "
+        "means it) or a list of module names such as q_proj,v_proj.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            if v.strip() == "all-linear":
+                return "all-linear"
+            v = [t for t in (s.strip() for s in v.split(",")) if t]
+        v = [t.strip() for t in v if t.strip()]
+        if not v:
+            raise ValueError("name at least one target module, or use 'all-linear'")
+        return v
+
+
+class TrainSpec(_Strict):
+    method: Method = Field("qlora", description="full: train every weight; lora: frozen weights + adapters; "
+                           "qlora: 4-bit NF4 frozen weights + adapters.")
+    precision: Precision = Field("bf16", description="bf16/fp16: weights stored and trained in that dtype; "
+                                 "amp-*: fp32 weights with autocast compute; fp32: everything in fp32.")
+    optimizer: Optimizer = Field("adamw", description="Optimizer; adamw keeps 2 states per trainable "
+                                 "parameter, 8-bit variants 2 bytes, sgd none, adafactor factored rows/cols.")
+    micro_batch: int = Field(1, ge=1, le=65536, description="Sequences per forward/backward pass (per GPU).")
+    seq_len: int = Field(2048, ge=1, le=10_000_000, description="Tokens per sequence.")
+    grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches accumulated per optimizer step "
+                            "(no extra memory: gradients are summed in place).")
+    grad_checkpointing: bool = Field(True, description="Recompute activations in backward: true reduces memory "
+                                     "(only layer inputs are kept), costs about one extra forward.")
+    attn_impl: AttnImpl = Field("sdpa", description="Attention kernel: sdpa/flash keep no seq x seq matrix; "
+                                "eager stores the attention probabilities (grows with seq^2).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
+    double_quant: bool = Field(True, description="QLoRA: quantize the 4-bit blocks' absmax constants too "
+                               "(saves about 0.37 bits per parameter).")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+
+
+class InferSpec(_Strict):
+    batch: int = Field(1, ge=1, le=65536, description="Sequences generated at once.")
+    seq_len: int = Field(4096, ge=1, le=10_000_000, description="Whole context per sequence: prompt + "
+                         "generated tokens (the KV cache holds all of them).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Dtype of weights, activations "
+                                                        "and KV cache.")
+    weight_quant: WeightQuant = Field("none", description="Weight storage: none (precision), int8 "
+                                      "(LLM.int8) or nf4 (4-bit).")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the compute dtype; fp8: 1 byte.")
+
+
+class Hardware(_Strict):
+    gpu: str | None = Field("RTX 4090", description="GPU name (see `tuneplan profiles --gpus`); None for none.")
+    gpus: int = Field(1, ge=1, le=4096, description="Number of GPUs.")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage across GPUs: 1 shards optimizer states, "
+                                      "2 also gradients, 3 also weights (FSDP full shard ~ 3).")
+    device: Device = Field("cuda", description="cuda: GPU memory incl. CUDA context and allocator; cpu: RAM "
+                           "for the tensors alone.")
+
+
+class Plan(_Strict):
+    model: ModelRef = Field(default_factory=ModelRef, description="Which model.")
+    task: Task = Field("training", description="training (fine-tune) or inference (serve).")
+    training: TrainSpec = Field(default_factory=TrainSpec, description="Fine-tuning settings.")
+    inference: InferSpec = Field(default_factory=InferSpec, description="Serving settings.")
+    hardware: Hardware = Field(default_factory=Hardware, description="Where it runs.")
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """Turn pydantic's errors into one plain line each: 'training.micro_batch: must be >= 1 (got 0)'."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif not isinstance(got, (dict, list)):
+            msg = f"{msg} (got {got!r})"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+def build_plan(data: dict) -> Plan:
+    """Validate a nested dict into a Plan, raising SpecError with every problem at once."""
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def check_against_shape(plan: Plan, shape: ModelShape) -> list[str]:
+    """Rules that need the model's dimensions; every problem, each with its fix."""
+    problems = []
+    t, inf = plan.training, plan.inference
+    seq = t.seq_len if plan.task == "training" else inf.seq_len
+    if shape.max_position and seq > shape.max_position:
+        problems.append(f"sequence length {seq} is longer than {shape.name}'s maximum of "
+                        f"{shape.max_position} positions; use --seq {shape.max_position} or less")
+    if plan.task == "training" and t.method in ("lora", "qlora"):
+        if t.lora.r > shape.hidden_size:
+            problems.append(f"LoRA rank {t.lora.r} is above the hidden size {shape.hidden_size}; a rank that "
+                            "large is no longer low-rank (use 4-64)")
+        if not shape.linears:
+            problems.append(f"{shape.name} has no linear layers to adapt or quantize; use --method full")
+        else:
+            unknown = shape.unknown_targets(t.lora.targets)
+            if unknown:
+                names = sorted({g.leaf for g in shape.linears})
+                problems.append(f"LoRA targets {', '.join(unknown)} match no linear layer of {shape.name}; "
+                                f"its linear layers are {', '.join(names)} (or use all-linear)")
+    return problems
