@@ -93,6 +93,20 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     return {"model": model, "task": a.task, "training": training, "inference": inference, "hardware": hardware}
 
 
+FLAGS = {
+    "training.micro_batch": "--batch", "inference.batch": "--batch", "training.seq_len": "--seq",
+    "inference.seq_len": "--seq", "training.grad_accum": "--grad-accum", "training.lora.r": "--lora-r",
+    "training.lora.alpha": "--lora-alpha", "training.lora.dropout": "--lora-dropout",
+    "training.lora.targets": "--lora-targets", "hardware.gpus": "--gpus", "model.ref": "--model",
+}
+
+
+def _with_flag(problem: str) -> str:
+    """'training.micro_batch: ...' -> '--batch (training.micro_batch): ...' for CLI users."""
+    field, sep, rest = problem.partition(": ")
+    return f"{FLAGS[field]} ({field}): {rest}" if sep and field in FLAGS else problem
+
+
 def load_plan_and_shape(data: dict[str, Any]):
     """Validate the plan and resolve the model; every problem reported together."""
     from advisor.model import ModelError, resolve
@@ -103,7 +117,7 @@ def load_plan_and_shape(data: dict[str, Any]):
     try:
         plan = build_plan(data)
     except SpecError as e:
-        problems += e.problems
+        problems += [_with_flag(p) for p in e.problems]
     shape = None
     model = data.get("model", {})
     try:
@@ -113,10 +127,11 @@ def load_plan_and_shape(data: dict[str, Any]):
     if plan is not None and shape is not None:
         problems += check_against_shape(plan, shape)
     gpu = None
-    if plan is not None and plan.hardware.gpu:
+    gpu_name = data.get("hardware", {}).get("gpu")
+    if gpu_name:
         from advisor.gpus import GpuError, find_gpu
         try:
-            gpu = find_gpu(plan.hardware.gpu)
+            gpu = find_gpu(gpu_name)
         except GpuError as e:
             problems.append(str(e))
     if plan is not None and gpu is not None and plan.task == "training" and not gpu.bf16 \

@@ -86,8 +86,9 @@ def weights_bytes(shape: ModelShape, t: TrainSpec) -> int:
     quant = 0
     bias = 0
     for g in shape.linears:
-        quant += g.count * nf4_bytes(g.in_features * g.out_features, t.double_quant)
-        bias += g.count * (g.out_features if g.bias else 0)
+        if g.quantized:
+            quant += g.count * nf4_bytes(g.in_features * g.out_features, t.double_quant)
+            bias += g.count * (g.out_features if g.bias else 0)
     unquantized = shape.params_total - shape.params_linear + bias
     return quant + 4 * unquantized
 
@@ -121,10 +122,10 @@ def _trainable_tensors(shape: ModelShape, t: TrainSpec) -> list[tuple[int, int, 
         r = t.lora.r
         out = []
         for g in shape.lora_groups(t.lora.targets):
-            out.append((r, g.in_features, g.count))  # lora_A.weight
-            out.append((g.out_features, r, g.count))  # lora_B.weight
+            out.append((r * g.rank_mult, g.in_features, g.count))  # lora_A.weight
+            out.append((g.out_features, r * g.rank_mult, g.count))  # lora_B.weight
         return out
-    out = [(g.out_features, g.in_features, g.count) for g in shape.linears]
+    out = [(g.out_features, g.in_features, g.count * g.experts) for g in shape.linears]
     out += [(g.out_features, 1, g.count) for g in shape.linears if g.bias]
     if shape.params_embedding:
         out.append((shape.vocab_size, shape.params_embedding // shape.vocab_size, 1))
@@ -379,7 +380,7 @@ def qlora_dequant_bytes(shape: ModelShape, t: TrainSpec) -> int:
     """QLoRA: the largest linear layer dequantized to the compute dtype for its matmul."""
     if t.method != "qlora":
         return 0
-    largest = max((g.in_features * g.out_features for g in shape.linears), default=0)
+    largest = max((g.in_features * g.out_features for g in shape.linears if g.quantized), default=0)
     return largest * compute_bytes(t.precision)
 
 
@@ -511,6 +512,8 @@ def inference_weights_bytes(shape: ModelShape, s: InferSpec) -> int:
         return shape.params_total * b
     quant = 0
     for g in shape.linears:
+        if not g.quantized:
+            continue
         n = g.in_features * g.out_features
         if s.weight_quant == "int8":
             quant += g.count * (n + 4 * g.out_features + (b * g.out_features if g.bias else 0))

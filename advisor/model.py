@@ -23,7 +23,7 @@ from pathlib import Path
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 MODELS_DIR = PROFILES_DIR / "models"
 SHAPES_DIR = PROFILES_DIR / "shapes"
-SHAPE_VERSION = 4
+SHAPE_VERSION = 5
 # Config values (with the architecture's defaults filled in) that change what training keeps.
 FEATURE_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
                 "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")  # bump when ModelShape gains fields; stale cache entries are recomputed
@@ -50,6 +50,9 @@ class LinearGroup:
     out_features: int
     bias: bool
     count: int
+    experts: int = 1  # fused MoE expert tensors hold `experts` matrices
+    rank_mult: int = 1  # peft gives fused experts rank r*experts (x2 for gate_up)
+    quantized: bool = True  # bitsandbytes 4-bit replaces it (nn.Linear / Conv1D only)
 
     @property
     def leaf(self) -> str:
@@ -57,7 +60,8 @@ class LinearGroup:
 
     @property
     def params(self) -> int:
-        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+        return self.count * self.experts * (self.in_features * self.out_features) + \
+            self.count * (self.out_features if self.bias else 0)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class ModelShape:
 
     def lora_params(self, targets: str | list[str], r: int) -> int:
         """r * (in + out) per wrapped module (A: in x r, B: r x out), peft's LoRA without bias."""
-        return sum(g.count * r * (g.in_features + g.out_features) for g in self.lora_groups(targets))
+        return sum(g.count * r * g.rank_mult * (g.in_features + g.out_features) for g in self.lora_groups(targets))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -205,6 +209,10 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _hub_config(repo_id: str, revision: str | None) -> dict:
     """Fetch config.json only (cached by huggingface_hub; HF_HUB_OFFLINE=1 uses the cache alone)."""
     try:
@@ -229,6 +237,8 @@ def _hub_config(repo_id: str, revision: str | None) -> dict:
     except RevisionNotFoundError:
         raise ModelError(f"{repo_id} has no revision {revision!r}") from None
     except EntryNotFoundError:
+        if _offline():
+            raise _unknown(repo_id, "the hub is off (HF_HUB_OFFLINE=1) and its config.json is not cached") from None
         raise ModelError(f"{repo_id} has no config.json on the hub") from None
     except LocalEntryNotFoundError:
         raise _unknown(repo_id, "the hub cannot be reached (offline) and its config.json is not cached") from None
@@ -332,6 +342,24 @@ def build_meta_model(config: dict, trust_remote_code: bool = False):
     return model
 
 
+def moe_groups(mod_name: str, module, groups: dict) -> None:
+    """Mixture-of-experts modules that peft's all-linear wraps but bitsandbytes leaves alone
+    (transformers 5 fuses experts into 3-D tensors): the router, and the fused gate_up / down
+    expert tensors, which peft adapts with rank r*experts (gate_up: 2*r*experts)."""
+    path = re.sub(r"\.\d+\.", ".*.", mod_name)
+    own = dict(module.named_parameters(recurse=False))
+    if type(module).__name__.endswith("Router") and "weight" in own and own["weight"].dim() == 2:
+        out_f, in_f = own["weight"].shape
+        key = (path, int(in_f), int(out_f), False, 1, 1, False)
+        groups[key] = groups.get(key, 0) + 1
+    for pname, mult in (("gate_up_proj", 2), ("down_proj", 1)):
+        p = own.get(pname)
+        if p is not None and p.dim() == 3:
+            e, out_f, in_f = p.shape
+            key = (f"{path}.{pname}", int(in_f), int(out_f), False, int(e), int(e) * mult, False)
+            groups[key] = groups.get(key, 0) + 1
+
+
 def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> ModelShape:
     """Build on the meta device and count every parameter by the kind of module that owns it."""
     import torch
@@ -366,6 +394,7 @@ def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> M
             groups[key] = groups.get(key, 0) + 1
         else:
             kind = "other"
+            moe_groups(mod_name, module, groups)
         for _, p in own:
             if id(p) not in owner_kind:
                 owner_kind[id(p)] = kind
@@ -392,7 +421,8 @@ def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> M
     experts = getattr(text_cfg, "num_local_experts", None) or getattr(text_cfg, "num_experts", None) or 0
     topk = getattr(text_cfg, "num_experts_per_tok", None) or (1 if experts else 0)
     max_pos = (getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None))
-    linears = tuple(LinearGroup(path, fi, fo, b, c) for (path, fi, fo, b), c in sorted(groups.items()))
+    linears = tuple(LinearGroup(key[0], key[1], key[2], key[3], c, *key[4:])
+                    for key, c in sorted(groups.items()))
     return ModelShape(
         name=name,
         model_type=cfg.model_type,
