@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profiles", help="list bundled model profiles (or --gpus)")
     pr.add_argument("--gpus", action="store_true", help="list GPU profiles instead")
     pr.set_defaults(func=cmd_profiles)
+    from advisor.cli_advice import add_commands  # imports UserError from here, so not at the top
+
+    add_commands(sub)
     return p
 
 

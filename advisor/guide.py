@@ -61,8 +61,8 @@ class Guidance:
 
 def _rag_steps() -> list[str]:
     return [
-        "Start with keyword retrieval (BM25) over your documents; add a vector database only if keyword "
-        "search misses relevant passages.",
+        ("Start with keyword retrieval (BM25) over your documents; add a vector database only if keyword "
+        "search misses relevant passages."),
         "Measure retrieval on its own (is the right passage in the top 5?) before judging the answers.",
     ]
 
@@ -118,8 +118,8 @@ def guide(q: Questionnaire) -> Guidance:
     if q.gap == "unsure":
         reasons.insert(0, "It is not yet clear whether the model lacks facts or behaves wrongly; the fix differs "
                        "(fine-tuning is for form, RAG is for facts).")
-        steps += ["Do error analysis on the base model's failures: mark each as missing/wrong facts or as "
-                  "wrong format, style or task-following.",
+        steps += [("Do error analysis on the base model's failures: mark each as missing/wrong facts or as "
+                  "wrong format, style or task-following."),
                   "Then run `tuneplan guide --gap knowledge|behaviour|both ...`."]
         return Guidance("prompt-first", reasons, steps)
 

@@ -1,0 +1,501 @@
+"""Advice: which method, GPU, GPU count, micro-batch, and what the run will take in hours and dollars.
+
+Pure arithmetic on top of :func:`advisor.memory.estimate` (about 50 microseconds a call), so a
+whole search over methods x checkpointing x micro-batches x GPU counts x ZeRO stages x the GPU table
+takes a fraction of a second. No torch import. docs/advice.md explains every rule and its source.
+
+The search, for each GPU and each method (full / lora / qlora):
+1. one GPU; checkpointing off and on; for each, the largest micro-batch (powers of two up to the
+   target effective batch) whose peak fits, with gradient accumulation reaching the target;
+2. only when one GPU cannot hold the job (and the user did not fix the count): 2, 4, 8, ... 64
+   GPUs, each with DDP (ZeRO-0) and ZeRO-1/2/3, stopping at the smallest count that fits.
+"Fits" means the estimate's per-GPU ``peak_reserved_bytes`` is at most HEADROOM x the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from advisor.gpus import Gpu, gpu_table
+from advisor.guide import FULL_FINETUNE_EXAMPLES
+from advisor.memory import estimate
+from advisor.model import ModelShape
+from advisor.spec import METHODS, InferSpec, Plan
+
+GIB = 1024**3
+
+# --- assumptions, in one place (docs/advice.md) -------------------------------------------------
+HEADROOM = 0.95  # fits only if peak_reserved <= 95% of the card: fragmentation spikes, other processes
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+SMALL_MODEL_PARAMS = 3.2e9  # "<= ~3B": Llama-3.2-3B (3.21B) and Qwen2.5-3B (3.09B) count as small
+MFU_BF16 = 0.35  # model FLOPs utilisation of a well-tuned bf16 fine-tune on a data-centre card
+MFU_NO_BF16 = 0.25  # T4/V100: fp16 with loss scaling, power-capped clocks (T4: 70 W)
+MULTI_GPU_EFFICIENCY = {0: 0.90, 1: 0.90, 2: 0.90, 3: 0.80}  # share of linear scaling kept per ZeRO stage
+QLORA_SLOWDOWN = 1.15  # NF4 dequantization before every matmul: a rule of thumb, not a measurement
+STRATEGY = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3/fsdp"}
+METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+class AdviceError(ValueError):
+    """Inputs the advisor cannot work with, with the fix."""
+
+
+def gib(b: float) -> str:
+    return f"{b / GIB:,.1f} GiB"
+
+
+def duration(hours: float) -> str:
+    """'about 3.2 h' or 'about 12 min' (display only)."""
+    return f"{hours:,.1f} h" if hours >= 1 else f"{max(hours * 60, 1):.0f} min"
+
+
+@dataclass
+class Option:
+    """One way to run the job: a method on a number of GPUs of one kind, and whether it fits."""
+
+    method: str
+    gpu: str
+    num_gpus: int
+    zero: int
+    strategy: str
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    peak_reserved_bytes: int
+    capacity_bytes: int
+    fits: bool
+    hours: float | None
+    cost_usd: float | None
+    reasons: list[str] = field(default_factory=list)
+    precision: str = "bf16"
+    within_budget: bool | None = None
+    gpu_id: str = ""
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.num_gpus
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["hours"] = None if self.hours is None else round(self.hours, 3)
+        d["cost_usd"] = None if self.cost_usd is None else round(self.cost_usd, 2)
+        d["effective_batch"] = self.effective_batch
+        return d
+
+
+@dataclass
+class Advice:
+    choice: Option | None
+    options: list[Option]
+    job: dict = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"choice": self.choice.to_json() if self.choice else None,
+                "options": [o.to_json() for o in self.options],
+                "job": self.job, "assumptions": self.assumptions, "notes": self.notes}
+
+
+# --- the practitioner's preference --------------------------------------------------------------
+
+def method_rank(method: str, shape: ModelShape, examples: int) -> tuple[int, str]:
+    """Order among methods that fit (lower is preferred), with the reason in words.
+
+    - Full fine-tuning first, but only for a small model (<= ~3B parameters: cheap, and LoRA's
+      savings matter little) or with many examples (>= 10,000: enough data to move all weights
+      without overfitting). Otherwise it costs several times LoRA's memory for little gain, and
+      it is ranked last.
+    - LoRA in bf16 next: it matches full fine-tuning on most instruction tasks (Hu et al. 2021)
+      and is faster and more exact than QLoRA (no dequantization, no 4-bit rounding).
+    - QLoRA last among the adapter methods: the fallback when bf16 weights do not fit
+      (Dettmers et al. 2023: same quality as 16-bit LoRA, slower).
+    Fewer GPUs beat a preferred method (see :func:`_choice_key`), and within one method no
+    checkpointing beats checkpointing, because it is about a quarter faster.
+    """
+    if method == "full":
+        small = shape.params_total <= SMALL_MODEL_PARAMS
+        many = examples >= FULL_FINETUNE_EXAMPLES
+        if small or many:
+            why = (f"the model is small ({shape.params_total / 1e9:.1f}B parameters, <= 3B)" if small else
+                   f"{examples:,} examples (>= {FULL_FINETUNE_EXAMPLES:,}) justify training every weight")
+            return 0, f"full fine-tuning is preferred: {why}"
+        return 3, (f"full fine-tuning is ranked last: a {shape.params_total / 1e9:.1f}B model with {examples:,} "
+                   f"examples (< {FULL_FINETUNE_EXAMPLES:,}) gains little from it over LoRA")
+    if method == "lora":
+        return 1, "LoRA (bf16 weights) is preferred over QLoRA: faster, and no 4-bit rounding of the frozen weights"
+    return 2, "QLoRA (4-bit frozen weights) comes after LoRA: the fallback when bf16 weights do not fit"
+
+
+def precision_for(method: str, gpu: Gpu | None, base: str) -> str:
+    """bf16 where the card has it; otherwise fp16 (T4, V100). Full fine-tuning without bf16 uses
+    AMP fp16 (fp32 master weights + loss scaling): pure fp16 weights underflow their updates."""
+    if gpu is None or gpu.bf16:
+        return base
+    if method == "full" and base in ("bf16", "fp16", "amp-bf16"):
+        return "amp-fp16"
+    return {"bf16": "fp16", "amp-bf16": "amp-fp16"}.get(base, base)
+
+
+# --- time and cost ------------------------------------------------------------------------------
+
+def matmul_params(shape: ModelShape) -> int:
+    """Parameters a token passes through in matmuls: every linear layer plus the output head
+    (the input embedding is a lookup). MoE: only the routed experts' share of the expert weights."""
+    n = shape.params_total - shape.params_embedding + shape.vocab_size * shape.hidden_size * \
+        (1 if shape.tie_word_embeddings else 0)
+    if shape.num_experts and shape.experts_per_token:
+        experts = shape.num_layers * shape.num_experts * 3 * shape.hidden_size * shape.intermediate_size
+        experts = min(experts, n)
+        n -= experts - experts * shape.experts_per_token // shape.num_experts
+    return n
+
+
+def flops_per_token(shape: ModelShape, plan: Plan) -> float:
+    """Training FLOPs per token (Kaplan et al. 2020; Hoffmann et al. 2022: C = 6N per token).
+    full: forward 2N + backward 4N (input and weight gradients) = 6N.
+    lora/qlora: forward 2N + backward input-gradients 2N (frozen weights need no weight gradient)
+    = 4N, plus 6 N_lora for the adapters. Gradient checkpointing adds one more forward (2N).
+    QLoRA's dequantization is applied to the time (QLORA_SLOWDOWN), not here."""
+    from advisor.memory import trainable_params
+
+    t = plan.training
+    n = matmul_params(shape)
+    f = 6 * n if t.method == "full" else 4 * n + 6 * trainable_params(shape, t)
+    if t.grad_checkpointing:
+        f += 2 * n
+    return float(f)
+
+
+def mfu_for(gpu: Gpu, num_gpus: int, zero: int) -> float:
+    base = MFU_BF16 if gpu.bf16 else MFU_NO_BF16
+    return base * (MULTI_GPU_EFFICIENCY[zero] if num_gpus > 1 else 1.0)
+
+
+def train_hours(shape: ModelShape, plan: Plan, gpu: Gpu, num_gpus: int, zero: int, tokens: float) -> float:
+    flops = flops_per_token(shape, plan) * tokens
+    secs = flops / (num_gpus * gpu.tflops * 1e12 * mfu_for(gpu, num_gpus, zero))
+    if plan.training.method == "qlora":
+        secs *= QLORA_SLOWDOWN
+    return secs / 3600
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+def _plan(base: Plan, method: str, precision: str, gc: bool, mb: int, accum: int, n: int, z: int) -> Plan:
+    t = base.training.model_copy(update={"method": method, "precision": precision, "grad_checkpointing": gc,
+                                         "micro_batch": mb, "grad_accum": accum})
+    hw = base.hardware.model_copy(update={"gpus": n, "zero": z if n > 1 else 0, "device": "cuda"})
+    return base.model_copy(update={"task": "training", "training": t, "hardware": hw})
+
+
+def micro_batches(target: int) -> list[int]:
+    out, mb = [], 1
+    while mb <= target:
+        out.append(mb)
+        mb *= 2
+    return out
+
+
+def accum_for(target: int, mb: int, n: int) -> int:
+    return max(1, math.ceil(target / (mb * n)))
+
+
+@dataclass
+class _Fit:
+    mb: int
+    accum: int
+    peak: int
+    next_peak: int | None  # the next micro-batch up, which did not fit (None: target reached)
+
+
+def _largest_fit(shape, base, method, precision, gc, n, z, target, limit) -> tuple[_Fit | None, int]:
+    """Largest power-of-two micro-batch that fits; (None, peak at micro-batch 1) when none does."""
+    best: _Fit | None = None
+    first_peak = 0
+    for mb in micro_batches(max(1, target // n)):  # mb x n GPUs never overshoots the target batch
+        accum = accum_for(target, mb, n)
+        peak = estimate(_plan(base, method, precision, gc, mb, accum, n, z), shape).peak_reserved_bytes
+        if mb == 1:
+            first_peak = peak
+        if peak > limit:
+            if best is not None:
+                best.next_peak = peak
+            break
+        best = _Fit(mb, accum, peak, None)
+    return best, first_peak
+
+
+def _where(gpu: Gpu, n: int, z: int) -> str:
+    if n == 1:
+        return f"one {gpu.name}"
+    how = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3 (FSDP full shard, estimated as ZeRO-3)"}[z]
+    return f"{n} x {gpu.name} with {how}"
+
+
+def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: Iterable[int], target: int,
+                tokens: float) -> Option:
+    """The best way to run `method` on `gpu`, or the rejected option with the number that did not fit."""
+    cap = gpu.memory_bytes
+    limit = int(HEADROOM * cap)
+    precision = precision_for(method, gpu, base.training.precision)
+    word = METHOD_WORDS[method] + (f" ({precision})" if method != "qlora" else "")
+    if method == "qlora" and gpu.vendor == "apple":
+        return Option(method, gpu.name, 1, 0, "single", 1, accum_for(target, 1, 1), True, 0, cap, False, None,
+                      None, ["QLoRA needs bitsandbytes' 4-bit kernels, which have no Apple-silicon backend"],
+                      precision, gpu_id=gpu.id)
+    tried: list[tuple[int, int, bool, int]] = []  # (n, z, gc, peak at micro-batch 1)
+    for n in counts:
+        found: list[tuple[float, int, int, bool, _Fit]] = []
+        for gc in (False, True):
+            for z in ((0,) if n == 1 else (0, 1, 2, 3)):
+                fit, peak1 = _largest_fit(shape, base, method, precision, gc, n, z, target, limit)
+                tried.append((n, z, gc, peak1))
+                if fit is None:
+                    continue
+                p = _plan(base, method, precision, gc, fit.mb, fit.accum, n, z)
+                found.append((train_hours(shape, p, gpu, n, z, tokens), -fit.mb, z, gc, fit))
+        if not found:
+            continue
+        hours, _, z, gc, fit = min(found, key=lambda f: f[:3])
+        cost = hours * n * gpu.price_usd_hour if gpu.price_usd_hour is not None else None
+        reasons = [(f"{word} needs {gib(fit.peak)} per GPU on {_where(gpu, n, z)} ({gib(cap)}; "
+                   f"{100 * fit.peak / cap:.0f}% used, {gib(limit - fit.peak)} under the {HEADROOM:.0%} line)")]
+        ones = [p for (k, _, _, p) in tried if k == 1]
+        if n > 1 and ones:
+            one = min(ones)
+            reasons.append(f"one {gpu.name} is not enough: even at micro-batch 1 it needs "
+                           f"{gib(one)} of {gib(cap)}")
+        no_gc = [p for (k, zz, g, p) in tried if k == n and zz == z and not g]
+        if gc and no_gc:
+            reasons.append(f"gradient checkpointing on: without it micro-batch 1 needs {gib(no_gc[0])}")
+        eff = fit.mb * fit.accum * n
+        mb_txt = f"micro-batch {fit.mb} x grad-accum {fit.accum}" + (f" x {n} GPUs" if n > 1 else "") + \
+            f" = effective batch {eff}"
+        if fit.next_peak is not None:
+            mb_txt += f"; micro-batch {fit.mb * 2} would need {gib(fit.next_peak)}"
+        reasons.append(mb_txt)
+        if precision != base.training.precision:
+            reasons.append(f"{gpu.name} has no bf16: trained in {precision}")
+        tflops = gpu.tflops
+        reasons.append(f"about {duration(hours)} for {tokens:,.0f} tokens at {mfu_for(gpu, n, z):.0%} MFU of "
+                       f"{tflops:g} TFLOPS per GPU (assumed)" +
+                       (f", +{QLORA_SLOWDOWN - 1:.0%} for 4-bit dequantization (rule of thumb)"
+                        if method == "qlora" else ""))
+        if cost is not None:
+            reasons.append(f"costs about ${cost:,.2f} ({hours:,.2f} h x {n} GPU{'s' if n > 1 else ''} x "
+                           f"${gpu.price_usd_hour:.2f}/h)")
+        else:
+            reasons.append(f"no hourly price for {gpu.name} in the GPU table, so no cost")
+        return Option(method, gpu.name, n, z, "single" if n == 1 else STRATEGY[z], fit.mb, fit.accum, gc,
+                      fit.peak, cap, True, hours, cost, reasons, precision, gpu_id=gpu.id)
+    # nothing fits: report the smallest need on one GPU and on the most GPUs tried
+    one = [t for t in tried if t[0] == 1]
+    n_max = max(t[0] for t in tried)
+    best1 = min(one or tried, key=lambda t: t[3])
+    reasons = [f"{word} needs {gib(best1[3])} on {_where(gpu, best1[0], best1[1])} ({gib(cap)}; the "
+               f"{HEADROOM:.0%} line is {gib(limit)}) even at micro-batch 1"
+               + (" with gradient checkpointing" if best1[2] else "")]
+    bestn = min((t for t in tried if t[0] == n_max), key=lambda t: t[3])
+    if n_max > 1:
+        reasons.append(f"even on {_where(gpu, n_max, bestn[1])} it needs {gib(bestn[3])} per GPU")
+    worst = bestn if n_max > 1 else best1
+    return Option(method, gpu.name, worst[0], worst[1], "single" if worst[0] == 1 else STRATEGY[worst[1]], 1,
+                  accum_for(target, 1, worst[0]), worst[2], worst[3], cap, False, None, None, reasons, precision,
+                  gpu_id=gpu.id)
+
+
+def _validate(examples: int, avg_tokens: int, epochs: float, target_batch: int, budget_usd: float | None,
+              gpus: int | None, methods: tuple[str, ...]) -> None:
+    problems = []
+    if examples < 1:
+        problems.append(f"examples must be at least 1 (got {examples}); give the number of training examples")
+    if avg_tokens < 1:
+        problems.append(f"avg_tokens must be at least 1 (got {avg_tokens}); give the mean tokens per example")
+    if not epochs > 0:
+        problems.append(f"epochs must be above 0 (got {epochs}); 1-3 is usual for thousands of examples")
+    if target_batch < 1:
+        problems.append(f"target batch must be at least 1 (got {target_batch}); 16 is a common effective batch")
+    if budget_usd is not None and not budget_usd > 0:
+        problems.append(f"budget must be a positive number of US dollars (got {budget_usd}); leave it out for "
+                        "no limit")
+    if gpus is not None and not 1 <= gpus <= 4096:
+        problems.append(f"gpus must be between 1 and 4096 (got {gpus}); leave it out to let the advisor choose")
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        problems.append(f"unknown method(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
+    if problems:
+        raise AdviceError("; ".join(problems))
+
+
+def _choice_key(o: Option, ranks: dict[str, int], min_gpus: dict[str, int]) -> tuple:
+    """Fewest GPUs the method needs anywhere, then the method's rank, then the cheapest, then the fastest."""
+    return (min_gpus[o.method], ranks[o.method],
+            o.cost_usd if o.cost_usd is not None else math.inf, o.hours or math.inf, o.num_gpus)
+
+
+def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int | None, examples: int,
+              avg_tokens: int, epochs: float, target_batch: int = 16, budget_usd: float | None = None,
+              methods: tuple[str, ...] = METHODS) -> Advice:
+    """Method, GPU(s), micro-batch, time and cost for fine-tuning `shape` on `examples` examples.
+
+    `base_plan` supplies sequence length, optimizer, LoRA settings and attention; method,
+    precision (bf16 or fp16 by card), checkpointing, micro-batch, accumulation, GPU count and
+    ZeRO stage are chosen here. `gpu=None` ranks every priced GPU in the table by total cost.
+    `gpus` fixes the GPU count; None searches 1, then 2..64 when one GPU cannot hold the job.
+    """
+    methods = tuple(methods)
+    _validate(examples, avg_tokens, epochs, target_batch, budget_usd, gpus, methods)
+    tokens = float(examples) * avg_tokens * epochs
+    counts = (gpus,) if gpus is not None else GPU_COUNTS
+    notes: list[str] = []
+    if gpu is not None:
+        cards = [gpu]
+    else:
+        table = list(gpu_table().values())
+        cards = [g for g in table if g.price_usd_hour is not None]
+        skipped = [g.name for g in table if g.price_usd_hour is None]
+        if skipped:
+            notes.append(f"skipped {len(skipped)} GPUs with no hourly price in the table: {', '.join(skipped)}")
+    options = [_option_for(shape, base_plan, g, m, counts, target_batch, tokens)
+               for g in cards for m in methods]
+    ranks = {m: method_rank(m, shape, examples)[0] for m in methods}
+    for o in options:
+        if budget_usd is not None and o.fits:
+            o.within_budget = o.cost_usd is not None and o.cost_usd <= budget_usd
+            if o.cost_usd is None:
+                o.reasons.append(f"no price for {o.gpu}, so the ${budget_usd:,.2f} budget cannot be checked")
+            elif not o.within_budget:
+                o.reasons.append(f"over budget: about ${o.cost_usd:,.2f} > ${budget_usd:,.2f}")
+
+    fitting = [o for o in options if o.fits]
+    pool = fitting
+    if budget_usd is not None:
+        within = [o for o in fitting if o.within_budget]
+        if within:
+            pool = within
+        elif fitting:
+            notes.append(f"nothing that fits stays within the ${budget_usd:,.2f} budget; the choice below is over it")
+    choice = None
+    if pool:
+        min_gpus = {m: min((o.num_gpus for o in pool if o.method == m), default=10**9) for m in methods}
+        choice = min(pool, key=lambda o: _choice_key(o, ranks, min_gpus))
+        choice.reasons = _choice_reasons(choice, options, shape, examples, methods, gpu is None,
+                                         budget_usd) + choice.reasons
+        order = {id(o): i for i, o in enumerate(sorted(fitting, key=lambda o: _choice_key(o, ranks, min_gpus)))}
+    else:
+        order = {}
+        where = f"one {gpu.name}" if gpu is not None and gpus in (None, 1) else "the GPUs considered"
+        notes.append(f"nothing fits on {where}; see each option's reasons for the memory it needs")
+    options.sort(key=lambda o: (o is not choice, not o.fits, order.get(id(o), 0), ranks[o.method], o.gpu))
+
+    mfu_line = (f"MFU {MFU_BF16:.0%} on bf16 cards, {MFU_NO_BF16:.0%} on cards without bf16 (T4, V100); "
+                f"multi-GPU keeps {MULTI_GPU_EFFICIENCY[0]:.0%} of linear scaling with DDP/ZeRO-1/2, "
+                f"{MULTI_GPU_EFFICIENCY[3]:.0%} with ZeRO-3/FSDP")
+    assumptions = [
+        f"fits = estimated peak reserved memory per GPU <= {HEADROOM:.0%} of the card",
+        ("FLOPs per token: full 6N; LoRA/QLoRA 4N + 6N_lora; +2N with gradient checkpointing "
+        "(N = parameters in matmuls)"),
+        mfu_line,
+        (f"QLoRA +{QLORA_SLOWDOWN - 1:.0%} time for NF4 dequantization (rule of thumb; the QLoRA paper notes it "
+        "is slower than 16-bit LoRA)"),
+        "FSDP full shard is estimated as ZeRO-3",
+        f"tokens = {examples:,} examples x {avg_tokens:,} tokens x {epochs:g} epochs = {tokens:,.0f}",
+    ]
+    job = {"model": shape.name, "params_total": shape.params_total, "examples": examples,
+           "avg_tokens": avg_tokens, "epochs": epochs, "tokens": int(tokens), "target_batch": target_batch,
+           "seq_len": base_plan.training.seq_len, "optimizer": base_plan.training.optimizer,
+           "budget_usd": budget_usd, "gpu": gpu.name if gpu else None, "gpus": gpus}
+    return Advice(choice, options, job, assumptions, notes)
+
+
+def _choice_reasons(c: Option, options: list[Option], shape: ModelShape, examples: int,
+                    methods: tuple[str, ...], ranked: bool, budget_usd: float | None) -> list[str]:
+    """Why this option: its method's rank, then why each other method was not taken."""
+    out = []
+    if len(methods) > 1:
+        out.append(method_rank(c.method, shape, examples)[1])
+    for o in options:
+        if o is c or o.gpu_id != c.gpu_id or o.method == c.method:
+            continue
+        word = METHOD_WORDS[o.method]
+        if not o.fits:
+            out.append(f"{word} does not fit: {o.reasons[0]}")
+        elif o.num_gpus > c.num_gpus:
+            out.append(f"{word} would need {o.num_gpus} GPUs")
+        elif budget_usd is not None and not any(x.within_budget for x in options if x.method == o.method):
+            cheapest = min(x.cost_usd for x in options if x.method == o.method and x.fits and x.cost_usd is not None)
+            out.append(f"{word} fits but costs at least ${cheapest:,.2f}, over the ${budget_usd:,.2f} budget")
+        else:
+            out.append(f"{word} also fits ({gib(o.peak_reserved_bytes)}) but is ranked lower here")
+    if ranked:
+        out.append(f"cheapest {METHOD_WORDS[c.method]} option among the priced GPUs that fit "
+                   f"(ties go to the faster card)")
+    return out
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+CONTEXTS = (2048, 8192, 32768)
+MAX_BATCH = 65536
+
+
+@dataclass
+class ServingFit:
+    """Largest batch at each context, and the longest context at batch 1, for one weight format."""
+
+    weights: str  # bf16 (fp16 on cards without bf16), int8, nf4
+    precision: str
+    weights_bytes: int
+    max_batch: dict[int, int]  # context -> largest batch that fits (0: not even one sequence)
+    max_context_batch1: int  # 0: the weights alone do not fit
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["max_batch"] = {str(k): v for k, v in self.max_batch.items()}
+        return d
+
+
+def _serve_fits(shape: ModelShape, gpu: Gpu, gpus: int, precision: str, quant: str, batch: int, seq: int) -> bool:
+    plan = Plan(task="inference", inference=InferSpec(batch=batch, seq_len=seq, precision=precision,
+                                                     weight_quant=quant),
+                hardware={"gpu": None, "gpus": gpus, "device": "cuda"})
+    return estimate(plan, shape).peak_reserved_bytes <= HEADROOM * gpu.memory_bytes
+
+
+def _largest(ok, hi: int) -> int:
+    """Largest x in [1, hi] with ok(x), assuming ok is monotone (true then false); 0 if none."""
+    if not ok(1):
+        return 0
+    lo, x = 1, 2
+    while x <= hi and ok(x):
+        lo, x = x, x * 2
+    hi = min(x - 1, hi)
+    while lo < hi:  # ok(lo) true, answer in [lo, hi]
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def serving_capacity(shape: ModelShape, gpu: Gpu, gpus: int = 1) -> list[ServingFit]:
+    """For bf16 (fp16 on cards without bf16), int8 and nf4 weights: the largest batch at 2k, 8k,
+    32k and the model's maximum context, and the longest context at batch 1, all within HEADROOM.
+    Uses advisor.memory's inference estimate (weights + KV cache for the whole context + prefill)."""
+    max_ctx = shape.max_position or 131072
+    contexts = sorted({c for c in CONTEXTS if c <= max_ctx} | {max_ctx})
+    half = "bf16" if gpu.bf16 else "fp16"
+    out = []
+    for quant, label in (("none", half), ("int8", "int8"), ("nf4", "nf4")):
+        plan = Plan(task="inference", inference=InferSpec(batch=1, seq_len=1, precision=half, weight_quant=quant),
+                    hardware={"gpu": None, "gpus": gpus, "device": "cuda"})
+        wbytes = estimate(plan, shape).components.get("weights", 0)
+        batches = {c: _largest(lambda b, c=c, q=quant: _serve_fits(shape, gpu, gpus, half, q, b, c), MAX_BATCH)
+                   for c in contexts}
+        ctx1 = _largest(lambda s, q=quant: _serve_fits(shape, gpu, gpus, half, q, 1, s), max_ctx)
+        out.append(ServingFit(label, half, wbytes, batches, ctx1))
+    return out

@@ -1,0 +1,362 @@
+"""Advice decisions a practitioner would sign off, and the promises behind them: every option marked
+as fitting really fits by advisor.memory.estimate, every rejected one says the number that did not.
+Decisions are pinned, not byte counts (the memory formulas may still move)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+
+from advisor.cli import UserError
+from advisor.gpus import find_gpu
+from advisor.memory import estimate
+from advisor.model import resolve
+from advisor.recommend import (
+    HEADROOM,
+    AdviceError,
+    Option,
+    flops_per_token,
+    gib,
+    method_rank,
+    precision_for,
+    recommend,
+    serving_capacity,
+    train_hours,
+)
+from advisor.spec import Plan
+
+JOB = {"gpus": None, "examples": 1000, "avg_tokens": 512, "epochs": 3}
+LLAMA8 = "meta-llama/Llama-3.1-8B"
+LLAMA70 = "meta-llama/Llama-3.1-70B"
+
+
+def base() -> Plan:
+    return Plan.model_validate({"hardware": {"gpu": None}})
+
+
+def advise(model: str, gpu: str | None, **kw):
+    args = {**JOB, **kw}
+    return recommend(resolve(model), base(), find_gpu(gpu) if gpu else None, **args)
+
+
+def replan(o: Option, b: Plan | None = None) -> Plan:
+    """The plan an option stands for, rebuilt from its public fields."""
+    b = b or base()
+    t = b.training.model_copy(update={"method": o.method, "precision": o.precision, "micro_batch": o.micro_batch,
+                                      "grad_accum": o.grad_accum, "grad_checkpointing": o.gradient_checkpointing})
+    hw = b.hardware.model_copy(update={"gpus": o.num_gpus, "zero": o.zero, "device": "cuda"})
+    return b.model_copy(update={"training": t, "hardware": hw})
+
+
+def check_promises(adv, model: str) -> None:
+    shape = resolve(model)
+    for o in adv.options:
+        if o.fits:
+            need = estimate(replan(o), shape).peak_reserved_bytes
+            assert need == o.peak_reserved_bytes
+            assert need <= HEADROOM * o.capacity_bytes, o
+            assert o.effective_batch >= 16 and o.hours > 0
+            if o.num_gpus == 1:
+                assert o.strategy == "single" and o.zero == 0
+        elif o.peak_reserved_bytes:  # rejected for memory: the number is in the words
+            assert any(gib(o.peak_reserved_bytes) in r for r in o.reasons), o.reasons
+            assert o.peak_reserved_bytes > HEADROOM * o.capacity_bytes
+        assert o.reasons and all(isinstance(r, str) and r for r in o.reasons)
+
+
+# --- decisions --------------------------------------------------------------------------------
+
+def test_llama8b_on_a_24gib_card_is_an_adapter_method_with_checkpointing_not_full():
+    adv = advise(LLAMA8, "RTX 4090")
+    c = adv.choice
+    assert c.method in ("lora", "qlora") and c.num_gpus == 1
+    if c.method == "lora":
+        assert c.gradient_checkpointing
+    full = next(o for o in adv.options if o.method == "full")
+    assert not (full.fits and full.num_gpus == 1)
+    check_promises(adv, LLAMA8)
+
+
+def test_llama70b_on_one_h100_is_qlora():
+    adv = advise(LLAMA70, "H100 SXM", gpus=1)
+    assert adv.choice.method == "qlora" and adv.choice.num_gpus == 1
+    rejected = {o.method for o in adv.options if not o.fits}
+    assert rejected == {"full", "lora"}
+    check_promises(adv, LLAMA70)
+
+
+def test_llama70b_one_h100_free_count_still_prefers_one_gpu_qlora():
+    adv = advise(LLAMA70, "H100 SXM")
+    assert adv.choice.method == "qlora" and adv.choice.num_gpus == 1
+    assert any("would need" in r and "GPUs" in r for r in adv.choice.reasons)
+
+
+def test_small_model_on_an_80gb_card_is_full_fine_tuning():
+    adv = advise("Qwen/Qwen2.5-0.5B", "A100 80GB")
+    assert adv.choice.method == "full" and adv.choice.num_gpus == 1
+    assert "small" in adv.choice.reasons[0]
+    check_promises(adv, "Qwen/Qwen2.5-0.5B")
+
+
+def test_mistral7b_on_a_t4_is_qlora_in_fp16():
+    adv = advise("mistralai/Mistral-7B-v0.3", "T4", gpus=1)
+    c = adv.choice
+    assert c.method == "qlora" and c.num_gpus == 1
+    assert c.precision == "fp16"  # a T4 has no bf16
+    assert all("bf16" not in o.precision for o in adv.options)
+    assert any("no bf16" in r for r in c.reasons)
+    check_promises(adv, "mistralai/Mistral-7B-v0.3")
+
+
+def test_full_on_a_card_without_bf16_uses_amp_fp16():
+    assert precision_for("full", find_gpu("T4"), "bf16") == "amp-fp16"
+    assert precision_for("lora", find_gpu("V100"), "bf16") == "fp16"
+    assert precision_for("lora", find_gpu("H100 SXM"), "bf16") == "bf16"
+
+
+def test_forced_full_70b_takes_several_h100s_with_zero3():
+    adv = advise(LLAMA70, "H100 SXM", methods=("full",))
+    c = adv.choice
+    assert c.method == "full" and c.num_gpus in (8, 16, 32) and c.zero == 3 and c.strategy == "zero3/fsdp"
+    assert any("FSDP" in r for r in c.reasons)
+    assert any("one NVIDIA H100 SXM 80GB is not enough" in r for r in c.reasons)
+    # the count is the smallest that fits: half as many GPUs does not fit with any stage
+    half = advise(LLAMA70, "H100 SXM", methods=("full",), gpus=c.num_gpus // 2)
+    assert half.choice is None and not half.options[0].fits
+    check_promises(adv, LLAMA70)
+    check_promises(half, LLAMA70)
+
+
+def test_fixed_gpu_count_is_respected():
+    adv = advise(LLAMA8, "RTX 4090", gpus=4)
+    assert {o.num_gpus for o in adv.options} == {4}
+
+
+def test_nothing_fits_gives_no_choice_and_numbers():
+    adv = advise("meta-llama/Llama-3.1-405B", "RTX 3060", gpus=1)
+    assert adv.choice is None
+    assert all(not o.fits for o in adv.options)
+    check_promises(adv, "meta-llama/Llama-3.1-405B")
+    assert adv.to_json()["choice"] is None
+
+
+def test_no_checkpointing_when_it_fits():
+    adv = advise("Qwen/Qwen2.5-0.5B", "H200")
+    assert adv.choice.method == "full" and not adv.choice.gradient_checkpointing
+
+
+def test_many_examples_make_full_preferred_for_a_mid_size_model():
+    shape = resolve(LLAMA8)
+    assert method_rank("full", shape, 1000)[0] > method_rank("qlora", shape, 1000)[0]
+    assert method_rank("full", shape, 50_000)[0] < method_rank("lora", shape, 50_000)[0]
+    adv = advise(LLAMA8, "H200", examples=50_000)
+    assert adv.choice.method == "full" and adv.choice.num_gpus == 1
+
+
+def test_larger_micro_batch_is_taken_and_the_next_one_did_not_fit():
+    adv = advise("Qwen/Qwen2.5-0.5B", "A100 80GB")
+    c = adv.choice
+    assert c.micro_batch * c.grad_accum == 16
+    if c.micro_batch < 16:
+        assert any(f"micro-batch {c.micro_batch * 2} would need" in r for r in c.reasons)
+        bigger = replan(c).model_copy(update={"training": replan(c).training.model_copy(
+            update={"micro_batch": c.micro_batch * 2, "grad_accum": max(1, 16 // (c.micro_batch * 2))})})
+        assert estimate(bigger, resolve("Qwen/Qwen2.5-0.5B")).peak_reserved_bytes > HEADROOM * c.capacity_bytes
+
+
+# --- time and cost ------------------------------------------------------------------------------
+
+def test_flops_per_token_rules():
+    shape = resolve(LLAMA8)
+    p = base()
+
+    def f(method, gc):
+        return flops_per_token(shape, p.model_copy(update={"training": p.training.model_copy(
+            update={"method": method, "grad_checkpointing": gc})}))
+
+    full, lora, qlora = f("full", False), f("lora", False), f("qlora", False)
+    assert full / lora == pytest.approx(6 / 4, rel=0.02)  # 6N vs 4N + tiny adapters
+    assert lora == qlora  # QLoRA's extra time is a separate slowdown, not FLOPs
+    assert f("full", True) / full == pytest.approx(8 / 6)
+
+
+def test_cost_is_hours_times_gpus_times_price_and_qlora_is_slower():
+    adv = advise(LLAMA8, "RTX 4090")
+    gpu = find_gpu("RTX 4090")
+    for o in adv.options:
+        if o.fits:
+            assert o.cost_usd == pytest.approx(o.hours * o.num_gpus * gpu.price_usd_hour)
+    shape, p = resolve(LLAMA8), base()
+    lora = p.model_copy(update={"training": p.training.model_copy(update={"method": "lora"})})
+    qlora = p.model_copy(update={"training": p.training.model_copy(update={"method": "qlora"})})
+    assert train_hours(shape, qlora, gpu, 1, 0, 1e6) == pytest.approx(1.15 * train_hours(shape, lora, gpu, 1, 0, 1e6))
+    double = advise(LLAMA8, "RTX 4090", epochs=6)
+    assert double.choice.hours == pytest.approx(2 * adv.choice.hours)
+
+
+def test_without_a_gpu_every_priced_gpu_is_ranked_and_the_cheapest_wins():
+    t = time.perf_counter()
+    adv = advise(LLAMA8, None)
+    assert time.perf_counter() - t < 1.0
+    c = adv.choice
+    same = [o for o in adv.options if o.fits and o.method == c.method]
+    assert c.cost_usd == min(o.cost_usd for o in same)
+    assert any("no hourly price" in n for n in adv.notes)
+    assert not any(o.gpu.startswith("Apple") for o in adv.options)
+    assert adv.options[0] is c
+    check_promises(adv, LLAMA8)
+
+
+def test_budget_is_respected_when_something_fits_within_it():
+    free = advise(LLAMA70, None)
+    cheapest = min(o.cost_usd for o in free.options if o.fits)
+    adv = advise(LLAMA70, None, budget_usd=cheapest * 1.01)
+    assert adv.choice.cost_usd <= cheapest * 1.01 and adv.choice.within_budget
+    over = [o for o in adv.options if o.fits and not o.within_budget]
+    assert over and all(any("over budget" in r for r in o.reasons) for o in over)
+    # nothing within budget: still a choice, marked as over it
+    tight = advise(LLAMA70, "H100 SXM", budget_usd=0.01)
+    assert tight.choice is not None and tight.choice.within_budget is False
+    assert any("budget" in n for n in tight.notes)
+
+
+# --- JSON contract ------------------------------------------------------------------------------
+
+def test_json_contract():
+    out = advise(LLAMA8, "RTX 4090").to_json()
+    json.dumps(out)
+    keys = {"method", "gpu", "num_gpus", "micro_batch", "grad_accum", "gradient_checkpointing",
+            "peak_reserved_bytes", "hours", "cost_usd", "reasons"}
+    assert keys <= set(out["choice"])
+    assert out["options"] and all(keys | {"fits"} <= set(o) for o in out["options"])
+    assert isinstance(out["choice"]["peak_reserved_bytes"], int)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, words", [
+    ({"examples": 0}, "examples must be at least 1"),
+    ({"avg_tokens": -5}, "avg_tokens"),
+    ({"epochs": 0}, "epochs must be above 0"),
+    ({"budget_usd": -1.0}, "budget must be a positive"),
+    ({"target_batch": 0}, "target batch"),
+    ({"gpus": 0}, "gpus must be between"),
+    ({"methods": ("full", "dora")}, "unknown method"),
+])
+def test_bad_inputs_raise_with_a_clear_message(kw, words):
+    with pytest.raises(AdviceError, match=words):
+        advise(LLAMA8, "RTX 4090", **kw)
+    assert issubclass(AdviceError, ValueError)
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+def test_serving_capacity_orders_formats_and_contexts():
+    rows = serving_capacity(resolve(LLAMA8), find_gpu("RTX 4090"))
+    assert [r.weights for r in rows] == ["bf16", "int8", "nf4"]
+    for r in rows:
+        batches = list(r.max_batch.values())
+        assert batches == sorted(batches, reverse=True)  # longer context, smaller batch
+        assert 131072 in r.max_batch and 2048 in r.max_batch
+    assert rows[0].max_batch[2048] >= 1 and rows[0].max_context_batch1 < rows[2].max_context_batch1
+    assert rows[0].weights_bytes > rows[1].weights_bytes > rows[2].weights_bytes
+    assert serving_capacity(resolve(LLAMA8), find_gpu("T4"))[0].weights == "fp16"
+    # 70B bf16 weights alone exceed one 80 GB card
+    big = serving_capacity(resolve(LLAMA70), find_gpu("H100 SXM"))
+    assert big[0].max_context_batch1 == 0 and big[2].max_context_batch1 > 0
+
+
+def test_serving_capacity_edges_really_are_edges():
+    shape, gpu = resolve(LLAMA8), find_gpu("RTX 4090")
+    row = serving_capacity(shape, gpu)[0]
+
+    def need(batch, seq):
+        p = Plan(task="inference", inference={"batch": batch, "seq_len": seq, "precision": "bf16"},
+                 hardware={"gpu": None})
+        return estimate(p, shape).peak_reserved_bytes
+
+    b = row.max_batch[2048]
+    assert need(b, 2048) <= HEADROOM * gpu.memory_bytes < need(b + 1, 2048)
+    s = row.max_context_batch1
+    assert need(1, s) <= HEADROOM * gpu.memory_bytes < need(1, s + 1)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def parser():
+    from advisor.cli_advice import add_commands
+
+    p = argparse.ArgumentParser(prog="tuneplan")
+    add_commands(p.add_subparsers(dest="command"))
+    return p
+
+
+def run(argv):
+    a = parser().parse_args(argv)
+    return a.func(a)
+
+
+def test_cli_recommend_json(capsys):
+    assert run(["recommend", "--model", LLAMA8, "--gpu", "RTX 4090", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["choice"]["method"] in ("lora", "qlora")
+
+
+def test_cli_recommend_table_and_serving(capsys):
+    assert run(["recommend", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "a100-80gb", "--serving"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended" in out and "full fine-tuning" in out and "Serving" in out
+
+
+def test_cli_forced_methods(capsys):
+    assert run(["recommend", "--model", LLAMA70, "--gpu", "h100 sxm", "--methods", "full", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["choice"]
+    assert c["method"] == "full" and c["num_gpus"] > 1 and c["strategy"] == "zero3/fsdp"
+
+
+def test_cli_nothing_fits_exits_1(capsys):
+    assert run(["recommend", "--model", "meta-llama/Llama-3.1-405B", "--gpu", "rtx 3060", "--gpus", "1"]) == 1
+    assert "Nothing fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu", "rtx 9999"], "unknown GPU"),
+    (["--budget", "-5"], "--budget must be a positive"),
+    (["--examples", "0"], "--examples must be at least 1"),
+    (["--epochs", "0"], "--epochs must be above 0"),
+    (["--methods", "full,dora"], "--methods: unknown dora"),
+    (["--seq", "999999"], "use --seq 131072 or less"),
+    (["--gpus", "0"], "--gpus must be between"),
+])
+def test_cli_bad_input_is_a_user_error(argv, words):
+    with pytest.raises(UserError) as e:
+        run(["recommend", "--model", LLAMA8, *argv])
+    assert any(words in p for p in e.value.problems), e.value.problems
+
+
+def test_cli_reports_every_problem_at_once():
+    with pytest.raises(UserError) as e:
+        run(["recommend", "--model", LLAMA8, "--gpu", "rtx 9999", "--budget", "-1", "--examples", "0"])
+    assert len(e.value.problems) == 3
+
+
+def test_cli_serving_needs_a_gpu():
+    with pytest.raises(UserError, match="--serving needs --gpu"):
+        run(["recommend", "--model", LLAMA8, "--serving"])
+
+
+def test_cli_seq_defaults_to_the_model_maximum_when_shorter(capsys):
+    assert run(["recommend", "--model", "openai-community/gpt2", "--gpu", "t4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["job"]["seq_len"] == 1024
+
+
+def test_recommend_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, advisor.recommend, advisor.guide, advisor.cli_advice; "
+            "assert 'torch' not in sys.modules and 'textual' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
