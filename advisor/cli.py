@@ -46,6 +46,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", help="all-linear or a comma list such as q_proj,v_proj")
     p.add_argument("--attn", dest="attn_impl", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--weight-quant", choices=["none", "int8", "nf4"], help="inference weight storage")
+    p.add_argument("--prompt-len", type=int, help="inference: prompt tokens (default: the whole --seq)")
     p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
     p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage across GPUs")
@@ -79,6 +80,7 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
         put(inference, "batch", a.batch)
         put(inference, "seq_len", a.seq)
         put(inference, "weight_quant", a.weight_quant)
+        put(inference, "prompt_len", getattr(a, "prompt_len", None))
         if a.precision in ("fp32", "bf16", "fp16"):
             inference["precision"] = a.precision
         training.pop("precision", None)
@@ -95,7 +97,7 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 FLAGS = {
     "training.micro_batch": "--batch", "inference.batch": "--batch", "training.seq_len": "--seq",
-    "inference.seq_len": "--seq", "training.grad_accum": "--grad-accum", "training.lora.r": "--lora-r",
+    "inference.seq_len": "--seq", "inference.prompt_len": "--prompt-len", "training.grad_accum": "--grad-accum", "training.lora.r": "--lora-r",
     "training.lora.alpha": "--lora-alpha", "training.lora.dropout": "--lora-dropout",
     "training.lora.targets": "--lora-targets", "hardware.gpus": "--gpus", "model.ref": "--model",
 }

@@ -531,24 +531,32 @@ def kv_cache_bytes(shape: ModelShape, s: InferSpec) -> int:
 def prefill_activation_bytes(shape: ModelShape, s: InferSpec) -> int:
     """No autograd: only one layer's temporaries are alive at once. The widest moment is the MLP:
     act output, up output and their product (3 x i) beside the hidden state and residual (2 x h);
-    the fp32 norm copy; generate() computes logits for the last position only (+ fp32 copy)."""
+    generate() computes logits for the last position only (+ an fp32 copy)."""
     a = DTYPE_BYTES[s.precision]
-    tokens = s.batch * s.seq_len
+    tokens = s.batch * (s.prompt_len or s.seq_len)
     i = shape.intermediate_size * (shape.experts_per_token if shape.num_experts else 1)
     per_token = max(3 * a * i, 4 * shape.hidden_size + a * shape.hidden_size) + 2 * a * shape.hidden_size
     return tokens * per_token + s.batch * shape.vocab_size * (a + 4)
 
 
 def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware) -> Breakdown:
+    """Two moments: the prefill (cache holds the prompt, one layer's temporaries) and the last
+    decode step (cache holds seq_len tokens; DynamicCache's torch.cat briefly holds one layer's
+    old and new cache; logits of one position per sequence)."""
     w = inference_weights_bytes(shape, s)
     kv = kv_cache_bytes(shape, s)
+    prompt = s.prompt_len or s.seq_len
+    kv_prompt = kv * prompt // s.seq_len
     pre = prefill_activation_bytes(shape, s)
-    grow = kv // max(shape.num_layers, 1)  # torch.cat in the cache: one layer's old + new
-    if hw.gpus > 1:  # tensor parallel: weights and KV heads split
-        w, kv, pre, grow = (_shard(x, hw.gpus) for x in (w, kv, pre, grow))
+    grow = kv // max(shape.num_layers, 1)
+    step_logits = s.batch * shape.vocab_size * (DTYPE_BYTES[s.precision] + 4)
+    parts = {"weights": w, "kv_cache": kv, "kv_prompt": kv_prompt, "pre": pre, "grow": grow, "logits": step_logits}
+    if hw.gpus > 1:  # tensor parallel: weights, KV heads and activations split
+        parts = {k: _shard(v, hw.gpus) for k, v in parts.items()}
     phases = {
-        "prefill": {"weights": w, "kv_cache": kv, "prefill_activations": pre},
-        "decode": {"weights": w, "kv_cache": kv, "transient": grow},
+        "prefill": {"weights": parts["weights"], "kv_cache": parts["kv_prompt"], "prefill_activations": parts["pre"]},
+        "decode": {"weights": parts["weights"], "kv_cache": parts["kv_cache"],
+                   "transient": parts["grow"] + parts["logits"]},
     }
     phases = {k: {c: v for c, v in comps.items() if v} for k, comps in phases.items()}
     totals = {k: sum(v.values()) for k, v in phases.items()}

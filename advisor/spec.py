@@ -109,6 +109,17 @@ class InferSpec(_Strict):
     weight_quant: WeightQuant = Field("none", description="Weight storage: none (precision), int8 "
                                       "(LLM.int8) or nf4 (4-bit).")
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the compute dtype; fp8: 1 byte.")
+    prompt_len: int | None = Field(None, ge=1, description="Prompt tokens (prefilled at once); the rest of "
+                                   "seq_len is generated. Default: the whole context as one prompt (an upper "
+                                   "bound for the prefill).")
+
+    @field_validator("prompt_len")
+    @classmethod
+    def _prompt(cls, v: int | None, info) -> int | None:
+        seq = info.data.get("seq_len")
+        if v is not None and seq is not None and v > seq:
+            raise ValueError(f"prompt_len {v} is longer than seq_len {seq} (seq_len = prompt + generated tokens)")
+        return v
 
 
 class Hardware(_Strict):
