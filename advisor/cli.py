@@ -14,6 +14,7 @@ from typing import Any
 from advisor.spec import OPTIMIZERS, PRECISIONS
 
 EXIT_USER_ERROR = 2
+GIB = 1024**3
 
 
 class UserError(Exception):
@@ -97,7 +98,8 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 FLAGS = {
     "training.micro_batch": "--batch", "inference.batch": "--batch", "training.seq_len": "--seq",
-    "inference.seq_len": "--seq", "inference.prompt_len": "--prompt-len", "training.grad_accum": "--grad-accum", "training.lora.r": "--lora-r",
+    "inference.seq_len": "--seq", "inference.prompt_len": "--prompt-len", "training.grad_accum": "--grad-accum",
+    "training.lora.r": "--lora-r",
     "training.lora.alpha": "--lora-alpha", "training.lora.dropout": "--lora-dropout",
     "training.lora.targets": "--lora-targets", "hardware.gpus": "--gpus", "model.ref": "--model",
 }
@@ -145,11 +147,19 @@ def load_plan_and_shape(data: dict[str, Any]):
     return plan, shape, gpu
 
 
-def estimate_result(plan, shape, gpu) -> dict[str, Any]:
+def estimate_result(plan, shape, gpu, mode: str = "analytic", progress=None) -> dict[str, Any]:
     """The --json object of the CLI contract."""
     from advisor.memory import estimate, trainable_params
 
-    bd = estimate(plan, shape)
+    if mode == "simulate":
+        from advisor.simulate import SimulateError, simulate
+
+        try:
+            bd = simulate(plan, shape, progress=progress)
+        except SimulateError as e:
+            raise UserError(str(e)) from None
+    else:
+        bd = estimate(plan, shape)
     trainable = trainable_params(shape, plan.training) if plan.task == "training" else 0
     out: dict[str, Any] = {
         "model": {
@@ -160,7 +170,7 @@ def estimate_result(plan, shape, gpu) -> dict[str, Any]:
             "num_layers": shape.num_layers, "hidden_size": shape.hidden_size, "vocab_size": shape.vocab_size,
         },
         "plan": plan.model_dump(mode="json"),
-        "mode": "analytic",
+        "mode": mode,
         "breakdown": bd.components,
         "peak_phase": bd.peak_phase,
         "phases": bd.phases,
@@ -186,7 +196,7 @@ def fit_status(need: int, capacity: int) -> str:
 
 
 def _gib(b: int) -> str:
-    return f"{b / 1024**3:,.2f} GiB"
+    return f"{b / GIB:,.2f} GiB"
 
 
 COMPONENT_LABELS = {
@@ -195,7 +205,7 @@ COMPONENT_LABELS = {
     "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
     "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",
     "ddp_buckets": "DDP gradient buckets", "cuda_context": "CUDA context", "cublas_workspace": "cuBLAS workspace",
-    "allocator_slack": "allocator slack",
+    "allocator_slack": "allocator slack", "inputs": "input batch", "logits": "logits",
 }
 
 
@@ -210,26 +220,29 @@ def print_estimate(res: dict[str, Any]) -> None:
         what = (f"{t['method']} · {t['precision']} · {t['optimizer']} · batch {t['micro_batch']} × seq "
                 f"{t['seq_len']} · grad-ckpt {'on' if t['grad_checkpointing'] else 'off'}")
         if t["method"] != "full":
-            what += f" · LoRA r={t['lora']['r']} on {t['lora']['targets'] if isinstance(t['lora']['targets'], str) else ','.join(t['lora']['targets'])}"
+            targets = t["lora"]["targets"]
+            what += f" · LoRA r={t['lora']['r']} on {targets if isinstance(targets, str) else ','.join(targets)}"
     else:
         i = plan["inference"]
         what = f"inference · {i['precision']} · weights {i['weight_quant']} · batch {i['batch']} × seq {i['seq_len']}"
     hw = plan["hardware"]
     con.print(f"[bold]{m['name']}[/] ({m['architecture']}, {m['params_total']:,} parameters, "
               f"{m['params_trainable']:,} trainable)")
-    con.print(f"{what} · device {hw['device']}" + (f" × {hw['gpus']} GPUs, ZeRO-{hw['zero']}" if hw['gpus'] > 1 else ""))
+    multi = f" × {hw['gpus']} GPUs, ZeRO-{hw['zero']}" if hw["gpus"] > 1 else ""
+    con.print(f"{what} · device {hw['device']}{multi}")
     table = Table(title=f"Peak memory (at {res['peak_phase'].replace('_', ' ')})", title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("share", justify="right")
     total = res["peak_reserved_bytes"] or 1
-    for k, v in res["breakdown"].items():
-        table.add_row(COMPONENT_LABELS.get(k, k), f"{v / 1024**3:,.2f}", f"{100 * v / total:.0f}%")
-    table.add_row("[bold]peak allocated (tensors)[/]", f"[bold]{res['peak_allocated_bytes'] / 1024**3:,.2f}[/]", "")
+    order = list(COMPONENT_LABELS)
+    for k, v in sorted(res["breakdown"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+        table.add_row(COMPONENT_LABELS.get(k, k), f"{v / GIB:,.2f}", f"{100 * v / total:.0f}%")
+    table.add_row("[bold]peak allocated (tensors)[/]", f"[bold]{res['peak_allocated_bytes'] / GIB:,.2f}[/]", "")
     for k, v in res["overhead"].items():
-        table.add_row(COMPONENT_LABELS.get(k, k), f"{v / 1024**3:,.2f}", f"{100 * v / total:.0f}%")
+        table.add_row(COMPONENT_LABELS.get(k, k), f"{v / GIB:,.2f}", f"{100 * v / total:.0f}%")
     if res["overhead"]:
-        table.add_row("[bold]peak reserved (nvidia-smi)[/]", f"[bold]{res['peak_reserved_bytes'] / 1024**3:,.2f}[/]", "")
+        table.add_row("[bold]peak reserved (nvidia-smi)[/]", f"[bold]{res['peak_reserved_bytes'] / GIB:,.2f}[/]", "")
     con.print(table)
     if "gpu" in res:
         g = res["gpu"]
@@ -240,11 +253,27 @@ def print_estimate(res: dict[str, Any]) -> None:
         con.print(f"[dim]note: {n}[/]")
 
 
+def _simulate_with_progress(plan, shape, gpu) -> dict[str, Any]:
+    """Run the simulation with a progress bar on stderr (stdout stays clean for --json)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("simulating", total=1.0)
+
+        def progress(fraction: float, message: str) -> None:
+            bar.update(task, completed=fraction, description=f"simulating: {message}")
+
+        return estimate_result(plan, shape, gpu, "simulate", progress)
+
+
 def cmd_estimate(a: argparse.Namespace) -> int:
-    if a.mode == "simulate":
-        raise UserError("--mode simulate is not available yet; use --mode analytic")
     plan, shape, gpu = load_plan_and_shape(plan_dict_from_args(a))
-    res = estimate_result(plan, shape, gpu)
+    if a.mode == "simulate":
+        res = _simulate_with_progress(plan, shape, gpu)
+    else:
+        res = estimate_result(plan, shape, gpu)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

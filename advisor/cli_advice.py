@@ -175,7 +175,7 @@ def print_advice(adv, serving=None) -> None:
     for col in cols + (["why"] if any(whys) else []):
         t.add_column(col, justify="right" if col in ("×", "GiB / card", "time", "cost") else "left",
                      overflow="fold")
-    for o, why in zip(shown, whys):
+    for o, why in zip(shown, whys, strict=False):
         fit = "[green]yes[/]" if o.fits else "[red]no[/]"
         if o.fits and o.within_budget is False:
             fit = "[yellow]over budget[/]"

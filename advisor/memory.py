@@ -83,6 +83,8 @@ def weights_bytes(shape: ModelShape, t: TrainSpec) -> int:
     head cast to fp32 by peft's prepare_model_for_kbit_training."""
     if t.method != "qlora":
         return shape.params_total * param_bytes(t.precision)
+    if not family_of(shape.model_type)[0].bnb_quantizes:
+        return shape.params_total * 4  # nothing quantized; prepare_model_for_kbit_training upcasts all
     quant = 0
     bias = 0
     for g in shape.linears:
@@ -143,6 +145,7 @@ def optimizer_states_bytes(shape: ModelShape, t: TrainSpec) -> int:
     adamw / paged_adamw_32bit: exp_avg + exp_avg_sq (Loshchilov & Hutter 2019).
     adamw_8bit / paged_adamw_8bit: two uint8 states + an fp32 absmax per 256 values; tensors under
     4096 elements keep 32-bit states (bitsandbytes min_8bit_size; Dettmers et al. 2022).
+    paged_adamw_32bit: two fp32 states (bitsandbytes keeps 32-bit states in fp32 for any dtype).
     sgd: none; sgd_momentum: one buffer. adafactor (Shazeer & Stern 2018): row and column
     second-moment factors for matrices, a full one for vectors, no first moment (beta1=None)."""
     b = trainable_bytes_per_param(t)
@@ -150,8 +153,10 @@ def optimizer_states_bytes(shape: ModelShape, t: TrainSpec) -> int:
     total = 0
     for rows, cols, n in _trainable_tensors(shape, t):
         numel = rows * cols
-        if opt in ("adamw", "paged_adamw_32bit"):
+        if opt == "adamw":
             total += n * 2 * numel * b
+        elif opt == "paged_adamw_32bit":  # bitsandbytes' 32-bit states are fp32 whatever the parameter dtype
+            total += n * 2 * numel * 4
         elif opt in ("adamw_8bit", "paged_adamw_8bit"):
             if numel < ADAM8_MIN_SIZE:
                 total += n * 2 * numel * 4
@@ -177,6 +182,10 @@ def optimizer_step_transient_bytes(shape: ModelShape, t: TrainSpec, device: str)
         return 2 * largest * b
     if t.optimizer == "adafactor":
         return 3 * largest * 4
+    if t.optimizer in ("adamw_8bit", "paged_adamw_8bit") and device == "cpu":
+        # bitsandbytes' CPU fallback dequantizes both states to fp32 and works in fp32, tensor by
+        # tensor (measured: 20 bytes per element of the largest tensor, 24 for half parameters)
+        return largest * (20 + (4 if b == 2 else 0))
     return 0
 
 
@@ -246,8 +255,9 @@ def _attention(ctx: _Ctx, fam: Family, shape: ModelShape, softcap: bool) -> int:
         return 3 * 4 * qd + (3 if ctx.dropout else 1) * 4 * nh * s
     if impl in ("sdpa", "flash_attention_2"):
         return a * qd + 2 * a * kvd + a * qd + 4 * nh
-    # eager
-    total = 3 * a * qd + 4 * nh * s + (a * nh * s if a != 4 else 0)
+    # eager: softmax output (fp32 in most families) and its cast back to the input dtype
+    sm = 4 if fam.eager_softmax_fp32 else a
+    total = 3 * a * qd + sm * nh * s + (a * nh * s if a != sm else 0)
     if softcap:
         total += a * nh * s
     if ctx.dropout:
@@ -350,11 +360,12 @@ def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
 
 
 def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
-    """Gradients of activations in flight inside one layer's backward: about three tensors of
-    the MLP width and two of the hidden width."""
+    """Gradients of activations in flight inside one layer's backward: one tensor of the MLP
+    width and two of the hidden width (fitted to the CPU measurements of GPT-2 and Llama with
+    checkpointing, where this moment is the peak; see docs/accuracy.md)."""
     a = residual_bytes(t)
     i = shape.intermediate_size * (max(shape.experts_per_token, 1) if shape.num_experts else 1)
-    return t.micro_batch * t.seq_len * (3 * a * i + 2 * a * shape.hidden_size)
+    return t.micro_batch * t.seq_len * (a * i + 2 * a * shape.hidden_size)
 
 
 def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
@@ -378,7 +389,7 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
 
 def qlora_dequant_bytes(shape: ModelShape, t: TrainSpec) -> int:
     """QLoRA: the largest linear layer dequantized to the compute dtype for its matmul."""
-    if t.method != "qlora":
+    if t.method != "qlora" or not family_of(shape.model_type)[0].bnb_quantizes:
         return 0
     largest = max((g.in_features * g.out_features for g in shape.linears if g.quantized), default=0)
     return largest * compute_bytes(t.precision)
@@ -458,14 +469,22 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     if z >= 1:
         opt_tmp = _shard(opt_tmp, n)
     accum = g_kept if t.grad_accum > 1 else 0  # grads from earlier micro-batches stay until the step
-    head_grad = 0
-    layer_grad = 0
+    head_grad = layer_grad = emb_grad = 0
+    fam, _ = family_of(shape.model_type)
+    ctx = _ctx(shape, t, t.seq_len, dev)
+    tokens = t.micro_batch * t.seq_len
+    first_layer_acts = tokens * (layer_activation_bytes_per_token(shape, fam, ctx, first=True)
+                                 + (8 if ctx.full else 0))
+    # non-reentrant checkpointing: the graph holds every layer's saved input until it is dropped
+    gc_inputs = tokens * shape.num_layers * ctx.a * shape.hidden_size if t.grad_checkpointing else 0
     if t.method == "full":
         b = param_bytes(t.precision)
         head_grad = (shape.params_lm_head or shape.params_embedding) * b
-        layer_grad = (shape.params_linear // max(shape.num_layers, 1)) * b
+        per_layer = shape.params_total - shape.params_embedding - shape.params_lm_head
+        layer_grad = (per_layer // max(shape.num_layers, 1)) * b  # incl. fused MoE experts
+        emb_grad = shape.params_embedding * b if shape.params_lm_head else 0
         if z >= 2:
-            head_grad, layer_grad = _shard(head_grad, n), _shard(layer_grad, n)
+            head_grad, layer_grad, emb_grad = (_shard(x, n) for x in (head_grad, layer_grad, emb_grad))
     if t.grad_accum > 1:
         head_grad = layer_grad = 0  # already in `accum`
     base = {"weights": w, "lora_adapters": lora, "optimizer_states": o}
@@ -481,8 +500,10 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         "backward_last_layer": {**base, "activations": acts + recompute,
                                 "gradients": base.get("gradients", 0) + head_grad + layer_grad,
                                 "transient": ws + deq},
-        "backward_end": {**base, "activations": recompute,
-                         "gradients": g_kept, "transient": ws + deq},
+        "backward_first_layer": {**base, "activations": first_layer_acts + gc_inputs,
+                                 "gradients": g_kept if accum else max(g_kept - layer_grad - emb_grad, 0),
+                                 "transient": ws + deq},
+        "backward_end": {**base, "activations": gc_inputs, "gradients": g_kept},
         "optimizer_step": {**base, "gradients": g_kept, "transient": opt_tmp},
     }
     return {k: {c: int(v) for c, v in comps.items() if v} for k, comps in phases.items()}
@@ -528,18 +549,44 @@ def kv_cache_bytes(shape: ModelShape, s: InferSpec) -> int:
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * s.seq_len * s.batch * kb
 
 
-def prefill_activation_bytes(shape: ModelShape, s: InferSpec) -> int:
-    """No autograd: only one layer's temporaries are alive at once. The widest moment is the MLP:
-    act output, up output and their product (3 x i) beside the hidden state and residual (2 x h);
-    generate() computes logits for the last position only (+ an fp32 copy)."""
+def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "sdpa", device: str = "cuda") -> int:
+    """No autograd: only one layer's temporaries are alive at once, the widest of
+    - the MLP: act output, up output and their product (3 x i; plain MLPs: fc output + activation
+      temporaries), and
+    - the attention: q, k, v and output; eager attention adds the nh x s scores, their fp32 softmax
+      and its cast (+ the tanh chain under softcapping); CPU math-path SDPA (masks, GPT-2, Falcon)
+      upcasts q, k, v to fp32 and holds two fp32 nh x s matrices,
+    beside the hidden state and the residual (2 x h). generate() computes logits for the last
+    position only (+ an fp32 copy)."""
+    fam, _ = family_of(shape.model_type)
     a = DTYPE_BYTES[s.precision]
-    tokens = s.batch * (s.prompt_len or s.seq_len)
+    prompt = s.prompt_len or s.seq_len
+    tokens = s.batch * prompt
+    h, nh = shape.hidden_size, shape.num_heads
+    qd, kvd = nh * shape.head_dim, shape.num_kv_heads * shape.head_dim
     i = shape.intermediate_size * (shape.experts_per_token if shape.num_experts else 1)
-    per_token = max(3 * a * i, 4 * shape.hidden_size + a * shape.hidden_size) + 2 * a * shape.hidden_size
+    if fam.moe:  # per routed expert: gathered input, gate_up output, act output, product; + accumulator
+        k = max(shape.experts_per_token, 1)
+        mlp = k * a * (h + 4 * shape.intermediate_size) + a * h
+    elif fam.gated_mlp:
+        mlp = 3 * a * i
+    else:
+        mlp = fam.act_saved * a * i + a * i
+    softcap = bool(fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr))
+    if softcap and attn_impl == "sdpa":
+        attn_impl = "eager"
+    if attn_impl == "eager":
+        attn = 3 * a * qd + nh * prompt * (4 + a + (2 * a if softcap else 0))
+    elif device == "cpu" and fam.cpu_math_attention:
+        attn = 3 * 4 * qd + 2 * 4 * nh * prompt
+    else:
+        attn = a * (2 * qd + 2 * kvd) + 4 * nh
+    norm = 4 * h + a * h if fam.norm != "layernorm" else a * h
+    per_token = max(mlp, attn, norm) + 2 * a * h
     return tokens * per_token + s.batch * shape.vocab_size * (a + 4)
 
 
-def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware) -> Breakdown:
+def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl: str = "sdpa") -> Breakdown:
     """Two moments: the prefill (cache holds the prompt, one layer's temporaries) and the last
     decode step (cache holds seq_len tokens; DynamicCache's torch.cat briefly holds one layer's
     old and new cache; logits of one position per sequence)."""
@@ -547,7 +594,7 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware) -> Breakdo
     kv = kv_cache_bytes(shape, s)
     prompt = s.prompt_len or s.seq_len
     kv_prompt = kv * prompt // s.seq_len
-    pre = prefill_activation_bytes(shape, s)
+    pre = prefill_activation_bytes(shape, s, attn_impl, hw.device)
     grow = kv // max(shape.num_layers, 1)
     step_logits = s.batch * shape.vocab_size * (DTYPE_BYTES[s.precision] + 4)
     parts = {"weights": w, "kv_cache": kv, "kv_prompt": kv_prompt, "pre": pre, "grow": grow, "logits": step_logits}
@@ -567,5 +614,5 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware) -> Breakdo
 def estimate(plan: Plan, shape: ModelShape) -> Breakdown:
     """The analytic estimate for a validated plan."""
     if plan.task == "inference":
-        return estimate_inference(shape, plan.inference, plan.hardware)
+        return estimate_inference(shape, plan.inference, plan.hardware, plan.training.attn_impl)
     return estimate_training(shape, plan.training, plan.hardware)

@@ -23,10 +23,10 @@ from pathlib import Path
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 MODELS_DIR = PROFILES_DIR / "models"
 SHAPES_DIR = PROFILES_DIR / "shapes"
-SHAPE_VERSION = 5
+SHAPE_VERSION = 5  # bump when ModelShape gains fields; stale cache entries are recomputed
 # Config values (with the architecture's defaults filled in) that change what training keeps.
 FEATURE_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
-                "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")  # bump when ModelShape gains fields; stale cache entries are recomputed
+                "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
 
 # Config fields every causal LM needs, under the names the families use for them.
 _ALIASES = {

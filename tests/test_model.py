@@ -3,8 +3,7 @@ import json
 import pytest
 from tiny import TINY, build
 
-from advisor.model import (ModelError, bundled_profiles, count_on_meta, load_config, resolve,
-                           write_bundled_shapes)
+from advisor.model import ModelError, bundled_profiles, count_on_meta, load_config, resolve, write_bundled_shapes
 
 PUBLISHED = {  # exact counts; cross-checked in profiles/models/SOURCES.md against published sizes
     "meta-llama/Llama-3.1-8B": 8_030_261_248,

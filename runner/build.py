@@ -1,0 +1,409 @@
+"""The one place that builds a model for training or inference (the runner and calibration share it).
+
+Everything here is the real stack (transformers + peft + bitsandbytes), configured exactly as the
+runner trains, so that what :mod:`runner.memtrace` measures is what a user's run allocates:
+
+* precision ``fp32`` -> fp32 weights; ``bf16``/``fp16`` -> weights loaded in that dtype and trained
+  in it (pure half training: gradients and optimizer states in the parameter dtype, as torch does);
+  ``amp-bf16``/``amp-fp16`` -> fp32 weights, forward under ``torch.autocast`` (backward outside,
+  as HF Trainer does; amp-fp16 adds a ``GradScaler``).
+* ``lora``: ``peft.LoraConfig`` + ``get_peft_model`` with peft's defaults
+  (``autocast_adapter_dtype=True`` keeps the adapters in fp32 even on a bf16/fp16 base).
+* ``qlora``: ``BitsAndBytesConfig`` NF4, then ``prepare_model_for_kbit_training`` (which casts every
+  non-4-bit parameter -- embeddings, norms, lm_head, unquantized layers -- to fp32), then LoRA.
+* gradient checkpointing: non-reentrant (``use_reentrant=False``); transformers then also calls
+  ``enable_input_require_grads`` for input-ids models.
+* the step mirrors ``Trainer.training_step``: ``compute_loss`` returns only the loss, so the model
+  output (logits) is dropped *before* backward; what survives into backward is what autograd saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # see runner.memtrace: keep loading on this thread
+
+import torch
+
+from advisor.spec import OPTIMIZERS, InferSpec, TrainSpec
+from runner.memtrace import phase
+
+__all__ = [
+    "param_dtype", "compute_dtype", "load_for_training", "make_optimizer", "make_batch", "train_step",
+    "load_for_inference", "generate_step", "attn_impl_of", "weight_bytes", "param_counts", "optimizer_impl",
+]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """Dtype the (non-quantized) weights are stored in: amp-* keeps fp32 master weights."""
+    return _DTYPES.get(precision, torch.float32)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """Dtype the matmuls run in (also the QLoRA ``bnb_4bit_compute_dtype``)."""
+    return _DTYPES[precision.removeprefix("amp-")]
+
+
+def _autocast(precision: str, device_type: str):
+    if precision.startswith("amp-"):
+        return torch.autocast(device_type=device_type, dtype=compute_dtype(precision))
+    return contextlib.nullcontext()
+
+
+def _enable_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+
+def _lora_config(spec: TrainSpec):
+    from peft import LoraConfig
+
+    targets = spec.lora.targets
+    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=targets if targets == "all-linear" else list(targets),
+                      task_type="CAUSAL_LM")
+
+
+def _from_pretrained(model_dir, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained``; an architecture without sdpa support (Gemma2 in
+    transformers 5.x: attention soft-capping) falls back to eager with a warning, which is what
+    it runs when no implementation is requested. :func:`attn_impl_of` tells what was used."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except ValueError as err:
+        if kwargs.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(err):
+            raise
+        warnings.warn(f"{model_dir}: this architecture does not support sdpa; using eager attention", stacklevel=2)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **{**kwargs, "attn_implementation": "eager"})
+    if "device_map" not in kwargs:  # loaded on the CPU
+        _own_storage(model)
+    return model
+
+
+def _own_storage(model) -> None:
+    """Give every CPU parameter and buffer its own allocation (a copy).
+
+    On the CPU, transformers 5 + safetensors can load a checkpoint's tensors as views into one
+    allocation holding the whole file. A view that is later replaced (a weight quantized to 4-bit,
+    MoE experts fused at load time) then keeps the entire block alive, which a GPU load (each tensor
+    copied to the device on its own) never does. Copying once after loading frees the block and
+    makes the CPU numbers what a GPU would hold. bitsandbytes' quantized parameters are already
+    fresh allocations and are left alone.
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for mod in model.modules():
+            for p in mod._parameters.values():
+                if p is None or id(p) in seen or p.device.type != "cpu":
+                    continue
+                seen.add(id(p))
+                if p.__class__.__name__ not in ("Params4bit", "Int8Params"):
+                    p.data = p.data.clone()
+            for name, b in list(mod._buffers.items()):
+                if b is not None and id(b) not in seen and b.device.type == "cpu":
+                    seen.add(id(b))
+                    mod._buffers[name] = b.clone()
+
+
+def attn_impl_of(model) -> str:
+    """The attention implementation the loaded model really uses."""
+    cfg = model.config
+    return getattr(cfg, "_attn_implementation", None) or "eager"
+
+
+def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu"):
+    """Load ``model_dir`` ready to train as the runner trains it (see the module doc).
+
+    Returns the model (a ``PeftModel`` for lora/qlora) in train mode with ``use_cache=False``.
+    """
+    if spec.attn_impl == "flash_attention_2" and device == "cpu":
+        raise ValueError("flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU")
+    kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_impl, trust_remote_code=False)
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    if spec.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(spec.precision))
+        model = _from_pretrained(model_dir, dtype=param_dtype(spec.precision), **kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = _from_pretrained(model_dir, dtype=param_dtype(spec.precision), **kwargs)
+        if spec.grad_checkpointing:
+            _enable_checkpointing(model)
+    model.config.use_cache = False
+    if spec.method in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(spec))  # autocast_adapter_dtype=True (peft default)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    return model
+
+
+def optimizer_impl(optimizer) -> str:
+    """Which implementation a torch optimizer will run: fused, foreach or for-loop (or the class)."""
+    d = optimizer.defaults if hasattr(optimizer, "defaults") else {}
+    if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.SGD, torch.optim.Adam)):
+        return type(optimizer).__module__.split(".")[0] + "." + type(optimizer).__name__
+    if d.get("fused"):
+        return "fused"
+    if d.get("foreach") is not None:
+        return "foreach" if d["foreach"] else "for-loop"
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return "foreach" if foreach else "for-loop"
+
+
+def make_optimizer(model, name: str, lr: float, impl: str = "default"):
+    """The optimizer ``name`` (one of ``advisor.spec.OPTIMIZERS``) over the trainable parameters.
+
+    ``impl`` only matters for the torch optimizers: "default" (torch's own choice: foreach on
+    CUDA, the per-tensor for-loop on the CPU), "fused", "foreach" or "for-loop". HF Trainer's
+    default ``adamw_torch_fused`` is ``impl="fused"``. The paged bitsandbytes optimizers run on
+    the CPU but page nothing there (bitsandbytes warns and falls back to ordinary buffers).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    tkw: dict[str, Any] = {}
+    if impl == "fused":
+        tkw["fused"] = True
+    elif impl == "foreach":
+        tkw["foreach"] = True
+    elif impl == "for-loop":
+        tkw["foreach"] = False
+    elif impl != "default":
+        raise ValueError(f"unknown optimizer impl {impl!r}")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, **tkw)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, **tkw)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, **tkw)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(params, lr=lr)
+
+
+def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0, device: str = "cpu") -> dict:
+    """A collated causal-LM batch of random token ids: input_ids, attention_mask, labels (= ids)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": ids.clone().to(device)}
+
+
+_scalers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _compute_loss(model, batch: dict) -> torch.Tensor:
+    # Trainer.compute_loss: outputs is a local, so the logits are released when this returns.
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch["labels"])
+    return outputs.loss
+
+
+def train_step(model, batch: dict, optimizer, spec: TrainSpec, max_grad_norm: float | None = None) -> torch.Tensor:
+    """One Trainer-style step; returns the detached loss.
+
+    Ranges (for :mod:`runner.memtrace`): ``tuneplan:step`` around it all, and ``tuneplan:forward``
+    (forward + loss, under autocast for amp-*), ``tuneplan:backward``, ``tuneplan:optimizer``
+    (gradient clipping when ``max_grad_norm`` is set -- Trainer's default is 1.0 -- and
+    ``optimizer.step``), ``tuneplan:zero_grad`` (``zero_grad(set_to_none=True)``).
+
+    As in ``Trainer.training_step``, the model output is dropped before backward (only the loss
+    tensor survives; the logits live on only through what autograd saved), and
+    ``spec.grad_accum`` micro-batches run forward/backward before one optimizer step. The autograd
+    graph is dropped after backward (Trainer returns ``loss.detach()`` to its loop, which then
+    steps the optimizer); with non-reentrant checkpointing the graph still holds every
+    checkpointed layer's input until then.
+    """
+    device_type = batch["input_ids"].device.type
+    scaler = None
+    if spec.precision == "amp-fp16":
+        scaler = _scalers.get(optimizer)
+        if scaler is None:
+            scaler = _scalers[optimizer] = torch.amp.GradScaler(device_type)
+    with phase("step"):
+        model.train()
+        for _ in range(spec.grad_accum):
+            with phase("forward"), _autocast(spec.precision, device_type):
+                loss = _compute_loss(model, batch)
+            if spec.grad_accum > 1:
+                loss = loss / spec.grad_accum
+            with phase("backward"):
+                (scaler.scale(loss) if scaler else loss).backward()
+            # Trainer.training_step returns loss.detach() before the optimizer runs: dropping the
+            # graph frees what backward leaves behind (e.g. checkpointed layers' saved inputs).
+            loss = loss.detach()
+        with phase("optimizer"):
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        with phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def load_for_inference(model_dir: str | Path, spec: InferSpec, device: str = "cpu", attn_impl: str = "sdpa"):
+    """Load ``model_dir`` for generation: weights in ``spec.precision`` (or int8 / NF4 via bitsandbytes)."""
+    from transformers import BitsAndBytesConfig
+
+    if spec.kv_cache_dtype != "auto":
+        raise NotImplementedError("fp8 KV cache is not built here (needs a quantized cache backend on GPU)")
+    kwargs: dict[str, Any] = dict(attn_implementation=attn_impl, trust_remote_code=False,
+                                  dtype=_DTYPES[spec.precision])
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    if spec.weight_quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_DTYPES[spec.precision])
+    elif spec.weight_quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    model = _from_pretrained(model_dir, **kwargs)
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
+class _PhaseSwitch:
+    """A logits processor that closes ``tuneplan:prefill`` and opens ``tuneplan:decode`` at the
+    first generated token (generate calls processors once per token, after each forward)."""
+
+    def __init__(self):
+        self.prefill = record = torch.profiler.record_function("tuneplan:prefill")
+        record.__enter__()
+        self.decode = None
+
+    def __call__(self, input_ids, scores):
+        if self.decode is None:
+            self.prefill.__exit__(None, None, None)
+            self.decode = torch.profiler.record_function("tuneplan:decode")
+            self.decode.__enter__()
+        return scores
+
+    def close(self):
+        if self.decode is None:
+            self.prefill.__exit__(None, None, None)
+        else:
+            self.decode.__exit__(None, None, None)
+
+
+def generate_step(model, spec: InferSpec, prompt_len: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Greedy ``generate`` with the KV cache: ``spec.batch`` random prompts of ``prompt_len`` tokens
+    (default: half of ``spec.seq_len``), extended to ``spec.seq_len`` tokens in all.
+
+    Recorded as a ``tuneplan:step`` with phases ``prefill`` (up to the first token's logits) and
+    ``decode``. Generation is forced to run its full length (``min_new_tokens``), so random
+    weights hitting EOS early cannot shorten it. Returns the generated ids.
+    """
+    from transformers import LogitsProcessorList
+
+    prompt_len = prompt_len if prompt_len is not None else max(1, spec.seq_len // 2)
+    new = spec.seq_len - prompt_len
+    if new < 1:
+        raise ValueError("seq_len must exceed prompt_len: seq_len is prompt + generated tokens")
+    dev = next(model.parameters()).device
+    batch = make_batch(model.config.get_text_config().vocab_size, spec.batch, prompt_len, seed, str(dev))
+    with phase("step"), torch.inference_mode():
+        switch = _PhaseSwitch()
+        try:
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                                 logits_processor=LogitsProcessorList([switch]),
+                                 pad_token_id=model.config.pad_token_id or 0)
+        finally:
+            switch.close()
+    return out
+
+
+def _storage_bytes(t: torch.Tensor) -> tuple[int, int]:
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes held by the model's parameters and buffers (distinct storages), by dtype, plus
+    bitsandbytes 4-bit quant-state tensors (absmax, nested absmax, code) under "quant_state"."""
+    seen: dict[int, tuple[int, str]] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr, n = _storage_bytes(t)
+        if ptr and ptr not in seen:
+            seen[ptr] = (n, str(t.dtype).removeprefix("torch."))
+    qs_seen: dict[int, int] = {}
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is None:
+            continue
+        stack = [qs]
+        while stack:
+            s = stack.pop()
+            for attr in ("absmax", "code"):
+                t = getattr(s, attr, None)
+                if isinstance(t, torch.Tensor):
+                    ptr, n = _storage_bytes(t)
+                    if ptr and ptr not in seen:
+                        qs_seen[ptr] = n
+            if getattr(s, "state2", None) is not None:
+                stack.append(s.state2)
+    out: dict[str, int] = {}
+    for n, dt in seen.values():
+        out[dt] = out.get(dt, 0) + n
+    if qs_seen:
+        out["quant_state"] = sum(qs_seen.values())
+    out["total"] = sum(v for k, v in out.items())
+    return out
+
+
+def param_counts(model) -> dict[str, int]:
+    """Trainable and total parameter counts (4-bit parameters counted as their logical size)."""
+    total = trainable = quantized = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            qs = getattr(p, "quant_state", None)
+            n = int(torch.Size(qs.shape).numel()) if qs is not None else n * 2
+            quantized += n
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"total": total, "trainable": trainable, "quantized_4bit": quantized}

@@ -1,0 +1,35 @@
+"""A fast subset of the calibration matrix: real steps on the CPU, measured with the profiler,
+against the analytic estimate. Fails if accuracy regresses (full matrix: benchmarks/calibrate.py,
+table: docs/accuracy.md)."""
+
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+import calibrate  # noqa: E402
+
+T, I = calibrate.T, calibrate.I
+CASES = [
+    T("llama", method="full", precision="fp32", optimizer="adamw"),
+    T("llama", method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True),
+    T("llama", method="qlora", precision="bf16", optimizer="adamw", grad_checkpointing=True),
+    T("qwen2", method="lora", precision="bf16", optimizer="sgd", batch=4),
+    T("gpt2", method="full", precision="bf16", optimizer="sgd", attn_impl="eager"),
+    T("phi3", method="full", precision="bf16", optimizer="adamw"),
+    T("gpt_neox", method="lora", precision="fp32", optimizer="adamw", grad_checkpointing=True),
+    T("gemma2", method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True, attn_impl="eager"),
+    T("mistral", method="full", precision="bf16", optimizer="adamw", grad_accum=2),
+    I("llama", precision="bf16"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=calibrate.case_id)
+def test_analytic_within_10_percent_of_measured(case):
+    measured = calibrate.run_case(case, steps=3)
+    row = accuracy.compare(measured)
+    assert abs(row["error"]) <= 0.10, row

@@ -1,0 +1,165 @@
+"""--mode simulate against the ground truth: the real run on the CPU under runner.memtrace.
+
+Each case builds a tiny random-weight model of a real architecture (benchmarks/tiny_models.py),
+measures the steady-state step with the real stack (runner.build + the CPU memory profiler) and
+simulates the same plan on fake tensors; the peaks must agree within 2 %.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from advisor.spec import InferSpec, LoraSpec, Plan, TrainSpec
+
+TOL = 0.02
+
+
+def _shape(family: str, **overrides):
+    from advisor.model import count_on_meta
+    from benchmarks.tiny_models import make_config
+
+    cfg = json.loads(make_config(family, **overrides).to_json_string(use_diff=False))
+    return count_on_meta(f"tiny-{family}", cfg)
+
+
+def _measure_training(family: str, spec: TrainSpec) -> int:
+    import torch
+
+    from benchmarks.tiny_models import build_tiny
+    from runner import build, memtrace
+
+    model_dir = build_tiny(family)
+
+    def work():
+        model = build.load_for_training(model_dir, spec)
+        opt = build.make_optimizer(model, spec.optimizer, spec.learning_rate)
+        batch = build.make_batch(model.config.get_text_config().vocab_size, spec.micro_batch, spec.seq_len)
+        for _ in range(2):  # the first step creates the optimizer states; the second is measured
+            build.train_step(model, batch, opt, spec)
+
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memtrace.measure(work).last.peak_bytes
+
+
+def _measure_inference(family: str, spec: InferSpec) -> int:
+    import torch
+
+    from benchmarks.tiny_models import build_tiny
+    from runner import build, memtrace
+
+    model_dir = build_tiny(family)
+
+    def work():
+        model = build.load_for_inference(model_dir, spec)
+        build.generate_step(model, spec, prompt_len=spec.prompt_len)
+
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return memtrace.measure(work).last.peak_bytes
+
+
+def _cpu(task: str, **kw) -> Plan:
+    return Plan(task=task, hardware={"device": "cpu", "gpu": None}, **kw)
+
+
+def _T(**kw) -> TrainSpec:
+    kw.setdefault("grad_checkpointing", False)
+    kw.setdefault("attn_impl", "sdpa")
+    return TrainSpec(micro_batch=2, seq_len=128, **kw)
+
+
+TRAIN_CASES = {
+    "llama-full-fp32-adamw": ("llama", _T(method="full", precision="fp32", optimizer="adamw")),
+    "llama-lora-bf16-nogc": ("llama", _T(method="lora", precision="bf16", optimizer="adamw")),
+    "llama-lora-bf16-gc": ("llama", _T(method="lora", precision="bf16", optimizer="adamw",
+                                       grad_checkpointing=True)),
+    "llama-qlora-bf16-gc": ("llama", _T(method="qlora", precision="bf16", optimizer="adamw",
+                                        grad_checkpointing=True)),
+    "gpt2-full-bf16-sgd-eager": ("gpt2", _T(method="full", precision="bf16", optimizer="sgd", attn_impl="eager")),
+    "qwen2-lora-amp-bf16": ("qwen2", _T(method="lora", precision="amp-bf16", optimizer="adamw")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_training_matches_measurement(case):
+    from advisor.simulate import simulate
+
+    family, spec = TRAIN_CASES[case]
+    b = simulate(_cpu("training", training=spec), _shape(family))
+    measured = _measure_training(family, spec)
+    ratio = b.peak_allocated_bytes / measured
+    assert abs(ratio - 1) <= TOL, \
+        f"{case}: simulated {b.peak_allocated_bytes} vs measured {measured} ({ratio - 1:+.2%})"
+    assert b.peak_reserved_bytes == b.peak_allocated_bytes  # cpu: no GPU overhead
+    assert set(b.phases) == {"forward", "backward", "optimizer", "zero_grad"}
+    assert b.components.get("weights", 0) > 0
+
+
+def test_inference_matches_measurement():
+    from advisor.simulate import simulate
+
+    spec = InferSpec(batch=2, seq_len=256, precision="bf16", prompt_len=128)
+    b = simulate(_cpu("inference", inference=spec), _shape("llama"))
+    measured = _measure_inference("llama", spec)
+    ratio = b.peak_allocated_bytes / measured
+    assert abs(ratio - 1) <= TOL, f"simulated {b.peak_allocated_bytes} vs measured {measured} ({ratio - 1:+.2%})"
+    assert set(b.phases) == {"prefill", "decode"}
+    assert b.components.get("kv_cache", 0) > 0 or b.peak_phase == "prefill"
+
+
+@pytest.mark.parametrize("spec", [
+    _T(method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True),
+    _T(method="full", precision="fp32", optimizer="adamw"),
+], ids=["lora-gc", "full-nogc"])
+def test_extrapolation_is_exact(spec):
+    """2, 3 and 4 layers extrapolated to 6 equal the full 6-layer simulation, byte for byte."""
+    from advisor.simulate import simulate
+
+    shape = _shape("llama", num_hidden_layers=6)
+    plan = Plan(task="training", training=spec, hardware={"device": "cuda"})
+    fast = simulate(plan, shape, extrapolate=True)
+    full = simulate(plan, shape, extrapolate=False)
+    assert any("extrapolated to 6" in n for n in fast.notes), fast.notes
+    assert fast.phases == full.phases
+    assert fast.components == full.components
+    assert fast.peak_phase == full.peak_phase
+    assert fast.overhead == full.overhead and fast.overhead  # cuda: GPU overhead terms
+
+
+def test_breakdown_and_progress():
+    from advisor.memory import Breakdown
+    from advisor.simulate import simulate
+
+    seen = []
+    spec = _T(method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True,
+              lora=LoraSpec(targets="q_proj,v_proj"))
+    b = simulate(_cpu("training", training=spec), _shape("llama"), progress=lambda f, m: seen.append((f, m)))
+    assert isinstance(b, Breakdown)
+    assert sum(b.components.values()) == b.phases[b.peak_phase] == max(b.phases.values())
+    assert {"weights", "lora_adapters", "activations"} <= set(b.components)
+    assert seen and seen[-1][0] == 1.0
+    assert all(0.0 <= f <= 1.0 for f, _ in seen)
+
+
+def test_moe_is_refused():
+    from advisor.simulate import SimulateError, simulate
+
+    with pytest.raises(SimulateError, match="mixture of experts"):
+        simulate(_cpu("training", training=_T(method="lora")), _shape("mixtral"))
+
+
+def test_import_is_light():
+    code = "import sys, advisor.simulate; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
