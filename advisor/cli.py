@@ -32,7 +32,7 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the CLI contract (DESIGN.md); None means 'the plan's default'."""
-    p.add_argument("--model", required=True, help="bundled profile, local config.json or model dir, or hub id")
+    p.add_argument("--model", help="bundled profile, local config.json or model dir, or hub id")
     p.add_argument("--task", choices=["training", "inference"], default="training")
     p.add_argument("--method", choices=["full", "lora", "qlora"], help="default: qlora")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16")
@@ -268,8 +268,33 @@ def _simulate_with_progress(plan, shape, gpu) -> dict[str, Any]:
         return estimate_result(plan, shape, gpu, "simulate", progress)
 
 
+def plan_data(a: argparse.Namespace) -> dict[str, Any]:
+    """The plan as a dict: from --plan FILE (flags given on the command line override it) or flags."""
+    if getattr(a, "plan", None):
+        from advisor.planfile import load_plan
+        from advisor.spec import SpecError
+
+        try:
+            base = load_plan(a.plan).model_dump(mode="json")
+        except SpecError as e:
+            raise UserError(e.problems) from None
+        if a.model:
+            base["model"]["ref"] = a.model
+        flags = plan_dict_from_args(a)
+        for section in ("training", "inference", "hardware"):
+            base[section].update({k: v for k, v in flags[section].items()
+                                  if v is not None and k not in ("device", "gpu")})
+        if a.gpu:
+            base["hardware"]["gpu"] = a.gpu
+        return base
+    if not a.model:
+        raise UserError("--model is required (a bundled profile, a config.json, a model directory or a hub id), "
+                        "or give --plan FILE")
+    return plan_dict_from_args(a)
+
+
 def cmd_estimate(a: argparse.Namespace) -> int:
-    plan, shape, gpu = load_plan_and_shape(plan_dict_from_args(a))
+    plan, shape, gpu = load_plan_and_shape(plan_data(a))
     if a.mode == "simulate":
         res = _simulate_with_progress(plan, shape, gpu)
     else:
@@ -314,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="peak memory of a training step or of serving")
     add_plan_arguments(e)
     e.add_argument("--mode", choices=["analytic", "simulate"], default="analytic")
+    e.add_argument("--plan", help="a plan.yaml (as saved by the TUI; read by `tuneplan run`)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_estimate)
     pr = sub.add_parser("profiles", help="list bundled model profiles (or --gpus)")

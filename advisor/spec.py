@@ -88,8 +88,9 @@ class TrainSpec(_Strict):
                                  "parameter, 8-bit variants 2 bytes, sgd none, adafactor factored rows/cols.")
     micro_batch: int = Field(1, ge=1, le=65536, description="Sequences per forward/backward pass (per GPU).")
     seq_len: int = Field(2048, ge=1, le=10_000_000, description="Tokens per sequence.")
-    grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches accumulated per optimizer step "
-                            "(no extra memory: gradients are summed in place).")
+    grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches accumulated per optimizer step: a "
+                            "larger effective batch without more activations (gradients then stay alive "
+                            "through every forward).")
     grad_checkpointing: bool = Field(True, description="Recompute activations in backward: true reduces memory "
                                      "(only layer inputs are kept), costs about one extra forward.")
     attn_impl: AttnImpl = Field("sdpa", description="Attention kernel: sdpa/flash keep no seq x seq matrix; "
@@ -131,12 +132,46 @@ class Hardware(_Strict):
                            "for the tensors alone.")
 
 
+class DataSpec(_Strict):
+    path: str | None = Field(None, description="Training data: a .jsonl, .json or .csv file (instruction/input/"
+                             "output, prompt/completion, question/answer, text, or chat messages).")
+    format: Literal["auto", "alpaca", "prompt_completion", "qa", "text", "messages"] = Field(
+        "auto", description="Record shape; auto detects it from the first record's keys.")
+    template: Literal["auto", "alpaca", "chat", "plain"] = Field(
+        "auto", description="Prompt template: the tokenizer's chat template for messages when it has one, "
+        "else alpaca (### Instruction / ### Input / ### Response).")
+    prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Weight of prompt tokens in the loss: "
+                                      "0 trains on the response only (default), 1 on everything.")
+    packing: bool = Field(False, description="Pack several short examples into one sequence (less padding, "
+                          "faster); examples never attend across their boundaries' loss.")
+    val_split: float = Field(0.05, ge=0, lt=1, description="Share of examples held out for evaluation.")
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N examples (quick runs).")
+
+
+class RunSpec(_Strict):
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    name: str | None = Field(None, description="Run directory name (default: model-method-timestamp).")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides "
+                                  "epochs).")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate "
+                                                                   "schedule after warmup.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
+    eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps.")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
+    seed: int = Field(42, description="Random seed (data split, shuffling, adapter init).")
+    merge_export: bool = Field(False, description="Also save the base model with the adapter merged in.")
+
+
 class Plan(_Strict):
     model: ModelRef = Field(default_factory=ModelRef, description="Which model.")
     task: Task = Field("training", description="training (fine-tune) or inference (serve).")
     training: TrainSpec = Field(default_factory=TrainSpec, description="Fine-tuning settings.")
     inference: InferSpec = Field(default_factory=InferSpec, description="Serving settings.")
     hardware: Hardware = Field(default_factory=Hardware, description="Where it runs.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data (the runner).")
+    run: RunSpec = Field(default_factory=RunSpec, description="How the runner trains and saves.")
 
 
 def format_validation_error(err: ValidationError) -> list[str]:

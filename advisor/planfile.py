@@ -1,0 +1,128 @@
+"""plan.yaml: the one file the TUI/CLI saves and the runner reads.
+
+Saved with a comment above each field (its description), so a plan explains itself; loaded
+strictly (unknown keys are errors, every problem reported at once, YAML errors with their line).
+Secrets never go in a plan: there is no token field, and keys that look like one are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from advisor.spec import Plan, SpecError, build_plan
+
+SECRET_WORDS = ("token", "password", "secret", "api_key")
+
+
+def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _emit(value, indent + 1, lines)
+        else:
+            lines.append(f"{pad}{name}: {_scalar(value)}")
+
+
+def _scalar(v: Any) -> str:
+    import json
+
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid YAML string
+
+
+def dump_plan(plan: Plan) -> str:
+    lines = ["# tuneplan plan: `tuneplan estimate --plan FILE`, `tuneplan run FILE`", ""]
+    _emit(plan, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_plan(plan))
+    tmp.replace(path)
+    return path
+
+
+def _find_secrets(data: Any, where: str = "") -> list[str]:
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{where}.{k}" if where else str(k)
+            if any(w in str(k).lower() for w in SECRET_WORDS):
+                found.append(f"{key}: plans never hold secrets; set HF_TOKEN in the environment instead")
+            found += _find_secrets(v, key)
+    return found
+
+
+def parse_plan(text: str, where: str = "plan") -> Plan:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([f"{where} is not valid YAML{at}: {getattr(e, 'problem', e)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([f"{where} must be a mapping of sections (model, training, ...)"])
+    secrets = _find_secrets(data)
+    if secrets:
+        raise SpecError(secrets)
+    return build_plan(data)
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError([f"cannot read plan {path}: {e.strerror}"]) from None
+    return parse_plan(text, str(path))
+
+
+def apply_overrides(plan: Plan, overrides: list[str]) -> Plan:
+    """key=value overrides with dotted keys (training.micro_batch=2); unknown keys are errors."""
+    import yaml
+
+    data = plan.model_dump(mode="json")
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not key=value (e.g. training.micro_batch=2)")
+            continue
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                node = None
+                break
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            problems.append(f"unknown key {key!r}")
+            continue
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    if problems:
+        raise SpecError(problems)
+    return build_plan(data)
