@@ -158,6 +158,9 @@ def estimate_result(plan, shape, gpu, mode: str = "analytic", progress=None) -> 
             bd = simulate(plan, shape, progress=progress)
         except SimulateError as e:
             raise UserError(str(e)) from None
+        except Exception as e:  # a bug, not the user's mistake: say so plainly, keep the analytic way open
+            raise UserError(f"the simulation failed for {shape.name} ({type(e).__name__}: {str(e)[:200]}); "
+                            "use --mode analytic, and please report it") from None
     else:
         bd = estimate(plan, shape)
     trainable = trainable_params(shape, plan.training) if plan.task == "training" else 0

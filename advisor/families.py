@@ -31,7 +31,6 @@ class Family:
     qk_norm: bool = False  # qwen3/gemma3: RMSNorm on q and k per head
     moe: bool = False
     eager_softmax_fp32: bool = True  # eager attention upcasts the softmax (GPT-2 keeps the input dtype)
-    bnb_quantizes: bool = True  # transformers 5.23 finds no linear layer to quantize in Falcon (measured)
     q_proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     o_proj: str = "o_proj"
     up_proj: tuple[str, ...] = ("gate_proj", "up_proj")
@@ -56,7 +55,7 @@ FAMILIES: dict[str, Family] = {
                        q_proj=("query_key_value",), o_proj="dense", up_proj=("dense_h_to_4h",),
                        down_proj="dense_4h_to_h", dropout_attr=("attention_dropout", "hidden_dropout")),
     "falcon": Family(norm="layernorm", single_norm=True, gated_mlp=False, attn_out_copy=True,
-                     cpu_math_attention=True, bnb_quantizes=False, q_proj=("query_key_value",), o_proj="dense",
+                     cpu_math_attention=True, q_proj=("query_key_value",), o_proj="dense",
                      up_proj=("dense_h_to_4h",), down_proj="dense_4h_to_h",
                      dropout_attr=("attention_dropout", "hidden_dropout")),
     "gpt2": Family(norm="layernorm", gated_mlp=False, act_saved=4, attn_out_copy=True, eager_softmax_fp32=False,

@@ -83,16 +83,9 @@ def weights_bytes(shape: ModelShape, t: TrainSpec) -> int:
     head cast to fp32 by peft's prepare_model_for_kbit_training."""
     if t.method != "qlora":
         return shape.params_total * param_bytes(t.precision)
-    if not family_of(shape.model_type)[0].bnb_quantizes:
-        return shape.params_total * 4  # nothing quantized; prepare_model_for_kbit_training upcasts all
-    quant = 0
-    bias = 0
-    for g in shape.linears:
-        if g.quantized:
-            quant += g.count * nf4_bytes(g.in_features * g.out_features, t.double_quant)
-            bias += g.count * (g.out_features if g.bias else 0)
-    unquantized = shape.params_total - shape.params_linear + bias
-    return quant + 4 * unquantized
+    quant = sum(g.count * nf4_bytes(g.in_features * g.out_features, t.double_quant)
+                for g in shape.linears if g.quantized)
+    return quant + 4 * (shape.params_total - shape.params_quantized)
 
 
 def lora_adapter_bytes(shape: ModelShape, t: TrainSpec) -> int:
@@ -389,7 +382,7 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
 
 def qlora_dequant_bytes(shape: ModelShape, t: TrainSpec) -> int:
     """QLoRA: the largest linear layer dequantized to the compute dtype for its matmul."""
-    if t.method != "qlora" or not family_of(shape.model_type)[0].bnb_quantizes:
+    if t.method != "qlora":
         return 0
     largest = max((g.in_features * g.out_features for g in shape.linears if g.quantized), default=0)
     return largest * compute_bytes(t.precision)
@@ -536,11 +529,8 @@ def inference_weights_bytes(shape: ModelShape, s: InferSpec) -> int:
         if not g.quantized:
             continue
         n = g.in_features * g.out_features
-        if s.weight_quant == "int8":
-            quant += g.count * (n + 4 * g.out_features + (b * g.out_features if g.bias else 0))
-        else:
-            quant += g.count * (nf4_bytes(n, True) + (b * g.out_features if g.bias else 0))
-    return quant + (shape.params_total - shape.params_linear) * b
+        quant += g.count * (n + 4 * g.out_features if s.weight_quant == "int8" else nf4_bytes(n, True))
+    return quant + (shape.params_total - shape.params_quantized) * b
 
 
 def kv_cache_bytes(shape: ModelShape, s: InferSpec) -> int:

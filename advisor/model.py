@@ -23,7 +23,7 @@ from pathlib import Path
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 MODELS_DIR = PROFILES_DIR / "models"
 SHAPES_DIR = PROFILES_DIR / "shapes"
-SHAPE_VERSION = 5  # bump when ModelShape gains fields; stale cache entries are recomputed
+SHAPE_VERSION = 6  # bump when ModelShape gains fields; stale cache entries are recomputed
 # Config values (with the architecture's defaults filled in) that change what training keeps.
 FEATURE_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
                 "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
@@ -87,7 +87,7 @@ class ModelShape:
     params_total: int  # unique parameters (tied weights once)
     params_embedding: int  # input token embeddings (+ learned position embeddings)
     params_lm_head: int  # output head, 0 when tied to the embeddings
-    params_linear: int  # nn.Linear / Conv1D weights+biases outside the output head (quantized by QLoRA)
+    params_linear: int  # nn.Linear / Conv1D weights+biases outside the output head
     params_other: int  # norms, fused expert tensors, router, anything else (kept in compute dtype)
     linears: tuple[LinearGroup, ...] = field(default_factory=tuple)
     features: dict = field(default_factory=dict)  # FEATURE_KEYS as the built config has them
@@ -117,6 +117,11 @@ class ModelShape:
     def lora_params(self, targets: str | list[str], r: int) -> int:
         """r * (in + out) per wrapped module (A: in x r, B: r x out), peft's LoRA without bias."""
         return sum(g.count * r * g.rank_mult * (g.in_features + g.out_features) for g in self.lora_groups(targets))
+
+    @property
+    def params_quantized(self) -> int:
+        """Weights bitsandbytes 4-bit replaces (biases stay unquantized)."""
+        return sum(g.count * g.in_features * g.out_features for g in self.linears if g.quantized)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -390,7 +395,10 @@ def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> M
                 fin, fout = module.in_features, module.out_features
             else:  # GPT-2's Conv1D stores weight as (in, out)
                 fin, fout = w.shape[0], w.shape[1]
-            key = (re.sub(r"\.\d+\.", ".*.", mod_name), fin, fout, module.bias is not None)
+            # transformers' bitsandbytes swap replaces exact nn.Linear / Conv1D only, not subclasses
+            # such as Falcon's FalconLinear (measured: Falcon stays unquantized under load_in_4bit)
+            quantized = type(module) in linear_types
+            key = (re.sub(r"\.\d+\.", ".*.", mod_name), fin, fout, module.bias is not None, 1, 1, quantized)
             groups[key] = groups.get(key, 0) + 1
         else:
             kind = "other"

@@ -432,11 +432,12 @@ class _BnbOptimizer:
     """bitsandbytes' 8-bit / paged optimizers' memory on fake tensors: their states, created at
     the first step as bitsandbytes creates them (Optimizer2State.init_state)."""
 
-    def __init__(self, params, name: str):
+    def __init__(self, params, name: str, device: str = "cuda"):
         import torch
 
         self.params = list(params)
         self.name = name
+        self.device = device
         self.state: dict = {}
         # name2qmap["dynamic"] and ["udynamic"]: 256-entry fp32 maps, shared by all parameters
         self.qmaps = [] if name == "paged_adamw_32bit" else [torch.empty(256), torch.empty(256)]
@@ -445,9 +446,14 @@ class _BnbOptimizer:
         import torch
 
         for p in self.params:
+            n = p.numel()
+            if self.device == "cpu" and self.name != "paged_adamw_32bit" and n >= 4096:
+                # bitsandbytes' CPU fallback dequantizes both states and works in fp32 per tensor
+                # (measured: 20 bytes per element, 24 for half parameters); the CUDA kernel is in place
+                tmp = torch.empty(n * (24 if p.element_size() == 2 else 20), dtype=torch.uint8)
+                del tmp
             if p in self.state:
                 continue
-            n = p.numel()
             if self.name == "paged_adamw_32bit" or n < 4096:
                 st = [torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)]
             else:
@@ -472,7 +478,7 @@ def _optimizer(model, name: str, lr: float, device: str):
 
     params = [p for p in model.parameters() if p.requires_grad]
     if name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-        return _BnbOptimizer(params, name)
+        return _BnbOptimizer(params, name, device)
     from runner.build import make_optimizer
 
     impl = "foreach" if device == "cuda" else "for-loop"

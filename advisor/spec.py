@@ -146,6 +146,9 @@ class DataSpec(_Strict):
                           "faster); examples never attend across their boundaries' loss.")
     val_split: float = Field(0.05, ge=0, lt=1, description="Share of examples held out for evaluation.")
     max_examples: int | None = Field(None, ge=1, description="Use only the first N examples (quick runs).")
+    pad_to: Literal["longest", "seq_len"] = Field("longest", description="Batch padding: longest pads each "
+                                                  "batch to its longest example (faster); seq_len always pads "
+                                                  "to training.seq_len (memory is then what the plan predicts).")
 
 
 class RunSpec(_Strict):
@@ -162,6 +165,8 @@ class RunSpec(_Strict):
     save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     seed: int = Field(42, description="Random seed (data split, shuffling, adapter init).")
     merge_export: bool = Field(False, description="Also save the base model with the adapter merged in.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints (older ones are "
+                                  "deleted after a new one is written).")
 
 
 class Plan(_Strict):

@@ -1,0 +1,5 @@
+import sys
+
+from advisor.tui import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""The bridge to the runner (optional: built separately) and a run's state folded from its events.
+
+Nothing here trains or measures; it imports the runner's modules when they exist and keeps what
+its events.jsonl said. ``RunState.apply`` is pure, so tests feed it events directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def runner_module(name: str):
+    """runner.<name>, or None when the runner (or that part of it) is not installed."""
+    try:
+        return importlib.import_module(f"runner.{name}")
+    except ImportError:
+        return None
+
+
+def runner_missing() -> str | None:
+    """Why runs cannot start from here, or None when they can."""
+    launch = runner_module("launch")
+    if launch is None or not hasattr(launch, "start_run") or runner_module("events") is None:
+        return ("The runner is not installed (runner.launch / runner.events not found), so runs cannot start "
+                "here. The plan, advice and watch screens work without it.")
+    return None
+
+
+@dataclass
+class RunState:
+    run_dir: str
+    predicted: dict[str, int] = field(default_factory=dict)
+    total_steps: int | None = None
+    step: int = 0
+    epoch: float | None = None
+    eta_s: float | None = None
+    elapsed_s: float | None = None
+    tokens_per_s: float | None = None
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)  # the 'memory' objects, in order
+    checkpoints: list[str] = field(default_factory=list)
+    status: str = "waiting for the first event"
+    report: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    started: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.report is not None or self.error is not None or self.status in ("finished", "failed", "stopped")
+
+    def apply(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            kind = e.get("type")
+            if kind == "start":
+                self.started = e
+                self.predicted = dict(e.get("predicted") or {})
+                self.total_steps = e.get("total_steps")
+                self.status = "running"
+            elif kind == "step":
+                self.step = e.get("step", self.step)
+                self.epoch, self.eta_s = e.get("epoch"), e.get("eta_s")
+                self.elapsed_s, self.tokens_per_s = e.get("elapsed_s"), e.get("tokens_per_s")
+                if e.get("loss") is not None:
+                    self.losses.append(float(e["loss"]))
+                if e.get("memory"):
+                    self.memory.append(e["memory"])
+                self.status = "running"
+            elif kind == "memory" and e.get("memory"):
+                self.memory.append(e["memory"])
+            elif kind == "eval" and e.get("val_loss") is not None:
+                self.val_losses.append((e.get("step", 0), float(e["val_loss"])))
+            elif kind == "checkpoint":
+                self.checkpoints.append(str(e.get("path")))
+            elif kind == "end":
+                self.status = str(e.get("status") or "finished")
+                self.report = e.get("report") if isinstance(e.get("report"), dict) else self.report
+            elif kind == "error":
+                self.error = e
+                self.status = "failed"
+
+    def series(self, key: str) -> list[float]:
+        return [float(m[key]) for m in self.memory if m.get(key) is not None]
+
+    def load_report(self) -> None:
+        """report.json in the run directory (written at the end), if the end event did not carry it."""
+        import json
+        from pathlib import Path
+
+        path = Path(self.run_dir) / "report.json"
+        if self.report is None and path.is_file():
+            try:
+                self.report = json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass

@@ -1,0 +1,327 @@
+"""Launch: a dataset and its preview, the exact command and plan file, Start / Abort, then the run live:
+progress with ETA, the loss curve, memory against the predicted peak, and predicted vs measured."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
+
+from advisor.tui.messages import RunEvents, RunExited
+from advisor.tui.runs import RunState, runner_missing, runner_module
+from advisor.tui.widgets.chart import LineChart
+from advisor.tui.widgets.tables import gib
+
+GIB = 1024**3
+
+
+def _row(label: str, widget) -> Horizontal:
+    return Horizontal(Label(label, classes="field-label"), widget, classes="launch-row")
+
+
+class LaunchScreen(Screen):
+    BINDINGS = [Binding("ctrl+g", "start", "Start run"), Binding("ctrl+x", "abort", "Abort run")]
+
+    def compose(self) -> ComposeResult:
+        plan = self.app.plan
+        data = (plan.data.path if plan is not None and plan.data.path else "") or ""
+        yield Header()
+        with Horizontal(id="launch"):
+            with VerticalScroll(id="launch-left"):
+                yield Static("", id="runner-status")
+                yield _row("dataset", Input(data, id="dataset", compact=True,
+                                            placeholder=".jsonl / .json / .csv (Enter previews)"))
+                yield _row("plan file", Input(str(self.app.plan_path), id="plan-file", compact=True))
+                yield _row("run dir", Input("", id="run-dir", compact=True, placeholder="default: runs/<name>"))
+                yield _row("overrides", Input("", id="overrides", compact=True,
+                                              placeholder="key=value … e.g. run.max_steps=20"))
+                yield Static("", id="command")
+                with Horizontal(id="launch-buttons"):
+                    yield Button("Start  ^g", id="start", variant="success", compact=True)
+                    yield Button("Abort  ^x", id="abort", variant="error", compact=True, disabled=True)
+                    yield Button("Attach to run dir", id="attach", compact=True)
+                yield Label("Dataset preview", classes="section")
+                yield Static("", id="preview")
+            with Vertical(id="launch-right"):
+                yield Static("", id="run-status")
+                yield ProgressBar(total=None, id="run-progress", show_eta=False)
+                yield LineChart("loss", id="loss-chart")
+                yield LineChart("memory (torch allocated)", unit="GiB", scale=GIB, id="mem-chart")
+                yield Static("", id="run-result")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.handle = None
+        self.run: RunState | None = None
+        missing = runner_missing()
+        self.query_one("#runner-status", Static).update(Text(missing, style="bold yellow") if missing else "")
+        self.query_one("#start", Button).disabled = bool(missing)
+        self.query_one("#attach", Button).disabled = runner_module("events") is None
+        self.preview()
+        self.show_command()
+
+    def on_screen_resume(self) -> None:
+        self.show_command()
+
+    # --- inputs ------------------------------------------------------------------------------------
+    @on(Input.Changed)
+    def _changed(self, event: Input.Changed) -> None:
+        self.show_command()
+
+    @on(Input.Submitted, "#dataset")
+    def _dataset(self, event: Input.Submitted) -> None:
+        self.preview()
+
+    @on(Input.Submitted, "#run-dir")
+    def _attach_enter(self, event: Input.Submitted) -> None:
+        self.action_attach()
+
+    def overrides(self) -> list[str]:
+        try:
+            return shlex.split(self.query_one("#overrides", Input).value)
+        except ValueError:
+            return []
+
+    def show_command(self) -> None:
+        out = self.query_one("#command", Static)
+        plan_file = self.query_one("#plan-file", Input).value.strip() or "plan.yaml"
+        run_dir = self.query_one("#run-dir", Input).value.strip() or None
+        launch = runner_module("launch")
+        text = Text()
+        if self.app.plan is None:
+            text.append("The plan has problems; fix them on the Plan screen (F2) before a run.\n", style="bold red")
+        if launch is not None and hasattr(launch, "build_command") and self.app.plan is not None:
+            try:
+                cmd = self.command(launch, plan_file, run_dir)
+                text.append("command  ", style="bold")
+                text.append(shlex.join(cmd) + "\n")
+            except Exception as e:  # noqa: BLE001 - a bad override or plan is shown, not raised
+                text.append(f"command: {e}\n", style="red")
+        text.append(f"Start saves the plan (with this dataset) to {plan_file}, then runs it.", style="dim")
+        out.update(text)
+
+    def command(self, launch, plan_file: str, run_dir: str | None) -> list[str]:
+        """runner.launch.build_command for the plan as it will be saved (a scratch copy until Start)."""
+        import tempfile
+
+        from advisor.planfile import save_plan
+
+        with tempfile.TemporaryDirectory() as tmp:
+            scratch = save_plan(self.plan_to_run(), Path(tmp) / "plan.yaml")
+            cmd = launch.build_command(scratch, run_dir=run_dir, overrides=tuple(self.overrides()))
+        return [plan_file if c == str(scratch) else c for c in cmd]
+
+    def plan_to_run(self):
+        plan = self.app.plan
+        dataset = self.query_one("#dataset", Input).value.strip() or None
+        return plan.model_copy(update={"data": plan.data.model_copy(update={"path": dataset})})
+
+    def preview(self) -> None:
+        out = self.query_one("#preview", Static)
+        path = self.query_one("#dataset", Input).value.strip()
+        if not path:
+            out.update(Text("Name a dataset file; Enter shows its first records.", style="dim"))
+            return
+        if not Path(path).expanduser().is_file():
+            out.update(Text(f"no such file: {path}", style="bold red"))
+            return
+        data = runner_module("data")
+        if data is not None and hasattr(data, "load_and_check"):
+            try:
+                records, fmt, problems = data.load_and_check(Path(path).expanduser())
+            except Exception as e:  # noqa: BLE001 - a reader failure is shown on the preview
+                out.update(Text(f"{type(e).__name__}: {e}", style="bold red"))
+                return
+            text = Text()
+            text.append(f"{len(records):,} valid records · format {fmt or '?'}", style="bold")
+            text.append(f" · {len(problems)} problems\n" if problems else "\n", style="bold red" if problems else "")
+            for p in problems[:5]:
+                text.append(f"  {p}\n", style="red")
+            for r in records[:3]:
+                text.append(f"line {r.line}: ", style="dim")
+                text.append(_short(r.data) + "\n")
+            out.update(text)
+            return
+        lines = Path(path).expanduser().read_text(errors="replace").splitlines()[:5]
+        out.update(Text("runner.data is not installed; first lines as they are:\n" + "\n".join(lines)))
+
+    # --- start / abort / attach ----------------------------------------------------------------------
+    @on(Button.Pressed, "#start")
+    def pressed_start(self) -> None:
+        self.action_start()
+
+    @on(Button.Pressed, "#abort")
+    def pressed_abort(self) -> None:
+        self.action_abort()
+
+    @on(Button.Pressed, "#attach")
+    def pressed_attach(self) -> None:
+        self.action_attach()
+
+    def action_start(self) -> None:
+        from advisor.planfile import save_plan
+
+        missing = runner_missing()
+        if missing:
+            self.notify(missing, severity="error")
+            return
+        plan = self.app.plan
+        if plan is None:
+            self.notify("the plan has problems; fix them on the Plan screen (F2)", severity="error")
+            return
+        if self.handle is not None and self.handle.poll() is None:
+            self.notify("a run is already going; abort it first", severity="warning")
+            return
+        plan = self.plan_to_run()
+        plan_file = Path(self.query_one("#plan-file", Input).value.strip() or "plan.yaml").expanduser()
+        run_dir = self.query_one("#run-dir", Input).value.strip() or None
+        try:
+            save_plan(plan, plan_file)
+            launch = runner_module("launch")
+            self.handle = launch.start_run(plan_file, run_dir=run_dir, overrides=tuple(self.overrides()))
+        except Exception as e:  # noqa: BLE001 - a refused start (bad data, bad override) is shown
+            self.notify(str(e), title="cannot start", severity="error", timeout=10)
+            return
+        self.app.plan_path = plan_file
+        self.query_one("#abort", Button).disabled = False
+        self.query_one("#start", Button).disabled = True
+        self.watch_run(str(self.handle.run_dir))
+
+    def action_abort(self) -> None:
+        if self.handle is not None and self.handle.poll() is None:
+            self.handle.stop()
+            self.notify("stopping the run …")
+
+    def action_attach(self) -> None:
+        run_dir = self.query_one("#run-dir", Input).value.strip()
+        if not run_dir or not Path(run_dir).expanduser().is_dir():
+            self.notify(f"not a run directory: {run_dir or '(empty)'}", severity="error")
+            return
+        self.watch_run(str(Path(run_dir).expanduser()))
+
+    def watch_run(self, run_dir: str) -> None:
+        self.run = RunState(run_dir)
+        self.query_one("#run-status", Static).update(f"following {run_dir} …")
+        self.query_one("#run-result", Static).update("")
+        self.tail(run_dir, self.handle)
+
+    @work(thread=True, exclusive=True, group="launch-tail")
+    def tail(self, run_dir: str, handle) -> None:
+        from textual.worker import get_current_worker
+
+        events_mod = runner_module("events")
+        worker = get_current_worker()
+        offset = 0
+        while not worker.is_cancelled:
+            events, offset = events_mod.read_events(run_dir, offset)
+            if events:
+                self.post_message(RunEvents(run_dir, events))
+            code = handle.poll() if handle is not None and str(handle.run_dir) == run_dir else None
+            done = any(e.get("type") in ("end", "error") for e in events)
+            if code is not None or done:
+                events, offset = events_mod.read_events(run_dir, offset)  # what it wrote before exiting
+                if events:
+                    self.post_message(RunEvents(run_dir, events))
+                self.post_message(RunExited(run_dir, code))
+                return
+            time.sleep(0.3)
+
+    def on_run_events(self, m: RunEvents) -> None:
+        if self.run is None or m.run_dir != self.run.run_dir:
+            return
+        self.run.apply(m.events)
+        self.render_run()
+
+    def on_run_exited(self, m: RunExited) -> None:
+        if self.run is None or m.run_dir != self.run.run_dir:
+            return
+        self.run.load_report()
+        if not self.run.finished:
+            self.run.status = "exited" if m.returncode in (None, 0) else f"exited with code {m.returncode}"
+        self.query_one("#abort", Button).disabled = True
+        self.query_one("#start", Button).disabled = bool(runner_missing())
+        self.render_run()
+
+    def render_run(self) -> None:
+        from advisor.recommend import duration
+
+        run = self.run
+        bar = self.query_one("#run-progress", ProgressBar)
+        if run.total_steps:
+            bar.update(total=run.total_steps, progress=run.step)
+        status = Text()
+        status.append(f"{run.run_dir}  ", style="bold")
+        status.append(f"{run.status}", style="bold green" if run.status in ("running", "finished", "completed")
+                      else "bold red" if run.error else "bold")
+        status.append(f" · step {run.step}" + (f"/{run.total_steps}" if run.total_steps else ""))
+        if run.losses:
+            status.append(f" · loss {run.losses[-1]:.4f}")
+        if run.tokens_per_s:
+            status.append(f" · {run.tokens_per_s:,.0f} tok/s")
+        if run.eta_s is not None and not run.finished:
+            status.append(f" · ETA {duration(run.eta_s / 3600)}")
+        if run.val_losses:
+            status.append(f" · val loss {run.val_losses[-1][1]:.4f}")
+        if run.error:
+            status.append(f"\n{run.error.get('kind', 'error')}: {run.error.get('message', '')}", style="bold red")
+            sug = run.error.get("suggestion") or {}
+            if sug.get("command"):
+                status.append("\ntry: " + (sug["command"] if isinstance(sug["command"], str)
+                                           else shlex.join(sug["command"])), style="yellow")
+        self.query_one("#run-status", Static).update(status)
+        self.query_one("#loss-chart", LineChart).set_data(run.losses)
+        lines = []
+        if run.predicted.get("peak_allocated_bytes"):
+            lines.append((float(run.predicted["peak_allocated_bytes"]), "predicted peak", "bold red"))
+        mem = run.series("torch_allocated") or run.series("rss")
+        chart = self.query_one("#mem-chart", LineChart)
+        chart.title = ("memory (torch allocated)" if run.series("torch_allocated") else
+                       "memory: process RSS (no CUDA: includes the Python/torch runtime, so above the tensors)")
+        chart.set_data(mem, lines)
+        if run.report is not None:
+            self.query_one("#run-result", Static).update(report_table(run.report, run.predicted))
+
+
+def report_table(report: dict, predicted: dict) -> Table:
+    """Predicted vs measured from report.json: every number it carries, in GiB for bytes."""
+    t = Table(title="predicted vs measured", title_justify="left", box=None, header_style="bold", expand=True)
+    t.add_column("")
+    t.add_column("GiB", justify="right")
+    for k, v in (report.get("predicted") or predicted or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            t.add_row(f"predicted {k.replace('_bytes', '').replace('_', ' ')}", gib(v))
+    for k, v in (report.get("measured") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            t.add_row(f"measured {k.replace('_bytes', '').replace('_', ' ')}", gib(v))
+    cmp = report.get("compare") or {}
+    if cmp.get("ratio") is not None:
+        t.add_row(Text("measured / predicted", style="bold"), Text(f"× {cmp['ratio']:.2f}", style="bold"))
+    if cmp.get("what"):
+        t.add_row(Text(cmp["what"], style="dim"), "")
+    loss = report.get("loss") or {}
+    if loss:
+        t.add_row("loss first → last", " → ".join(f"{loss[k]:.3f}" for k in ("first", "last") if loss.get(k) is not None))
+        if loss.get("final_val") is not None:
+            t.add_row("final val loss", f"{loss['final_val']:.3f}")
+    for k in ("status", "steps", "runtime_s", "tokens_per_s", "adapter"):
+        if report.get(k) is not None:
+            t.add_row(k.replace("_", " "), str(report[k]))
+    for n in report.get("notes") or []:
+        t.add_row(Text(f"note: {n}", style="dim"), "")
+    return t
+
+
+def _short(d: dict, width: int = 110) -> str:
+    import json
+
+    s = json.dumps(d, ensure_ascii=False)
+    return s if len(s) <= width else s[: width - 1] + "…"

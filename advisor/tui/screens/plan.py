@@ -1,0 +1,228 @@
+"""Plan: the form on the left, the estimate, the three-way comparison and the GPU table on the right."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, Select, Static
+
+from advisor.cli import fit_status
+from advisor.tui.state import NO_GPU, Evaluation, fetch_model
+from advisor.tui.widgets.field import Field
+from advisor.tui.widgets.membar import MemoryBar
+from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, gib, short_gpu
+
+INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
+TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets")
+LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
+
+
+def _select(name: str, options, value) -> Select:
+    return Select([(str(o), o) if not isinstance(o, tuple) else o for o in options], value=value,
+                  allow_blank=False, compact=True, id=name)
+
+
+class PlanScreen(Screen):
+    AUTO_FOCUS = "#model"
+    BINDINGS = [Binding("ctrl+r", "recompute", "Re-estimate", show=False),
+                Binding("g", "focus_gpus", "GPU table", show=False)]
+
+    def compose(self) -> ComposeResult:
+        from advisor.gpus import gpu_table
+        from advisor.model import bundled_profiles
+        from advisor.spec import OPTIMIZERS, PRECISIONS
+
+        f = self.app.form
+        gpus = [(short_gpu(g.name), g.id) for g in gpu_table().values()]
+        gpus.append(("no GPU (tensors only)", NO_GPU))
+        if f["gpu"] not in {v for _, v in gpus}:  # a loaded plan's unknown GPU: kept, and flagged on the field
+            gpus.append((f"{f['gpu']} (unknown)", f["gpu"]))
+        yield Header()
+        with Horizontal(id="plan"):
+            with VerticalScroll(id="form"):
+                yield Label("Model and hardware", classes="section")
+                yield Field("model", Input(f["model"], id="model", compact=True, suggester=SuggestFromList(
+                    list(bundled_profiles()), case_sensitive=False), placeholder="profile, path or org/name"),
+                    "model", "A bundled profile (type to complete), a local config.json / model dir, or a hub id "
+                    "(Enter fetches its config.json).")
+                yield Field("GPU", _select("gpu", gpus, f["gpu"]), "gpu")
+                yield Field("GPUs", Input(f["gpus"], id="gpus", type="integer", compact=True), "gpus")
+                yield Field("ZeRO", _select("zero", [("0 (none)", "0"), ("1", "1"), ("2", "2"),
+                                                     ("3 / FSDP", "3")], f["zero"]), "zero")
+                yield Label("Job", classes="section")
+                yield Field("task", _select("task", ["training", "inference"], f["task"]), "task")
+                yield Field("method", _select("method", ["full", "lora", "qlora"], f["method"]), "method")
+                yield Field("precision", _select("precision", PRECISIONS, f["precision"]), "precision")
+                yield Field("optimizer", _select("optimizer", OPTIMIZERS, f["optimizer"]), "optimizer")
+                yield Field("weights", _select("weight_quant", ["none", "int8", "nf4"], f["weight_quant"]),
+                            "weight_quant")
+                yield Field("micro-batch", Input(f["batch"], id="batch", type="integer", compact=True), "batch")
+                yield Field("seq length", Input(f["seq"], id="seq", type="integer", compact=True), "seq")
+                yield Field("grad accum", Input(f["accum"], id="accum", type="integer", compact=True), "accum")
+                yield Field("checkpoint", Checkbox("recompute in backward", bool(f["ckpt"]), id="ckpt", compact=True), "ckpt")
+                yield Label("LoRA", classes="section")
+                yield Field("rank r", Input(f["lora_r"], id="lora_r", type="integer", compact=True), "lora_r")
+                yield Field("alpha", Input(f["lora_alpha"], id="lora_alpha", type="number", compact=True),
+                            "lora_alpha")
+                yield Field("targets", Input(f["lora_targets"], id="lora_targets", compact=True), "lora_targets")
+                yield Static("", id="general")
+            with Vertical(id="results"):
+                yield Static("", id="headline")
+                yield MemoryBar(id="bar")
+                with Horizontal(id="tables"):
+                    yield Static("", id="components")
+                    yield Static("", id="compare")
+                yield Static("", id="gpus-title")
+                yield DataTable(id="gpu-table", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        t = self.query_one("#gpu-table", DataTable)
+        t.add_columns("GPU", "memory GiB", "need GiB", "fit", "time", "cost")
+        self._timer = None
+        self._shown = False  # a valid estimate is on screen (kept, dimmed, while the form has problems)
+        self.show(self.app.evaluate_form())
+
+    # --- input -> debounced re-estimate -----------------------------------------------------------
+    def read_form(self) -> dict[str, Any]:
+        form = dict(self.app.form)
+        for name in INPUTS:
+            form[name] = self.query_one(f"#{name}", Input).value
+        for name in ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant"):
+            form[name] = self.query_one(f"#{name}", Select).value
+        form["ckpt"] = self.query_one("#ckpt", Checkbox).value
+        return form
+
+    def write_form(self, form: dict[str, Any]) -> None:
+        """Put a loaded plan into the widgets (their change events then re-estimate)."""
+        for name in INPUTS:
+            self.query_one(f"#{name}", Input).value = str(form[name])
+        for name in ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant"):
+            sel = self.query_one(f"#{name}", Select)
+            try:
+                sel.value = form[name]
+            except Exception:  # a GPU named in the file but not in the table: flagged by the estimate
+                pass
+        self.query_one("#ckpt", Checkbox).value = bool(form["ckpt"])
+        self.app.form = form
+        self.recompute()
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    @on(Checkbox.Changed)
+    def _changed(self, event) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_timer(0.12, self.recompute)
+
+    @on(Input.Submitted, "#model")
+    def _fetch(self, event: Input.Submitted) -> None:
+        from advisor.tui.state import needs_fetch
+
+        if needs_fetch(event.value):
+            self.query_one("#field-model", Field).set_error(f"fetching config.json of {event.value.strip()} …")
+            self._resolve(event.value)
+        else:
+            self.recompute()
+
+    @work(thread=True, exclusive=True, group="fetch")
+    def _resolve(self, ref: str) -> None:
+        err = fetch_model(ref)
+        self.app.call_from_thread(self._fetched, err)
+
+    def _fetched(self, err: str | None) -> None:
+        if err:
+            self.query_one("#field-model", Field).set_error(err)
+        else:
+            self.recompute()
+
+    def action_recompute(self) -> None:
+        self.recompute()
+
+    def action_focus_gpus(self) -> None:
+        self.query_one("#gpu-table").focus()
+
+    def recompute(self) -> None:
+        self._timer = None
+        self.app.form = self.read_form()
+        self.show(self.app.evaluate_form())
+
+    @on(DataTable.RowSelected, "#gpu-table")
+    def _pick_gpu(self, event: DataTable.RowSelected) -> None:
+        self.query_one("#gpu", Select).value = str(event.row_key.value)
+
+    # --- render ------------------------------------------------------------------------------------
+    def show(self, ev: Evaluation) -> None:
+        f = ev.form
+        training = f["task"] == "training"
+        for name in TRAIN_ONLY:
+            self.query_one(f"#field-{name}").display = training and (name not in LORA_ONLY or f["method"] != "full")
+        self.query_one("#field-weight_quant").display = not training
+        for field in self.query(Field):
+            field.set_error(ev.errors.get(field.field_name))
+        self.query_one("#general", Static).update(Text("\n".join(ev.general), style="bold red"))
+        head = self.query_one("#headline", Static)
+        if not ev.ok:
+            n = len(ev.errors) + len(ev.general)
+            msg = Text(f"{n} problem{'s' * (n != 1)} in the form — each is marked on its field", style="bold red")
+            if self._shown:
+                msg.append("\nthe numbers below are for the last valid plan", style="dim")
+            else:
+                self.query_one("#bar", MemoryBar).clear()
+            head.update(msg)
+            self.query_one("#results").add_class("-stale")
+            return
+        self._shown = True
+        self.query_one("#results").remove_class("-stale")
+        r, gpu = ev.result, ev.gpu
+        m = r["model"]
+        line = Text()
+        line.append(f"{m['name']}", style="bold")
+        line.append(f"  {m['params_total'] / 1e9:,.2f}B params, {m['params_trainable']:,} trainable   ")
+        line.append(f"peak {gib(r['peak_reserved_bytes'])} GiB reserved", style="bold")
+        line.append(f" ({gib(r['peak_allocated_bytes'])} GiB tensors) ")
+        if gpu is not None:
+            line.append(f"on {gpu.name}: ")
+            line.append_text(badge(ev.status))
+            head_room = gpu.memory_bytes - r["peak_reserved_bytes"]
+            line.append(f" {'headroom' if head_room >= 0 else 'short by'} {gib(abs(head_room))} GiB")
+        for note in r["notes"]:
+            line.append(f"\nnote: {note}", style="dim")
+        head.update(line)
+        self.query_one("#bar", MemoryBar).show(r["breakdown"], r["overhead"], gpu.memory_bytes if gpu else None,
+                                               gpu.name if gpu else "")
+        self.query_one("#components", Static).update(breakdown_table(r, f"peak at {r['peak_phase'].replace('_', ' ')}"))
+        current = f["method"] if training else {"none": "16-bit"}.get(f["weight_quant"], f["weight_quant"])
+        self.query_one("#compare", Static).update(
+            compare_table(ev.compare, gpu.memory_bytes if gpu else None, current, fit_status))
+        self._gpu_table(ev)
+
+    def _gpu_table(self, ev: Evaluation) -> None:
+        from advisor.recommend import duration
+
+        t = self.query_one("#gpu-table", DataTable)
+        row = t.cursor_row
+        t.clear()
+        job = self.app.job
+        n = ev.plan.hardware.gpus
+        fits = sum(r["status"] in ("fits", "tight") for r in ev.gpu_rows)
+        self.query_one("#gpus-title", Static).update(Text.assemble(
+            ("GPUs for this plan", "bold"), f"  {fits} of {len(ev.gpu_rows)} fit"
+            + (f" · ×{n} GPUs each" if n > 1 else "")
+            + (f" · time and cost for {job['examples']:,} examples × {job['avg_tokens']} tokens × "
+               f"{job['epochs']:g} epochs (set on the Advice screen) · Enter picks a GPU" if ev.plan.task == "training"
+               else "")))
+        for r in ev.gpu_rows:
+            mark = "▶ " if r["id"] == (ev.gpu.id if ev.gpu else None) else "  "
+            t.add_row(mark + short_gpu(r["name"]), f"{r['memory_bytes'] / 1024**3:,.1f}", gib(r["need_bytes"]), badge(r["status"]),
+                      duration(r["hours"]) if r["hours"] is not None else "-",
+                      f"${r['cost_usd']:,.2f}" if r["cost_usd"] is not None else "-", key=r["id"])
+        if row:
+            t.move_cursor(row=min(row, t.row_count - 1))
