@@ -1,0 +1,93 @@
+"""Units, dtypes of a plan, the GPU overhead terms and the Breakdown every estimator returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from advisor.spec import TrainSpec
+
+GIB = 1024**3
+MIB = 1024**2
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
+
+# GPU-only terms (see docs/memory-model.md "GPU overhead"): the CUDA context that nvidia-smi shows
+# but torch does not count, cuBLAS workspaces, and the caching allocator's rounding/fragmentation.
+CUDA_CONTEXT_BYTES = 500 * MIB
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+ALLOCATOR_SLACK = 0.06  # reserved - allocated, as a share of the allocated peak
+NF4_BLOCK = 64  # bitsandbytes 4-bit block size (QLoRA paper: 64)
+NF4_NESTED_BLOCK = 256  # double quantization: absmax constants quantized in blocks of 256
+ADAM8_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer states
+ADAM8_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
+
+
+def param_bytes(precision: str) -> int:
+    """Bytes per stored (trainable or frozen, unquantized) weight: fp32 for fp32 and AMP."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes per activation element: half for bf16/fp16 and AMP, 4 for fp32."""
+    return 4 if precision == "fp32" else 2
+
+
+def residual_bytes(t: TrainSpec) -> int:
+    """Dtype of the hidden states between layers. QLoRA: prepare_model_for_kbit_training casts
+    norms and embeddings to fp32 and bitsandbytes returns its matmul output in the input's dtype,
+    so the residual stream is fp32 whatever the compute dtype. AMP: fp32 residual adds."""
+    if t.method == "qlora" or t.precision.startswith("amp"):
+        return 4
+    return compute_bytes(t.precision)
+
+
+
+@dataclass
+class Breakdown:
+    """Bytes alive at the peak moment, by component; the parts add up to the peak."""
+
+    components: dict[str, int]
+    peak_phase: str
+    phases: dict[str, int]
+    overhead: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert self.phases[self.peak_phase] == sum(self.components.values()), "breakdown does not add up"
+        assert self.phases[self.peak_phase] == max(self.phases.values())
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def peak_reserved_bytes(self) -> int:
+        return self.peak_allocated_bytes + sum(self.overhead.values())
+
+
+def gpu_overhead_bytes(peak_allocated: int, device: str) -> dict[str, int]:
+    """What nvidia-smi shows beyond live tensors. CPU estimates have none."""
+    if device != "cuda":
+        return {}
+    return {
+        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
+        "allocator_slack": int(ALLOCATOR_SLACK * peak_allocated),
+    }
+
+
+def shard(x: int, n: int) -> int:
+    return -(-x // n)
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """4-bit NF4 storage of one weight matrix (Dettmers et al. 2023, QLoRA, sec. 3):
+    packed 4-bit values (numel/2 bytes) + one absmax per 64-weight block: fp32 (4 B) without
+    double quantization; with it, 8-bit absmax (1 B) + fp32 second-level constants per 256 blocks
+    + the 256-entry fp32 code book of the second level and its offset."""
+    packed = (numel + 1) // 2
+    blocks = math.ceil(numel / NF4_BLOCK)
+    if not double_quant:
+        return packed + 4 * blocks + 16 * 4
+    return packed + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 256 * 4 + 16 * 4 + 4
