@@ -1,0 +1,136 @@
+"""``--mode simulate``: run the real architecture on fake tensors and count live tensor bytes.
+
+The analytic estimate (:mod:`advisor.memory`) models what autograd keeps; this module does not
+model anything it can run instead. It builds the real transformers model from the config (and
+real peft LoRA, real gradient checkpointing, the real torch optimizer), all under
+``torch._subclasses.fake_tensor.FakeTensorMode`` -- tensors with shapes, dtypes and strides but
+no data and no memory -- and runs a steady-state training step (forward with labels, backward,
+``optimizer.step``, ``zero_grad(set_to_none=True)``, as :func:`runner.build.train_step` does) or a
+greedy generation. A ``TorchDispatchMode`` of our own sees the outputs of every aten op, registers
+each new storage once with its ``nbytes`` and a weak reference whose callback subtracts it when
+the storage dies: the running sum is the number of live tensor bytes at every moment, exactly
+what the CPU allocator (and :mod:`runner.memtrace`) sees, and its maximum is the peak.
+
+What cannot run on fake tensors is accounted from shapes, exactly:
+
+* QLoRA's NF4 weights (bitsandbytes kernels need data): each quantized linear keeps one uint8
+  storage of :func:`advisor.memory.nf4_bytes`; its forward is an autograd function that does what
+  bitsandbytes' ``Linear4bit`` + ``MatMul4Bit`` do (cast the input to the compute dtype, dequantize
+  the weight into a transient of the compute dtype, matmul, cast back to the input dtype, save no
+  activation; dequantize again in backward), and peft's bnb LoRA forward (with its defensive clone).
+* bitsandbytes' 8-bit / paged optimizers: their states (two uint8 tensors + an fp32 absmax per
+  256 values; 32-bit states under 4096 elements; two 256-entry fp32 maps) are allocated as fake
+  tensors at the first step.
+
+Speed: for deep models the step is simulated with 2, 3 and 4 layers; when every phase's peak and
+every component at it grows by the same amount per layer (checked, not assumed) the result is
+extrapolated to the real depth, otherwise the full depth is simulated.
+
+Device: tensors are fake CPU tensors. ``plan.hardware.device`` picks the optimizer path as torch
+does (CUDA: ``foreach``, a params-sized temporary; CPU: the per-tensor loop) and the GPU overhead
+terms; attention kernels and autocast follow the CPU dispatch.
+"""
+
+from __future__ import annotations
+
+from advisor.memory import Breakdown, gpu_overhead_bytes
+from advisor.model import ModelShape
+from advisor.simulate.common import (  # noqa: F401
+    DECODE_STEPS_FULL,
+    EXTRAPOLATE_FROM,
+    INFER_PHASES,
+    TRAIN_PHASES,
+    Progress,
+    SimulateError,
+)
+from advisor.simulate.fakes import _num_layers
+from advisor.simulate.runs import _infer_run, _train_run
+from advisor.simulate.tracker import _Result
+from advisor.spec import Plan
+
+# ------------------------------------------------------------------------------------------
+# the estimate
+# ------------------------------------------------------------------------------------------
+
+def _breakdown(res: _Result, device: str, notes: list[str]) -> Breakdown:
+    phases = dict(res.phases)
+    peak = max(phases, key=lambda k: phases[k])
+    comps = dict(res.components[peak])
+    diff = phases[peak] - sum(comps.values())
+    if diff:  # cannot happen with exact accounting; keep the invariant anyway
+        comps["transient"] = comps.get("transient", 0) + diff
+    comps = {k: int(v) for k, v in comps.items() if v}
+    return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()},
+                     gpu_overhead_bytes(phases[peak], device), notes + res.notes)
+
+
+def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
+    """Per-layer increments from depths a, a+1, a+2; None unless every phase peak and every
+    component at it grows by exactly the same amount per layer."""
+    (a, ra), (b, rb), (c, rc) = sorted(results.items())
+    if not (b == a + 1 and c == b + 1):
+        return None
+    if set(ra.phases) != set(rb.phases) or set(rb.phases) != set(rc.phases):
+        return None
+    phases, comps = {}, {}
+    for ph in rc.phases:
+        d1, d2 = rb.phases[ph] - ra.phases[ph], rc.phases[ph] - rb.phases[ph]
+        if d1 != d2:
+            return None
+        phases[ph] = rc.phases[ph] + (target - c) * d2
+        keys = set(ra.components[ph]) | set(rb.components[ph]) | set(rc.components[ph])
+        comps[ph] = {}
+        for k in keys:
+            xa, xb, xc = (r.components[ph].get(k, 0) for r in (ra, rb, rc))
+            if xb - xa != xc - xb:
+                return None
+            comps[ph][k] = xc + (target - c) * (xc - xb)
+    return _Result(phases, comps, list(rc.notes))
+
+
+def _check_supported(plan: Plan, shape: ModelShape) -> None:
+    if shape.num_experts:
+        raise SimulateError(f"{shape.name} is a mixture of experts: its token routing depends on the data, "
+                            "which fake tensors do not have; use --mode analytic")
+    if not shape.config:
+        raise SimulateError(f"{shape.name}: no config.json to build the architecture from")
+    if plan.hardware.gpus > 1:
+        raise SimulateError("simulate covers one device; use --mode analytic for multi-GPU sharding")
+
+
+def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
+             extrapolate: bool = True) -> Breakdown:
+    """The peak live tensor bytes of the plan's step, from running the real architecture on fake
+    tensors. ``extrapolate``: for deep models simulate 2, 3 and 4 layers and extrapolate (exact
+    when the per-layer increments agree; otherwise the full depth is simulated)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _check_supported(plan, shape)
+    device = plan.hardware.device
+    notes = ["simulated: real transformers/peft code on fake tensors (CPU dispatch)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if plan.task == "inference":
+            res = _infer_run(plan, shape, progress)
+        else:
+            depth = _num_layers(shape.config, shape)
+            res = None
+            if extrapolate and depth > max(EXTRAPOLATE_FROM):
+                runs = {}
+                for i, n in enumerate(EXTRAPOLATE_FROM):
+                    k = len(EXTRAPOLATE_FROM)
+                    runs[n] = _train_run(plan, shape, n, progress, 0.9 * i / k, 0.9 * (i + 1) / k)
+                res = _extrapolate(runs, depth)
+                if res is not None:
+                    notes.append(f"simulated {', '.join(map(str, EXTRAPOLATE_FROM))} layers; the per-layer "
+                                 f"increment (identical between them) extrapolated to {depth}")
+                else:
+                    notes.append("per-layer increments differ between depths: simulated the full depth")
+            if res is None:
+                res = _train_run(plan, shape, None, progress, 0.0 if not extrapolate or depth <= max(
+                    EXTRAPOLATE_FROM) else 0.9, 1.0)
+    if progress:
+        progress(1.0, "done")
+    return _breakdown(res, device, notes)

@@ -1,0 +1,290 @@
+"""One steady-state training step and one generation, simulated."""
+
+from __future__ import annotations
+
+import math
+
+from advisor.model import ModelShape
+from advisor.simulate.common import DECODE_STEPS_FULL, INFER_PHASES, TRAIN_PHASES, Progress, SimulateError
+from advisor.simulate.fakes import (
+    _config_with_layers,
+    _from_config,
+    _hf_config,
+    _num_layers,
+    _optimizer,
+    _optimizer_state_tensors,
+    _peft_bnb_forward,
+    _preimport,
+    _quantize_nf4,
+)
+from advisor.simulate.tracker import _hooks, _make_tracker, _RealMasks, _Rec, _Result
+from advisor.spec import Plan
+
+# ------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------
+
+def _build_training(plan: Plan, shape: ModelShape, config: dict):
+    """The model as runner.build.load_for_training builds it, on fake tensors."""
+    from runner.build import _enable_checkpointing, _lora_config, compute_dtype, param_dtype
+
+    t = plan.training
+    if t.attn_impl == "flash_attention_2":
+        attn = "sdpa"  # same memory class (no s x s matrix); flash needs a GPU and real data
+    else:
+        attn = t.attn_impl
+    model, attn_used = _from_config(_hf_config(config), param_dtype(t.precision), attn)
+    quantized: list = []
+    if t.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        quantized = _quantize_nf4(model, shape, compute_dtype(t.precision), t.double_quant)
+        model.is_loaded_in_4bit = True
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=t.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        del model.is_loaded_in_4bit
+    elif t.grad_checkpointing:
+        _enable_checkpointing(model)
+    model.config.use_cache = False
+    if t.method in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(t))
+        if quantized:
+            _peft_bnb_forward(model, quantized)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    return model, attn_used
+
+
+def _autocast(precision: str):
+    import contextlib
+
+    import torch
+
+    if precision.startswith("amp-"):
+        dt = torch.bfloat16 if precision == "amp-bf16" else torch.float16
+        return torch.autocast(device_type="cpu", dtype=dt)
+    return contextlib.nullcontext()
+
+
+def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Progress | None,
+               p0: float, p1: float) -> _Result:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = plan.training
+    config = _config_with_layers(shape.config, n_layers)
+    tracker = _make_tracker()
+    vocab = shape.vocab_size
+    tokens = t.micro_batch * t.seq_len
+    notes: list[str] = []
+
+    def say(frac: float, msg: str) -> None:
+        if progress:
+            progress(p0 + (p1 - p0) * frac, msg)
+
+    depth = _num_layers(config, shape)
+    _preimport(_hf_config(config), plan)
+    with _RealMasks(), FakeTensorMode(allow_non_fake_inputs=False), tracker:
+        say(0.0, f"building {shape.name} ({depth} layers) on fake tensors")
+        model, attn_used = _build_training(plan, shape, config)
+        if attn_used != t.attn_impl:
+            notes.append(f"{shape.architecture} does not support {t.attn_impl}; simulated with {attn_used}")
+        opt = _optimizer(model, t.optimizer, t.learning_rate, plan.hardware.device)
+        ids = torch.zeros(t.micro_batch, t.seq_len, dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        for p in model.parameters():
+            tracker.tag(p, "lora_adapters" if (t.method != "full" and p.requires_grad) else "weights")
+        for b in model.buffers():
+            tracker.tag(b, "weights")
+        for v in batch.values():
+            tracker.tag(v, "inputs")
+        head = model.get_output_embeddings()
+        handles = _hooks(model, tracker, head)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        steps = 2  # the first creates the optimizer states; the second is the steady state
+        loss = None
+        try:
+            for step in range(steps):
+                tracker.measuring = step == steps - 1
+                for _ in range(t.grad_accum):
+                    tracker.set_phase("forward")
+                    with _autocast(t.precision):
+                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    labels=batch["labels"])
+                        loss = out.loss
+                        del out  # Trainer.compute_loss returns the loss only: logits die here
+                    if t.grad_accum > 1:
+                        loss = loss / t.grad_accum
+                    tracker.set_phase("backward")
+                    loss.backward()
+                    loss = loss.detach()
+                say((step + 0.5) / steps, f"step {step + 1}/{steps}: backward done")
+                for p in trainable:
+                    tracker.tag(p.grad, "gradients")
+                tracker.set_phase("optimizer")
+                opt.step()
+                for s in _optimizer_state_tensors(opt):
+                    tracker.tag(s, "optimizer_states")
+                tracker.set_phase("zero_grad")
+                opt.zero_grad(set_to_none=True)
+                tracker.set_phase(None)
+                say((step + 1) / steps, f"step {step + 1}/{steps} done")
+        finally:
+            for h in handles:
+                h.remove()
+        tracker.measuring = False
+
+        def classify(rec: _Rec) -> str:
+            if rec.tag:
+                return rec.tag
+            if rec.head or (rec.phase == "backward" and not rec.in_module and rec.shape
+                            and rec.shape[-1] == vocab and math.prod(rec.shape) >= tokens * vocab):
+                return "logits_and_loss"
+            if rec.phase == "forward" or (rec.phase == "backward" and rec.in_module):
+                return "activations"
+            return "transient"
+
+        phases = {ph: tracker.peaks[ph].bytes for ph in TRAIN_PHASES if ph in tracker.peaks}
+        comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
+        # the optimizer states of the first step are alive throughout: tag-resolved above
+        del model, opt, batch, loss, trainable, head
+    return _Result(phases, comps, notes)
+
+
+# ------------------------------------------------------------------------------------------
+# inference
+# ------------------------------------------------------------------------------------------
+
+def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Result:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    s = plan.inference
+    if s.kv_cache_dtype != "auto":
+        raise SimulateError("an fp8 KV cache cannot be simulated (no quantized cache backend on fake "
+                            "tensors); use --mode analytic")
+    if s.weight_quant == "int8":
+        raise SimulateError("LLM.int8 weights cannot be simulated yet; use --mode analytic")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[s.precision]
+    prompt = s.prompt_len or s.seq_len
+    new = s.seq_len - prompt
+    tracker = _make_tracker()
+    notes: list[str] = []
+    _preimport(_hf_config(shape.config), plan)
+
+    def say(frac: float, msg: str) -> None:
+        if progress:
+            progress(frac, msg)
+
+    with _RealMasks(), FakeTensorMode(), tracker:
+        say(0.05, f"building {shape.name} on fake tensors")
+        model, attn_used = _from_config(_hf_config(shape.config), dtype, "sdpa")
+        if s.weight_quant == "nf4":
+            _quantize_nf4(model, shape, dtype, True)
+        model.eval()
+        model.config.use_cache = True
+        for p in model.parameters():
+            tracker.tag(p, "weights")
+        for b in model.buffers():
+            tracker.tag(b, "weights")
+        head = model.get_output_embeddings()
+        handles = _hooks(model, tracker, head)
+        from transformers import DynamicCache
+
+        vocab = shape.vocab_size
+        try:
+            with torch.inference_mode():
+                ids = torch.zeros(s.batch, prompt, dtype=torch.long)
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+                for v in batch.values():
+                    tracker.tag(v, "inputs")
+                tracker.measuring = True
+                tracker.set_phase("prefill")
+                cache = DynamicCache(config=model.config)
+                input_ids, mask = batch["input_ids"], batch["attention_mask"]
+                unfinished = torch.ones(s.batch, dtype=torch.long)
+                kw: dict = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+                out = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                            **kw)
+                _tag_cache(tracker, cache)
+                say(0.4, "prefill done")
+                produced = 0
+                last_forced = False
+                while produced < new:
+                    if produced > 0:
+                        if new > DECODE_STEPS_FULL and produced == 2 and not last_forced:
+                            # jump to the last step: the cache and the ids as they are before it
+                            # (every decode step holds more than the one before, so the last one
+                            # is the decode peak)
+                            last_forced = True
+                            target = s.seq_len - 2  # tokens cached before the last forward
+                            for layer in cache.layers:
+                                for attr in ("keys", "values"):
+                                    old = getattr(layer, attr)
+                                    sh = list(old.shape)
+                                    sh[-2] = target
+                                    setattr(layer, attr, torch.empty(sh, dtype=old.dtype))
+                                    del old
+                            _tag_cache(tracker, cache)
+                            input_ids = torch.zeros(s.batch, s.seq_len - 1, dtype=torch.long)
+                            mask = torch.ones(s.batch, s.seq_len - 1, dtype=torch.long)
+                            produced = new - 1
+                        step_ids = input_ids[:, -1:]
+                        out = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache,
+                                    use_cache=True, **kw)
+                        _tag_cache(tracker, cache)
+                    mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                    logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+                    # MinNewTokensLengthLogitsProcessor (generate_step forces the full length)
+                    vocab_ids = torch.arange(logits.shape[-1])
+                    eos_mask = vocab_ids == 0
+                    scores = torch.where(eos_mask, -math.inf, logits.clone())
+                    del vocab_ids, eos_mask
+                    nxt = torch.argmax(scores, dim=-1)
+                    input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
+                    unfinished = unfinished & ~(torch.zeros(s.batch, dtype=torch.bool))
+                    del out, logits, scores, nxt
+                    produced += 1
+                    if produced == 1:
+                        tracker.set_phase("decode")
+                    if produced % 8 == 0 or produced == new:
+                        say(0.4 + 0.55 * produced / max(new, 1), f"decode {produced}/{new}")
+                tracker.set_phase(None)
+        finally:
+            for h in handles:
+                h.remove()
+        tracker.measuring = False
+
+        def classify(rec: _Rec) -> str:
+            if rec.tag:
+                return rec.tag
+            if rec.phase == "prefill" and not rec.head:
+                return "prefill_activations"
+            return "logits" if rec.head or (rec.shape and rec.shape[-1] == vocab) else "transient"
+
+        phases = {ph: tracker.peaks[ph].bytes for ph in INFER_PHASES if ph in tracker.peaks}
+        comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
+        del model, head, cache, batch, input_ids, mask
+    if attn_used != "sdpa":
+        notes.append(f"{shape.architecture} does not support sdpa; simulated with {attn_used}")
+    return _Result(phases, comps, notes)
+
+
+def _tag_cache(tracker, cache) -> None:
+    """What the KV cache holds now is cache (the tag stays with the storage's record, so the
+    prefill's keys/values, created inside attention and later replaced by torch.cat, count too)."""
+    for layer in getattr(cache, "layers", ()):
+        for attr in ("keys", "values"):
+            tracker.tag(getattr(layer, attr, None), "kv_cache")
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)

@@ -1,0 +1,199 @@
+"""Counting live storages: a TorchDispatchMode that registers each new storage once and
+subtracts it when it dies; per-phase peaks; module hooks that tag what is created where."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+# ------------------------------------------------------------------------------------------
+# the tracker
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Rec:
+    nbytes: int
+    born: int
+    died: int | None = None
+    phase: str | None = None
+    in_module: bool = False
+    head: bool = False
+    shape: tuple = ()
+    tag: str | None = None
+    ref: Any = None
+
+
+@dataclass
+class _PhasePeak:
+    bytes: int = -1
+    seq: int = 0
+
+
+@dataclass
+class _Result:
+    phases: dict[str, int]
+    components: dict[str, dict[str, int]]  # phase -> component -> bytes at that phase's peak
+    notes: list[str] = field(default_factory=list)
+
+
+def _make_tracker():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    local_scalar = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+    class Tracker(TorchDispatchMode):
+        """Counts live storages; answers data-dependent scalars (fake tensors hold no data)."""
+
+        def __init__(self):
+            super().__init__()
+            self.recs: list[_Rec] = []
+            self.live: dict[int, _Rec] = {}
+            self.total = 0
+            self.seq = 0
+            self.phase: str | None = None
+            self.measuring = False
+            self.peaks: dict[str, _PhasePeak] = {}
+            self.module_depth = 0
+            self.head = False
+            self.scalar_calls = 0
+
+        # -- bookkeeping --------------------------------------------------------------------
+        def _free(self, rec: _Rec, key: int) -> None:
+            if rec.died is not None:
+                return
+            self.seq += 1
+            rec.died = self.seq
+            self.total -= rec.nbytes
+            if self.live.get(key) is rec:
+                del self.live[key]
+
+        def register(self, t) -> None:
+            try:
+                st = t.untyped_storage()
+            except Exception:  # noqa: BLE001 - sparse or storage-less tensors
+                return
+            key = st._cdata
+            rec = self.live.get(key)
+            if rec is not None:
+                return
+            self.seq += 1
+            rec = _Rec(st.nbytes(), self.seq, phase=self.phase, in_module=self.module_depth > 0,
+                       head=self.head, shape=tuple(t.shape))
+            rec.ref = weakref.ref(st, lambda _r, rec=rec, key=key: self._free(rec, key))
+            self.recs.append(rec)
+            self.live[key] = rec
+            self.total += rec.nbytes
+
+        def _bump(self) -> None:
+            if self.measuring and self.phase is not None:
+                pk = self.peaks.setdefault(self.phase, _PhasePeak())
+                if self.total > pk.bytes:
+                    pk.bytes, pk.seq = self.total, self.seq
+
+        def set_phase(self, name: str | None) -> None:
+            self.phase = name
+            self.head = False
+            self._bump()  # the level on entry counts (as runner.memtrace does)
+
+        def tag(self, t, tag: str) -> None:
+            if t is None:
+                return
+            rec = self.live.get(t.untyped_storage()._cdata)
+            if rec is not None:
+                rec.tag = tag
+
+        # -- dispatch -----------------------------------------------------------------------
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in local_scalar:
+                # a Python value read from a tensor: the step's control flow (an all-ones mask is
+                # all true; optimizer step counters, scalars) does not depend on it here
+                self.scalar_calls += 1
+                dt = args[0].dtype
+                return True if dt == torch.bool or func is torch.ops.aten.is_nonzero.default else (
+                    1.0 if dt.is_floating_point else 1)
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.register(t)
+            self._bump()
+            return out
+
+        def components_at(self, seq: int, classify) -> dict[str, int]:
+            comps: dict[str, int] = {}
+            for rec in self.recs:
+                if rec.born <= seq and (rec.died is None or rec.died > seq):
+                    c = classify(rec)
+                    comps[c] = comps.get(c, 0) + rec.nbytes
+            return {k: v for k, v in comps.items() if v}
+
+    return Tracker()
+
+
+class _RealMasks:
+    """transformers' masking code refuses to read a fake tensor's values (``is_tracing`` is true
+    for fake tensors) and then always materializes the attention mask. The runner's all-ones mask
+    lets the real run skip it (sdpa ``is_causal``); so, while simulating, masking_utils sees fake
+    tensors as ordinary ones and the tracker answers that the mask is all ones."""
+
+    def __enter__(self):
+        import torch
+        from transformers import masking_utils
+
+        # Module._apply (module.to(dtype)) swaps FakeTensor parameters with swap_tensors, which
+        # refuses tensors that have weak references (every fake Parameter has one); for our
+        # purpose (the storage changes, the Parameter object stays) `.data =` is the same.
+        self.utils = torch.utils
+        self.orig_swap = swap = torch.utils.swap_tensors
+
+        def swap_tensors(t1, t2):
+            try:
+                return swap(t1, t2)
+            except RuntimeError:
+                t1.data = t2.data
+
+        torch.utils.swap_tensors = swap_tensors
+        from transformers.utils import import_utils
+
+        self.mod = masking_utils
+        self.orig = masking_utils.is_tracing
+
+        def is_tracing(tensor=None):
+            return import_utils.is_tracing(None) or (tensor is not None and import_utils.is_torch_fx_proxy(tensor))
+
+        masking_utils.is_tracing = is_tracing
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.is_tracing = self.orig
+        self.utils.swap_tensors = self.orig_swap
+        return False
+
+
+def _hooks(model, tracker, head_module) -> list:
+    """Module forward hooks: allocations inside a module's forward are activations (also when a
+    checkpointed layer is recomputed during backward); from the output head on, logits and loss."""
+    handles = []
+
+    def pre(_m, _a):
+        tracker.module_depth += 1
+
+    def post(_m, _a, _o):
+        tracker.module_depth -= 1
+
+    def head_pre(_m, _a):
+        if tracker.phase in ("forward", "prefill", "decode"):
+            tracker.head = True
+
+    def top_pre(_m, _a):
+        tracker.head = False  # a new forward (generation: each decode step) starts before the head
+
+    handles.append(model.register_forward_pre_hook(top_pre))
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post, always_call=True))
+    if head_module is not None:
+        handles.append(head_module.register_forward_pre_hook(head_pre))
+    return handles
