@@ -1,0 +1,64 @@
+import dataclasses
+
+import pytest
+
+from advisor.model import resolve
+from advisor.planfile import apply_overrides, load_plan, parse_plan, save_plan
+from advisor.spec import Plan, SpecError, build_plan, check_against_shape
+
+
+def test_round_trip_with_comments(tmp_path):
+    plan = build_plan({"model": {"ref": "Qwen/Qwen2.5-0.5B"}, "training": {"method": "lora", "micro_batch": 4,
+                                                                          "lora": {"targets": "q_proj,v_proj"}}})
+    path = save_plan(plan, tmp_path / "plan.yaml")
+    text = path.read_text()
+    assert "# Sequences per forward/backward pass" in text  # every field explains itself
+    assert load_plan(path) == plan
+
+
+def test_unknown_keys_and_bad_values_reported_together():
+    with pytest.raises(SpecError) as e:
+        parse_plan("training:\n  micro_batch: 0\n  colour: blue\nhardware:\n  gpus: -1\n")
+    text = "\n".join(e.value.problems)
+    assert "training.micro_batch" in text and "training.colour: unknown key" in text and "hardware.gpus" in text
+
+
+def test_yaml_error_names_the_line():
+    with pytest.raises(SpecError, match="line 3"):
+        parse_plan("model:\n  ref: x\n training: [\n")
+
+
+def test_secrets_are_refused():
+    with pytest.raises(SpecError, match="never hold secrets"):
+        parse_plan("model:\n  ref: x\n  hf_token: hf_abc\n")
+    def keys(d):
+        for k, v in d.items():
+            yield k
+            if isinstance(v, dict):
+                yield from keys(v)
+
+    assert not [k for k in keys(Plan().model_dump()) if "token" in k or "secret" in k]
+
+
+def test_overrides():
+    plan = apply_overrides(Plan(), ["training.micro_batch=8", "training.grad_checkpointing=false"])
+    assert plan.training.micro_batch == 8 and plan.training.grad_checkpointing is False
+    with pytest.raises(SpecError, match="unknown key 'training.nope'"):
+        apply_overrides(Plan(), ["training.nope=1"])
+
+
+def test_qlora_on_a_model_without_linear_layers_is_refused():
+    shape = dataclasses.replace(resolve("openai-community/gpt2"), linears=())
+    problems = check_against_shape(build_plan({"training": {"method": "qlora", "seq_len": 512}}), shape)
+    assert any("no linear layers" in p and "--method full" in p for p in problems)
+
+
+def test_estimate_reads_a_plan_file(tmp_path, capsys):
+    import json
+
+    from advisor.cli import main
+
+    save_plan(build_plan({"model": {"ref": "Qwen/Qwen2.5-0.5B"}, "training": {"method": "full"}}), tmp_path / "p.yaml")
+    assert main(["estimate", "--plan", str(tmp_path / "p.yaml"), "--batch", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["plan"]["training"]["method"] == "full" and res["plan"]["training"]["micro_batch"] == 2
