@@ -351,15 +351,37 @@ def build_parser() -> argparse.ArgumentParser:
     from advisor.cli_advice import add_commands  # imports UserError from here, so not at the top
 
     add_commands(sub)
+    t = sub.add_parser("tui", help="the app: plan, compare, decide, launch and watch (also: tuneplan with no command)")
+    t.add_argument("--plan", help="a plan.yaml to open (and save back to with ctrl+s)")
+    t.set_defaults(func=cmd_tui)
+    w = sub.add_parser("watch", help="live GPU memory per device and process (NVML); with RUN_DIR, a run vs its plan")
+    w.add_argument("run_dir", nargs="?", help="a run directory to follow (events.jsonl)")
+    w.set_defaults(func=cmd_watch)
     return p
+
+
+def cmd_tui(a: argparse.Namespace) -> int:
+    from advisor.tui import run
+
+    return run(a.plan)
+
+
+def cmd_watch(a: argparse.Namespace) -> int:
+    from advisor.tui import run
+
+    return run(mode="watch", run_dir=a.run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):  # piped or scripted: help, not the app
+            parser.print_help()
+            return 0
+        from advisor.tui import run
+
+        return run()
     try:
         return args.func(args)
     except UserError as e:

@@ -207,7 +207,8 @@ def compare(plan: Plan, shape, gpu) -> list[tuple[str, dict[str, Any]]]:
         variants = [("Full", "method", "full"), ("LoRA", "method", "lora"), ("QLoRA", "method", "qlora")]
         section = "training"
     else:
-        variants = [("16-bit", "weight_quant", "none"), ("int8", "weight_quant", "int8"), ("nf4", "weight_quant", "nf4")]
+        variants = [("16-bit", "weight_quant", "none"), ("int8", "weight_quant", "int8"),
+                    ("nf4", "weight_quant", "nf4")]
         section = "inference"
     for label, key, value in variants:
         sub = getattr(plan, section).model_copy(update={key: value})

@@ -7,9 +7,9 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
+from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from advisor.tui.messages import SimDone, SimProgress
 from advisor.tui.widgets.field import Field
@@ -119,10 +119,11 @@ class AdviceScreen(Screen):
             text.append("Nothing fits.\n", style="bold red")
         else:
             text.append("Recommended: ", style="bold")
-            text.append(f"{METHOD_WORDS[c.method]} on {c.num_gpus} × {short_gpu(c.gpu)} · micro-batch {c.micro_batch} × grad-accum {c.grad_accum} · "
-                        f"checkpointing {'on' if c.gradient_checkpointing else 'off'} · {gib(c.peak_reserved_bytes)} "
-                        f"GiB · {duration(c.hours) if c.hours else '-'} · "
-                        f"{'$%.2f' % c.cost_usd if c.cost_usd is not None else 'no price'}\n", style="bold green")
+            cost = f"${c.cost_usd:,.2f}" if c.cost_usd is not None else "no price"
+            text.append(f"{METHOD_WORDS[c.method]} on {c.num_gpus} × {short_gpu(c.gpu)} · micro-batch "
+                        f"{c.micro_batch} × grad-accum {c.grad_accum} · checkpointing "
+                        f"{'on' if c.gradient_checkpointing else 'off'} · {gib(c.peak_reserved_bytes)} GiB · "
+                        f"{duration(c.hours) if c.hours else '-'} · {cost}\n", style="bold green")
             for reason in c.reasons:
                 text.append(f"  • {reason}\n")
         for note in adv.notes:
@@ -212,14 +213,15 @@ class AdviceScreen(Screen):
         self.query_one("#sim-progress", ProgressBar).update(progress=1.0)
         status.update(Text("exact estimate done", style="green"))
         a, s = self._analytic, m.result
-        t = Table(title="analytic vs exact (GiB)", title_justify="left", box=None, header_style="bold")
+        t = Table(title="analytic vs exact (GiB)", title_justify="left", box=None, header_style="bold",
+                  caption_style="dim")
         for col in ("component", "analytic", "exact"):
             t.add_column(col, justify="left" if col == "component" else "right")
         for k in dict.fromkeys([*a["breakdown"], *s["breakdown"]]):
             t.add_row(COMPONENT_LABELS.get(k, k), gib(a["breakdown"].get(k, 0)), gib(s["breakdown"].get(k, 0)))
         t.add_row(Text("peak allocated", style="bold"), gib(a["peak_allocated_bytes"]), gib(s["peak_allocated_bytes"]))
         t.add_row(Text("peak reserved", style="bold"), gib(a["peak_reserved_bytes"]), gib(s["peak_reserved_bytes"]))
-        for n in s["notes"]:
-            t.add_row(Text(n, style="dim"), "", "")
+        t.caption = "\n".join(s["notes"])
+        t.caption_justify = "left"
         self.query_one("#sim-result", Static).update(t)
         self.sim_result = s

@@ -7,7 +7,6 @@ import shlex
 import time
 from pathlib import Path
 
-from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -16,10 +15,11 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
 
+from advisor.spec import SpecError
 from advisor.tui.messages import RunEvents, RunExited
 from advisor.tui.runs import RunState, runner_missing, runner_module
 from advisor.tui.widgets.chart import LineChart
-from advisor.tui.widgets.tables import gib
+from advisor.tui.widgets.tables import report_table
 
 GIB = 1024**3
 
@@ -29,7 +29,10 @@ def _row(label: str, widget) -> Horizontal:
 
 
 class LaunchScreen(Screen):
-    BINDINGS = [Binding("ctrl+g", "start", "Start run"), Binding("ctrl+x", "abort", "Abort run")]
+    AUTO_FOCUS = "#dataset"
+    # priority: they work while an input has focus (ctrl+x would otherwise be the input's "cut")
+    BINDINGS = [Binding("ctrl+g", "start", "Start run", priority=True),
+                Binding("ctrl+x", "abort", "Abort run", priority=True)]
 
     def compose(self) -> ComposeResult:
         plan = self.app.plan
@@ -66,6 +69,7 @@ class LaunchScreen(Screen):
         self.query_one("#runner-status", Static).update(Text(missing, style="bold yellow") if missing else "")
         self.query_one("#start", Button).disabled = bool(missing)
         self.query_one("#attach", Button).disabled = runner_module("events") is None
+        self.query_one("#run-progress").display = False  # shown while a run is followed
         self.preview()
         self.show_command()
 
@@ -104,7 +108,9 @@ class LaunchScreen(Screen):
                 cmd = self.command(launch, plan_file, run_dir)
                 text.append("command  ", style="bold")
                 text.append(shlex.join(cmd) + "\n")
-            except Exception as e:  # noqa: BLE001 - a bad override or plan is shown, not raised
+            except SpecError as e:
+                text.append("overrides: " + "; ".join(e.problems) + "\n", style="bold red")
+            except Exception as e:  # noqa: BLE001 - anything else the runner refuses is shown, not raised
                 text.append(f"command: {e}\n", style="red")
         text.append(f"Start saves the plan (with this dataset) to {plan_file}, then runs it.", style="dim")
         out.update(text)
@@ -117,13 +123,18 @@ class LaunchScreen(Screen):
 
         with tempfile.TemporaryDirectory() as tmp:
             scratch = save_plan(self.plan_to_run(), Path(tmp) / "plan.yaml")
-            cmd = launch.build_command(scratch, run_dir=run_dir, overrides=tuple(self.overrides()))
+            cmd = launch.build_command(scratch, run_dir=run_dir)
         return [plan_file if c == str(scratch) else c for c in cmd]
 
     def plan_to_run(self):
+        """The form's plan with this dataset and the overrides applied (advisor.planfile.apply_overrides,
+        which rejects unknown keys): the file the runner reads holds everything, the command nothing extra."""
+        from advisor.planfile import apply_overrides
+
         plan = self.app.plan
         dataset = self.query_one("#dataset", Input).value.strip() or None
-        return plan.model_copy(update={"data": plan.data.model_copy(update={"path": dataset})})
+        plan = plan.model_copy(update={"data": plan.data.model_copy(update={"path": dataset})})
+        return apply_overrides(plan, self.overrides()) if self.overrides() else plan
 
     def preview(self) -> None:
         out = self.query_one("#preview", Static)
@@ -181,13 +192,13 @@ class LaunchScreen(Screen):
         if self.handle is not None and self.handle.poll() is None:
             self.notify("a run is already going; abort it first", severity="warning")
             return
-        plan = self.plan_to_run()
         plan_file = Path(self.query_one("#plan-file", Input).value.strip() or "plan.yaml").expanduser()
         run_dir = self.query_one("#run-dir", Input).value.strip() or None
         try:
+            plan = self.plan_to_run()
             save_plan(plan, plan_file)
             launch = runner_module("launch")
-            self.handle = launch.start_run(plan_file, run_dir=run_dir, overrides=tuple(self.overrides()))
+            self.handle = launch.start_run(plan_file, run_dir=run_dir)
         except Exception as e:  # noqa: BLE001 - a refused start (bad data, bad override) is shown
             self.notify(str(e), title="cannot start", severity="error", timeout=10)
             return
@@ -210,6 +221,7 @@ class LaunchScreen(Screen):
 
     def watch_run(self, run_dir: str) -> None:
         self.run = RunState(run_dir)
+        self.query_one("#run-progress").display = True
         self.query_one("#run-status", Static).update(f"following {run_dir} …")
         self.query_one("#run-result", Static).update("")
         self.tail(run_dir, self.handle)
@@ -247,6 +259,10 @@ class LaunchScreen(Screen):
         self.run.load_report()
         if not self.run.finished:
             self.run.status = "exited" if m.returncode in (None, 0) else f"exited with code {m.returncode}"
+            log = Path(self.run.run_dir) / "run.log"
+            if m.returncode not in (None, 0) and log.is_file():
+                tail = log.read_text(errors="replace").strip().splitlines()[-6:]
+                self.run.error = {"kind": f"exit code {m.returncode}", "message": "\n".join(tail)}
         self.query_one("#abort", Button).disabled = True
         self.query_one("#start", Button).disabled = bool(runner_missing())
         self.render_run()
@@ -289,35 +305,6 @@ class LaunchScreen(Screen):
         chart.set_data(mem, lines)
         if run.report is not None:
             self.query_one("#run-result", Static).update(report_table(run.report, run.predicted))
-
-
-def report_table(report: dict, predicted: dict) -> Table:
-    """Predicted vs measured from report.json: every number it carries, in GiB for bytes."""
-    t = Table(title="predicted vs measured", title_justify="left", box=None, header_style="bold", expand=True)
-    t.add_column("")
-    t.add_column("GiB", justify="right")
-    for k, v in (report.get("predicted") or predicted or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            t.add_row(f"predicted {k.replace('_bytes', '').replace('_', ' ')}", gib(v))
-    for k, v in (report.get("measured") or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            t.add_row(f"measured {k.replace('_bytes', '').replace('_', ' ')}", gib(v))
-    cmp = report.get("compare") or {}
-    if cmp.get("ratio") is not None:
-        t.add_row(Text("measured / predicted", style="bold"), Text(f"× {cmp['ratio']:.2f}", style="bold"))
-    if cmp.get("what"):
-        t.add_row(Text(cmp["what"], style="dim"), "")
-    loss = report.get("loss") or {}
-    if loss:
-        t.add_row("loss first → last", " → ".join(f"{loss[k]:.3f}" for k in ("first", "last") if loss.get(k) is not None))
-        if loss.get("final_val") is not None:
-            t.add_row("final val loss", f"{loss['final_val']:.3f}")
-    for k in ("status", "steps", "runtime_s", "tokens_per_s", "adapter"):
-        if report.get(k) is not None:
-            t.add_row(k.replace("_", " "), str(report[k]))
-    for n in report.get("notes") or []:
-        t.add_row(Text(f"note: {n}", style="dim"), "")
-    return t
 
 
 def _short(d: dict, width: int = 110) -> str:

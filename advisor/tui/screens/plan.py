@@ -19,6 +19,7 @@ from advisor.tui.widgets.field import Field
 from advisor.tui.widgets.membar import MemoryBar
 from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, gib, short_gpu
 
+GIB = 1024**3
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
 TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
@@ -66,7 +67,8 @@ class PlanScreen(Screen):
                 yield Field("micro-batch", Input(f["batch"], id="batch", type="integer", compact=True), "batch")
                 yield Field("seq length", Input(f["seq"], id="seq", type="integer", compact=True), "seq")
                 yield Field("grad accum", Input(f["accum"], id="accum", type="integer", compact=True), "accum")
-                yield Field("checkpoint", Checkbox("recompute in backward", bool(f["ckpt"]), id="ckpt", compact=True), "ckpt")
+                yield Field("checkpoint", Checkbox("recompute in backward", bool(f["ckpt"]), id="ckpt",
+                                                   compact=True), "ckpt")
                 yield Label("LoRA", classes="section")
                 yield Field("rank r", Input(f["lora_r"], id="lora_r", type="integer", compact=True), "lora_r")
                 yield Field("alpha", Input(f["lora_alpha"], id="lora_alpha", type="number", compact=True),
@@ -143,6 +145,10 @@ class PlanScreen(Screen):
         else:
             self.recompute()
 
+    def on_resize(self, event) -> None:
+        """Below 150 columns the tables stack and the results scroll (the side-by-side needs the width)."""
+        self.set_class(event.size.width < 150, "-narrow")
+
     def action_recompute(self) -> None:
         self.recompute()
 
@@ -185,7 +191,9 @@ class PlanScreen(Screen):
         m = r["model"]
         line = Text()
         line.append(f"{m['name']}", style="bold")
-        line.append(f"  {m['params_total'] / 1e9:,.2f}B params, {m['params_trainable']:,} trainable   ")
+        total = m["params_total"]
+        line.append(f"  {total / 1e9:,.2f}B" if total >= 1e9 else f"  {total / 1e6:,.1f}M")
+        line.append(f" params, {m['params_trainable']:,} trainable   ")
         line.append(f"peak {gib(r['peak_reserved_bytes'])} GiB reserved", style="bold")
         line.append(f" ({gib(r['peak_allocated_bytes'])} GiB tensors) ")
         if gpu is not None:
@@ -221,7 +229,8 @@ class PlanScreen(Screen):
                else "")))
         for r in ev.gpu_rows:
             mark = "▶ " if r["id"] == (ev.gpu.id if ev.gpu else None) else "  "
-            t.add_row(mark + short_gpu(r["name"]), f"{r['memory_bytes'] / 1024**3:,.1f}", gib(r["need_bytes"]), badge(r["status"]),
+            t.add_row(mark + short_gpu(r["name"]), f"{r['memory_bytes'] / GIB:,.1f}", gib(r["need_bytes"]),
+                      badge(r["status"]),
                       duration(r["hours"]) if r["hours"] is not None else "-",
                       f"${r['cost_usd']:,.2f}" if r["cost_usd"] is not None else "-", key=r["id"])
         if row:

@@ -24,7 +24,7 @@ MAX_CHARTS = 4
 
 
 class WatchScreen(Screen):
-    AUTO_FOCUS = "#procs"
+    AUTO_FOCUS = "#watch-charts"  # not the input, so p and c work at once
     BINDINGS = [Binding("p", "pause", "Pause/resume"), Binding("c", "clear", "Clear history")]
 
     def compose(self) -> ComposeResult:
@@ -106,11 +106,13 @@ class WatchScreen(Screen):
         self.run.apply(m.events)
         run = self.run
         lines = []
-        for key, label in (("peak_reserved_bytes", "predicted reserved"), ("peak_allocated_bytes", "predicted allocated")):
+        for key, label in (("peak_reserved_bytes", "predicted reserved"),
+                           ("peak_allocated_bytes", "predicted allocated")):
             if run.predicted.get(key):
                 lines.append((float(run.predicted[key]), label, "bold red" if "reserved" in key else "bold yellow"))
         chart = self.query_one("#run-chart", LineChart)
-        chart.title = f"run {run.run_dir}: torch allocated ({run.status}, step {run.step})"
+        what = "torch allocated" if run.series("torch_allocated") else "process RSS (no CUDA: above the tensors)"
+        chart.title = f"run {run.run_dir}: {what} ({run.status}, step {run.step})"
         chart.set_data(run.series("torch_allocated") or run.series("rss"), lines)
 
     def on_memory_sample(self, m: MemorySample) -> None:
@@ -125,6 +127,7 @@ class WatchScreen(Screen):
         status.update(text)
         procs = self.query_one("#procs", DataTable)
         procs.clear()
+        procs.display = bool(m.gpus)
         for i, dev in enumerate((m.gpus or [])[:MAX_CHARTS]):
             h = self.history.setdefault(f"dev-{i}", deque(maxlen=HISTORY))
             h.append(dev["used"])

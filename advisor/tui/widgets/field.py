@@ -12,8 +12,8 @@ class Field(Vertical):
     DEFAULT_CSS = """
     Field { height: auto; }
     Field > Horizontal { height: auto; }
-    Field .field-label { width: 13; padding: 0 1 0 0; color: $text-muted; }
-    Field .field-error { color: $error; display: none; padding: 0 0 0 13; }
+    Field .field-label { width: 12; padding: 0 1 0 0; color: $text-muted; }
+    Field .field-error { color: $error; display: none; padding: 0 0 0 12; }
     Field.-invalid .field-error { display: block; }
     Field.-invalid .field-label { color: $error; text-style: bold; }
     """
