@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# The main job: an estimate for the default plan (Llama-3.1-8B, QLoRA, one 24 GiB RTX 4090).
+# The main job: the app, opening on the default plan (Llama-3.1-8B, QLoRA, one 24 GiB RTX 4090).
+# ARGS passes arguments through, e.g. make run ARGS="estimate --model gpt2 --json".
 run: $(STAMP)
-	$(VENV)/bin/tuneplan estimate --model meta-llama/Llama-3.1-8B --method qlora --gpu "RTX 4090" --batch 4 --seq 2048
+	$(VENV)/bin/tuneplan $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
