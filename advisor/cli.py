@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     from advisor.cli_advice import add_commands  # imports UserError from here, so not at the top
 
     add_commands(sub)
+    from runner.cli import add_commands as add_runner_commands  # run, data check, demo (light imports)
+
+    add_runner_commands(sub)
     t = sub.add_parser("tui", help="the app: plan, compare, decide, launch and watch (also: tuneplan with no command)")
     t.add_argument("--plan", help="a plan.yaml to open (and save back to with ctrl+s)")
     t.set_defaults(func=cmd_tui)

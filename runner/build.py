@@ -35,7 +35,8 @@ from runner.memtrace import phase
 
 __all__ = [
     "param_dtype", "compute_dtype", "load_for_training", "make_optimizer", "make_batch", "train_step",
-    "load_for_inference", "generate_step", "attn_impl_of", "weight_bytes", "param_counts", "optimizer_impl",
+    "load_for_inference", "generate_step", "eval_loss", "attn_impl_of", "weight_bytes", "param_counts",
+    "optimizer_impl",
 ]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -230,12 +231,34 @@ _scalers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 def _compute_loss(model, batch: dict) -> torch.Tensor:
     # Trainer.compute_loss: outputs is a local, so the logits are released when this returns.
+    if batch.get("loss_weights") is not None:
+        return _weighted_loss(model, batch)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                     labels=batch["labels"])
     return outputs.loss
 
 
-def train_step(model, batch: dict, optimizer, spec: TrainSpec, max_grad_norm: float | None = None) -> torch.Tensor:
+def _weighted_loss(model, batch: dict) -> torch.Tensor:
+    """Causal-LM cross-entropy with a weight per target token (prompt_loss_weight between 0 and 1):
+    sum(w_t * CE_t) / sum(w_t) over the shifted targets, as the model's own loss shifts them.
+    Only runner batches carry ``loss_weights``; the calibration path never does."""
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    logits = outputs.logits[:, :-1, :].float()
+    labels = batch["labels"][:, 1:]
+    weights = batch["loss_weights"][:, 1:].to(logits.dtype) * (labels != -100)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="none")
+    return (ce * weights.reshape(-1)).sum() / weights.sum().clamp_min(1e-8)
+
+
+def eval_loss(model, batch: dict, precision: str) -> torch.Tensor:
+    """The training loss of ``batch`` without gradients (for validation)."""
+    with torch.no_grad(), _autocast(precision, batch["input_ids"].device.type):
+        return _compute_loss(model, batch).detach()
+
+
+def train_step(model, batch: dict | list[dict], optimizer, spec: TrainSpec, max_grad_norm: float | None = None,
+               *, backward=None, clip_grad=None, stats: dict | None = None) -> torch.Tensor:
     """One Trainer-style step; returns the detached loss.
 
     Ranges (for :mod:`runner.memtrace`): ``tuneplan:step`` around it all, and ``tuneplan:forward``
@@ -249,8 +272,16 @@ def train_step(model, batch: dict, optimizer, spec: TrainSpec, max_grad_norm: fl
     graph is dropped after backward (Trainer returns ``loss.detach()`` to its loop, which then
     steps the optimizer); with non-reentrant checkpointing the graph still holds every
     checkpointed layer's input until then.
+
+    The runner passes ``batch`` as a list of ``grad_accum`` different micro-batches (each loss is
+    divided by their number; the mean loss is returned). ``backward(loss)`` and
+    ``clip_grad(params, max_norm) -> norm`` replace ``loss.backward()`` and
+    ``clip_grad_norm_`` (accelerate's versions, for DeepSpeed/FSDP); ``stats`` receives the
+    gradient norm before clipping as ``stats["grad_norm"]`` when clipping runs.
     """
-    device_type = batch["input_ids"].device.type
+    micro = batch if isinstance(batch, list) else [batch] * spec.grad_accum
+    n_micro = len(micro)
+    device_type = micro[0]["input_ids"].device.type
     scaler = None
     if spec.precision == "amp-fp16":
         scaler = _scalers.get(optimizer)
@@ -258,21 +289,32 @@ def train_step(model, batch: dict, optimizer, spec: TrainSpec, max_grad_norm: fl
             scaler = _scalers[optimizer] = torch.amp.GradScaler(device_type)
     with phase("step"):
         model.train()
-        for _ in range(spec.grad_accum):
+        total = None
+        for mb in micro:
             with phase("forward"), _autocast(spec.precision, device_type):
-                loss = _compute_loss(model, batch)
-            if spec.grad_accum > 1:
-                loss = loss / spec.grad_accum
+                loss = _compute_loss(model, mb)
+            if n_micro > 1:
+                loss = loss / n_micro
             with phase("backward"):
-                (scaler.scale(loss) if scaler else loss).backward()
+                scaled = scaler.scale(loss) if scaler else loss
+                if backward is not None:
+                    backward(scaled)
+                else:
+                    scaled.backward()
             # Trainer.training_step returns loss.detach() before the optimizer runs: dropping the
             # graph frees what backward leaves behind (e.g. checkpointed layers' saved inputs).
             loss = loss.detach()
+            total = loss if total is None else total + loss
+        if isinstance(batch, list):
+            loss = total
         with phase("optimizer"):
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+                params = [p for p in model.parameters() if p.requires_grad]
+                norm = (clip_grad or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
+                if stats is not None:
+                    stats["grad_norm"] = float(norm) if norm is not None else None
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

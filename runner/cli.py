@@ -1,0 +1,586 @@
+"""`tuneplan run`, `tuneplan data check`, `tuneplan demo` (wired into advisor.cli by add_commands).
+
+Light at import time: torch, transformers and peft are imported inside the commands. User mistakes
+raise advisor.cli.UserError (exit code 2, one clear line each, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def _user_error(problems):
+    from advisor.cli import UserError
+
+    return UserError(problems)
+
+
+def add_commands(subparsers) -> None:
+    """Add run, data (check) and demo to the `tuneplan` subcommands."""
+    r = subparsers.add_parser("run", help="fine-tune for real: tuneplan run PLAN.yaml [key=value ...]",
+                              description="Run the plan's fine-tune; key=value overrides any plan field "
+                              "(training.micro_batch=2). Writes RUN_DIR/plan.yaml, events.jsonl, report.json, "
+                              "checkpoints/ and adapter/.")
+    add_run_arguments(r)
+    r.set_defaults(func=cmd_run)
+    d = subparsers.add_parser("data", help="check a training data file")
+    dsub = d.add_subparsers(dest="data_command")
+    c = dsub.add_parser("check", help="schema problems with line numbers, counts, token lengths, a masked example")
+    c.add_argument("file", help=".jsonl, .json or .csv")
+    c.add_argument("--model", help="model directory or hub id whose tokenizer counts the tokens")
+    c.add_argument("--format", default="auto",
+                   choices=["auto", "alpaca", "prompt_completion", "qa", "text", "messages"])
+    c.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat", "plain"])
+    c.add_argument("--seq", type=int, default=2048, help="truncation length (training.seq_len)")
+    c.add_argument("--prompt-loss-weight", type=float, default=0.0)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=cmd_data_check)
+    d.set_defaults(func=lambda a: (d.print_help(), 0)[1])
+    m = subparsers.add_parser("demo", help="a real QLoRA fine-tune of a tiny model on the CPU (about a minute)")
+    m.add_argument("--out", default="tuneplan-demo",
+                   help="folder for the model, plan and run (default ./tuneplan-demo)")
+    m.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=cmd_demo)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", nargs="?", help="plan.yaml (as saved by the TUI or `tuneplan recommend`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.micro_batch=2 run.max_steps=100")
+    p.add_argument("--run-dir", help="the run directory (default: run.output_dir/run.name)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the command (and accelerate config) and exit")
+    p.add_argument("--force", action="store_true", help="run even when the advisor says the plan does not fit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (lines on stderr instead)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process under accelerate launch
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+def _inputs(a: argparse.Namespace):
+    """(plan, plan_path, run_dir, overrides) from the arguments, or UserError."""
+    from advisor.planfile import apply_overrides, load_plan
+    from advisor.spec import SpecError
+
+    overrides = list(a.overrides or [])
+    plan_path = a.plan
+    if a.resume:
+        if plan_path and "=" in plan_path and not Path(plan_path).exists():
+            overrides.insert(0, plan_path)
+            plan_path = None
+        if plan_path:
+            raise _user_error("give either PLAN or --resume RUN_DIR, not both (the run directory has its plan.yaml)")
+        run_dir = Path(a.resume)
+        plan_path = run_dir / "plan.yaml"
+        if not plan_path.exists():
+            raise _user_error(f"{run_dir} is not a run directory (no plan.yaml)")
+        from runner.recipe import latest_checkpoint
+
+        if latest_checkpoint(run_dir) is None:
+            raise _user_error(f"{run_dir} has no checkpoint to resume from; start it again with "
+                              f"`tuneplan run {plan_path}`")
+    elif not plan_path:
+        raise _user_error("give a plan file: tuneplan run PLAN.yaml [key=value ...] (or --resume RUN_DIR)")
+    try:
+        plan = load_plan(plan_path)
+        if overrides:
+            plan = apply_overrides(plan, overrides)
+    except SpecError as e:
+        raise _user_error(e.problems) from None
+    if not a.resume:
+        from runner.recipe import default_run_dir
+
+        run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(plan)
+    return plan, Path(plan_path), run_dir, overrides
+
+
+def preflight(plan, plan_path: Path | None, force: bool = False, log=print):
+    """Check what can be checked before loading anything big; every problem at once.
+    Returns the plan with the data path and a local model path made absolute."""
+    problems: list[str] = []
+    if plan.task != "training":
+        problems.append("task is inference; `tuneplan run` fine-tunes (set task: training)")
+    data_path = plan.data.path
+    if not data_path:
+        problems.append("data.path is not set; give a .jsonl/.json/.csv file (override: data.path=FILE)")
+    else:
+        p = Path(data_path).expanduser()
+        if not p.exists() and not p.is_absolute() and plan_path is not None and (plan_path.parent / p).exists():
+            p = plan_path.parent / p
+        if not p.exists():
+            problems.append(f"data file {data_path} does not exist")
+        else:
+            from runner.data import DataError, load_and_check
+
+            try:
+                _, _, data_problems = load_and_check(p, plan.data.format)
+            except DataError as e:
+                data_problems = e.problems
+            if data_problems:
+                more = len(data_problems) - 10
+                problems += [f"{p}: {x}" for x in data_problems[:10]] + ([f"... and {more} more"] if more > 0 else [])
+                problems.append(f"see `tuneplan data check {p}`")
+            plan = plan.model_copy(update={"data": plan.data.model_copy(update={"path": str(p.resolve())})})
+    ref = plan.model.ref
+    local = Path(ref).expanduser()
+    if local.exists() or ref.startswith((".", "/", "~")):
+        from runner.recipe import ModelLoadError, find_model_dir
+
+        try:
+            find_model_dir(ref)
+            plan = plan.model_copy(update={"model": plan.model.model_copy(update={"ref": str(local.resolve())})})
+        except ModelLoadError as e:
+            problems.append(str(e))
+    elif ref.count("/") != 1:
+        problems.append(f"model.ref {ref!r} is neither a local model directory nor a hub id (org/name); bundled "
+                        "profiles hold no weights and cannot be trained")
+    if problems:
+        raise _user_error(problems)
+    if plan.hardware.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _user_error("hardware.device is cuda but no CUDA GPU is visible here; run on the CPU with "
+                              "the override hardware.device=cpu")
+        _fit_check(plan, force, log)
+    return plan
+
+
+def _fit_check(plan, force: bool, log) -> None:
+    """Warn (and require --force) when the advisor says the plan does not fit hardware.gpu."""
+    if not plan.hardware.gpu:
+        return
+    from advisor.cli import fit_status
+    from advisor.gpus import GpuError, find_gpu
+    from advisor.memory import estimate
+    from advisor.model import ModelError, resolve
+
+    try:
+        gpu = find_gpu(plan.hardware.gpu)
+        shape = resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    except (GpuError, ModelError) as e:
+        log(f"warning: cannot check the fit before running: {e}")
+        return
+    need = estimate(plan, shape).peak_reserved_bytes
+    status = fit_status(need, gpu.memory_bytes)
+    words = f"the plan needs about {need / GIB:.2f} GiB per GPU; {gpu.name} has {gpu.memory_bytes / GIB:.2f} GiB"
+    if status == "oom" and not force:
+        raise _user_error([f"{words}: it will not fit", "`tuneplan recommend --plan FILE` finds a plan that fits; "
+                           "add --force to run anyway"])
+    if status != "fits":
+        log(f"warning: {words}" + (" (tight)" if status == "tight" else " (--force: running anyway)"))
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from runner.launch import (
+        accelerate_config,
+        build_command,
+        format_command,
+        is_distributed,
+        uses_accelerate_config,
+    )
+
+    plan, plan_path, run_dir, overrides = _inputs(a)
+    if not a.resume and not a.worker and (run_dir / "events.jsonl").exists():
+        raise _user_error(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+                          "another run.name / --run-dir")
+    log = _stderr
+    if not a.worker:
+        plan = preflight(plan, plan_path, a.force, log)
+    if a.dry_run:
+        cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, a.force)
+        print(format_command(cmd))
+        if uses_accelerate_config(plan):
+            import yaml
+
+            print(f"\n# {run_dir / 'accelerate_config.yaml'} (written when the run starts)")
+            print(yaml.safe_dump(accelerate_config(plan), sort_keys=False), end="")
+        print(f"\n# run directory: {run_dir}")
+        return 0
+    if is_distributed(plan) and not a.worker:
+        import subprocess
+
+        from runner.launch import write_accelerate_config
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if uses_accelerate_config(plan):
+            write_accelerate_config(plan, run_dir)
+        cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, True)
+        log(f"launching: {format_command(cmd)}")
+        return subprocess.call(cmd)
+    return run_in_process(plan, run_dir, resume=bool(a.resume), progress=not a.no_progress)
+
+
+def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = True,
+                   command: list[str] | None = None) -> int:
+    """Run the recipe here with a progress bar; print the report (or the error) at the end."""
+    from runner.recipe import Recipe
+
+    command = command or [sys.argv[0].rsplit("/", 1)[-1], *sys.argv[1:]]
+    show = progress and not os.environ.get("TUNEPLAN_NO_PROGRESS") and sys.stderr.isatty()
+    worker = int(os.environ.get("RANK", "0") or 0) == 0
+    with _Progress(show and worker, plan) as bar:
+        recipe = Recipe(plan, run_dir, resume=resume, command=command, progress=bar.update if worker else None,
+                        log=bar.log)
+        code = recipe.run()
+    if not worker:
+        return code
+    err = getattr(recipe, "error", None)
+    if err:
+        _print_error(err, run_dir)
+        if err["kind"] in ("data", "model"):
+            raise _user_error(err["message"].split("; ") if err["kind"] == "data" else err["message"])
+        return code
+    print_report(recipe.final_report)
+    return code
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+class _Progress:
+    """A rich progress bar on stderr, or a plain line every few steps when not a terminal."""
+
+    def __init__(self, live: bool, plan):
+        self.live = live
+        self.bar = None
+        self.task = None
+        self.total = plan.run.max_steps
+        self.every = 1
+
+    def __enter__(self):
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]training[/]"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=Console(stderr=True, highlight=False), transient=False)
+            self.bar.start()
+        return self
+
+    def update(self, ev: dict) -> None:
+        if ev.get("type") == "eval":
+            self.log(f"step {ev['step']}: validation loss {ev['val_loss']:.4f}")
+            return
+        total = ev.get("total_steps") or self.total
+        mem = ev.get("memory") or {}
+        used = mem.get("torch_peak") or mem.get("rss")
+        info = (f"loss {ev['loss']:.4f} lr {ev['lr']:.1e} {ev['tokens_per_s'] or 0:,.0f} tok/s "
+                f"{'peak' if mem.get('torch_peak') else 'rss'} {used / GIB:.2f} GiB" if used else "")
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task("train", total=total, info=info, completed=ev["step"] - 1)
+            self.bar.update(self.task, completed=ev["step"], info=info)
+        else:
+            self.every = max(1, (total or 20) // 20)
+            if ev["step"] % self.every == 0 or ev["step"] == total:
+                print(f"step {ev['step']}/{total}  {info}", file=sys.stderr, flush=True)
+
+    def log(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _gib(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / GIB:.2f} GiB" if b >= GIB / 4 else f"{b / MIB:.1f} MiB"
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    con = Console(highlight=False)
+    loss = rep["loss"]
+    status = {"completed": "[green]completed[/]", "interrupted": "[yellow]interrupted[/]"}.get(rep["status"],
+                                                                                             rep["status"])
+    con.print(f"run {status}: {rep['steps']}/{rep['total_steps']} steps in {rep['runtime_s']:.1f} s "
+              f"(training {rep['train_s']:.1f} s, {rep['tokens_per_s'] or 0:,.0f} tokens/s) on {rep['device']}")
+    first, last = loss.get("first"), loss.get("final_train")
+    if first is not None and last is not None:
+        val = f", validation {loss['final_val']:.4f}" if loss.get("final_val") is not None else ""
+        con.print(f"loss {first:.4f} → {last:.4f} (mean of the last 5 steps){val}")
+    p, c = rep["predicted"], rep["compare"]
+    con.print(f"peak memory: predicted {_gib(p.get('peak_allocated_bytes'))} allocated"
+              + (f" / {_gib(p.get('peak_reserved_bytes'))} reserved" if p.get("device") == "cuda" else "")
+              + f"; measured {_gib(c.get('measured'))}" + (f" (× {c['ratio']})" if c.get("ratio") else ""))
+    con.print(f"[dim]measured = {c['what']}[/]")
+    for n in rep.get("notes", []):
+        con.print(f"[dim]note: {n}[/]")
+    con.print(f"run directory: {rep['run_dir']}")
+    if rep.get("adapter"):
+        con.print(f"adapter: {rep['adapter']}  (PeftModel.from_pretrained(base, this))")
+    if rep["status"] == "interrupted":
+        con.print(f"resume with: tuneplan run --resume {rep['run_dir']}")
+
+
+def _print_error(err: dict, run_dir: Path) -> None:
+    kind = err["kind"]
+    if kind in ("data", "model"):
+        return  # raised as a UserError by the caller
+    print(f"tuneplan: {'out of memory' if kind == 'oom' else 'the run failed'}: {err['message']}", file=sys.stderr)
+    if err.get("measured_peak"):
+        print(f"  measured peak before the failure: {_gib(err['measured_peak'])}", file=sys.stderr)
+    s = err.get("suggestion") or {}
+    if s.get("command"):
+        changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items())
+        print(f"  the advisor's next plan ({changes}) would fit:\n    {s['command']}", file=sys.stderr)
+    elif s.get("note"):
+        print(f"  {s['note']}", file=sys.stderr)
+    if kind == "runtime":
+        print(f"  details: {run_dir / 'traceback.txt'}", file=sys.stderr)
+
+
+# --- data check ----------------------------------------------------------------------------------
+
+def cmd_data_check(a: argparse.Namespace) -> int:
+    from runner.data import (
+        DataError,
+        length_stats,
+        load_and_check,
+        resolve_template,
+        segments,
+        tokenize,
+    )
+
+    try:
+        records, fmt, problems = load_and_check(a.file, a.format)
+    except DataError as e:
+        raise _user_error(e.problems) from None
+    out: dict[str, Any] = {"file": a.file, "format": fmt, "valid_records": len(records), "problems": problems}
+    tok = None
+    if a.model:
+        tok = _tokenizer(a.model)
+    if records:
+        try:
+            template = resolve_template(fmt, a.template, tok)
+        except DataError as e:
+            raise _user_error(e.problems) from None
+        out["template"] = template
+        first = records[0]
+        if tok is not None:
+            exs = [tokenize(r, fmt, template, tok, a.seq, a.prompt_loss_weight) for r in records]
+            out["tokens"] = length_stats([len(e.input_ids) + (1 if e.truncated else 0) for e in exs])
+            out["trained_tokens"] = length_stats([e.trained_tokens for e in exs])
+            out["truncated"] = sum(e.truncated for e in exs)
+            out["no_trained_tokens"] = [e.line for e in exs if e.trained_tokens == 0]
+            ex = exs[0]
+            out["example"] = {"line": ex.line, "tokens": [
+                {"id": i, "text": tok.decode([i]), "trained": lab != -100,
+                 **({"weight": w} if ex.weights is not None else {})}
+                for i, lab, w in zip(ex.input_ids, ex.labels, ex.weights or [None] * len(ex.input_ids), strict=False)]}
+        else:
+            out["characters"] = length_stats([sum(len(t) for t, _ in segments(r.data, fmt, template, None))
+                                              for r in records])
+            out["example"] = {"line": first.line, "segments": [
+                {"text": t, "trained": tr} for t, tr in segments(first.data, fmt, template, None)]}
+    if a.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        _print_data_check(out)
+    if problems:
+        more = len(problems) - 20
+        raise _user_error(problems[:20] + ([f"... and {more} more"] if more > 0 else []))
+    return 0
+
+
+def _tokenizer(ref: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(ref)
+    except Exception as e:
+        raise _user_error(f"cannot load a tokenizer from {ref}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
+def _print_data_check(out: dict) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    con = Console(highlight=False)
+    con.print(f"[bold]{out['file']}[/]: {out['valid_records']} valid records, format {out['format'] or '?'}"
+              + (f", template {out['template']}" if out.get("template") else "")
+              + (f", [red]{len(out['problems'])} problems[/]" if out["problems"] else ", no problems"))
+    if "tokens" in out:
+        s = out["tokens"]
+        con.print(f"tokens per example: min {s['min']}, mean {s['mean']}, median {s['median']}, p95 {s['p95']}, "
+                  f"max {s['max']}; trained tokens per example: mean {out['trained_tokens']['mean']}")
+        if out["truncated"]:
+            con.print(f"[yellow]{out['truncated']} examples are longer than --seq and get cut[/]")
+        if out["no_trained_tokens"]:
+            con.print(f"[yellow]{len(out['no_trained_tokens'])} examples lose every response token to truncation "
+                      f"(lines {', '.join(map(str, out['no_trained_tokens'][:10]))})[/]")
+    elif "characters" in out:
+        s = out["characters"]
+        con.print(f"characters per example: min {s['min']}, mean {s['mean']}, max {s['max']} "
+                  "(give --model DIR for token counts and the label mask)")
+    ex = out.get("example")
+    if ex:
+        con.print(f"\nexample (line {ex['line']}): [green]green = trained on[/] (loss), [dim]dim = masked (-100)[/]")
+        text = Text()
+        if "tokens" in ex:
+            for t in ex["tokens"]:
+                text.append(t["text"], style="green" if t["trained"] else "dim")
+                text.append("|", style="dim blue")
+        else:
+            for s in ex["segments"]:
+                text.append(s["text"], style="green" if s["trained"] else "dim")
+        con.print(text)
+        if "tokens" in ex:
+            trained = "".join(t["text"] for t in ex["tokens"] if t["trained"])
+            con.print(f"[dim]({len(ex['tokens'])} tokens, {sum(t['trained'] for t in ex['tokens'])} trained; "
+                      "| separates tokens)[/]")
+            con.print(f"trained on: {trained!r}")
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import time
+
+    from advisor.planfile import save_plan
+    from runner.demo import DEMO_DATA, build_model_dir, demo_plan
+
+    out = Path(a.out)
+    t0 = time.time()
+    model_dir = out / "model"
+    if not (model_dir / "config.json").exists():
+        _stderr(f"building a tiny Llama and a BPE tokenizer in {model_dir} (random weights, nothing downloaded)")
+        build_model_dir(model_dir)
+    plan = demo_plan(model_dir.resolve(), DEMO_DATA, (out / "runs").resolve(), max_steps=a.steps)
+    run_dir = out / "runs" / "demo-run"
+    if (run_dir / "events.jsonl").exists():
+        plan = plan.model_copy(update={"run": plan.run.model_copy(update={"name": f"demo-run-{int(time.time())}"})})
+        run_dir = out / "runs" / plan.run.name
+    save_plan(plan, out / "plan.yaml")
+    _stderr(f"plan: {out / 'plan.yaml'} (QLoRA r=16 on all linear layers, {a.steps} steps on the CPU)")
+    code = run_in_process(plan, run_dir, progress=not a.no_progress,
+                          command=["tuneplan", "run", str(out / "plan.yaml"), "--run-dir", str(run_dir)])
+    _stderr(f"demo finished in {time.time() - t0:.1f} s; try: tuneplan data check {DEMO_DATA} --model {model_dir}")
+    return code
+
+
+# --- docs ----------------------------------------------------------------------------------------
+
+DOC_BEGIN = "<!-- BEGIN GENERATED PLAN REFERENCE (runner.cli.render_plan_reference) -->"
+DOC_END = "<!-- END GENERATED PLAN REFERENCE -->"
+
+
+def render_plan_reference() -> str:
+    """The plan.yaml reference, from the pydantic models' field descriptions."""
+    from pydantic import BaseModel
+
+    from advisor.spec import Plan
+
+    lines: list[str] = []
+
+    def typename(ann) -> str:
+        import types
+        import typing
+
+        origin, args = typing.get_origin(ann), typing.get_args(ann)
+        if origin is typing.Literal:
+            return ", ".join(f"`{json.dumps(a)}`" for a in args)
+        if origin in (typing.Union, types.UnionType):
+            return " or ".join("null" if a is type(None) else typename(a) for a in args)
+        if origin is list:
+            return f"list of {typename(args[0])}"
+        return getattr(ann, "__name__", str(ann))
+
+    def bounds(field) -> str:
+        out = []
+        for m in field.metadata:
+            for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if getattr(m, attr, None) is not None:
+                    out.append(f"{sym} {getattr(m, attr)}")
+        return f" ({', '.join(out)})" if out else ""
+
+    def default(field) -> str:
+        if field.default_factory is not None:
+            return "(section)"
+        v = field.default
+        return "null" if v is None else json.dumps(v)
+
+    def section(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        subs = []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                subs.append((name, ann, f))
+                continue
+            desc = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {typename(f.annotation)}{bounds(f)} | `{default(f)}` | {desc} |")
+        if rows:
+            lines.append(f"### `{prefix.rstrip('.') or 'top level'}`\n")
+            lines.append("| key | type | default | meaning |")
+            lines.append("|---|---|---|---|")
+            lines.extend(rows)
+            lines.append("")
+        for name, ann, f in subs:
+            if f.description:
+                lines.append(f"<!-- {prefix}{name}: {f.description} -->")
+            section(ann, f"{prefix}{name}.")
+
+    section(Plan, "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_docs(path: str | Path = Path(__file__).resolve().parent.parent / "docs" / "runner.md") -> bool:
+    """Rewrite the generated block of docs/runner.md; True if it changed."""
+    path = Path(path)
+    text = path.read_text()
+    head, _, rest = text.partition(DOC_BEGIN)
+    _, _, tail = rest.partition(DOC_END)
+    new = f"{head}{DOC_BEGIN}\n{render_plan_reference()}{DOC_END}{tail}"
+    if new != text:
+        path.write_text(new)
+        return True
+    return False
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """These commands alone (`python -m runner.cli run|data|demo ...`), as advisor.cli.main runs them."""
+    from advisor.cli import EXIT_USER_ERROR, UserError
+
+    parser = argparse.ArgumentParser(prog="tuneplan")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except UserError as e:
+        if len(e.problems) == 1:
+            print(f"tuneplan: {e.problems[0]}", file=sys.stderr)
+        else:
+            print(f"tuneplan: {len(e.problems)} problems:", file=sys.stderr)
+            for line in e.problems:
+                print(f"  - {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":  # python -m runner.cli --update-docs | run|data|demo ...
+    if sys.argv[1:] == ["--update-docs"]:
+        print("updated" if update_docs() else "up to date")
+    else:
+        sys.exit(main())

@@ -1,0 +1,288 @@
+"""Start a run as a subprocess (python, or `accelerate launch` on several GPUs) and find its files.
+
+Light imports only (pydantic, yaml): the TUI builds and starts commands with this module.
+Processes are started from an argument list, never through a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advisor.spec import Plan
+
+ACCELERATE_CONFIG = "accelerate_config.yaml"
+
+
+def _load(plan_path: str | Path, overrides=()) -> Plan:
+    from advisor.planfile import apply_overrides, load_plan
+
+    plan = load_plan(plan_path)
+    return apply_overrides(plan, list(overrides)) if overrides else plan
+
+
+def resolve_run_dir(plan: Plan) -> Path:
+    from runner.recipe import default_run_dir
+
+    return default_run_dir(plan)
+
+
+def is_distributed(plan: Plan) -> bool:
+    return plan.hardware.gpus > 1
+
+
+def uses_accelerate_config(plan: Plan) -> bool:
+    return is_distributed(plan) and plan.hardware.device == "cuda"
+
+
+def accelerate_config(plan: Plan, port: int | None = None) -> dict[str, Any]:
+    """The `accelerate launch` config for the plan's hardware: DDP (zero 0), DeepSpeed ZeRO-1/2
+    (zero 1, 2) or FSDP full shard (zero 3). Precision is the runner's business (mixed_precision no:
+    the model is loaded in the plan's dtype, amp-* autocasts in the step)."""
+    hw = plan.hardware
+    cpu = hw.device == "cpu"
+    cfg: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0,
+        "num_processes": hw.gpus, "mixed_precision": "no", "use_cpu": cpu, "same_network": True,
+        "rdzv_backend": "static", "main_training_function": "main", "debug": False,
+        "main_process_port": port or 29500,
+    }
+    if cpu:
+        cfg["distributed_type"] = "MULTI_CPU"
+    elif hw.zero == 0:
+        cfg.update(distributed_type="MULTI_GPU", gpu_ids="all")
+    elif hw.zero in (1, 2):
+        cfg.update(distributed_type="DEEPSPEED", gpu_ids="all", deepspeed_config={
+            # DeepSpeed's engine steps inside accelerator.backward once every gradient_accumulation_steps
+            "zero_stage": hw.zero, "gradient_accumulation_steps": plan.training.grad_accum,
+            "gradient_clipping": plan.run.max_grad_norm or 0.0, "offload_optimizer_device": "none",
+            "offload_param_device": "none", "zero3_init_flag": False})
+    else:
+        cfg.update(distributed_type="FSDP", gpu_ids="all", fsdp_config={
+            "fsdp_version": 1, "fsdp_sharding_strategy": "FULL_SHARD",
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_offload_params": False,
+            "fsdp_use_orig_params": True,  # LoRA: frozen and trainable parameters in one flat group
+            "fsdp_sync_module_states": True, "fsdp_cpu_ram_efficient_loading": True})
+    return cfg
+
+
+def write_accelerate_config(plan: Plan, run_dir: str | Path) -> Path:
+    import yaml
+
+    path = Path(run_dir) / ACCELERATE_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(accelerate_config(plan, _free_port()), sort_keys=False))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_command(plan_path: str | Path | None, run_dir: str | Path | None = None, resume: str | Path | None = None,
+                  overrides=(), force: bool = False, python: str | None = None) -> list[str]:
+    """The argument list that runs the plan: ``python -m runner PLAN k=v --run-dir DIR`` on one
+    device, ``python -m accelerate.commands.launch --config_file DIR/accelerate_config.yaml -m runner
+    ... --worker`` on several. With ``resume`` the plan is the run directory's plan.yaml."""
+    python = python or sys.executable
+    overrides = list(overrides)
+    if resume is not None:
+        run_dir = Path(resume)
+        plan = _load(run_dir / "plan.yaml", overrides)
+        args = ["--resume", str(run_dir)]
+    else:
+        if plan_path is None:
+            raise ValueError("give a plan file or resume=RUN_DIR")
+        plan = _load(plan_path, overrides)
+        run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(plan)
+        args = [str(plan_path), "--run-dir", str(run_dir)]
+    args += overrides
+    if force:
+        args.append("--force")
+    if is_distributed(plan) and plan.hardware.device == "cpu":
+        # `accelerate launch` starts several CPU processes on one machine only through mpirun; torchrun
+        # does it directly, and accelerate's Accelerator inside each process still sets up DDP (gloo).
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.hardware.gpus),
+                "-m", "runner", *args, "--worker"]
+    if is_distributed(plan):
+        return [python, "-m", "accelerate.commands.launch", "--config_file", str(Path(run_dir) / ACCELERATE_CONFIG),
+                "-m", "runner", *args, "--worker"]
+    return [python, "-m", "runner", *args]
+
+
+def format_command(cmd: list[str]) -> str:
+    """A command line to copy into a shell."""
+    return shlex.join(cmd)
+
+
+@dataclass
+class RunHandle:
+    run_dir: Path
+    process: subprocess.Popen
+    command: list[str]
+    log_path: Path | None = None
+    _log: Any = field(default=None, repr=False)
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self) -> None:
+        """SIGTERM: the run finishes its step, checkpoints, and ends with status interrupted."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self._log is not None and self.process.poll() is not None:
+                self._log.close()
+
+    def events(self, offset: int = 0):
+        from runner.events import read_events
+
+        return read_events(self.run_dir, offset)
+
+
+def start_run(plan_path: str | Path | None, run_dir: str | Path | None = None, resume: str | Path | None = None,
+              overrides=(), force: bool = False, env: dict[str, str] | None = None,
+              capture: bool = True) -> RunHandle:
+    """Start the run in a subprocess; its output goes to RUN_DIR/run.log (capture) and its
+    progress to RUN_DIR/events.jsonl. Returns at once. Raises advisor.cli.UserError (every
+    problem, one line each) when the plan cannot run: bad data lines, a model without weights, a
+    plan that does not fit hardware.gpu (unless ``force``)."""
+    from runner.cli import preflight
+
+    overrides = list(overrides)
+    if resume is not None:
+        run_dir = Path(resume)
+        plan = _load(run_dir / "plan.yaml", overrides)
+    else:
+        plan = _load(plan_path, overrides)
+        run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(plan)
+    # The same checks `tuneplan run` makes (data lines, model weights, GPU, fit), here, so that a
+    # caller (the TUI) gets the problems as an exception instead of a process that exits with 2.
+    preflight(plan, Path(resume) / "plan.yaml" if resume is not None else Path(plan_path), force, log=lambda m: None)
+    cmd = build_command(plan_path, run_dir, resume, overrides, force)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if uses_accelerate_config(plan):
+        write_accelerate_config(plan, run_dir)
+    log_path = run_dir / "run.log" if capture else None
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed by RunHandle.wait)
+    full_env = {**os.environ, **(env or {}), "TUNEPLAN_NO_PROGRESS": "1"}
+    root = str(Path(__file__).resolve().parent.parent)
+    full_env["PYTHONPATH"] = root + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(cmd, stdout=log or None, stderr=subprocess.STDOUT if log else None, env=full_env,
+                            start_new_session=False)
+    return RunHandle(run_dir, proc, cmd, log_path, log)
+
+
+# --- the next plan after an out-of-memory error ------------------------------------------------
+
+HEADROOM = 0.95
+
+
+def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | None = None) -> dict[str, Any]:
+    """The smallest change to ``plan`` that the advisor says fits, as overrides and a command line.
+
+    The ladder, each rung adding to the one before: gradient checkpointing on, then halve the
+    micro-batch (doubling gradient accumulation, so the effective batch stays) down to 1, then an
+    8-bit paged optimizer, then LoRA (from full), then QLoRA. A rung is taken when its estimate is
+    at most 95% of the GPU memory (the real device's total on CUDA, else hardware.gpu) and
+    clearly below what the failing plan needed (its measured peak, or 80% of its estimate): the
+    plan that failed evidently did not fit, whatever its estimate said.
+    """
+    from advisor.memory import estimate
+
+    if shape is None:
+        from advisor.model import resolve
+
+        shape = resolve(plan.model.ref)
+    capacity = _capacity(plan)
+    current = estimate(plan, shape).peak_reserved_bytes
+    limit = min(x for x in (capacity * HEADROOM if capacity else None, 0.8 * current,
+                            measured_peak * 0.9 if measured_peak else None) if x)
+    changes: dict[str, Any] = {}
+    data = plan.model_dump(mode="json")
+    t = data["training"]
+
+    def rungs():
+        if not t["grad_checkpointing"]:
+            yield {"training.grad_checkpointing": True}
+        mb, acc = t["micro_batch"], t["grad_accum"]
+        while mb > 1:
+            mb, acc = max(1, mb // 2), acc * 2
+            yield {"training.micro_batch": mb, "training.grad_accum": acc}
+        if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
+            yield {"training.optimizer": "paged_adamw_8bit"}
+        if t["method"] == "full":
+            yield {"training.method": "lora"}
+        if t["method"] != "qlora":
+            yield {"training.method": "qlora"}
+
+    from advisor.spec import build_plan
+
+    for rung in rungs():
+        changes.update(rung)
+        trial = _apply(data, changes)
+        try:
+            p = build_plan(trial)
+        except Exception:
+            continue
+        need = estimate(p, shape).peak_reserved_bytes
+        if need <= limit:
+            overrides = [f"{k}={_yaml_scalar(v)}" for k, v in changes.items()]
+            cmd = ["tuneplan", "run", str(Path(run_dir) / "plan.yaml"), *overrides, "--run-dir",
+                   str(Path(run_dir).with_name(Path(run_dir).name + "-retry"))]
+            return {"command": format_command(cmd), "changes": dict(changes), "predicted_peak_reserved": need,
+                    "limit_bytes": int(limit)}
+    return {"command": None, "changes": {}, "note": "no variant of this plan fits; try a smaller model, a bigger "
+            "GPU or more GPUs (`tuneplan recommend`)"}
+
+
+def _capacity(plan: Plan) -> int | None:
+    torch = sys.modules.get("torch")
+    if plan.hardware.device == "cuda" and torch is not None:
+        try:
+            if torch.cuda.is_available():
+                return int(torch.cuda.get_device_properties(0).total_memory)
+        except Exception:
+            pass
+    if plan.hardware.gpu:
+        try:
+            from advisor.gpus import find_gpu
+
+            return find_gpu(plan.hardware.gpu).memory_bytes
+        except Exception:
+            return None
+    return None
+
+
+def _apply(data: dict, changes: dict) -> dict:
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, v in changes.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return out
+
+
+def _yaml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

@@ -1,0 +1,81 @@
+"""Launch a tiny real run on the CPU from the Launch screen and watch it finish with a report (slow)."""
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("textual")
+launch = pytest.importorskip("runner.launch")
+
+from advisor.tui.app import make_app
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    pytest.importorskip("torch")
+    from runner.demo import DEMO_DATA, build_model_dir, demo_plan
+
+    tmp = tmp_path_factory.mktemp("tui-run")
+    model = build_model_dir(tmp / "model")
+    return tmp, demo_plan(model, DEMO_DATA, tmp / "runs", max_steps=5)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_start_a_tiny_cpu_run_and_see_its_report(tiny_plan):
+    tmp, plan = tiny_plan
+    app = make_app(plan=plan, plan_path=tmp / "plan.yaml")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        assert app.plan is not None and app.plan.hardware.device == "cpu"
+        await pilot.press("f4")
+        await pilot.pause()
+        screen = app.screen
+        assert not screen.query_one("#start").disabled
+        assert plan.data.path == screen.query_one("#dataset").value
+        assert "-m runner" in str(screen.query_one("#command").content)
+        assert "valid records" in str(screen.query_one("#preview").content)
+        screen.query_one("#run-dir").value = str(tmp / "runs" / "from-tui")
+        await pilot.press("ctrl+g")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (screen.run and screen.run.finished
+                                                     and screen.query_one("#abort").disabled):
+            await asyncio.sleep(0.5)
+        run = screen.run
+        assert run is not None and run.finished, run and run.status
+        assert run.error is None, run.error
+        assert run.step == 5 and len(run.losses) == 5
+        assert run.report is not None and (tmp / "runs" / "from-tui" / "report.json").is_file()
+        assert "predicted vs measured" in str(screen.query_one("#run-result").content.title)
+        assert (tmp / "plan.yaml").is_file()  # Start saved the plan it ran
+
+
+@pytest.mark.asyncio
+async def test_attach_to_a_finished_run_directory(tmp_path):
+    """Reattach: events.jsonl written by someone else is read back and shown."""
+    import json
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    events = [{"type": "start", "predicted": {"peak_allocated_bytes": 2 * 1024**3, "peak_reserved_bytes": 3 * 1024**3},
+               "total_steps": 3}]
+    events += [{"type": "step", "step": i, "epoch": i / 3, "loss": 3.0 - i, "lr": 1e-4, "tokens_per_s": 100.0,
+                "elapsed_s": i, "eta_s": 3 - i, "memory": {"torch_allocated": 1024**3 * i, "rss": 10}}
+               for i in (1, 2, 3)]
+    report = {"predicted": {"peak_allocated_bytes": 2 * 1024**3}, "measured": {"peak_allocated_bytes": 3 * 1024**3}}
+    events.append({"type": "end", "status": "completed", "report": report})
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    app = make_app(mode="launch")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#run-dir").value = str(run_dir)
+        await pilot.click("#attach")
+        for _ in range(20):
+            await pilot.pause(0.1)
+            if screen.run and screen.run.report:
+                break
+        assert screen.run.losses == [2.0, 1.0, 0.0]
+        assert screen.query_one("#mem-chart").lines[0][0] == 2 * 1024**3  # the predicted peak is drawn
+        assert "completed" in str(screen.query_one("#run-status").content)
