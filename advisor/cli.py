@@ -375,6 +375,17 @@ def cmd_watch(a: argparse.Namespace) -> int:
     return run(mode="watch", run_dir=a.run_dir)
 
 
+def report_user_error(e: UserError) -> int:
+    """Every problem on its own line, on stderr; the exit code for user mistakes."""
+    if len(e.problems) == 1:
+        print(f"tuneplan: {e.problems[0]}", file=sys.stderr)
+    else:
+        print(f"tuneplan: {len(e.problems)} problems:", file=sys.stderr)
+        for line in e.problems:
+            print(f"  - {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -388,13 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        if len(e.problems) == 1:
-            print(f"tuneplan: {e.problems[0]}", file=sys.stderr)
-        else:
-            print(f"tuneplan: {len(e.problems)} problems:", file=sys.stderr)
-            for line in e.problems:
-                print(f"  - {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report_user_error(e)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tuneplan ... | head`

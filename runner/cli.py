@@ -559,7 +559,7 @@ def update_docs(path: str | Path = Path(__file__).resolve().parent.parent / "doc
 
 def main(argv: list[str] | None = None) -> int:
     """These commands alone (`python -m runner.cli run|data|demo ...`), as advisor.cli.main runs them."""
-    from advisor.cli import EXIT_USER_ERROR, UserError
+    from advisor.cli import UserError, report_user_error
 
     parser = argparse.ArgumentParser(prog="tuneplan")
     add_commands(parser.add_subparsers(dest="command"))
@@ -570,13 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        if len(e.problems) == 1:
-            print(f"tuneplan: {e.problems[0]}", file=sys.stderr)
-        else:
-            print(f"tuneplan: {len(e.problems)} problems:", file=sys.stderr)
-            for line in e.problems:
-                print(f"  - {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report_user_error(e)
 
 
 if __name__ == "__main__":  # python -m runner.cli --update-docs | run|data|demo ...
