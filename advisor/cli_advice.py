@@ -42,6 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     r.add_argument("--revision", help="hub revision")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--save", metavar="PLAN", help="write the recommended choice as a plan.yaml for `tuneplan run`")
     r.set_defaults(func=cmd_recommend)
 
     g = sub.add_parser("guide", help="prompt, RAG or fine-tune? a short questionnaire",
@@ -138,7 +139,24 @@ def cmd_recommend(a: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print_advice(adv, serving)
+    if a.save and adv.choice is not None:
+        from advisor.planfile import save_plan
+
+        path = save_plan(chosen_plan(plan, adv.choice), a.save)
+        if not a.json:
+            print(f"plan saved to {path}; run it with: tuneplan run {path} data.path=YOUR.jsonl")
     return 0 if adv.choice is not None else 1
+
+
+def chosen_plan(plan, c):
+    """The base plan with the recommended option's method, precision, batch, GPUs and checkpointing."""
+    from advisor.spec import build_plan
+
+    data = plan.model_dump(mode="json")
+    data["training"].update(method=c.method, precision=c.precision, micro_batch=c.micro_batch,
+                            grad_accum=c.grad_accum, grad_checkpointing=c.gradient_checkpointing)
+    data["hardware"].update(gpu=c.gpu_id or c.gpu, gpus=c.num_gpus, zero=c.zero)
+    return build_plan(data)
 
 
 def _money(x: float | None) -> str:

@@ -360,3 +360,18 @@ def test_recommend_imports_no_torch():
     code = ("import sys, advisor.recommend, advisor.guide, advisor.cli_advice; "
             "assert 'torch' not in sys.modules and 'textual' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_recommend_save_writes_a_runnable_plan(tmp_path, capsys):
+    from advisor.cli import main
+    from advisor.planfile import load_plan
+
+    path = tmp_path / "rec.yaml"
+    assert main(["recommend", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "a10g", "--save", str(path), "--json"]) == 0
+    import json
+
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    plan = load_plan(path)
+    assert (plan.training.method, plan.training.micro_batch, plan.training.grad_accum) == (
+        choice["method"], choice["micro_batch"], choice["grad_accum"])
+    assert plan.hardware.gpus == choice["num_gpus"] and plan.hardware.gpu
