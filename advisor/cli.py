@@ -387,8 +387,10 @@ def report_user_error(e: UserError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runner.cli import parse_with_overrides
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     if not getattr(args, "command", None):
         if not (sys.stdin.isatty() and sys.stdout.isatty()):  # piped or scripted: help, not the app
             parser.print_help()

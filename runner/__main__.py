@@ -7,18 +7,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from advisor.cli import EXIT_USER_ERROR, UserError
-    from runner.cli import add_run_arguments, cmd_run
+    from advisor.cli import UserError, report_user_error
+    from runner.cli import add_run_arguments, cmd_run, parse_with_overrides
 
     p = argparse.ArgumentParser(prog="python -m runner", description="Run a tuneplan plan (as `tuneplan run`).")
     add_run_arguments(p)
-    args = p.parse_args(argv)
+    args = parse_with_overrides(p, argv)
     try:
         return cmd_run(args)
     except UserError as e:
-        for line in e.problems:
-            print(f"tuneplan: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report_user_error(e)
     except KeyboardInterrupt:
         return 130
 

@@ -37,6 +37,19 @@ def test_dry_run_prints_the_command(tmp_path, model_dir, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_overrides_after_an_option_are_overrides_too(tmp_path, model_dir, capsys):
+    """The order build_command writes: PLAN --run-dir D key=value (python -m runner, as launched)."""
+    from runner.__main__ import main as runner_main
+
+    p = plan_file(tmp_path, model_dir)
+    run_dir = tmp_path / "elsewhere"
+    assert runner_main([p, "--run-dir", str(run_dir), "training.micro_batch=2", "--dry-run"]) == 0
+    assert main(["run", p, "--run-dir", str(run_dir), "training.micro_batch=2", "--dry-run"]) == 0
+    assert "training.micro_batch=2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", p, "--run-dir", str(run_dir), "--bogus"])
+
+
 def test_unknown_override_key_is_an_error(tmp_path, model_dir, capsys):
     p = plan_file(tmp_path, model_dir)
     assert main(["run", p, "training.micro_bach=2", "--dry-run"]) == 2
