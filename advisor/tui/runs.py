@@ -19,6 +19,32 @@ def runner_module(name: str):
         return None
 
 
+def follow_events(run_dir: str, on_events, cancelled, exited=None, interval: float = 0.5):
+    """Tail RUN_DIR/events.jsonl until `cancelled()`; call `on_events(list)` with each new batch.
+    With `exited` (returns the process's exit code or None), stop once the run has exited or
+    written its end/error event, after reading what it wrote last; returns that exit code.
+    Runs in a worker thread (it sleeps between reads)."""
+    import time
+
+    events_mod = runner_module("events")
+    if events_mod is None:
+        return None
+    offset = 0
+    while not cancelled():
+        events, offset = events_mod.read_events(run_dir, offset)
+        if events:
+            on_events(events)
+        if exited is not None:
+            code = exited()
+            if code is not None or any(e.get("type") in ("end", "error") for e in events):
+                events, offset = events_mod.read_events(run_dir, offset)  # what it wrote before exiting
+                if events:
+                    on_events(events)
+                return code
+        time.sleep(interval)
+    return None
+
+
 def runner_missing() -> str | None:
     """Why runs cannot start from here, or None when they can."""
     launch = runner_module("launch")

@@ -4,7 +4,6 @@ progress with ETA, the loss curve, memory against the predicted peak, and predic
 from __future__ import annotations
 
 import shlex
-import time
 from pathlib import Path
 
 from rich.text import Text
@@ -17,7 +16,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, S
 
 from advisor.spec import SpecError
 from advisor.tui.messages import RunEvents, RunExited
-from advisor.tui.runs import RunState, runner_missing, runner_module
+from advisor.tui.runs import RunState, follow_events, runner_missing, runner_module
 from advisor.tui.widgets.chart import LineChart
 from advisor.tui.widgets.tables import report_table
 
@@ -230,22 +229,13 @@ class LaunchScreen(Screen):
     def tail(self, run_dir: str, handle) -> None:
         from textual.worker import get_current_worker
 
-        events_mod = runner_module("events")
         worker = get_current_worker()
-        offset = 0
-        while not worker.is_cancelled:
-            events, offset = events_mod.read_events(run_dir, offset)
-            if events:
-                self.post_message(RunEvents(run_dir, events))
-            code = handle.poll() if handle is not None and str(handle.run_dir) == run_dir else None
-            done = any(e.get("type") in ("end", "error") for e in events)
-            if code is not None or done:
-                events, offset = events_mod.read_events(run_dir, offset)  # what it wrote before exiting
-                if events:
-                    self.post_message(RunEvents(run_dir, events))
-                self.post_message(RunExited(run_dir, code))
-                return
-            time.sleep(0.3)
+        own = handle is not None and str(handle.run_dir) == run_dir
+        code = follow_events(run_dir, lambda events: self.post_message(RunEvents(run_dir, events)),
+                             lambda: worker.is_cancelled, exited=handle.poll if own else (lambda: None),
+                             interval=0.3)
+        if not worker.is_cancelled:
+            self.post_message(RunExited(run_dir, code))
 
     def on_run_events(self, m: RunEvents) -> None:
         if self.run is None or m.run_dir != self.run.run_dir:

@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from advisor.tui.messages import MemorySample, RunEvents
-from advisor.tui.runs import RunState, runner_module
+from advisor.tui.runs import RunState, follow_events, runner_module
 from advisor.tui.widgets.chart import LineChart
 
 GIB = 1024**3
@@ -89,16 +89,9 @@ class WatchScreen(Screen):
     def tail(self, run_dir: str) -> None:
         from textual.worker import get_current_worker
 
-        events_mod = runner_module("events")
-        if events_mod is None:
-            return
         worker = get_current_worker()
-        offset = 0
-        while not worker.is_cancelled:
-            events, offset = events_mod.read_events(run_dir, offset)
-            if events:
-                self.post_message(RunEvents(run_dir, events))
-            time.sleep(0.5)
+        follow_events(run_dir, lambda events: self.post_message(RunEvents(run_dir, events)),
+                      lambda: worker.is_cancelled)
 
     def on_run_events(self, m: RunEvents) -> None:
         if self.run is None or m.run_dir != self.run.run_dir:
