@@ -126,14 +126,15 @@ def attn_impl_of(model) -> str:
     return getattr(cfg, "_attn_implementation", None) or "eager"
 
 
-def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu"):
+def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu", trust_remote_code: bool = False):
     """Load ``model_dir`` ready to train as the runner trains it (see the module doc).
 
     Returns the model (a ``PeftModel`` for lora/qlora) in train mode with ``use_cache=False``.
+    Custom modelling code runs only when the plan asks for it (model.trust_remote_code).
     """
     if spec.attn_impl == "flash_attention_2" and device == "cpu":
         raise ValueError("flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU")
-    kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_impl, trust_remote_code=False)
+    kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_impl, trust_remote_code=trust_remote_code)
     if device != "cpu":
         kwargs["device_map"] = {"": device}
     if spec.method == "qlora":

@@ -185,7 +185,8 @@ class Recipe:
         from transformers import AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir,
+                                                           trust_remote_code=self.plan.model.trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"cannot load the tokenizer from {self.model_dir}: {e}".splitlines()[0]) from None
         if self.tokenizer.pad_token_id is None:
@@ -223,7 +224,8 @@ class Recipe:
         _preimport(t.method)  # library code pages are not the model: keep them out of the RSS baseline
         self.rss_before_model = self.monitor.read()["rss"]
         try:
-            self.model = load_for_training(self.model_dir, t, device=self.device)
+            self.model = load_for_training(self.model_dir, t, device=self.device,
+                                           trust_remote_code=self.plan.model.trust_remote_code)
         except (OSError, ValueError, ImportError, RuntimeError) as e:
             if _is_oom(e):
                 raise
@@ -547,7 +549,8 @@ class Recipe:
 
         del self.model
         gc.collect()
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=compute_dtype(self.plan.training.precision))
+        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=compute_dtype(self.plan.training.precision),
+                                                    trust_remote_code=self.plan.model.trust_remote_code)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(self.run_dir / "merged")
         self.tokenizer.save_pretrained(self.run_dir / "merged")
