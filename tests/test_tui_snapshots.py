@@ -1,6 +1,6 @@
 """How each screen looks (pytest-textual-snapshot). Update with `pytest tests/test_tui_snapshots.py --snapshot-update`.
 
-The watch screen is left out: it plots this machine's live memory, which differs on every run.
+The watch screen is pinned to fixed NVML answers (no GPU here, and live memory differs on every run).
 """
 
 import pytest
@@ -45,6 +45,38 @@ def test_launch_screen(snap_compare, monkeypatch):
         screen.query_one("#dataset").value = "runner/demo_data/instructions.jsonl"
         screen.query_one("#run-dir").value = "runs/example"
         screen.preview()
+        await _steady(pilot)
+
+    assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
+
+
+def test_watch_screen_with_a_fixed_gpu(snap_compare, monkeypatch):
+    """Watch with NVML answers pinned (this task has no GPU): one H100 with two processes."""
+    import runner.monitor as monitor
+
+    gib = 1024**3
+    snap = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "used": 61 * gib, "total": 80 * gib, "utilization": 87,
+             "processes": [{"pid": 4242, "name": "python", "used": 58 * gib},
+                           {"pid": 777, "name": "vllm", "used": 3 * gib}]}]
+    monkeypatch.setattr(monitor, "gpu_snapshot", lambda: snap)
+    monkeypatch.setattr(monitor, "system_memory",
+                        lambda: {"total": 128 * gib, "available": 100 * gib, "used": 28 * gib, "rss": gib})
+
+    from advisor.tui.messages import MemorySample
+
+    async def before(pilot):
+        await pilot.press("f5")
+        await pilot.pause()
+        screen = pilot.app.screen
+        screen.paused = True  # live samples are ignored from here on
+        await pilot.pause(0.2)
+        screen.history.clear()
+        screen.paused = False
+        system = monitor.system_memory()
+        for used in (40, 52, 58, 61):  # a fixed history, fed synchronously
+            snap[0]["used"] = used * gib
+            screen.on_memory_sample(MemorySample(snap, system))
+        screen.paused = True
         await _steady(pilot)
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
