@@ -16,6 +16,9 @@ from typing import Any
 GIB = 1024**3
 MIB = 1024**2
 
+from runner.console import _print_data_check, _print_error, _Progress, _stderr, print_report  # noqa: E402,F401
+from runner.reference import DOC_BEGIN, DOC_END, render_plan_reference, update_docs  # noqa: E402,F401
+
 
 def _user_error(problems):
     from advisor.cli import UserError
@@ -243,110 +246,6 @@ def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = T
     return code
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-class _Progress:
-    """A rich progress bar on stderr, or a plain line every few steps when not a terminal."""
-
-    def __init__(self, live: bool, plan):
-        self.live = live
-        self.bar = None
-        self.task = None
-        self.total = plan.run.max_steps
-        self.every = 1
-
-    def __enter__(self):
-        if self.live:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]training[/]"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=Console(stderr=True, highlight=False), transient=False)
-            self.bar.start()
-        return self
-
-    def update(self, ev: dict) -> None:
-        if ev.get("type") == "eval":
-            self.log(f"step {ev['step']}: validation loss {ev['val_loss']:.4f}")
-            return
-        total = ev.get("total_steps") or self.total
-        mem = ev.get("memory") or {}
-        used = mem.get("torch_peak") or mem.get("rss")
-        info = (f"loss {ev['loss']:.4f} lr {ev['lr']:.1e} {ev['tokens_per_s'] or 0:,.0f} tok/s "
-                f"{'peak' if mem.get('torch_peak') else 'rss'} {used / GIB:.2f} GiB" if used else "")
-        if self.bar is not None:
-            if self.task is None:
-                self.task = self.bar.add_task("train", total=total, info=info, completed=ev["step"] - 1)
-            self.bar.update(self.task, completed=ev["step"], info=info)
-        else:
-            self.every = max(1, (total or 20) // 20)
-            if ev["step"] % self.every == 0 or ev["step"] == total:
-                print(f"step {ev['step']}/{total}  {info}", file=sys.stderr, flush=True)
-
-    def log(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(msg)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _gib(b: int | None) -> str:
-    if b is None:
-        return "n/a"
-    return f"{b / GIB:.2f} GiB" if b >= GIB / 4 else f"{b / MIB:.1f} MiB"
-
-
-def print_report(rep: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    con = Console(highlight=False)
-    loss = rep["loss"]
-    status = {"completed": "[green]completed[/]", "interrupted": "[yellow]interrupted[/]"}.get(rep["status"],
-                                                                                             rep["status"])
-    con.print(f"run {status}: {rep['steps']}/{rep['total_steps']} steps in {rep['runtime_s']:.1f} s "
-              f"(training {rep['train_s']:.1f} s, {rep['tokens_per_s'] or 0:,.0f} tokens/s) on {rep['device']}")
-    first, last = loss.get("first"), loss.get("final_train")
-    if first is not None and last is not None:
-        val = f", validation {loss['final_val']:.4f}" if loss.get("final_val") is not None else ""
-        con.print(f"loss {first:.4f} → {last:.4f} (mean of the last 5 steps){val}")
-    p, c = rep["predicted"], rep["compare"]
-    con.print(f"peak memory: predicted {_gib(p.get('peak_allocated_bytes'))} allocated"
-              + (f" / {_gib(p.get('peak_reserved_bytes'))} reserved" if p.get("device") == "cuda" else "")
-              + f"; measured {_gib(c.get('measured'))}" + (f" (× {c['ratio']})" if c.get("ratio") else ""))
-    con.print(f"[dim]measured = {c['what']}[/]")
-    for n in rep.get("notes", []):
-        con.print(f"[dim]note: {n}[/]")
-    con.print(f"run directory: {rep['run_dir']}")
-    if rep.get("adapter"):
-        con.print(f"adapter: {rep['adapter']}  (PeftModel.from_pretrained(base, this))")
-    if rep["status"] == "interrupted":
-        con.print(f"resume with: tuneplan run --resume {rep['run_dir']}")
-
-
-def _print_error(err: dict, run_dir: Path) -> None:
-    kind = err["kind"]
-    if kind in ("data", "model"):
-        return  # raised as a UserError by the caller
-    print(f"tuneplan: {'out of memory' if kind == 'oom' else 'the run failed'}: {err['message']}", file=sys.stderr)
-    if err.get("measured_peak"):
-        print(f"  measured peak before the failure: {_gib(err['measured_peak'])}", file=sys.stderr)
-    s = err.get("suggestion") or {}
-    if s.get("command"):
-        changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items())
-        print(f"  the advisor's next plan ({changes}) would fit:\n    {s['command']}", file=sys.stderr)
-    elif s.get("note"):
-        print(f"  {s['note']}", file=sys.stderr)
-    if kind == "runtime":
-        print(f"  details: {run_dir / 'traceback.txt'}", file=sys.stderr)
-
-
 # --- data check ----------------------------------------------------------------------------------
 
 def cmd_data_check(a: argparse.Namespace) -> int:
@@ -409,46 +308,6 @@ def _tokenizer(ref: str):
         raise _user_error(f"cannot load a tokenizer from {ref}: {str(e).splitlines()[0] if str(e) else e}") from None
 
 
-def _print_data_check(out: dict) -> None:
-    from rich.console import Console
-    from rich.text import Text
-
-    con = Console(highlight=False)
-    con.print(f"[bold]{out['file']}[/]: {out['valid_records']} valid records, format {out['format'] or '?'}"
-              + (f", template {out['template']}" if out.get("template") else "")
-              + (f", [red]{len(out['problems'])} problems[/]" if out["problems"] else ", no problems"))
-    if "tokens" in out:
-        s = out["tokens"]
-        con.print(f"tokens per example: min {s['min']}, mean {s['mean']}, median {s['median']}, p95 {s['p95']}, "
-                  f"max {s['max']}; trained tokens per example: mean {out['trained_tokens']['mean']}")
-        if out["truncated"]:
-            con.print(f"[yellow]{out['truncated']} examples are longer than --seq and get cut[/]")
-        if out["no_trained_tokens"]:
-            con.print(f"[yellow]{len(out['no_trained_tokens'])} examples lose every response token to truncation "
-                      f"(lines {', '.join(map(str, out['no_trained_tokens'][:10]))})[/]")
-    elif "characters" in out:
-        s = out["characters"]
-        con.print(f"characters per example: min {s['min']}, mean {s['mean']}, max {s['max']} "
-                  "(give --model DIR for token counts and the label mask)")
-    ex = out.get("example")
-    if ex:
-        con.print(f"\nexample (line {ex['line']}): [green]green = trained on[/] (loss), [dim]dim = masked (-100)[/]")
-        text = Text()
-        if "tokens" in ex:
-            for t in ex["tokens"]:
-                text.append(t["text"], style="green" if t["trained"] else "dim")
-                text.append("|", style="dim blue")
-        else:
-            for s in ex["segments"]:
-                text.append(s["text"], style="green" if s["trained"] else "dim")
-        con.print(text)
-        if "tokens" in ex:
-            trained = "".join(t["text"] for t in ex["tokens"] if t["trained"])
-            con.print(f"[dim]({len(ex['tokens'])} tokens, {sum(t['trained'] for t in ex['tokens'])} trained; "
-                      "| separates tokens)[/]")
-            con.print(f"trained on: {trained!r}")
-
-
 # --- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -477,84 +336,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 # --- docs ----------------------------------------------------------------------------------------
-
-DOC_BEGIN = "<!-- BEGIN GENERATED PLAN REFERENCE (runner.cli.render_plan_reference) -->"
-DOC_END = "<!-- END GENERATED PLAN REFERENCE -->"
-
-
-def render_plan_reference() -> str:
-    """The plan.yaml reference, from the pydantic models' field descriptions."""
-    from pydantic import BaseModel
-
-    from advisor.spec import Plan
-
-    lines: list[str] = []
-
-    def typename(ann) -> str:
-        import types
-        import typing
-
-        origin, args = typing.get_origin(ann), typing.get_args(ann)
-        if origin is typing.Literal:
-            return ", ".join(f"`{json.dumps(a)}`" for a in args)
-        if origin in (typing.Union, types.UnionType):
-            return " or ".join("null" if a is type(None) else typename(a) for a in args)
-        if origin is list:
-            return f"list of {typename(args[0])}"
-        return getattr(ann, "__name__", str(ann))
-
-    def bounds(field) -> str:
-        out = []
-        for m in field.metadata:
-            for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-                if getattr(m, attr, None) is not None:
-                    out.append(f"{sym} {getattr(m, attr)}")
-        return f" ({', '.join(out)})" if out else ""
-
-    def default(field) -> str:
-        if field.default_factory is not None:
-            return "(section)"
-        v = field.default
-        return "null" if v is None else json.dumps(v)
-
-    def section(model: type[BaseModel], prefix: str) -> None:
-        rows = []
-        subs = []
-        for name, f in model.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                subs.append((name, ann, f))
-                continue
-            desc = (f.description or "").replace("|", "\\|")
-            rows.append(f"| `{prefix}{name}` | {typename(f.annotation)}{bounds(f)} | `{default(f)}` | {desc} |")
-        if rows:
-            lines.append(f"### `{prefix.rstrip('.') or 'top level'}`\n")
-            lines.append("| key | type | default | meaning |")
-            lines.append("|---|---|---|---|")
-            lines.extend(rows)
-            lines.append("")
-        for name, ann, f in subs:
-            if f.description:
-                lines.append(f"<!-- {prefix}{name}: {f.description} -->")
-            section(ann, f"{prefix}{name}.")
-
-    section(Plan, "")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def update_docs(path: str | Path = Path(__file__).resolve().parent.parent / "docs" / "runner.md") -> bool:
-    """Rewrite the generated block of docs/runner.md; True if it changed."""
-    path = Path(path)
-    text = path.read_text()
-    head, _, rest = text.partition(DOC_BEGIN)
-    _, _, tail = rest.partition(DOC_END)
-    new = f"{head}{DOC_BEGIN}\n{render_plan_reference()}{DOC_END}{tail}"
-    if new != text:
-        path.write_text(new)
-        return True
-    return False
-
-
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -585,8 +366,5 @@ def main(argv: list[str] | None = None) -> int:
         return report_user_error(e)
 
 
-if __name__ == "__main__":  # python -m runner.cli --update-docs | run|data|demo ...
-    if sys.argv[1:] == ["--update-docs"]:
-        print("updated" if update_docs() else "up to date")
-    else:
-        sys.exit(main())
+if __name__ == "__main__":  # python -m runner.cli run|data|demo ...
+    sys.exit(main())
