@@ -375,6 +375,18 @@ def cmd_watch(a: argparse.Namespace) -> int:
     return run(mode="watch", run_dir=a.run_dir)
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse stops collecting `key=value` positionals at the first option (`PLAN --run-dir D k=v`);
+    gather the ones after it too, and refuse anything else it did not know."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def report_user_error(e: UserError) -> int:
     """Every problem on its own line, on stderr; the exit code for user mistakes."""
     if len(e.problems) == 1:
@@ -387,8 +399,6 @@ def report_user_error(e: UserError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runner.cli import parse_with_overrides
-
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
     if not getattr(args, "command", None):

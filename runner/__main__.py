@@ -7,8 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from advisor.cli import UserError, report_user_error
-    from runner.cli import add_run_arguments, cmd_run, parse_with_overrides
+    from advisor.cli import UserError, parse_with_overrides, report_user_error
+    from runner.cli import add_run_arguments, cmd_run
 
     p = argparse.ArgumentParser(prog="python -m runner", description="Run a tuneplan plan (as `tuneplan run`).")
     add_run_arguments(p)

@@ -338,21 +338,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # --- docs ----------------------------------------------------------------------------------------
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """argparse stops collecting `key=value` positionals at the first option (`PLAN --run-dir D k=v`);
-    gather the ones after it too, and refuse anything else it did not know."""
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
-            args.overrides = [*(args.overrides or []), *extra]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     """These commands alone (`python -m runner.cli run|data|demo ...`), as advisor.cli.main runs them."""
-    from advisor.cli import UserError, report_user_error
+    from advisor.cli import UserError, parse_with_overrides, report_user_error
 
     parser = argparse.ArgumentParser(prog="tuneplan")
     add_commands(parser.add_subparsers(dest="command"))
