@@ -199,9 +199,11 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     fam, _ = family_of(shape.model_type)
     tokens = t.micro_batch * t.seq_len
     v = shape.vocab_size
-    head = 4 if t.method == "qlora" else (4 if t.precision.startswith("amp") else param_bytes(t.precision))
+    # dtype of the head's output: autocast computes it in half; QLoRA's head is fp32 after preparation
     if t.precision.startswith("amp"):
         head = 2
+    else:
+        head = 4 if t.method == "qlora" else param_bytes(t.precision)
     softcap = bool(fam.logit_softcap_attr and shape.features.get(fam.logit_softcap_attr))
     upcast = 4 if head != 4 else 0
     fwd = head + upcast + 4 + (2 * head if softcap else 0)
