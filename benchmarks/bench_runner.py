@@ -67,7 +67,7 @@ def run_trainer(plan, model_dir: Path, out: Path, steps: int) -> tuple[float, fl
     import torch
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from runner.build import load_for_training
+    from advisor.stack import load_for_training
     from runner.data import collate, prepare
 
     tok = AutoTokenizer.from_pretrained(model_dir)

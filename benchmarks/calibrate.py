@@ -4,7 +4,7 @@
                                    [--only SUBSTRING] [--steps 3] [--threads 1]
 
 Each case builds a tiny random-weight model of a real architecture (benchmarks/tiny_models.py),
-loads it with runner.build exactly as the runner does (transformers + peft + bitsandbytes), runs
+loads it with advisor.stack exactly as the runner does (transformers + peft + bitsandbytes), runs
 ``--steps`` Trainer-style steps (or one greedy ``generate`` for inference) under the CPU memory
 profiler (runner.memtrace), and records the *last* step, the steady state.
 
@@ -53,9 +53,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from advisor import stack as build  # noqa: E402
 from advisor.spec import InferSpec, LoraSpec, TrainSpec  # noqa: E402
 from benchmarks.tiny_models import FAMILIES, build_tiny, make_config  # noqa: E402
-from runner import build, memtrace  # noqa: E402
+from runner import memtrace  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "measured_cpu.json"
 

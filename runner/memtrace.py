@@ -29,7 +29,7 @@ handles are not tensors), so it does not disturb the numbers it records.
 Steps and phases are ``torch.profiler.record_function`` ranges: ``tuneplan:step`` around a step,
 and any ``tuneplan:<phase>`` range inside it is a phase of that step -- ``forward`` / ``backward`` /
 ``optimizer`` / ``zero_grad`` for training, ``prefill`` / ``decode`` for generation (see
-:mod:`runner.build`). A ``tuneplan:*`` range outside every step (e.g. ``tuneplan:load``) is a mark.
+:mod:`advisor.stack`). A ``tuneplan:*`` range outside every step (e.g. ``tuneplan:load``) is a mark.
 """
 
 from __future__ import annotations
@@ -45,22 +45,19 @@ from typing import Any
 os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
+
+from advisor.stack import PHASE_PREFIX, phase  # noqa: F401  (phase: re-exported for tests)
 
 __all__ = [
     "PHASES", "INFER_PHASES", "PREFIX", "StepTrace", "Trace", "measure", "phase", "ops_by_thread",
     "gc_live_tensor_bytes",
 ]
 
-PREFIX = "tuneplan:"
+PREFIX = PHASE_PREFIX
 STEP = PREFIX + "step"
 PHASES: tuple[str, ...] = ("forward", "backward", "optimizer", "zero_grad")  # training step phases
 INFER_PHASES: tuple[str, ...] = ("prefill", "decode")  # generate_step phases
-
-
-def phase(name: str):
-    """``record_function`` range ``tuneplan:<name>`` (a context manager)."""
-    return record_function(PREFIX + name)
 
 
 @dataclass
@@ -189,7 +186,7 @@ def measure(fn: Callable[[], Any]) -> Trace:
 
     ``fn`` must create the model itself (the profiler has to be running before the first
     weight is allocated, see the module doc) and run its steps inside
-    ``record_function("tuneplan:step")`` ranges, as :func:`runner.build.train_step` does.
+    ``record_function("tuneplan:step")`` ranges, as :func:`advisor.stack.train_step` does.
     ``Trace.result`` is what ``fn`` returned; keep it small (it is alive at the end).
     """
     gc.collect()

@@ -1,8 +1,8 @@
 """The training recipe: setup -> train -> cleanup, one visible loop.
 
-``Recipe(plan, run_dir).run()`` is the whole run: it loads the model as :mod:`runner.build` does
+``Recipe(plan, run_dir).run()`` is the whole run: it loads the model as :mod:`advisor.stack` does
 (the same code the memory calibration measures), tokenizes the data (:mod:`runner.data`), trains
-with :func:`runner.build.train_step`, and writes the run directory::
+with :func:`advisor.stack.train_step`, and writes the run directory::
 
     RUN_DIR/plan.yaml            the resolved plan (no secrets)
     RUN_DIR/events.jsonl         start, step, memory, eval, checkpoint, end / error events
@@ -219,7 +219,7 @@ class Recipe:
         if self.is_main and self.instrument:
             self.monitor.start()  # memory events from here on: model loading included
 
-        from runner.build import load_for_training, make_optimizer
+        from advisor.stack import load_for_training, make_optimizer
 
         _preimport(t.method)  # library code pages are not the model: keep them out of the RSS baseline
         self.rss_before_model = self.monitor.read()["rss"]
@@ -306,7 +306,7 @@ class Recipe:
     # --- train ----------------------------------------------------------------------------
 
     def train(self) -> str:
-        from runner.build import train_step
+        from advisor.stack import train_step
 
         torch = self.torch
         plan, t = self.plan, self.plan.training
@@ -414,7 +414,7 @@ class Recipe:
         return float(self.accelerator.reduce(v, reduction="mean").item())
 
     def evaluate(self) -> float:
-        from runner.build import eval_loss
+        from advisor.stack import eval_loss
         from runner.data import collate
 
         t = self.plan.training
@@ -545,7 +545,7 @@ class Recipe:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        from runner.build import compute_dtype
+        from advisor.stack import compute_dtype
 
         del self.model
         gc.collect()

@@ -1,4 +1,4 @@
-"""Fast checks of the ground-truth harness (runner.memtrace) and the shared builder (runner.build)."""
+"""Fast checks of the ground-truth harness (runner.memtrace) and the shared builder (advisor.stack)."""
 
 from __future__ import annotations
 
@@ -77,9 +77,9 @@ def test_real_step_tiny_llama(tmp_path):
     """A real transformers model, full fp32 + plain SGD: between steps only the weights and the
     batch are alive (no optimizer state, gradients set to None), and nothing escapes the trace."""
     pytest.importorskip("transformers")
+    from advisor import stack as build
     from advisor.spec import TrainSpec
     from benchmarks.tiny_models import build_tiny
-    from runner import build
 
     model_dir = build_tiny("llama", cache_dir=tmp_path, num_hidden_layers=1, vocab_size=512,
                            hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)

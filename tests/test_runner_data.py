@@ -95,7 +95,7 @@ def test_weighted_loss_equals_model_loss_for_a_01_mask(tok):
     import torch
     from tiny import build
 
-    from runner.build import _weighted_loss
+    from advisor.stack import _weighted_loss
 
     model = build("llama")
     recs = [D.Record(i, {"instruction": f"Q{i}", "output": "A" * (i + 1)}) for i in range(3)]

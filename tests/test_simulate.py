@@ -1,7 +1,7 @@
 """--mode simulate against the ground truth: the real run on the CPU under runner.memtrace.
 
 Each case builds a tiny random-weight model of a real architecture (benchmarks/tiny_models.py),
-measures the steady-state step with the real stack (runner.build + the CPU memory profiler) and
+measures the steady-state step with the real stack (advisor.stack + the CPU memory profiler) and
 simulates the same plan on fake tensors; the peaks must agree within 2 %.
 """
 
@@ -33,8 +33,9 @@ def _shape(family: str, **overrides):
 def _measure_training(family: str, spec: TrainSpec) -> int:
     import torch
 
+    from advisor import stack as build
     from benchmarks.tiny_models import build_tiny
-    from runner import build, memtrace
+    from runner import memtrace
 
     model_dir = build_tiny(family)
 
@@ -54,8 +55,9 @@ def _measure_training(family: str, spec: TrainSpec) -> int:
 def _measure_inference(family: str, spec: InferSpec) -> int:
     import torch
 
+    from advisor import stack as build
     from benchmarks.tiny_models import build_tiny
-    from runner import build, memtrace
+    from runner import memtrace
 
     model_dir = build_tiny(family)
 

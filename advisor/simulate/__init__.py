@@ -5,7 +5,7 @@ model anything it can run instead. It builds the real transformers model from th
 real peft LoRA, real gradient checkpointing, the real torch optimizer), all under
 ``torch._subclasses.fake_tensor.FakeTensorMode`` -- tensors with shapes, dtypes and strides but
 no data and no memory -- and runs a steady-state training step (forward with labels, backward,
-``optimizer.step``, ``zero_grad(set_to_none=True)``, as :func:`runner.build.train_step` does) or a
+``optimizer.step``, ``zero_grad(set_to_none=True)``, as :func:`advisor.stack.train_step` does) or a
 greedy generation. A ``TorchDispatchMode`` of our own sees the outputs of every aten op, registers
 each new storage once with its ``nbytes`` and a weak reference whose callback subtracts it when
 the storage dies: the running sum is the number of live tensor bytes at every moment, exactly

@@ -60,7 +60,7 @@ def _preimport(hf_cfg, plan: Plan) -> None:
     import transformers  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    import runner.build  # noqa: F401
+    import advisor.stack  # noqa: F401
 
     try:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_cfg)]
@@ -77,7 +77,7 @@ def _preimport(hf_cfg, plan: Plan) -> None:
 
 def _from_config(hf_cfg, dtype, attn_impl: str):
     """AutoModelForCausalLM.from_config with the runner's attention fallback (see
-    runner.build._from_pretrained): an architecture without sdpa runs eager."""
+    advisor.stack._from_pretrained): an architecture without sdpa runs eager."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -242,7 +242,7 @@ def _optimizer(model, name: str, lr: float, device: str):
     params = [p for p in model.parameters() if p.requires_grad]
     if name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         return _BnbOptimizer(params, name, device)
-    from runner.build import make_optimizer
+    from advisor.stack import make_optimizer
 
     impl = "foreach" if device == "cuda" else "for-loop"
     if name == "adafactor":

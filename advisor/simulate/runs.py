@@ -25,8 +25,8 @@ from advisor.spec import Plan
 # ------------------------------------------------------------------------------------------
 
 def _build_training(plan: Plan, shape: ModelShape, config: dict):
-    """The model as runner.build.load_for_training builds it, on fake tensors."""
-    from runner.build import _enable_checkpointing, _lora_config, compute_dtype, param_dtype
+    """The model as advisor.stack.load_for_training builds it, on fake tensors."""
+    from advisor.stack import _enable_checkpointing, _lora_config, compute_dtype, param_dtype
 
     t = plan.training
     if t.attn_impl == "flash_attention_2":

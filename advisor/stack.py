@@ -1,4 +1,6 @@
-"""The one place that builds a model for training or inference (the runner and calibration share it).
+"""The stack: how tuneplan builds a model for training or inference with transformers + peft +
+bitsandbytes. The runner trains with it and the simulation traces it, so the estimate models exactly
+what the runner runs (the runner, calibration and advisor.simulate all import this one module).
 
 Everything here is the real stack (transformers + peft + bitsandbytes), configured exactly as the
 runner trains, so that what :mod:`runner.memtrace` measures is what a user's run allocates:
@@ -31,7 +33,16 @@ os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # see runner.memtrace: k
 import torch
 
 from advisor.spec import OPTIMIZERS, InferSpec, TrainSpec
-from runner.memtrace import phase
+
+PHASE_PREFIX = "tuneplan:"  # record_function ranges that runner.memtrace reads back
+
+
+def phase(name: str):
+    """``record_function`` range ``tuneplan:<name>`` (a context manager)."""
+    from torch.profiler import record_function
+
+    return record_function(PHASE_PREFIX + name)
+
 
 __all__ = [
     "param_dtype", "compute_dtype", "load_for_training", "make_optimizer", "make_batch", "train_step",

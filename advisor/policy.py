@@ -1,0 +1,104 @@
+"""Decisions that must agree on every screen: units and their formatting, the fit verdict, and which
+precisions a GPU supports. The CLI, ``--json``, the TUI, ``recommend`` and ``run`` all call these, so
+one plan can never fit on one screen and not on another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from advisor.gpus import Gpu
+
+# --- units (1024-based, labelled GiB; conversion only at display time) ---------------------------
+KIB = 1024
+MIB = 1024**2
+GIB = 1024**3
+
+
+def gib(b: int | float, digits: int = 2) -> str:
+    """Bytes as a GiB number string, e.g. '12.34' (no unit; tables put it in the header)."""
+    return f"{b / GIB:,.{digits}f}"
+
+
+def gib_str(b: int | float, digits: int = 2) -> str:
+    """Bytes with the unit, e.g. '12.34 GiB'."""
+    return f"{gib(b, digits)} GiB"
+
+
+def duration(hours: float) -> str:
+    """'3.2 h' or '12 min' (display only)."""
+    return f"{hours:,.1f} h" if hours >= 1 else f"{max(hours * 60, 1):.0f} min"
+
+
+# --- the fit verdict ------------------------------------------------------------------------------
+Status = Literal["fits", "tight", "oom"]
+TIGHT_SHARE = 0.90  # above 90% of the card (expected peak) the margin for other processes is thin
+STATUS_WORDS = {"fits": "fits", "tight": "tight", "oom": "out of memory"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Does a per-GPU peak fit a card? From the expected nvidia-smi peak and its high end (p90)."""
+
+    status: Status
+    need_bytes: int  # expected peak reserved per GPU
+    high_bytes: int  # high end of the band (p90)
+    capacity_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        """Launchable: 'fits' or 'tight' (tight may still run out on an unlucky step)."""
+        return self.status != "oom"
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.capacity_bytes - self.need_bytes
+
+    @property
+    def share(self) -> float:
+        return self.need_bytes / self.capacity_bytes if self.capacity_bytes else float("inf")
+
+    def as_json(self) -> dict[str, object]:
+        return {"status": self.status, "fits": self.fits, "memory_bytes": self.capacity_bytes,
+                "need_bytes": self.need_bytes, "need_high_bytes": self.high_bytes,
+                "headroom_bytes": self.headroom_bytes}
+
+
+def fit_verdict(need: int, capacity: int, high: int | None = None) -> Verdict:
+    """oom: the expected peak is over the card; tight: the expected peak is over 90% of the card or
+    its high end (p90) is over the card; fits: otherwise."""
+    high = need if high is None else max(high, need)
+    if need > capacity:
+        status: Status = "oom"
+    elif need > TIGHT_SHARE * capacity or high > capacity:
+        status = "tight"
+    else:
+        status = "fits"
+    return Verdict(status, int(need), int(high), int(capacity))
+
+
+def fit_status(need: int, capacity: int, high: int | None = None) -> Status:
+    return fit_verdict(need, capacity, high).status
+
+
+# --- precision support ----------------------------------------------------------------------------
+BF16_PRECISIONS = ("bf16", "amp-bf16")
+
+
+def precision_problem(gpu: Gpu | None, precision: str) -> str | None:
+    """Why this GPU cannot train in this precision (None when it can)."""
+    if gpu is not None and not gpu.bf16 and precision in BF16_PRECISIONS:
+        return f"{gpu.name} has no bf16 support (needs Ampere or newer); use --precision fp16 or amp-fp16"
+    return None
+
+
+def precision_for(method: str, gpu: Gpu | None, base: str) -> str:
+    """bf16 where the card has it; otherwise fp16 (T4, V100). Full fine-tuning without bf16 uses
+    AMP fp16 (fp32 master weights + loss scaling): pure fp16 weights underflow their updates."""
+    if gpu is None or gpu.bf16:
+        return base
+    if method == "full" and base in ("bf16", "fp16", "amp-bf16"):
+        return "amp-fp16"
+    return {"bf16": "fp16", "amp-bf16": "amp-fp16"}.get(base, base)
