@@ -1,9 +1,10 @@
-"""The form -> advisor calls -> what the screens show. No Textual here, no formula either.
+"""The plan form (the TUI's plan screen) -> service calls -> what the screens show. Headless: no
+Textual here, and no formula either.
 
-The plan screen keeps its inputs as a flat dict of strings (``FORM_DEFAULTS``); :func:`evaluate`
-turns it into a plan dict, calls :func:`advisor.cli.load_plan_and_shape` (every problem at once)
-and maps each problem back to the form field it belongs to. The numbers come from
-:func:`advisor.memory.estimate` and :func:`advisor.recommend.train_hours` alone.
+The form keeps its inputs as a flat dict of strings (``FORM_DEFAULTS``); :func:`evaluate` turns it
+into a plan dict, calls :func:`advisor.service.build` (every problem at once, typed) and puts each
+problem on the form field of its plan field (``LOC_FIELD``); a problem with no field is general.
+The numbers come from :mod:`advisor.service` alone.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advisor.problems import Problem, Problems
 from advisor.spec import Plan
-
-GIB = 1024**3
 
 FORM_DEFAULTS: dict[str, Any] = {
     "model": "meta-llama/Llama-3.1-8B", "gpu": "rtx-4090", "gpus": "1", "zero": "0", "task": "training",
@@ -35,9 +35,6 @@ LOC_FIELD = {
     "training.lora.alpha": "lora_alpha", "training.lora.targets": "lora_targets",
     "inference.weight_quant": "weight_quant",
 }
-# problems from advisor.spec.check_against_shape / load_plan_and_shape that carry no location
-KEYWORD_FIELD = (("sequence length", "seq"), ("LoRA rank", "lora_r"), ("LoRA targets", "lora_targets"),
-                 ("no linear layers", "method"), ("no bf16 support", "precision"))
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
@@ -97,89 +94,68 @@ class Evaluation:
     """Everything the plan screen shows for one state of the form."""
 
     form: dict[str, Any]
-    errors: dict[str, str] = field(default_factory=dict)  # field -> reason
+    errors: dict[str, str] = field(default_factory=dict)  # form field -> reason
     general: list[str] = field(default_factory=list)  # problems that belong to no single field
+    problems: list[Problem] = field(default_factory=list)  # the typed problems behind errors and general
     plan: Plan | None = None
     shape: Any = None
     gpu: Any = None
-    result: dict[str, Any] | None = None  # advisor.cli.estimate_result
-    status: str | None = None  # advisor.cli.fit_status
-    compare: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (label, estimate_result)
-    gpu_rows: list[dict[str, Any]] = field(default_factory=list)
+    result: Any = None  # advisor.service.EstimateResult
+    compare: list[Any] = field(default_factory=list)  # advisor.service.Variant
+    gpu_rows: list[Any] = field(default_factory=list)  # advisor.service.GpuRow
 
     @property
     def ok(self) -> bool:
         return self.result is not None
 
+    @property
+    def status(self) -> str | None:
+        """The one fit verdict (advisor.policy) of the plan on its GPU; None without a GPU."""
+        return self.result.status if self.result is not None else None
 
-def _field_of(problem: str, model_err: str | None, gpu_err: str | None) -> tuple[str | None, str]:
-    m = re.match(r"^--[\w-]+ \(([\w.]+)\): (.*)$", problem, re.S) or re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$",
-                                                                             problem, re.S)
-    if m and m.group(1) in LOC_FIELD:
-        return LOC_FIELD[m.group(1)], m.group(2)
-    if problem == model_err:
-        return "model", problem
-    if problem == gpu_err:
-        return "gpu", problem
-    for word, name in KEYWORD_FIELD:
-        if word in problem:
-            return name, problem
-    return None, problem
+    @property
+    def context(self):
+        from advisor.service import PlanContext
+
+        return PlanContext(self.plan, self.shape, self.gpu)
 
 
-def _errors_of(data: dict[str, Any], problems: list[str]) -> tuple[dict[str, str], list[str]]:
-    from advisor.gpus import GpuError, find_gpu
-    from advisor.model import ModelError, resolve
-
-    model_err = gpu_err = None
-    m = data["model"]
-    try:
-        resolve(m.get("ref", ""), m.get("revision"), bool(m.get("trust_remote_code")))
-    except ModelError as e:
-        model_err = str(e)
-    if data["hardware"].get("gpu"):
-        try:
-            find_gpu(data["hardware"]["gpu"])
-        except GpuError as e:
-            gpu_err = str(e)
+def place(problems: list[Problem]) -> tuple[dict[str, str], list[str]]:
+    """Each typed problem on its form field (by plan field), or general when it has none on the form."""
     errors: dict[str, str] = {}
     general: list[str] = []
     for p in problems:
-        name, msg = _field_of(p, model_err, gpu_err)
+        name = LOC_FIELD.get(p.field or "")
         if name is None:
-            general.append(msg)
+            general.append(str(p))
         else:
-            errors[name] = f"{errors[name]}; {msg}" if name in errors else msg
+            errors[name] = f"{errors[name]}; {p.message}" if name in errors else p.message
     return errors, general
 
 
 def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, tokens: float | None = None) -> Evaluation:
     """Validate and estimate one state of the form; never raises on user input."""
-    from advisor.cli import UserError, estimate_result, fit_status, load_plan_and_shape
+    from advisor import service
 
     ev = Evaluation(dict(form))
     ref = form["model"].strip()
-    if needs_fetch(ref):
-        if ref not in FETCHED:
-            ev.errors["model"] = (f"{ref!r} is not a bundled profile; press Enter to fetch its config.json "
-                                  "from the hub")
-            return ev
-    data = plan_dict(form, base)
-    try:
-        ev.plan, ev.shape, ev.gpu = load_plan_and_shape(data)
-    except UserError as e:
-        ev.errors, ev.general = _errors_of(data, e.problems)
+    if needs_fetch(ref) and ref not in FETCHED:
+        ev.errors["model"] = f"{ref!r} is not a bundled profile; press Enter to fetch its config.json from the hub"
         return ev
     try:
-        ev.result = estimate_result(ev.plan, ev.shape, ev.gpu)
-        ev.compare = compare(ev.plan, ev.shape, ev.gpu)
-        ev.gpu_rows = gpu_rows(ev.plan, ev.shape, tokens)
+        ctx = service.build(plan_dict(form, base))
+    except Problems as e:
+        ev.problems = e.items
+        ev.errors, ev.general = place(e.items)
+        return ev
+    ev.plan, ev.shape, ev.gpu = ctx.plan, ctx.shape, ctx.gpu
+    try:
+        ev.result = service.estimate(ctx)
+        ev.compare = service.compare(ctx)
+        ev.gpu_rows = service.gpu_rows(ctx, tokens)
     except Exception as e:  # an estimator limit (EstimateError) or anything unforeseen: shown, never a crash
         ev.general.append(f"{type(e).__name__}: {e}")
         ev.result = None
-        return ev
-    if ev.gpu is not None:
-        ev.status = fit_status(ev.result["peak_reserved_bytes"], ev.gpu.memory_bytes)
     return ev
 
 
@@ -188,59 +164,11 @@ FETCHED: set[str] = set()  # hub ids resolved in this process (after a fetch on 
 
 def fetch_model(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
     """Resolve a hub id (network, maybe torch): call from a worker thread. Returns the error, or None."""
-    from advisor.model import ModelError, resolve
+    from advisor import service
 
     try:
-        resolve(ref.strip(), revision, trust_remote_code)
-    except ModelError as e:
-        return str(e)
+        service.resolve_model(ref.strip(), revision, trust_remote_code)
+    except Problems as e:
+        return "; ".join(p.message for p in e.items)
     FETCHED.add(ref.strip())
     return None
-
-
-def compare(plan: Plan, shape, gpu) -> list[tuple[str, dict[str, Any]]]:
-    """The same settings three ways: Full / LoRA / QLoRA for training, none / int8 / nf4 weights for serving."""
-    from advisor.cli import estimate_result
-
-    out = []
-    if plan.task == "training":
-        variants = [("Full", "method", "full"), ("LoRA", "method", "lora"), ("QLoRA", "method", "qlora")]
-        section = "training"
-    else:
-        variants = [("16-bit", "weight_quant", "none"), ("int8", "weight_quant", "int8"),
-                    ("nf4", "weight_quant", "nf4")]
-        section = "inference"
-    for label, key, value in variants:
-        sub = getattr(plan, section).model_copy(update={key: value})
-        try:
-            out.append((label, estimate_result(plan.model_copy(update={section: sub}), shape, gpu)))
-        except Exception as e:  # noqa: BLE001 - one variant the estimator refuses must not hide the others
-            out.append((label, {"error": str(e)}))
-    return out
-
-
-def gpu_rows(plan: Plan, shape, tokens: float | None) -> list[dict[str, Any]]:
-    """Every GPU in the table: does this plan fit (advisor.cli.fit_status) and what the job would cost
-    (advisor.recommend.train_hours x the table's price)."""
-    from advisor.cli import estimate_result, fit_status
-    from advisor.gpus import gpu_table
-    from advisor.recommend import train_hours
-
-    n, zero = plan.hardware.gpus, plan.hardware.zero
-    need = estimate_result(plan, shape, None)["peak_reserved_bytes"]  # per GPU; the card does not change it
-    rows = []
-    for g in gpu_table().values():
-        row: dict[str, Any] = {"id": g.id, "name": g.name, "memory_bytes": g.memory_bytes, "need_bytes": need,
-                               "status": fit_status(need, g.memory_bytes), "hours": None, "cost_usd": None,
-                               "price": g.price_usd_hour, "bf16": g.bf16}
-        if plan.task == "training" and tokens:
-            row["hours"] = train_hours(shape, plan, g, n, zero, tokens)
-            if g.price_usd_hour is not None:
-                row["cost_usd"] = row["hours"] * n * g.price_usd_hour
-        if plan.task == "training" and not g.bf16 and plan.training.precision in ("bf16", "amp-bf16"):
-            row["status"] = "no-bf16"
-        rows.append(row)
-    order = {"fits": 0, "tight": 1, "no-bf16": 2, "oom": 3}
-    rows.sort(key=lambda r: (order[r["status"]], r["cost_usd"] if r["cost_usd"] is not None else float("inf"),
-                             r["memory_bytes"]))
-    return rows

@@ -8,9 +8,12 @@ shape (LoRA rank above the hidden size, a sequence longer than the model's maxim
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from advisor.problems import Problem, Problems
 
 if TYPE_CHECKING:
     from advisor.model import ModelShape
@@ -32,12 +35,8 @@ OPTIMIZERS: tuple[str, ...] = (
 )
 
 
-class SpecError(ValueError):
-    """A user mistake in the plan: every problem found, each with how to fix it."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(f"- {p}" for p in problems))
+class SpecError(Problems):
+    """A user mistake in the plan: every problem found (typed, with its plan field), each with its fix."""
 
 
 class _Strict(BaseModel):
@@ -125,11 +124,56 @@ class InferSpec(_Strict):
 
 class Hardware(_Strict):
     gpu: str | None = Field("RTX 4090", description="GPU name (see `tuneplan profiles --gpus`); None for none.")
-    gpus: int = Field(1, ge=1, le=4096, description="Number of GPUs.")
+    gpus: int = Field(1, ge=1, le=4096, description="Number of GPUs in all, over every node (on the CPU: "
+                      "processes); each node runs gpus / nodes of them.")
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage across GPUs: 1 shards optimizer states, "
                                       "2 also gradients, 3 also weights (FSDP full shard ~ 3).")
     device: Device = Field("cuda", description="cuda: GPU memory incl. CUDA context and allocator; cpu: RAM "
                            "for the tensors alone.")
+    nodes: int = Field(1, ge=1, le=512, description="Machines the GPUs are spread over; hardware.gpus must "
+                       "divide evenly between them (8 H100s per node: gpus=16, nodes=2).")
+    node_rank: int = Field(0, ge=0, le=511, validate_default=True, description="This machine's index, 0 to "
+                           "nodes - 1; node 0 is the main node. Set per machine with an override "
+                           "(hardware.node_rank=$SKYPILOT_NODE_RANK, =$SLURM_NODEID).")
+    main_address: str | None = Field(None, min_length=1, max_length=253, validate_default=True,
+                                     description="IP address or host name of node 0 that every node can "
+                                     "reach; needed when nodes > 1.")
+    main_port: int = Field(29500, ge=1024, le=65535, description="TCP port on node 0 for the rendezvous "
+                           "(torch.distributed's MASTER_PORT); free on node 0, open to the other nodes.")
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: int, info) -> int:
+        gpus = info.data.get("gpus")
+        if gpus is not None and gpus % v:
+            raise ValueError(f"{gpus} GPUs do not split evenly over {v} nodes; make hardware.gpus a multiple "
+                             f"of hardware.nodes (e.g. gpus={v * -(-gpus // v)})")
+        return v
+
+    @field_validator("node_rank")
+    @classmethod
+    def _node_rank(cls, v: int, info) -> int:
+        nodes = info.data.get("nodes")
+        if nodes is not None and v >= nodes:
+            raise ValueError(f"node rank {v} is out of range for {nodes} node{'s' if nodes > 1 else ''}; "
+                             f"use 0 to {nodes - 1} (0 is the main node)")
+        return v
+
+    @field_validator("main_address")
+    @classmethod
+    def _main_address(cls, v: str | None, info) -> str | None:
+        if v is not None:
+            v = v.strip()
+            if not _ADDRESS.fullmatch(v):
+                raise ValueError(f"main address {v!r} is not an IP address or host name")
+        nodes = info.data.get("nodes")
+        if v is None and nodes is not None and nodes > 1:
+            raise ValueError(f"{nodes} nodes need the address of node 0; set hardware.main_address=IP (SkyPilot: "
+                             "the first line of $SKYPILOT_NODE_IPS; Slurm: the first host of $SLURM_JOB_NODELIST)")
+        return v
+
+
+_ADDRESS = re.compile(r"[A-Za-z0-9_.:\-]+|\[[0-9A-Fa-f:.]+\]")
 
 
 class DataSpec(_Strict):
@@ -181,6 +225,11 @@ class Plan(_Strict):
 
 def format_validation_error(err: ValidationError) -> list[str]:
     """Turn pydantic's errors into one plain line each: 'training.micro_batch: must be >= 1 (got 0)'."""
+    return [str(p) for p in validation_problems(err)]
+
+
+def validation_problems(err: ValidationError) -> list[Problem]:
+    """pydantic's errors as typed problems: field 'training.micro_batch', what 'must be >= 1 (got 0)'."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -192,7 +241,7 @@ def format_validation_error(err: ValidationError) -> list[str]:
             msg = "unknown key"
         elif not isinstance(got, (dict, list)):
             msg = f"{msg} (got {got!r})"
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        lines.append(Problem(msg, loc or None))
     return lines
 
 
@@ -201,27 +250,30 @@ def build_plan(data: dict) -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err)) from None
+        raise SpecError(validation_problems(err)) from None
 
 
-def check_against_shape(plan: Plan, shape: ModelShape) -> list[str]:
-    """Rules that need the model's dimensions; every problem, each with its fix."""
+def check_against_shape(plan: Plan, shape: ModelShape) -> list[Problem]:
+    """Rules that need the model's dimensions; every problem, each with its plan field and fix."""
     problems = []
     t, inf = plan.training, plan.inference
     seq = t.seq_len if plan.task == "training" else inf.seq_len
     if shape.max_position and seq > shape.max_position:
-        problems.append(f"sequence length {seq} is longer than {shape.name}'s maximum of "
-                        f"{shape.max_position} positions; use --seq {shape.max_position} or less")
+        problems.append(Problem(f"sequence length {seq} is longer than {shape.name}'s maximum of "
+                                f"{shape.max_position} positions", f"{plan.task}.seq_len",
+                                f"use --seq {shape.max_position} or less"))
     if plan.task == "training" and t.method in ("lora", "qlora"):
         if t.lora.r > shape.hidden_size:
-            problems.append(f"LoRA rank {t.lora.r} is above the hidden size {shape.hidden_size}; a rank that "
-                            "large is no longer low-rank (use 4-64)")
+            problems.append(Problem(f"LoRA rank {t.lora.r} is above the hidden size {shape.hidden_size}",
+                                    "training.lora.r", "a rank that large is no longer low-rank (use 4-64)"))
         if not shape.linears:
-            problems.append(f"{shape.name} has no linear layers to adapt or quantize; use --method full")
+            problems.append(Problem(f"{shape.name} has no linear layers to adapt or quantize", "training.method",
+                                    "use --method full"))
         else:
             unknown = shape.unknown_targets(t.lora.targets)
             if unknown:
                 names = sorted({g.leaf for g in shape.linears})
-                problems.append(f"LoRA targets {', '.join(unknown)} match no linear layer of {shape.name}; "
-                                f"its linear layers are {', '.join(names)} (or use all-linear)")
+                problems.append(Problem(f"LoRA targets {', '.join(unknown)} match no linear layer of {shape.name}",
+                                        "training.lora.targets",
+                                        f"its linear layers are {', '.join(names)} (or use all-linear)"))
     return problems

@@ -7,7 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from advisor.cli import UserError, parse_with_overrides, report_user_error
+    from advisor.cli.common import parse_with_overrides, report_user_error
+    from advisor.problems import UserError
     from runner.cli import add_run_arguments, cmd_run
 
     p = argparse.ArgumentParser(prog="python -m runner", description="Run a tuneplan plan (as `tuneplan run`).")

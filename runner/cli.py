@@ -1,7 +1,7 @@
-"""`tuneplan run`, `tuneplan data check`, `tuneplan demo` (wired into advisor.cli by add_commands).
+"""`tuneplan run`, `tuneplan data check`, `tuneplan demo` (wired into advisor.cli.main by add_commands).
 
 Light at import time: torch, transformers and peft are imported inside the commands. User mistakes
-raise advisor.cli.UserError (exit code 2, one clear line each, never a traceback).
+raise advisor.problems.UserError (exit code 2, one clear line each, never a traceback).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from runner.reference import DOC_BEGIN, DOC_END, render_plan_reference, update_d
 
 
 def _user_error(problems):
-    from advisor.cli import UserError
+    from advisor.problems import UserError
 
     return UserError(problems)
 
@@ -158,28 +158,23 @@ def preflight(plan, plan_path: Path | None, force: bool = False, log=print):
 
 
 def _fit_check(plan, force: bool, log) -> None:
-    """Warn (and require --force) when the advisor says the plan does not fit hardware.gpu."""
-    if not plan.hardware.gpu:
-        return
-    from advisor.cli import fit_status
-    from advisor.gpus import GpuError, find_gpu
-    from advisor.memory import estimate
-    from advisor.model import ModelError, resolve
+    """Warn (and require --force) when the advisor says the plan does not fit hardware.gpu: the same
+    verdict as `tuneplan estimate` and the TUI (advisor.service.check_fit, advisor.policy)."""
+    from advisor.policy import gib_str
+    from advisor.service import check_fit
 
-    try:
-        gpu = find_gpu(plan.hardware.gpu)
-        shape = resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
-    except (GpuError, ModelError) as e:
-        log(f"warning: cannot check the fit before running: {e}")
+    verdict, why = check_fit(plan)
+    if why:
+        log(f"warning: cannot check the fit before running: {why}")
+    if verdict is None:
         return
-    need = estimate(plan, shape).peak_reserved_bytes
-    status = fit_status(need, gpu.memory_bytes)
-    words = f"the plan needs about {need / GIB:.2f} GiB per GPU; {gpu.name} has {gpu.memory_bytes / GIB:.2f} GiB"
-    if status == "oom" and not force:
+    words = (f"the plan needs about {gib_str(verdict.need_bytes)} per GPU; {plan.hardware.gpu} has "
+             f"{gib_str(verdict.capacity_bytes)}")
+    if verdict.status == "oom" and not force:
         raise _user_error([f"{words}: it will not fit", "`tuneplan recommend --plan FILE` finds a plan that fits; "
                            "add --force to run anyway"])
-    if status != "fits":
-        log(f"warning: {words}" + (" (tight)" if status == "tight" else " (--force: running anyway)"))
+    if verdict.status != "fits":
+        log(f"warning: {words}" + (" (tight)" if verdict.status == "tight" else " (--force: running anyway)"))
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -340,7 +335,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """These commands alone (`python -m runner.cli run|data|demo ...`), as advisor.cli.main runs them."""
-    from advisor.cli import UserError, parse_with_overrides, report_user_error
+    from advisor.cli.common import parse_with_overrides, report_user_error
+    from advisor.problems import UserError
 
     parser = argparse.ArgumentParser(prog="tuneplan")
     add_commands(parser.add_subparsers(dest="command"))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from advisor.cli import main
+from advisor.cli.main import main
 
 
 def run(capsys, *args):

@@ -8,8 +8,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from advisor.cli import UserError
 from advisor.guide import FULL_FINETUNE_EXAMPLES, MIN_FINETUNE_EXAMPLES, Questionnaire, guide
+from advisor.problems import UserError
 
 
 def verdict(**kw) -> str:
@@ -110,7 +110,7 @@ def test_questionnaire_rejects_bad_input():
 
 
 def run(argv):
-    from advisor.cli_advice import add_commands
+    from advisor.cli.advice import add_commands
 
     p = argparse.ArgumentParser(prog="tuneplan")
     add_commands(p.add_subparsers(dest="command"))
@@ -132,4 +132,6 @@ def test_cli_guide_text(capsys):
 def test_cli_guide_negative_examples_is_a_user_error():
     with pytest.raises(UserError) as e:
         run(["guide", "--examples", "-3"])
-    assert "--examples" in e.value.problems[0]
+    from advisor.cli.common import render
+
+    assert e.value.items[0].field == "guide.labelled_examples" and "--examples" in render(e.value.items[0])

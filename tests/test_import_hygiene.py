@@ -16,7 +16,7 @@ def test_advisor_never_imports_textual():
 
 
 def test_estimate_of_a_bundled_profile_does_not_import_torch():
-    code = ("from advisor.cli import main\n"
+    code = ("from advisor.cli.main import main\n"
             "import contextlib, io\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    main(['estimate', '--model', 'meta-llama/Llama-3.1-8B', '--json'])")

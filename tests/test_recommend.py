@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from advisor.cli import UserError
 from advisor.gpus import find_gpu
 from advisor.memory import estimate
 from advisor.model import resolve
+from advisor.problems import UserError
 from advisor.recommend import (
     HEADROOM,
     AdviceError,
@@ -287,7 +287,7 @@ def test_serving_capacity_edges_really_are_edges():
 # --- CLI ----------------------------------------------------------------------------------------
 
 def parser():
-    from advisor.cli_advice import add_commands
+    from advisor.cli.advice import add_commands
 
     p = argparse.ArgumentParser(prog="tuneplan")
     add_commands(p.add_subparsers(dest="command"))
@@ -334,7 +334,10 @@ def test_cli_nothing_fits_exits_1(capsys):
 def test_cli_bad_input_is_a_user_error(argv, words):
     with pytest.raises(UserError) as e:
         run(["recommend", "--model", LLAMA8, *argv])
-    assert any(words in p for p in e.value.problems), e.value.problems
+    from advisor.cli.common import render
+
+    shown = [render(p) for p in e.value.items]  # as the CLI prints them
+    assert any(words in p for p in shown), shown
 
 
 def test_cli_reports_every_problem_at_once():
@@ -357,13 +360,13 @@ def test_recommend_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, advisor.recommend, advisor.guide, advisor.cli_advice; "
+    code = ("import sys, advisor.recommend, advisor.guide, advisor.cli.advice; "
             "assert 'torch' not in sys.modules and 'textual' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_recommend_save_writes_a_runnable_plan(tmp_path, capsys):
-    from advisor.cli import main
+    from advisor.cli.main import main
     from advisor.planfile import load_plan
 
     path = tmp_path / "rec.yaml"

@@ -103,7 +103,7 @@ def test_cuda_plan_without_a_gpu(tmp_path, model_dir, capsys):
 
 
 def test_a_plan_that_does_not_fit_needs_force():
-    from advisor.cli import UserError
+    from advisor.problems import UserError
     from advisor.spec import build_plan
     from runner.cli import _fit_check
 
@@ -192,7 +192,7 @@ def test_docs_plan_reference_is_up_to_date():
 
 
 def test_start_run_refuses_bad_input_before_starting(tmp_path, model_dir):
-    from advisor.cli import UserError
+    from advisor.problems import UserError
     from runner.launch import start_run
 
     bad = tmp_path / "d.jsonl"

@@ -7,11 +7,12 @@ from rich.console import Console
 
 pytest.importorskip("textual")
 
-from advisor.cli import estimate_result, fit_status, load_plan_and_shape
+from advisor import service
+from advisor.forms import FORM_DEFAULTS, evaluate, plan_dict
 from advisor.gpus import find_gpu, gpu_table
+from advisor.policy import fit_status
 from advisor.spec import Plan, build_plan
 from advisor.tui.app import make_app
-from advisor.tui.state import FORM_DEFAULTS, evaluate, plan_dict
 from advisor.tui.widgets.membar import MemoryBar
 
 GIB = 1024**3
@@ -25,9 +26,8 @@ def plain(static) -> str:
 
 
 def expected(**form):
-    """advisor.cli.estimate_result for the default form with these fields changed."""
-    plan, shape, gpu = load_plan_and_shape(plan_dict({**FORM_DEFAULTS, **form}))
-    return estimate_result(plan, shape, gpu)
+    """advisor.service.estimate (as the --json object) for the default form with these fields changed."""
+    return service.estimate(service.build(plan_dict({**FORM_DEFAULTS, **form}))).as_json()
 
 
 async def settle(pilot, seconds: float = 0.3):
@@ -52,9 +52,9 @@ def shown_numbers(app) -> str:
 def test_default_form_is_the_readme_plan():
     ev = evaluate(FORM_DEFAULTS, tokens=1.5e6)
     assert not ev.errors and not ev.general
-    assert ev.result == expected()
-    assert ev.status == fit_status(ev.result["peak_reserved_bytes"], find_gpu("RTX 4090").memory_bytes) == "fits"
-    assert [label for label, _ in ev.compare] == ["Full", "LoRA", "QLoRA"]
+    assert ev.result.as_json() == expected()
+    assert ev.status == fit_status(ev.result.peak_reserved_bytes, find_gpu("RTX 4090").memory_bytes) == "fits"
+    assert [v.label for v in ev.compare] == ["Full", "LoRA", "QLoRA"]
     assert len(ev.gpu_rows) == len(gpu_table())
 
 
@@ -102,24 +102,25 @@ async def test_typing_micro_batch_method_and_model_updates_the_estimate():
         await pilot.pause()
         await type_into(pilot, "#batch", "4")
         res = expected(batch="4")
-        assert app.evaluation.result == res
+        assert app.evaluation.result.as_json() == res
         assert f"{res['peak_reserved_bytes'] / GIB:,.2f}" in shown_numbers(app)
         assert f"{res['breakdown']['logits_and_loss'] / GIB:,.2f}" in shown_numbers(app)
 
         app.screen.query_one("#method").value = "lora"
         await settle(pilot)
         res = expected(batch="4", method="lora")
-        assert app.evaluation.result == res
+        assert app.evaluation.result.as_json() == res
         assert f"{res['peak_reserved_bytes'] / GIB:,.2f}" in shown_numbers(app)
 
         await type_into(pilot, "#model", "Qwen/Qwen2.5-0.5B")
         res = expected(batch="4", method="lora", model="Qwen/Qwen2.5-0.5B")
-        assert app.evaluation.result == res
+        assert app.evaluation.result.as_json() == res
         assert "Qwen/Qwen2.5-0.5B" in plain(app.screen.query_one("#headline"))
 
         app.screen.query_one("#ckpt").value = False
         await settle(pilot)
-        assert app.evaluation.result == expected(batch="4", method="lora", model="Qwen/Qwen2.5-0.5B", ckpt=False)
+        assert app.evaluation.result.as_json() == expected(batch="4", method="lora", model="Qwen/Qwen2.5-0.5B",
+                                                           ckpt=False)
 
 
 @pytest.mark.asyncio
@@ -136,7 +137,7 @@ async def test_invalid_input_is_flagged_on_its_field_and_nothing_crashes():
         await type_into(pilot, "#batch", "2")
         await type_into(pilot, "#model", "meta-llama/Llama-3.2-1B")
         assert not app.screen.query("Field.-invalid")
-        assert app.evaluation.result == expected(batch="2", model="meta-llama/Llama-3.2-1B")
+        assert app.evaluation.result.as_json() == expected(batch="2", model="meta-llama/Llama-3.2-1B")
 
 
 @pytest.mark.asyncio
@@ -173,7 +174,7 @@ async def test_inference_task_compares_weight_storage():
         app.screen.query_one("#task").value = "inference"
         await settle(pilot)
         assert app.evaluation.plan.task == "inference"
-        assert app.evaluation.result == expected(task="inference")
+        assert app.evaluation.result.as_json() == expected(task="inference")
         assert not app.screen.query_one("#field-method").display
         assert "int8" in plain(app.screen.query_one("#compare"))
 
@@ -211,7 +212,7 @@ async def test_save_and_open_round_trip(tmp_path):
     async with app2.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert app2.screen.query_one("#batch").value == "2"
-        assert app2.evaluation.result == expected(batch="2")
+        assert app2.evaluation.result.as_json() == expected(batch="2")
         await pilot.press("ctrl+o")  # the open prompt, then Esc
         await pilot.pause()
         await pilot.press("escape")
@@ -272,9 +273,9 @@ async def test_exact_estimate_runs_in_a_worker_and_shows_beside_the_analytic():
         assert "done" in str(app.screen.query_one("#sim-status").content)
         from advisor.simulate import simulate
 
-        p, shape, _ = load_plan_and_shape(plan.model_dump(mode="json"))
-        exact = simulate(p, shape)
-        assert app.screen.sim_result["peak_allocated_bytes"] == exact.peak_allocated_bytes
+        ctx = service.build(plan.model_dump(mode="json"))
+        exact = simulate(ctx.plan, ctx.shape)
+        assert app.screen.sim_result.peak_allocated_bytes == exact.peak_allocated_bytes
         table = plain(app.screen.query_one("#sim-result"))
         assert "analytic" in table and "exact" in table
         assert f"{exact.peak_allocated_bytes / GIB:,.2f}" in table

@@ -10,7 +10,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from advisor.tui.state import FORM_DEFAULTS, Evaluation, evaluate, form_from_plan
+from advisor.forms import FORM_DEFAULTS, Evaluation, evaluate, form_from_plan
 
 SCREENS = {"plan": "Plan: estimate, compare, GPUs", "advice": "Advice: recommendation, RAG vs fine-tune, exact",
            "launch": "Launch: dataset, command, run", "watch": "Watch: live GPU memory"}
@@ -61,7 +61,7 @@ class TunePlanApp(App):
         self.start_mode = mode
         self.run_dir = run_dir
         self.job: dict[str, Any] = {}
-        from advisor.cli_advice import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
+        from advisor.service import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
 
         self.job = {"examples": DEFAULT_EXAMPLES, "avg_tokens": DEFAULT_AVG_TOKENS, "epochs": DEFAULT_EPOCHS,
                     "target_batch": 16, "budget": None}

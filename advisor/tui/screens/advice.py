@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -13,10 +12,10 @@ from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, P
 
 from advisor.tui.messages import SimDone, SimProgress
 from advisor.tui.widgets.field import Field
-from advisor.tui.widgets.tables import gib, short_gpu
 
 JOB = (("examples", "examples", "int"), ("avg_tokens", "avg tokens", "int"), ("epochs", "epochs", "float"),
        ("target_batch", "target batch", "int"), ("budget", "budget $", "float"))
+JOB_FIELD = {"budget": "budget_usd"}  # job input -> advisor.service.Job field (problems carry job.<field>)
 QUESTIONS = (("knowledge_changes_often", "the facts change often"), ("must_cite_sources", "answers must cite sources"),
              ("prompting_tried", "careful prompting was tried and measured"),
              ("latency_or_cost_limits", "latency or cost is a hard limit"),
@@ -59,8 +58,9 @@ class AdviceScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#options", DataTable).add_columns("method", "GPU", "×", "strategy", "batch", "ckpt",
-                                                          "GiB / card", "fits", "time", "cost")
+        from advisor.present import OPTION_COLUMNS
+
+        self.query_one("#options", DataTable).add_columns(*OPTION_COLUMNS)
         self.query_one("#sim-progress").display = False
         self.refresh_all()
 
@@ -93,7 +93,8 @@ class AdviceScreen(Screen):
         return ok
 
     def action_refresh_advice(self) -> None:
-        from advisor.recommend import METHOD_WORDS, AdviceError, duration, recommend
+        from advisor import present, service
+        from advisor.problems import Problems
 
         out = self.query_one("#recommendation", Static)
         table = self.query_one("#options", DataTable)
@@ -108,34 +109,21 @@ class AdviceScreen(Screen):
         job = self.app.job
         gpu = ev.gpu if self.query_one("#scope", Select).value == "plan" else None
         try:
-            adv = recommend(ev.shape, ev.plan, gpu, gpus=None, examples=job["examples"], avg_tokens=job["avg_tokens"],
-                            epochs=job["epochs"], target_batch=job["target_batch"], budget_usd=job["budget"])
-        except AdviceError as e:
-            out.update(Text(str(e), style="bold red"))
+            adv = service.advise(ev.context, service.make_job(job["examples"], job["avg_tokens"], job["epochs"],
+                                                              job["target_batch"], job["budget"]), gpu)
+        except Problems as e:
+            self._job_problems(e)
+            out.update(Text("; ".join(p.message for p in e.items if not p.field), style="bold red"))
             return
-        c = adv.choice
-        text = Text()
-        if c is None:
-            text.append("Nothing fits.\n", style="bold red")
-        else:
-            text.append("Recommended: ", style="bold")
-            cost = f"${c.cost_usd:,.2f}" if c.cost_usd is not None else "no price"
-            text.append(f"{METHOD_WORDS[c.method]} on {c.num_gpus} × {short_gpu(c.gpu)} · micro-batch "
-                        f"{c.micro_batch} × grad-accum {c.grad_accum} · checkpointing "
-                        f"{'on' if c.gradient_checkpointing else 'off'} · {gib(c.peak_reserved_bytes)} GiB · "
-                        f"{duration(c.hours) if c.hours else '-'} · {cost}\n", style="bold green")
-            for reason in c.reasons:
-                text.append(f"  • {reason}\n")
-        for note in adv.notes:
-            text.append(f"note: {note}\n", style="dim")
-        out.update(text)
+        out.update(present.recommendation_text(adv))
         for o in adv.options:
-            table.add_row(o.method, short_gpu(o.gpu), str(o.num_gpus), o.strategy, f"{o.micro_batch}×{o.grad_accum}",
-                          "on" if o.gradient_checkpointing else "off",
-                          f"{gib(o.peak_reserved_bytes)} / {gib(o.capacity_bytes)}",
-                          Text("yes", style="green") if o.fits else Text("no", style="red"),
-                          duration(o.hours) if o.hours else "-",
-                          f"${o.cost_usd:,.2f}" if o.cost_usd is not None else "-")
+            table.add_row(*present.option_row(o))
+
+    def _job_problems(self, e) -> None:
+        """Each typed job problem (field job.examples, ...) on its field."""
+        for key, _label, _kind in JOB:
+            mine = [p.message for p in e.items if p.field == f"job.{JOB_FIELD.get(key, key)}"]
+            self.query_one(f"#field-job-{key}", Field).set_error("; ".join(mine) or None)
 
     # --- questionnaire -----------------------------------------------------------------------------
     @on(Select.Changed, "#q-gap")
@@ -145,29 +133,20 @@ class AdviceScreen(Screen):
         self.refresh_guide()
 
     def refresh_guide(self) -> None:
-        from pydantic import ValidationError
-
-        from advisor.guide import Questionnaire, guide
+        from advisor import present, service
+        from advisor.problems import Problems
 
         answers = {key: self.query_one(f"#q-{key}", Checkbox).value for key, _ in QUESTIONS}
         answers["gap"] = self.query_one("#q-gap", Select).value
         answers["labelled_examples"] = self.query_one("#q-examples", Input).value or "0"
         field = self.query_one("#field-q-examples", Field)
         try:
-            g = guide(Questionnaire(**answers))
-        except ValidationError as e:
-            field.set_error("; ".join(err["msg"] for err in e.errors()))
+            _, g = service.guide(answers)
+        except Problems as e:
+            field.set_error("; ".join(p.message for p in e.items))
             return
         field.set_error(None)
-        text = Text()
-        text.append("Verdict: ", style="bold")
-        text.append(f"{g.verdict}\n", style="bold green")
-        for r in g.reasons:
-            text.append(f"  • {r}\n")
-        text.append("Next steps\n", style="bold")
-        for i, s in enumerate(g.next_steps, 1):
-            text.append(f"  {i}. {s}\n")
-        self.query_one("#verdict", Static).update(text)
+        self.query_one("#verdict", Static).update(present.guide_text(g))
 
     # --- exact (simulate) ----------------------------------------------------------------------------
     def action_exact(self) -> None:
@@ -181,19 +160,20 @@ class AdviceScreen(Screen):
         self.query_one("#sim-status", Static).update("starting (imports torch and transformers) …")
         self.query_one("#sim-result", Static).update("")
         self._analytic = ev.result
-        self.simulate(ev.plan, ev.shape, ev.gpu)
+        self.simulate(ev.context)
 
     @work(thread=True, exclusive=True, group="simulate")
-    def simulate(self, plan, shape, gpu) -> None:
-        from advisor.cli import UserError, estimate_result
+    def simulate(self, ctx) -> None:
+        from advisor import service
+        from advisor.problems import Problems
 
         def progress(fraction: float, message: str) -> None:
             self.post_message(SimProgress(fraction, message))
 
         try:
-            res = estimate_result(plan, shape, gpu, "simulate", progress)
-        except UserError as e:
-            self.post_message(SimDone(None, "; ".join(e.problems)))
+            res = service.estimate(ctx, "simulate", progress)
+        except Problems as e:
+            self.post_message(SimDone(None, "; ".join(p.message for p in e.items)))
         except Exception as e:  # noqa: BLE001 - a missing torch/transformers or an architecture it cannot trace
             self.post_message(SimDone(None, f"{type(e).__name__}: {e}"))
         else:
@@ -204,7 +184,7 @@ class AdviceScreen(Screen):
         self.query_one("#sim-status", Static).update(f"simulating: {m.text}")
 
     def on_sim_done(self, m: SimDone) -> None:
-        from advisor.cli import COMPONENT_LABELS
+        from advisor.present import exact_table
 
         status = self.query_one("#sim-status", Static)
         if m.error:
@@ -212,16 +192,5 @@ class AdviceScreen(Screen):
             return
         self.query_one("#sim-progress", ProgressBar).update(progress=1.0)
         status.update(Text("exact estimate done", style="green"))
-        a, s = self._analytic, m.result
-        t = Table(title="analytic vs exact (GiB)", title_justify="left", box=None, header_style="bold",
-                  caption_style="dim")
-        for col in ("component", "analytic", "exact"):
-            t.add_column(col, justify="left" if col == "component" else "right")
-        for k in dict.fromkeys([*a["breakdown"], *s["breakdown"]]):
-            t.add_row(COMPONENT_LABELS.get(k, k), gib(a["breakdown"].get(k, 0)), gib(s["breakdown"].get(k, 0)))
-        t.add_row(Text("peak allocated", style="bold"), gib(a["peak_allocated_bytes"]), gib(s["peak_allocated_bytes"]))
-        t.add_row(Text("peak reserved", style="bold"), gib(a["peak_reserved_bytes"]), gib(s["peak_reserved_bytes"]))
-        t.caption = "\n".join(s["notes"])
-        t.caption_justify = "left"
-        self.query_one("#sim-result", Static).update(t)
-        self.sim_result = s
+        self.query_one("#sim-result", Static).update(exact_table(self._analytic, m.result))
+        self.sim_result = m.result

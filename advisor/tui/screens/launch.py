@@ -14,13 +14,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
 
+from advisor.policy import GIB
 from advisor.spec import SpecError
 from advisor.tui.messages import RunEvents, RunExited
 from advisor.tui.runs import RunState, follow_events, runner_missing, runner_module
 from advisor.tui.widgets.chart import LineChart
 from advisor.tui.widgets.tables import report_table
-
-GIB = 1024**3
 
 
 def _row(label: str, widget) -> Horizontal:
@@ -258,7 +257,7 @@ class LaunchScreen(Screen):
         self.render_run()
 
     def render_run(self) -> None:
-        from advisor.recommend import duration
+        from advisor.policy import duration
 
         run = self.run
         bar = self.query_one("#run-progress", ProgressBar)

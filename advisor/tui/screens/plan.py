@@ -13,13 +13,13 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, Select, Static
 
-from advisor.cli import fit_status
-from advisor.tui.state import NO_GPU, Evaluation, fetch_model
+from advisor.forms import NO_GPU, Evaluation, fetch_model
+from advisor.policy import GIB, gib
+from advisor.present import money
 from advisor.tui.widgets.field import Field
 from advisor.tui.widgets.membar import MemoryBar
-from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, gib, short_gpu
+from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, short_gpu
 
-GIB = 1024**3
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
 TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
@@ -126,7 +126,7 @@ class PlanScreen(Screen):
 
     @on(Input.Submitted, "#model")
     def _fetch(self, event: Input.Submitted) -> None:
-        from advisor.tui.state import needs_fetch
+        from advisor.forms import needs_fetch
 
         if needs_fetch(event.value):
             self.query_one("#field-model", Field).set_error(f"fetching config.json of {event.value.strip()} …")
@@ -188,39 +188,39 @@ class PlanScreen(Screen):
         self._shown = True
         self.query_one("#results").remove_class("-stale")
         r, gpu = ev.result, ev.gpu
-        m = r["model"]
         line = Text()
-        line.append(f"{m['name']}", style="bold")
-        total = m["params_total"]
+        line.append(f"{r.shape.name}", style="bold")
+        total = r.shape.params_total
         line.append(f"  {total / 1e9:,.2f}B" if total >= 1e9 else f"  {total / 1e6:,.1f}M")
-        line.append(f" params, {m['params_trainable']:,} trainable   ")
-        line.append(f"peak {gib(r['peak_reserved_bytes'])} GiB reserved", style="bold")
-        line.append(f" ({gib(r['peak_allocated_bytes'])} GiB tensors) ")
-        if gpu is not None:
+        line.append(f" params, {r.params_trainable:,} trainable   ")
+        line.append(f"peak {gib(r.peak_reserved_bytes)} GiB reserved", style="bold")
+        line.append(f" ({gib(r.peak_allocated_bytes)} GiB tensors) ")
+        if gpu is not None and r.verdict is not None:
             line.append(f"on {gpu.name}: ")
-            line.append_text(badge(ev.status))
-            head_room = gpu.memory_bytes - r["peak_reserved_bytes"]
-            line.append(f" {'headroom' if head_room >= 0 else 'short by'} {gib(abs(head_room))} GiB")
-        for note in r["notes"]:
+            line.append_text(badge(r.status))
+            room = r.verdict.headroom_bytes
+            line.append(f" {'headroom' if room >= 0 else 'short by'} {gib(abs(room))} GiB")
+        for note in r.breakdown.notes:
             line.append(f"\nnote: {note}", style="dim")
         head.update(line)
-        self.query_one("#bar", MemoryBar).show(r["breakdown"], r["overhead"], gpu.memory_bytes if gpu else None,
+        bd = r.breakdown
+        self.query_one("#bar", MemoryBar).show(bd.components, bd.overhead, gpu.memory_bytes if gpu else None,
                                                gpu.name if gpu else "")
-        self.query_one("#components", Static).update(breakdown_table(r, f"peak at {r['peak_phase'].replace('_', ' ')}"))
+        self.query_one("#components", Static).update(
+            breakdown_table(r, f"peak at {bd.peak_phase.replace('_', ' ')}", compact=True))
         current = f["method"] if training else {"none": "16-bit"}.get(f["weight_quant"], f["weight_quant"])
-        self.query_one("#compare", Static).update(
-            compare_table(ev.compare, gpu.memory_bytes if gpu else None, current, fit_status))
+        self.query_one("#compare", Static).update(compare_table(ev.compare, current))
         self._gpu_table(ev)
 
     def _gpu_table(self, ev: Evaluation) -> None:
-        from advisor.recommend import duration
+        from advisor.policy import duration
 
         t = self.query_one("#gpu-table", DataTable)
         row = t.cursor_row
         t.clear()
         job = self.app.job
         n = ev.plan.hardware.gpus
-        fits = sum(r["status"] in ("fits", "tight") for r in ev.gpu_rows)
+        fits = sum(r.status in ("fits", "tight") for r in ev.gpu_rows)
         self.query_one("#gpus-title", Static).update(Text.assemble(
             ("GPUs for this plan", "bold"), f"  {fits} of {len(ev.gpu_rows)} fit"
             + (f" · ×{n} GPUs each" if n > 1 else "")
@@ -228,10 +228,8 @@ class PlanScreen(Screen):
                f"{job['epochs']:g} epochs (set on the Advice screen) · Enter picks a GPU" if ev.plan.task == "training"
                else "")))
         for r in ev.gpu_rows:
-            mark = "▶ " if r["id"] == (ev.gpu.id if ev.gpu else None) else "  "
-            t.add_row(mark + short_gpu(r["name"]), f"{r['memory_bytes'] / GIB:,.1f}", gib(r["need_bytes"]),
-                      badge(r["status"]),
-                      duration(r["hours"]) if r["hours"] is not None else "-",
-                      f"${r['cost_usd']:,.2f}" if r["cost_usd"] is not None else "-", key=r["id"])
+            mark = "▶ " if r.id == (ev.gpu.id if ev.gpu else None) else "  "
+            t.add_row(mark + short_gpu(r.name), f"{r.memory_bytes / GIB:,.1f}", gib(r.need_bytes), badge(r.status),
+                      duration(r.hours) if r.hours is not None else "-", money(r.cost_usd), key=r.id)
         if row:
             t.move_cursor(row=min(row, t.row_count - 1))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widget import Widget
 
-from advisor.cli import COMPONENT_LABELS
+from advisor.policy import GIB
+from advisor.present import label
 
-GIB = 1024**3
 COLORS = {
     "weights": "#4e79a7", "lora_adapters": "#59a14f", "gradients": "#f28e2b", "optimizer_states": "#e15759",
     "activations": "#76b7b2", "logits_and_loss": "#edc948", "transient": "#b07aa1", "kv_cache": "#ff9da7",
@@ -42,7 +42,7 @@ class MemoryBar(Widget):
     def _legend(self, width: int) -> str:
         lines, line = [], ""
         for k, v in self.parts:
-            item = f"■ {COMPONENT_LABELS.get(k, k)} {v / GIB:.2f}  "
+            item = f"■ {label(k)} {v / GIB:.2f}  "
             if len(line) + len(item) > width and line:
                 lines.append(line)
                 line = ""
@@ -80,7 +80,7 @@ class MemoryBar(Widget):
         legend = Text()
         for k, v in self.parts:
             legend.append("■ ", style=COLORS.get(k, "white"))
-            legend.append(f"{COMPONENT_LABELS.get(k, k)} {v / GIB:.2f}  ")
+            legend.append(f"{label(k)} {v / GIB:.2f}  ")
         out.append("\n")
         out.append_text(legend)
         return out

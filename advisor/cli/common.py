@@ -1,0 +1,78 @@
+"""What every `tuneplan` command shares: plan flags, override parsing and how problems are printed.
+
+Problems arrive typed (:class:`advisor.problems.Problem`); here they get the flag names a CLI user
+types (``--batch (training.micro_batch): ...``), one per line on stderr, exit code 2; with
+``--json`` they are one object ``{"problems": [...]}`` on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from advisor.problems import Problem, Problems
+
+EXIT_USER_ERROR = 2
+
+# plan field -> the flag that sets it
+FLAGS = {
+    "training.micro_batch": "--batch", "inference.batch": "--batch", "training.seq_len": "--seq",
+    "inference.seq_len": "--seq", "inference.prompt_len": "--prompt-len", "training.grad_accum": "--grad-accum",
+    "training.lora.r": "--lora-r", "training.lora.alpha": "--lora-alpha", "training.lora.dropout": "--lora-dropout",
+    "training.lora.targets": "--lora-targets", "hardware.gpus": "--gpus", "model.ref": "--model",
+    "training.method": "--method", "training.precision": "--precision", "training.optimizer": "--optimizer",
+    "hardware.gpu": "--gpu", "hardware.zero": "--zero",
+    "job.examples": "--examples", "job.avg_tokens": "--avg-tokens", "job.epochs": "--epochs",
+    "job.target_batch": "--batch", "job.budget_usd": "--budget", "job.gpus": "--gpus", "job.methods": "--methods",
+    "guide.labelled_examples": "--examples", "guide.gap": "--gap",
+}
+# problems whose message already names the thing (no 'field:' prefix needed)
+_SELF_EXPLAINED = ("model.ref", "hardware.gpu")
+
+
+def render(p: Problem) -> str:
+    """One problem as the CLI shows it: with the flag name where a flag sets the field."""
+    if p.field is None or p.field in _SELF_EXPLAINED:
+        return p.message
+    if p.field.startswith(("job.", "guide.")) and p.field in FLAGS:  # not plan fields: the flag alone
+        return f"{FLAGS[p.field]} {p.message}" if p.what.startswith("must") else f"{FLAGS[p.field]}: {p.message}"
+    if p.field in FLAGS:
+        return f"{FLAGS[p.field]} ({p.field}): {p.message}"
+    return f"{p.field}: {p.message}"
+
+
+def report_problems(e: Problems, as_json: bool = False) -> int:
+    """Every problem on its own line on stderr (or one JSON object on stdout); the exit code."""
+    if as_json:  # the machine-readable list on stdout; people still read stderr
+        print(json.dumps({"problems": [{**p.as_json(), "flag": FLAGS.get(p.field or "")} for p in e.items]},
+                         indent=2))
+    lines = [render(p) for p in e.items]
+    if len(lines) == 1:
+        print(f"tuneplan: {lines[0]}", file=sys.stderr)
+    else:
+        print(f"tuneplan: {len(lines)} problems:", file=sys.stderr)
+        for line in lines:
+            print(f"  - {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+report_user_error = report_problems  # the runner's name for it
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse stops collecting `key=value` positionals at the first option (`PLAN --run-dir D k=v`);
+    gather the ones after it too, and refuse anything else it did not know."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def put(d: dict[str, Any], key: str, val: Any) -> None:
+    if val is not None:
+        d[key] = val

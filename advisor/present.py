@@ -1,0 +1,289 @@
+"""Presenters: the tables and lines that both the CLI and the TUI show, built once from the service's
+typed results (rich renderables; the CLI prints them, the TUI puts them in widgets). No formula here:
+numbers come from :mod:`advisor.service`, units and words from :mod:`advisor.policy`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from advisor.policy import STATUS_WORDS, gib, gib_str
+
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.text import Text
+
+    from advisor.service import EstimateResult, Variant
+    from advisor.spec import Plan
+
+COMPONENT_LABELS = {
+    "weights": "weights", "lora_adapters": "LoRA adapters", "gradients": "gradients",
+    "optimizer_states": "optimizer states", "activations": "activations",
+    "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
+    "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",
+    "ddp_buckets": "DDP gradient buckets", "cuda_context": "CUDA context", "cublas_workspace": "cuBLAS workspace",
+    "allocator_slack": "allocator slack", "inputs": "input batch", "logits": "logits",
+}
+_ORDER = list(COMPONENT_LABELS)
+
+BADGE_STYLES = {"fits": "bold black on green", "tight": "bold black on yellow", "oom": "bold white on red",
+                "no-bf16": "bold black on #888888"}
+BADGE_WORDS = {**STATUS_WORDS, "no-bf16": "no bf16"}
+STATUS_COLOURS = {"fits": "green", "tight": "yellow", "oom": "red", "no-bf16": "bright_black"}
+
+
+def label(component: str) -> str:
+    return COMPONENT_LABELS.get(component, component.replace("_", " "))
+
+
+def ordered(parts: dict[str, int]) -> list[tuple[str, int]]:
+    """Components in the reading order of the memory model (unknown ones last)."""
+    return sorted(parts.items(), key=lambda kv: _ORDER.index(kv[0]) if kv[0] in _ORDER else 99)
+
+
+def plan_line(plan: Plan) -> str:
+    """One line of what is estimated: 'qlora · bf16 · adamw · batch 1 × seq 2048 · grad-ckpt on · ...'."""
+    hw = plan.hardware
+    if plan.task == "training":
+        t = plan.training
+        what = (f"{t.method} · {t.precision} · {t.optimizer} · batch {t.micro_batch} × seq {t.seq_len} · "
+                f"grad-ckpt {'on' if t.grad_checkpointing else 'off'}")
+        if t.method != "full":
+            targets = t.lora.targets if isinstance(t.lora.targets, str) else ",".join(t.lora.targets)
+            what += f" · LoRA r={t.lora.r} on {targets}"
+    else:
+        i = plan.inference
+        what = f"inference · {i.precision} · weights {i.weight_quant} · batch {i.batch} × seq {i.seq_len}"
+    multi = f" × {hw.gpus} GPUs, ZeRO-{hw.zero}" if hw.gpus > 1 else ""
+    return f"{what} · device {hw.device}{multi}"
+
+
+def model_line(res: EstimateResult) -> str:
+    s = res.shape
+    return f"{s.name} ({s.architecture}, {s.params_total:,} parameters, {res.params_trainable:,} trainable)"
+
+
+def badge(status: str | None, short: bool = False) -> Text:
+    """The fit badge: fits / tight / out of memory (OOM when short) / no bf16."""
+    from rich.text import Text
+
+    if status is None:
+        return Text(" no GPU chosen ", style="dim")
+    word = "OOM" if short and status == "oom" else BADGE_WORDS[status]
+    return Text(f" {word} ", style=BADGE_STYLES[status])
+
+
+def verdict_line(res: EstimateResult) -> Text | None:
+    """'NVIDIA GeForce RTX 4090: 23.99 GiB → fits (headroom 10.1 GiB)'; None without a GPU."""
+    from rich.text import Text
+
+    v = res.verdict
+    if v is None or res.gpu is None:
+        return None
+    line = Text(f"{res.gpu.name}: {gib_str(v.capacity_bytes)} → ")
+    line.append(STATUS_WORDS[v.status], style=STATUS_COLOURS[v.status])
+    line.append(f" ({'headroom' if v.headroom_bytes >= 0 else 'short by'} {gib_str(abs(v.headroom_bytes))}")
+    if v.high_bytes > v.need_bytes:
+        line.append(f"; high end of the band {gib_str(v.high_bytes)}")
+    line.append(")")
+    return line
+
+
+def breakdown_table(res: EstimateResult, title: str | None = None, compact: bool = False) -> Table:
+    """Tensors alive at the peak, the peak allocated, the GPU overhead and the peak reserved (nvidia-smi).
+    ``compact``: the TUI's borderless variant."""
+    from rich.table import Table
+    from rich.text import Text
+
+    bd = res.breakdown
+    title = title or f"Peak memory (at {bd.peak_phase.replace('_', ' ')})"
+    kw: dict[str, Any] = {"expand": True, "box": None, "padding": (0, 1), "header_style": "bold"} if compact else {}
+    t = Table(title=title, title_justify="left", **kw)
+    t.add_column("component")
+    t.add_column("GiB", justify="right")
+    t.add_column("share", justify="right")
+    total = bd.peak_reserved_bytes or 1
+    for k, v in ordered(bd.components):
+        t.add_row(label(k), gib(v), f"{100 * v / total:.0f}%")
+    allocated, reserved = ("peak allocated", "peak reserved") if compact else \
+        ("peak allocated (tensors)", "peak reserved (nvidia-smi)")
+    t.add_row(Text(allocated, style="bold"), Text(gib(bd.peak_allocated_bytes), style="bold"), "")
+    for k, v in bd.overhead.items():
+        t.add_row(label(k), gib(v), f"{100 * v / total:.0f}%")
+    if bd.overhead:
+        t.add_row(Text(reserved, style="bold"), Text(gib(bd.peak_reserved_bytes), style="bold"), "")
+    return t
+
+
+def compare_table(variants: list[Variant], current: str | None) -> Table:
+    """Columns = variants (Full / LoRA / QLoRA); rows = components in GiB, trainable parameters, fit."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title="same plan, three ways (GiB)", title_justify="left", expand=True, box=None,
+              padding=(0, 1), header_style="bold")
+    t.add_column("", no_wrap=True)
+    for v in variants:
+        t.add_column(Text(v.label + (" ◀" if v.label.lower() == (current or "").lower() else "")), justify="right")
+    keys: list[str] = []
+    for v in variants:
+        for k, _ in ordered(v.result.breakdown.components if v.result else {}):
+            if k not in keys:
+                keys.append(k)
+    keys.sort(key=lambda k: _ORDER.index(k) if k in _ORDER else 99)
+    for k in keys:
+        t.add_row(label(k), *[gib(v.result.breakdown.components.get(k, 0)) if v.result else "-" for v in variants])
+    t.add_row(Text("peak reserved", style="bold"),
+              *[Text(gib(v.result.peak_reserved_bytes), style="bold") if v.result else Text("-") for v in variants])
+    t.add_row("trainable", *[f"{v.result.params_trainable / 1e6:,.1f}M" if v.result else "-" for v in variants])
+    if any(v.result and v.result.verdict for v in variants):
+        t.add_row("on this GPU", *[badge(v.result.status, short=True) if v.result else
+                                   Text((v.error or "-")[:20], style="red") for v in variants])
+    return t
+
+
+def print_estimate(res: EstimateResult, console=None) -> None:
+    """`tuneplan estimate`'s table output."""
+    from rich.console import Console
+
+    con = console or Console()
+    con.print(f"[bold]{res.shape.name}[/] ({res.shape.architecture}, {res.shape.params_total:,} parameters, "
+              f"{res.params_trainable:,} trainable)")
+    con.print(plan_line(res.plan))
+    con.print(breakdown_table(res))
+    line = verdict_line(res)
+    if line is not None:
+        con.print(line)
+    for n in res.breakdown.notes:
+        con.print(f"[dim]note: {n}[/]")
+
+
+# --- advice ---------------------------------------------------------------------------------------
+OPTION_COLUMNS = ("method", "GPU", "×", "strategy", "batch", "ckpt", "GiB / card", "fits", "time", "cost")
+RIGHT_ALIGNED = ("×", "GiB / card", "time", "cost")
+
+
+def short_gpu(name: str) -> str:
+    """'NVIDIA GeForce RTX 4090 24GB' -> 'RTX 4090 24GB' (display only)."""
+    return name.replace("NVIDIA ", "").replace("GeForce ", "")
+
+
+def money(x: float | None) -> str:
+    return "-" if x is None else f"${x:,.2f}"
+
+
+def job_line(adv) -> str:
+    j = adv.job
+    return (f"{j['model']} ({j['params_total'] / 1e9:.2f}B parameters) · {j['examples']:,} examples × "
+            f"{j['avg_tokens']:,} tokens × {j['epochs']:g} epochs · seq {j['seq_len']} · target batch "
+            f"{j['target_batch']}" + (f" · budget ${j['budget_usd']:,.2f}" if j["budget_usd"] else ""))
+
+
+def recommendation_text(adv, notes: bool = True) -> Text:
+    """'Recommended: LoRA on 1 × RTX 4090 · micro-batch 4 × grad-accum 4 · ...' with its reasons."""
+    from rich.text import Text
+
+    from advisor.policy import duration
+    from advisor.recommend import METHOD_WORDS
+
+    text = Text()
+    c = adv.choice
+    if c is None:
+        text.append("Nothing fits.\n", style="bold red")
+    else:
+        where = f"{c.num_gpus} × {short_gpu(c.gpu)} ({c.strategy})" if c.num_gpus > 1 else short_gpu(c.gpu)
+        text.append("Recommended: ", style="bold green")
+        text.append(f"{METHOD_WORDS[c.method]} on {where} · micro-batch {c.micro_batch} × grad-accum "
+                    f"{c.grad_accum} · checkpointing {'on' if c.gradient_checkpointing else 'off'} · "
+                    f"{gib(c.peak_reserved_bytes, 1)} GiB · {duration(c.hours) if c.hours is not None else '-'} · "
+                    f"{money(c.cost_usd)}\n", style="bold")
+        for r in c.reasons:
+            text.append(f"  • {r}\n")
+    if notes:
+        for n in adv.notes:
+            text.append(f"note: {n}\n", style="dim")
+    return text
+
+
+def option_why(o) -> str:
+    if not o.fits:
+        return o.reasons[0] if o.reasons else ""
+    return next((r for r in o.reasons if r.startswith("over budget")), "")
+
+
+def option_row(o) -> list[Any]:
+    """One option as table cells (the CLI's Table and the TUI's DataTable take the same cells)."""
+    from rich.text import Text
+
+    from advisor.policy import duration
+
+    fit = Text("yes", style="green") if o.fits else Text("no", style="red")
+    if o.fits and getattr(o, "status", None) == "tight":
+        fit = Text("tight", style="yellow")
+    if o.fits and o.within_budget is False:
+        fit = Text("over budget", style="yellow")
+    return [o.method, short_gpu(o.gpu), str(o.num_gpus), o.strategy, f"{o.micro_batch}×{o.grad_accum}",
+            "on" if o.gradient_checkpointing else "off",
+            f"{gib(o.peak_reserved_bytes, 1)} / {gib(o.capacity_bytes, 1)}", fit,
+            duration(o.hours) if o.hours is not None else "-", money(o.cost_usd)]
+
+
+def options_table(adv, limit: int | None = None) -> Table:
+    from rich.table import Table
+
+    shown = adv.options[:limit] if limit else adv.options
+    whys = [option_why(o) for o in shown]
+    t = Table(title="Options", title_justify="left")
+    for col in OPTION_COLUMNS + (("why",) if any(whys) else ()):
+        t.add_column(col, justify="right" if col in RIGHT_ALIGNED else "left", overflow="fold")
+    for o, why in zip(shown, whys, strict=True):
+        t.add_row(*option_row(o), *([why] if any(whys) else []))
+    return t
+
+
+def serving_table(serving) -> Table:
+    from rich.table import Table
+
+    st = Table(title="Serving (largest batch per context; longest context at batch 1)", title_justify="left")
+    ctxs = list(serving[0].max_batch)
+    for col in ["weights", "GiB", *[f"batch @ {k // 1024}k" if k >= 1024 else f"batch @ {k}" for k in ctxs],
+                "max context @ batch 1"]:
+        st.add_column(col, justify="left" if col == "weights" else "right")
+    for s in serving:
+        st.add_row(s.weights, gib(s.weights_bytes, 1), *[str(s.max_batch[k]) for k in ctxs],
+                   f"{s.max_context_batch1:,}")
+    return st
+
+
+def guide_text(g) -> Text:
+    """The RAG / fine-tune verdict with its reasons and next steps."""
+    from rich.text import Text
+
+    text = Text()
+    text.append("Verdict: ", style="bold")
+    text.append(f"{g.verdict}\n", style="bold green")
+    for r in g.reasons:
+        text.append(f"  • {r}\n")
+    text.append("Next steps\n", style="bold")
+    for i, s in enumerate(g.next_steps, 1):
+        text.append(f"  {i}. {s}\n")
+    return text
+
+
+def exact_table(analytic: EstimateResult, exact: EstimateResult) -> Table:
+    """Analytic vs exact (simulate) estimate of the same plan, component by component."""
+    from rich.table import Table
+    from rich.text import Text
+
+    a, s = analytic.breakdown, exact.breakdown
+    t = Table(title="analytic vs exact (GiB)", title_justify="left", box=None, header_style="bold",
+              caption_style="dim")
+    for col in ("component", "analytic", "exact"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    for k in dict.fromkeys([*a.components, *s.components]):
+        t.add_row(label(k), gib(a.components.get(k, 0)), gib(s.components.get(k, 0)))
+    t.add_row(Text("peak allocated", style="bold"), gib(a.peak_allocated_bytes), gib(s.peak_allocated_bytes))
+    t.add_row(Text("peak reserved", style="bold"), gib(a.peak_reserved_bytes), gib(s.peak_reserved_bytes))
+    t.caption = "\n".join(s.notes)
+    t.caption_justify = "left"
+    return t

@@ -1,0 +1,380 @@
+"""The one API every front end calls: resolve a model, build and validate a plan, estimate, compare
+methods, rank GPUs, check a plan before a run. Results are typed; user mistakes are raised as
+:class:`advisor.problems.Problems` (all of them at once, each with its plan field).
+
+The CLI (``advisor.cli``), the TUI (``advisor.tui`` through ``advisor.forms``) and the runner
+(``runner.cli``) call only this module for planning, so they cannot disagree: one estimate, one fit
+verdict (:mod:`advisor.policy`), one set of checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from advisor.policy import Verdict, fit_verdict, precision_problem
+from advisor.problems import Problem, Problems
+
+if TYPE_CHECKING:
+    from advisor.breakdown import Breakdown
+    from advisor.gpus import Gpu
+    from advisor.model import ModelShape
+    from advisor.spec import Plan
+
+
+def resolve_model(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """A bundled profile, local config.json or model directory, or hub id -> its shape."""
+    from advisor.model import ModelError, resolve
+
+    try:
+        return resolve(ref, revision, trust_remote_code)
+    except ModelError as e:
+        raise Problems(Problem(str(e), "model.ref")) from None
+
+
+def find_gpu(name: str) -> Gpu:
+    """A GPU profile by forgiving name ('RTX 4090', h100, a100-40gb)."""
+    from advisor.gpus import GpuError
+    from advisor.gpus import find_gpu as _find
+
+    try:
+        return _find(name)
+    except GpuError as e:
+        raise Problems(Problem(str(e), "hardware.gpu")) from None
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """A validated plan with its resolved model and GPU (None when the plan names none)."""
+
+    plan: Plan
+    shape: ModelShape
+    gpu: Gpu | None
+
+
+def build(data: dict[str, Any]) -> PlanContext:
+    """Validate the plan dict and resolve its model and GPU; every problem raised together."""
+    from advisor.spec import SpecError, build_plan, check_against_shape
+
+    problems: list[Problem] = []
+    plan = shape = gpu = None
+    try:
+        plan = build_plan(data)
+    except SpecError as e:
+        problems += e.items
+    model = data.get("model") or {}
+    try:
+        shape = resolve_model(model.get("ref") or "", model.get("revision"), bool(model.get("trust_remote_code")))
+    except Problems as e:
+        problems += e.items
+    if plan is not None and shape is not None:
+        problems += check_against_shape(plan, shape)
+    gpu_name = (data.get("hardware") or {}).get("gpu")
+    if gpu_name:
+        try:
+            gpu = find_gpu(gpu_name)
+        except Problems as e:
+            problems += e.items
+    if plan is not None and plan.task == "training" and plan.hardware.device == "cuda":
+        why = precision_problem(gpu, plan.training.precision)
+        if why:
+            problems.append(Problem(why, "training.precision"))
+    if problems:
+        raise Problems(problems)
+    return PlanContext(plan, shape, gpu)
+
+
+def context_of(plan: Plan) -> PlanContext:
+    """A PlanContext for an already validated Plan (the runner's plan.yaml)."""
+    return build(plan.model_dump(mode="json"))
+
+
+def trainable(plan: Plan, shape: ModelShape) -> int:
+    from advisor.memory import trainable_params
+
+    return trainable_params(shape, plan.training) if plan.task == "training" else 0
+
+
+@dataclass
+class EstimateResult:
+    """The estimate of one plan: the breakdown at the peak and, with a GPU, the fit verdict."""
+
+    plan: Plan
+    shape: ModelShape
+    gpu: Gpu | None
+    mode: str
+    breakdown: Breakdown
+    params_trainable: int
+    verdict: Verdict | None = None
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return self.breakdown.peak_allocated_bytes
+
+    @property
+    def peak_reserved_bytes(self) -> int:
+        return self.breakdown.peak_reserved_bytes
+
+    @property
+    def peak_reserved_high_bytes(self) -> int:
+        return getattr(self.breakdown, "peak_reserved_high_bytes", self.breakdown.peak_reserved_bytes)
+
+    @property
+    def status(self) -> str | None:
+        return self.verdict.status if self.verdict else None
+
+    def as_json(self) -> dict[str, Any]:
+        """The --json object of the CLI contract (docs/memory-model.md, DESIGN.md)."""
+        s, bd = self.shape, self.breakdown
+        out: dict[str, Any] = {
+            "model": {
+                "name": s.name, "model_type": s.model_type, "architecture": s.architecture,
+                "params_total": s.params_total, "params_trainable": self.params_trainable,
+                "params_embedding": s.params_embedding, "params_lm_head": s.params_lm_head,
+                "params_linear": s.params_linear, "params_other": s.params_other,
+                "num_layers": s.num_layers, "hidden_size": s.hidden_size, "vocab_size": s.vocab_size,
+            },
+            "plan": self.plan.model_dump(mode="json"),
+            "mode": self.mode,
+            "breakdown": bd.components,
+            "peak_phase": bd.peak_phase,
+            "phases": bd.phases,
+            "overhead": bd.overhead,
+            "peak_allocated_bytes": bd.peak_allocated_bytes,
+            "peak_reserved_bytes": bd.peak_reserved_bytes,
+            "notes": bd.notes,
+        }
+        if self.gpu is not None and self.verdict is not None:
+            out["gpu"] = {"name": self.gpu.name, "id": self.gpu.id, **self.verdict.as_json()}
+        return out
+
+
+def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:
+    """The one fit verdict of a breakdown on a card (advisor.policy.fit_verdict)."""
+    if gpu is None:
+        return None
+    high = getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes)
+    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes, high)
+
+
+def estimate(ctx: PlanContext, mode: str = "analytic",
+             progress: Callable[[float, str], None] | None = None) -> EstimateResult:
+    """Peak memory of the plan: analytic (milliseconds) or simulate (the real stack on fake tensors)."""
+    from advisor.memory import estimate as analytic
+
+    if mode == "simulate":
+        from advisor.simulate import SimulateError, simulate
+
+        try:
+            bd = simulate(ctx.plan, ctx.shape, progress=progress)
+        except SimulateError as e:
+            raise Problems(str(e)) from None
+        except Exception as e:  # a bug, not the user's mistake: say so plainly, keep the analytic way open
+            raise Problems(Problem(f"the simulation failed for {ctx.shape.name} ({type(e).__name__}: "
+                                   f"{str(e)[:200]})", None, "use --mode analytic, and please report it")) from None
+    elif mode == "analytic":
+        bd = analytic(ctx.plan, ctx.shape)
+    else:
+        raise Problems(Problem(f"unknown estimate mode {mode!r}", None, "use analytic or simulate"))
+    return EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
+                          verdict_for(bd, ctx.gpu))
+
+
+def with_changes(ctx: PlanContext, section: str, **changes: Any) -> PlanContext:
+    """The same context with some fields of one plan section changed (no re-validation of the rest)."""
+    sub = getattr(ctx.plan, section).model_copy(update=changes)
+    return PlanContext(ctx.plan.model_copy(update={section: sub}), ctx.shape, ctx.gpu)
+
+
+@dataclass
+class Variant:
+    """One column of the side-by-side comparison: an estimate, or why the estimator refused it."""
+
+    label: str
+    result: EstimateResult | None = None
+    error: str | None = None
+
+
+def compare(ctx: PlanContext) -> list[Variant]:
+    """The same settings three ways: Full / LoRA / QLoRA for training, none / int8 / nf4 weights for serving."""
+    if ctx.plan.task == "training":
+        section, key = "training", "method"
+        variants = [("Full", "full"), ("LoRA", "lora"), ("QLoRA", "qlora")]
+    else:
+        section, key = "inference", "weight_quant"
+        variants = [("16-bit", "none"), ("int8", "int8"), ("nf4", "nf4")]
+    out = []
+    for label, value in variants:
+        try:
+            out.append(Variant(label, estimate(with_changes(ctx, section, **{key: value}))))
+        except Exception as e:  # noqa: BLE001 - one variant the estimator refuses must not hide the others
+            out.append(Variant(label, error=str(e)))
+    return out
+
+
+@dataclass
+class GpuRow:
+    """One row of the GPU table: does this plan fit that card, and what the job would take there."""
+
+    id: str
+    name: str
+    memory_bytes: int
+    need_bytes: int
+    status: str  # fits / tight / oom / no-bf16
+    price: float | None
+    bf16: bool
+    hours: float | None = None
+    cost_usd: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+GPU_ROW_ORDER = {"fits": 0, "tight": 1, "no-bf16": 2, "oom": 3}
+
+
+def gpu_rows(ctx: PlanContext, tokens: float | None) -> list[GpuRow]:
+    """Every GPU in the table, cheapest fitting first: the plan's per-GPU need (the card does not
+    change it), the one fit verdict, and time and cost from the one time model."""
+    from advisor.gpus import gpu_table
+    from advisor.memory import estimate as analytic
+    from advisor.recommend import train_hours
+
+    plan = ctx.plan
+    n, zero = plan.hardware.gpus, plan.hardware.zero
+    bd = analytic(plan, ctx.shape)
+    rows = []
+    for g in gpu_table().values():
+        v = verdict_for(bd, g)
+        row = GpuRow(g.id, g.name, g.memory_bytes, bd.peak_reserved_bytes, v.status, g.price_usd_hour, g.bf16)
+        if plan.task == "training" and tokens:
+            row.hours = train_hours(ctx.shape, plan, g, n, zero, tokens)
+            if g.price_usd_hour is not None:
+                row.cost_usd = row.hours * n * g.price_usd_hour
+        if plan.task == "training" and precision_problem(g, plan.training.precision):
+            row.status = "no-bf16"
+        rows.append(row)
+    rows.sort(key=lambda r: (GPU_ROW_ORDER[r.status], r.cost_usd if r.cost_usd is not None else float("inf"),
+                             r.memory_bytes))
+    return rows
+
+
+def check_fit(plan: Plan) -> tuple[Verdict | None, str | None]:
+    """The runner's pre-flight: the plan's verdict on hardware.gpu, or (None, why it could not be checked)."""
+    if not plan.hardware.gpu:
+        return None, None
+    try:
+        ctx = context_of(plan)
+    except Problems as e:
+        return None, "; ".join(p.message for p in e.items)
+    res = estimate(ctx)
+    return res.verdict, None
+
+
+# --- the job (time and cost) and advice -----------------------------------------------------------
+DEFAULT_EXAMPLES = 1000
+DEFAULT_AVG_TOKENS = 512
+DEFAULT_EPOCHS = 3.0
+DEFAULT_TARGET_BATCH = 16
+DEFAULT_SEQ = 2048
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the fine-tune will chew through: examples x tokens per example x epochs, the target
+    effective batch, and an optional budget."""
+
+    examples: int = DEFAULT_EXAMPLES
+    avg_tokens: int = DEFAULT_AVG_TOKENS
+    epochs: float = DEFAULT_EPOCHS
+    target_batch: int = DEFAULT_TARGET_BATCH
+    budget_usd: float | None = None
+
+    @property
+    def tokens(self) -> float:
+        return float(self.examples) * self.avg_tokens * self.epochs
+
+
+def job_problems(examples: Any, avg_tokens: Any, epochs: Any, target_batch: Any = DEFAULT_TARGET_BATCH,
+                 budget_usd: Any = None, gpus: Any = None) -> list[Problem]:
+    """Every problem with the job's numbers (fields job.*; the CLI shows them as flags)."""
+    import math
+
+    def number(v: Any, kind: type) -> float | None:
+        try:
+            x = kind(v)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return x if math.isfinite(x) else None
+
+    out = []
+    ex, tok, ep, tb = (number(examples, int), number(avg_tokens, int), number(epochs, float),
+                       number(target_batch, int))
+    if ex is None or ex < 1:
+        out.append(Problem(f"must be at least 1, a whole number (got {examples!r})", "job.examples",
+                           "the number of training examples"))
+    if tok is None or tok < 1:
+        out.append(Problem(f"must be at least 1, a whole number (got {avg_tokens!r})", "job.avg_tokens",
+                           "the mean tokens per example"))
+    if ep is None or not 0 < ep <= 1000:
+        out.append(Problem(f"must be above 0 and at most 1000 (got {epochs!r})", "job.epochs",
+                           "1-3 is usual"))
+    if tb is None or tb < 1:
+        out.append(Problem(f"must be at least 1, a whole number (got {target_batch!r})", "job.target_batch",
+                           "the target effective batch, e.g. 16"))
+    if budget_usd is not None:
+        b = number(budget_usd, float)
+        if b is None or b <= 0:
+            out.append(Problem(f"must be a positive amount of US dollars (got {budget_usd!r})", "job.budget_usd",
+                               "leave it out for no limit"))
+    if gpus is not None:
+        g = number(gpus, int)
+        if g is None or not 1 <= g <= 4096:
+            out.append(Problem(f"must be between 1 and 4096 (got {gpus!r})", "job.gpus",
+                               "leave it out to let tuneplan choose"))
+    return out
+
+
+def make_job(examples: Any = DEFAULT_EXAMPLES, avg_tokens: Any = DEFAULT_AVG_TOKENS, epochs: Any = DEFAULT_EPOCHS,
+             target_batch: Any = DEFAULT_TARGET_BATCH, budget_usd: Any = None) -> Job:
+    problems = job_problems(examples, avg_tokens, epochs, target_batch, budget_usd)
+    if problems:
+        raise Problems(problems)
+    return Job(int(examples), int(avg_tokens), float(epochs), int(target_batch),
+               None if budget_usd is None else float(budget_usd))
+
+
+def default_seq(shape: ModelShape) -> int:
+    """2048, or the model's maximum when shorter (gpt2: 1024)."""
+    mp = shape.max_position
+    return min(DEFAULT_SEQ, mp) if mp else DEFAULT_SEQ
+
+
+def advise(ctx: PlanContext, job: Job, gpu: Gpu | None = None, gpus: int | None = None,
+           methods: tuple[str, ...] | None = None):
+    """Method, GPU(s), micro-batch, time and cost (advisor.recommend) for the plan's model and settings;
+    ``gpu`` None ranks every priced GPU."""
+    from advisor.recommend import AdviceError, recommend
+    from advisor.spec import METHODS
+
+    try:
+        return recommend(ctx.shape, ctx.plan, gpu, gpus=gpus, examples=job.examples, avg_tokens=job.avg_tokens,
+                         epochs=job.epochs, target_batch=job.target_batch, budget_usd=job.budget_usd,
+                         methods=tuple(methods or METHODS))
+    except AdviceError as e:
+        raise Problems(str(e)) from None
+
+
+def guide(answers: dict[str, Any]):
+    """The RAG / fine-tune questionnaire (advisor.guide); problems carry the question's name as field."""
+    from pydantic import ValidationError
+
+    from advisor.guide import Questionnaire
+    from advisor.guide import guide as _guide
+    from advisor.spec import validation_problems
+
+    try:
+        q = Questionnaire(**answers)
+    except ValidationError as e:
+        raise Problems([Problem(p.what, f"guide.{p.field}" if p.field else None) for p in validation_problems(e)]) \
+            from None
+    return q, _guide(q)
