@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+_HERE = Path(__file__).resolve().parent
+# an installed wheel carries profiles/ as advisor/profiles (pyproject.toml); a checkout has it at the top
+PROFILES_DIR = _HERE / "profiles" if (_HERE / "profiles").is_dir() else _HERE.parent / "profiles"
 MODELS_DIR = PROFILES_DIR / "models"
 SHAPES_DIR = PROFILES_DIR / "shapes"
 SHAPE_VERSION = 6  # bump when ModelShape gains fields; stale cache entries are recomputed
