@@ -1,4 +1,11 @@
-"""Start a run as a subprocess (python, or `accelerate launch` on several GPUs) and find its files.
+"""Start a run as a subprocess (python, or `accelerate launch` / torchrun on several GPUs and nodes)
+and find its files.
+
+Several nodes: every node runs ``tuneplan run PLAN --run-dir DIR hardware.node_rank=K`` (see
+:func:`node_commands`); each builds the launcher command for its own GPUs (:func:`build_command`):
+``accelerate launch --num_machines N --machine_rank K --main_process_ip A ...`` on GPUs, torchrun
+``--nnodes N --node-rank K --master-addr A`` on CPUs (accelerate starts several CPU processes only
+through mpirun). Global rank 0 (on node 0) writes the run directory.
 
 Light imports only (pydantic, yaml): the TUI builds and starts commands with this module.
 Processes are started from an argument list, never through a shell.
@@ -38,6 +45,11 @@ def is_distributed(plan: Plan) -> bool:
     return plan.hardware.gpus > 1
 
 
+def gpus_per_node(plan: Plan) -> int:
+    """hardware.gpus is the total; the spec checks that it divides evenly over hardware.nodes."""
+    return plan.hardware.gpus // plan.hardware.nodes
+
+
 def uses_accelerate_config(plan: Plan) -> bool:
     return is_distributed(plan) and plan.hardware.device == "cuda"
 
@@ -49,11 +61,13 @@ def accelerate_config(plan: Plan, port: int | None = None) -> dict[str, Any]:
     hw = plan.hardware
     cpu = hw.device == "cpu"
     cfg: dict[str, Any] = {
-        "compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0,
+        "compute_environment": "LOCAL_MACHINE", "num_machines": hw.nodes, "machine_rank": hw.node_rank,
         "num_processes": hw.gpus, "mixed_precision": "no", "use_cpu": cpu, "same_network": True,
         "rdzv_backend": "static", "main_training_function": "main", "debug": False,
-        "main_process_port": port or 29500,
+        "main_process_port": hw.main_port if hw.nodes > 1 else (port or 29500),
     }
+    if hw.nodes > 1:
+        cfg["main_process_ip"] = hw.main_address
     if cpu:
         cfg["distributed_type"] = "MULTI_CPU"
     elif hw.zero == 0:
@@ -79,7 +93,8 @@ def write_accelerate_config(plan: Plan, run_dir: str | Path) -> Path:
 
     path = Path(run_dir) / ACCELERATE_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(accelerate_config(plan, _free_port()), sort_keys=False))
+    port = None if plan.hardware.nodes > 1 else _free_port()  # several nodes: the plan's main_port
+    path.write_text(yaml.safe_dump(accelerate_config(plan, port), sort_keys=False))
     return path
 
 
@@ -109,15 +124,41 @@ def build_command(plan_path: str | Path | None, run_dir: str | Path | None = Non
     args += overrides
     if force:
         args.append("--force")
-    if is_distributed(plan) and plan.hardware.device == "cpu":
-        # `accelerate launch` starts several CPU processes on one machine only through mpirun; torchrun
-        # does it directly, and accelerate's Accelerator inside each process still sets up DDP (gloo).
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.hardware.gpus),
-                "-m", "runner", *args, "--worker"]
-    if is_distributed(plan):
-        return [python, "-m", "accelerate.commands.launch", "--config_file", str(Path(run_dir) / ACCELERATE_CONFIG),
-                "-m", "runner", *args, "--worker"]
-    return [python, "-m", "runner", *args]
+    if not is_distributed(plan):
+        return [python, "-m", "runner", *args]
+    return [python, "-m", *launcher_args(plan, run_dir), "-m", "runner", *args, "--worker"]
+
+
+def launcher_args(plan: Plan, run_dir: str | Path) -> list[str]:
+    """What starts this node's processes, after ``python -m`` (nothing on one device):
+    torch.distributed.run (torchrun) for CPU processes, ``accelerate.commands.launch`` on GPUs."""
+    hw = plan.hardware
+    if not is_distributed(plan):
+        return []
+    per_node = gpus_per_node(plan)
+    if hw.device == "cpu":
+        # `accelerate launch` starts several CPU processes only through mpirun; torchrun does it
+        # directly, and accelerate's Accelerator inside each process still sets up DDP (gloo).
+        if hw.nodes == 1:
+            return ["torch.distributed.run", "--standalone", "--nproc_per_node", str(per_node)]
+        return ["torch.distributed.run", "--nnodes", str(hw.nodes), "--node_rank", str(hw.node_rank),
+                "--nproc_per_node", str(per_node), "--master_addr", str(hw.main_address),
+                "--master_port", str(hw.main_port)]
+    cmd = ["accelerate.commands.launch", "--config_file", str(Path(run_dir) / ACCELERATE_CONFIG)]
+    if hw.nodes > 1:  # on the command line too: they win over a config file another node wrote
+        cmd += ["--num_machines", str(hw.nodes), "--machine_rank", str(hw.node_rank), "--num_processes",
+                str(hw.gpus), "--main_process_ip", str(hw.main_address), "--main_process_port", str(hw.main_port)]
+    return cmd
+
+
+def node_commands(plan: Plan, plan_path: str | Path, run_dir: str | Path, program: str = "tuneplan") -> list[list[str]]:
+    """The command to type on each node, node 0 first: ``tuneplan run PLAN --run-dir DIR
+    hardware.node_rank=K``. One run directory for all of them (on a shared file system, or each
+    node's own copy: rank 0 on node 0 writes the plan, events and checkpoints)."""
+    base = [program, "run", str(plan_path), "--run-dir", str(run_dir)]
+    if plan.hardware.nodes == 1:
+        return [base]
+    return [[*base, f"hardware.node_rank={k}"] for k in range(plan.hardware.nodes)]
 
 
 def format_command(cmd: list[str]) -> str:
@@ -158,7 +199,7 @@ def start_run(plan_path: str | Path | None, run_dir: str | Path | None = None, r
               overrides=(), force: bool = False, env: dict[str, str] | None = None,
               capture: bool = True) -> RunHandle:
     """Start the run in a subprocess; its output goes to RUN_DIR/run.log (capture) and its
-    progress to RUN_DIR/events.jsonl. Returns at once. Raises advisor.cli.UserError (every
+    progress to RUN_DIR/events.jsonl. Returns at once. Raises advisor.problems.UserError (every
     problem, one line each) when the plan cannot run: bad data lines, a model without weights, a
     plan that does not fit hardware.gpu (unless ``force``)."""
     from runner.cli import preflight
