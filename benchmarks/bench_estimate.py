@@ -31,7 +31,7 @@ def in_process(n: int = 2000) -> float:
 
 
 def cold_cli(runs: int = 5) -> list[float]:
-    exe = [sys.executable, "-m", "advisor.cli.main", "estimate", "--model", "meta-llama/Llama-3.1-8B", "--json"]
+    exe = [sys.executable, "-m", "advisor.launcher", "estimate", "--model", "meta-llama/Llama-3.1-8B", "--json"]
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def installed(tmp_path_factory):
 
 def run(installed, *args: str) -> subprocess.CompletedProcess:
     site, away, env = installed
-    return subprocess.run([sys.executable, "-m", "advisor.cli.main", *args], cwd=away, env=env,
+    return subprocess.run([sys.executable, "-m", "advisor.launcher", *args], cwd=away, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from advisor.cli.common import EXIT_USER_ERROR, parse_with_overrides, put, report_problems  # noqa: F401
@@ -165,7 +166,9 @@ def cmd_profiles(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The `tuneplan` parser: the advisor's commands and the runner's; ``extra`` adds more subcommands
+    (advisor.launcher adds the app's: tui and watch)."""
     p = argparse.ArgumentParser(prog="tuneplan", description="Will this fine-tune fit, and what will it cost?")
     sub = p.add_subparsers(dest="command")
     e = sub.add_parser("estimate", help="peak memory of a training step or of serving")
@@ -183,37 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     from runner.cli import add_commands as add_runner_commands  # run, data check, demo (light imports)
 
     add_runner_commands(sub)
-    t = sub.add_parser("tui", help="the app: plan, compare, decide, launch and watch (also: tuneplan with no command)")
-    t.add_argument("--plan", help="a plan.yaml to open (and save back to with ctrl+s)")
-    t.set_defaults(func=cmd_tui)
-    w = sub.add_parser("watch", help="live GPU memory per device and process (NVML); with RUN_DIR, a run vs its plan")
-    w.add_argument("run_dir", nargs="?", help="a run directory to follow (events.jsonl)")
-    w.set_defaults(func=cmd_watch)
+    if extra is not None:
+        extra(sub)
     return p
 
 
-def cmd_tui(a: argparse.Namespace) -> int:
-    from advisor.tui import run
-
-    return run(a.plan)
-
-
-def cmd_watch(a: argparse.Namespace) -> int:
-    from advisor.tui import run
-
-    return run(mode="watch", run_dir=a.run_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = None,
+         no_command: Callable[[], int] | None = None) -> int:
+    """Run one command; user mistakes end in one clear message and exit code 2. Without a command:
+    ``no_command`` (the launcher opens the app there) when on a terminal, else the help."""
+    parser = build_parser(extra)
     args = parse_with_overrides(parser, argv)
     if not getattr(args, "command", None):
-        if not (sys.stdin.isatty() and sys.stdout.isatty()):  # piped or scripted: help, not the app
+        if no_command is None or not (sys.stdin.isatty() and sys.stdout.isatty()):  # piped or scripted: help
             parser.print_help()
             return 0
-        from advisor.tui import run
-
-        return run()
+        return no_command()
     try:
         return args.func(args)
     except Problems as e:
