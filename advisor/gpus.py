@@ -36,6 +36,11 @@ class Gpu:
     price_usd_hour: float | None
     price_source: str
     unified_memory: bool = False
+    interconnect: str = "pcie"  # between GPUs of one node: nvlink | pcie | infinity-fabric | none
+    link_gbs: float = 32.0  # GB/s per GPU per direction over that interconnect (PCIe 4.0 x16 when unstated)
+    gpus_per_node: int = 8  # GPUs one node holds; beyond that rings cross the network
+    internode_gbs: float = 25.0  # GB/s per GPU between nodes (one 200 Gb/s NIC per GPU when unstated)
+    interconnect_source: str = ""
 
     @property
     def memory_bytes(self) -> int:
@@ -71,6 +76,11 @@ def _parse(data: object, where: str) -> list[Gpu]:
                 bandwidth_gbs=float(e.get("bandwidth_gbs") or 0),
                 price_usd_hour=float(e["price_usd_hour"]) if e.get("price_usd_hour") is not None else None,
                 price_source=str(e.get("price_source", "")), unified_memory=bool(e.get("unified_memory", False)),
+                interconnect=str(e.get("interconnect", "pcie")).lower(),
+                link_gbs=float(e["link_gbs"]) if e.get("link_gbs") is not None else 32.0,
+                gpus_per_node=int(e.get("gpus_per_node") or 8),
+                internode_gbs=float(e["internode_gbs"]) if e.get("internode_gbs") is not None else 25.0,
+                interconnect_source=str(e.get("interconnect_source", "")),
             ))
         except (TypeError, ValueError) as err:
             raise GpuError(f"{where}: gpus entry {n} ({e.get('name', '?')}): {err}") from None

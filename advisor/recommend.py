@@ -9,7 +9,9 @@ The search, for each GPU and each method (full / lora / qlora):
    target effective batch) whose peak fits, with gradient accumulation reaching the target;
 2. only when one GPU cannot hold the job (and the user did not fix the count): 2, 4, 8, ... 64
    GPUs, each with DDP (ZeRO-0) and ZeRO-1/2/3, stopping at the smallest count that fits.
-"Fits" means the estimate's per-GPU ``peak_reserved_bytes`` is at most HEADROOM x the GPU's memory.
+"Fits" is the one policy, advisor.policy.fit_verdict on the estimate's per-GPU peak and its high end:
+"fits" or "tight" (not "oom"); a micro-batch or option that "fits" is preferred over a "tight" one.
+Time and cost come from advisor.throughput, the same model the estimate and the GPU table use.
 """
 
 from __future__ import annotations
@@ -18,22 +20,19 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from advisor import throughput
 from advisor.gpus import Gpu, gpu_table
 from advisor.guide import FULL_FINETUNE_EXAMPLES
 from advisor.memory import estimate
 from advisor.model import ModelShape
+from advisor.policy import TIGHT_SHARE, Verdict, fit_verdict, gib_str
+from advisor.policy import duration as duration  # noqa: PLC0414  (re-exported for the front ends)
+from advisor.policy import precision_for as precision_for  # noqa: PLC0414
 from advisor.spec import METHODS, InferSpec, Plan
 
-GIB = 1024**3
-
 # --- assumptions, in one place (docs/advice.md) -------------------------------------------------
-HEADROOM = 0.95  # fits only if peak_reserved <= 95% of the card: fragmentation spikes, other processes
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 SMALL_MODEL_PARAMS = 3.2e9  # "<= ~3B": Llama-3.2-3B (3.21B) and Qwen2.5-3B (3.09B) count as small
-MFU_BF16 = 0.35  # model FLOPs utilisation of a well-tuned bf16 fine-tune on a data-centre card
-MFU_NO_BF16 = 0.25  # T4/V100: fp16 with loss scaling, power-capped clocks (T4: 70 W)
-MULTI_GPU_EFFICIENCY = {0: 0.90, 1: 0.90, 2: 0.90, 3: 0.80}  # share of linear scaling kept per ZeRO stage
-QLORA_SLOWDOWN = 1.15  # NF4 dequantization before every matmul: a rule of thumb, not a measurement
 STRATEGY = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3/fsdp"}
 METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 
@@ -43,12 +42,8 @@ class AdviceError(ValueError):
 
 
 def gib(b: float) -> str:
-    return f"{b / GIB:,.1f} GiB"
-
-
-def duration(hours: float) -> str:
-    """'about 3.2 h' or 'about 12 min' (display only)."""
-    return f"{hours:,.1f} h" if hours >= 1 else f"{max(hours * 60, 1):.0f} min"
+    """Bytes with the unit, one decimal ('12.3 GiB'), for the reasons."""
+    return gib_str(b, 1)
 
 
 @dataclass
@@ -72,6 +67,8 @@ class Option:
     precision: str = "bf16"
     within_budget: bool | None = None
     gpu_id: str = ""
+    status: str = ""  # the fit verdict at the chosen micro-batch: fits / tight / oom
+    tokens_per_s_per_gpu: float | None = None
 
     @property
     def effective_batch(self) -> int:
@@ -129,16 +126,6 @@ def method_rank(method: str, shape: ModelShape, examples: int) -> tuple[int, str
     return 2, "QLoRA (4-bit frozen weights) comes after LoRA: the fallback when bf16 weights do not fit"
 
 
-def precision_for(method: str, gpu: Gpu | None, base: str) -> str:
-    """bf16 where the card has it; otherwise fp16 (T4, V100). Full fine-tuning without bf16 uses
-    AMP fp16 (fp32 master weights + loss scaling): pure fp16 weights underflow their updates."""
-    if gpu is None or gpu.bf16:
-        return base
-    if method == "full" and base in ("bf16", "fp16", "amp-bf16"):
-        return "amp-fp16"
-    return {"bf16": "fp16", "amp-bf16": "amp-fp16"}.get(base, base)
-
-
 # --- time and cost ------------------------------------------------------------------------------
 
 def matmul_params(shape: ModelShape) -> int:
@@ -158,7 +145,8 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     full: forward 2N + backward 4N (input and weight gradients) = 6N.
     lora/qlora: forward 2N + backward input-gradients 2N (frozen weights need no weight gradient)
     = 4N, plus 6 N_lora for the adapters. Gradient checkpointing adds one more forward (2N).
-    QLoRA's dequantization is applied to the time (QLORA_SLOWDOWN), not here."""
+    A summary for the reasons; the time itself is advisor.throughput.step_time (per GEMM, attention,
+    memory-bound work, QLoRA dequantization, communication)."""
     from advisor.memory import trainable_params
 
     t = plan.training
@@ -169,17 +157,9 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     return float(f)
 
 
-def mfu_for(gpu: Gpu, num_gpus: int, zero: int) -> float:
-    base = MFU_BF16 if gpu.bf16 else MFU_NO_BF16
-    return base * (MULTI_GPU_EFFICIENCY[zero] if num_gpus > 1 else 1.0)
-
-
 def train_hours(shape: ModelShape, plan: Plan, gpu: Gpu, num_gpus: int, zero: int, tokens: float) -> float:
-    flops = flops_per_token(shape, plan) * tokens
-    secs = flops / (num_gpus * gpu.tflops * 1e12 * mfu_for(gpu, num_gpus, zero))
-    if plan.training.method == "qlora":
-        secs *= QLORA_SLOWDOWN
-    return secs / 3600
+    """Hours for `tokens` tokens (all GPUs together): advisor.throughput's step-time model."""
+    return throughput.train_hours(shape, plan, gpu, num_gpus, zero, tokens)
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -208,24 +188,38 @@ class _Fit:
     mb: int
     accum: int
     peak: int
-    next_peak: int | None  # the next micro-batch up, which did not fit (None: target reached)
+    next_peak: int | None  # the next micro-batch up, which did not fit or was only tight (None: target reached)
+    status: str = "fits"
 
 
-def _largest_fit(shape, base, method, precision, gc, n, z, target, limit) -> tuple[_Fit | None, int]:
-    """Largest power-of-two micro-batch that fits; (None, peak at micro-batch 1) when none does."""
-    best: _Fit | None = None
+def verdict(plan: Plan, shape: ModelShape, gpu: Gpu) -> Verdict:
+    """The one fit verdict of a plan on a card (advisor.policy.fit_verdict on the analytic estimate)."""
+    bd = estimate(plan, shape)
+    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes,
+                       getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes))
+
+
+def _largest_fit(shape, base, method, precision, gc, n, z, target, gpu) -> tuple[_Fit | None, int]:
+    """Largest power-of-two micro-batch whose verdict is "fits" (else the largest "tight" one);
+    (None, peak at micro-batch 1) when none is launchable."""
+    best: _Fit | None = None  # largest micro-batch that "fits"
+    tight: _Fit | None = None  # largest that is only "tight"
     first_peak = 0
     for mb in micro_batches(max(1, target // n)):  # mb x n GPUs never overshoots the target batch
         accum = accum_for(target, mb, n)
-        peak = estimate(_plan(base, method, precision, gc, mb, accum, n, z), shape).peak_reserved_bytes
+        v = verdict(_plan(base, method, precision, gc, mb, accum, n, z), shape, gpu)
         if mb == 1:
-            first_peak = peak
-        if peak > limit:
-            if best is not None:
-                best.next_peak = peak
+            first_peak = v.need_bytes
+        for f in (best, tight):  # the next micro-batch up, whatever its verdict
+            if f is not None and f.mb * 2 == mb:
+                f.next_peak = v.need_bytes
+        if v.status == "oom":
             break
-        best = _Fit(mb, accum, peak, None)
-    return best, first_peak
+        if v.status == "fits":
+            best = _Fit(mb, accum, v.need_bytes, None, "fits")
+        else:
+            tight = _Fit(mb, accum, v.need_bytes, None, "tight")
+    return (best or tight), first_peak
 
 
 def _where(gpu: Gpu, n: int, z: int) -> str:
@@ -239,7 +233,7 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
                 tokens: float) -> Option:
     """The best way to run `method` on `gpu`, or the rejected option with the number that did not fit."""
     cap = gpu.memory_bytes
-    limit = int(HEADROOM * cap)
+    line = int(TIGHT_SHARE * cap)
     precision = precision_for(method, gpu, base.training.precision)
     word = METHOD_WORDS[method] + (f" ({precision})" if method != "qlora" else "")
     if method == "qlora" and gpu.vendor == "apple":
@@ -251,18 +245,22 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
         found: list[tuple[float, int, int, bool, _Fit]] = []
         for gc in (False, True):
             for z in ((0,) if n == 1 else (0, 1, 2, 3)):
-                fit, peak1 = _largest_fit(shape, base, method, precision, gc, n, z, target, limit)
+                fit, peak1 = _largest_fit(shape, base, method, precision, gc, n, z, target, gpu)
                 tried.append((n, z, gc, peak1))
                 if fit is None:
                     continue
                 p = _plan(base, method, precision, gc, fit.mb, fit.accum, n, z)
-                found.append((train_hours(shape, p, gpu, n, z, tokens), -fit.mb, z, gc, fit))
+                st = throughput.step_time(p, shape, gpu)
+                hours = tokens / (st.tokens_per_s * n) / 3600
+                found.append((fit.status != "fits", hours, -fit.mb, z, gc, fit, st.tokens_per_s))
         if not found:
             continue
-        hours, _, z, gc, fit = min(found, key=lambda f: f[:3])
+        _, hours, _, z, gc, fit, tps = min(found, key=lambda f: f[:4])
         cost = hours * n * gpu.price_usd_hour if gpu.price_usd_hour is not None else None
+        state = ("fits" if fit.status == "fits" else
+                 f"tight: over the {TIGHT_SHARE:.0%} line or its high end over the card")
         reasons = [(f"{word} needs {gib(fit.peak)} per GPU on {_where(gpu, n, z)} ({gib(cap)}; "
-                   f"{100 * fit.peak / cap:.0f}% used, {gib(limit - fit.peak)} under the {HEADROOM:.0%} line)")]
+                   f"{100 * fit.peak / cap:.0f}% used, {state})")]
         ones = [p for (k, _, _, p) in tried if k == 1]
         if n > 1 and ones:
             one = min(ones)
@@ -276,27 +274,29 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
             f" = effective batch {eff}"
         if fit.next_peak is not None:
             mb_txt += f"; micro-batch {fit.mb * 2} would need {gib(fit.next_peak)}"
+        if fit.status == "tight":
+            mb_txt += " (no micro-batch stays under the line)"
         reasons.append(mb_txt)
         if precision != base.training.precision:
             reasons.append(f"{gpu.name} has no bf16: trained in {precision}")
-        tflops = gpu.tflops
-        reasons.append(f"about {duration(hours)} for {tokens:,.0f} tokens at {mfu_for(gpu, n, z):.0%} MFU of "
-                       f"{tflops:g} TFLOPS per GPU (assumed)" +
-                       (f", +{QLORA_SLOWDOWN - 1:.0%} for 4-bit dequantization (rule of thumb)"
-                        if method == "qlora" else ""))
+        lo, hi = throughput.BAND
+        reasons.append(f"about {duration(hours)} ({duration(hours / hi)}-{duration(hours / lo)}) for {tokens:,.0f} "
+                       f"tokens at {tps:,.0f} tokens/s per GPU (step-time model calibrated on A100 runs of the "
+                       f"plain stack)")
         if cost is not None:
             reasons.append(f"costs about ${cost:,.2f} ({hours:,.2f} h x {n} GPU{'s' if n > 1 else ''} x "
                            f"${gpu.price_usd_hour:.2f}/h)")
         else:
             reasons.append(f"no hourly price for {gpu.name} in the GPU table, so no cost")
         return Option(method, gpu.name, n, z, "single" if n == 1 else STRATEGY[z], fit.mb, fit.accum, gc,
-                      fit.peak, cap, True, hours, cost, reasons, precision, gpu_id=gpu.id)
+                      fit.peak, cap, True, hours, cost, reasons, precision, gpu_id=gpu.id, status=fit.status,
+                      tokens_per_s_per_gpu=tps)
     # nothing fits: report the smallest need on one GPU and on the most GPUs tried
     one = [t for t in tried if t[0] == 1]
     n_max = max(t[0] for t in tried)
     best1 = min(one or tried, key=lambda t: t[3])
-    reasons = [f"{word} needs {gib(best1[3])} on {_where(gpu, best1[0], best1[1])} ({gib(cap)}; the "
-               f"{HEADROOM:.0%} line is {gib(limit)}) even at micro-batch 1"
+    reasons = [f"{word} needs {gib(best1[3])} on {_where(gpu, best1[0], best1[1])} ({gib(cap)}; out of memory"
+               f", the {TIGHT_SHARE:.0%} line is {gib(line)}) even at micro-batch 1"
                + (" with gradient checkpointing" if best1[2] else "")]
     bestn = min((t for t in tried if t[0] == n_max), key=lambda t: t[3])
     if n_max > 1:
@@ -304,7 +304,7 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
     worst = bestn if n_max > 1 else best1
     return Option(method, gpu.name, worst[0], worst[1], "single" if worst[0] == 1 else STRATEGY[worst[1]], 1,
                   accum_for(target, 1, worst[0]), worst[2], worst[3], cap, False, None, None, reasons, precision,
-                  gpu_id=gpu.id)
+                  gpu_id=gpu.id, status="oom")
 
 
 def _validate(examples: int, avg_tokens: int, epochs: float, target_batch: int, budget_usd: float | None,
@@ -331,8 +331,9 @@ def _validate(examples: int, avg_tokens: int, epochs: float, target_batch: int, 
 
 
 def _choice_key(o: Option, ranks: dict[str, int], min_gpus: dict[str, int]) -> tuple:
-    """Fewest GPUs the method needs anywhere, then the method's rank, then the cheapest, then the fastest."""
-    return (min_gpus[o.method], ranks[o.method],
+    """Fewest GPUs the method needs anywhere, then the method's rank, then "fits" before "tight", then the
+    cheapest, then the fastest."""
+    return (min_gpus[o.method], ranks[o.method], o.status == "tight",
             o.cost_usd if o.cost_usd is not None else math.inf, o.hours or math.inf, o.num_gpus)
 
 
@@ -391,16 +392,13 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
         notes.append(f"nothing fits on {where}; see each option's reasons for the memory it needs")
     options.sort(key=lambda o: (o is not choice, not o.fits, order.get(id(o), 0), ranks[o.method], o.gpu))
 
-    mfu_line = (f"MFU {MFU_BF16:.0%} on bf16 cards, {MFU_NO_BF16:.0%} on cards without bf16 (T4, V100); "
-                f"multi-GPU keeps {MULTI_GPU_EFFICIENCY[0]:.0%} of linear scaling with DDP/ZeRO-1/2, "
-                f"{MULTI_GPU_EFFICIENCY[3]:.0%} with ZeRO-3/FSDP")
+    lo, hi = throughput.BAND
     assumptions = [
-        f"fits = estimated peak reserved memory per GPU <= {HEADROOM:.0%} of the card",
-        ("FLOPs per token: full 6N; LoRA/QLoRA 4N + 6N_lora; +2N with gradient checkpointing "
-        "(N = parameters in matmuls)"),
-        mfu_line,
-        (f"QLoRA +{QLORA_SLOWDOWN - 1:.0%} time for NF4 dequantization (rule of thumb; the QLoRA paper notes it "
-        "is slower than 16-bit LoRA)"),
+        (f"fits = the fit verdict is not out of memory (expected peak reserved per GPU <= the card); tight = "
+         f"over {TIGHT_SHARE:.0%} of it or its high end over the card; fits is preferred over tight"),
+        ("time: advisor.throughput's step-time model (GEMM roofline, attention, memory-bound work, QLoRA "
+         f"dequantization, communication), calibrated on A100 runs of the plain stack; range {lo:.2f}-{hi:.2f}x"),
+        "sequences packed to seq_len (padding not counted)",
         "FSDP full shard is estimated as ZeRO-3",
         f"tokens = {examples:,} examples x {avg_tokens:,} tokens x {epochs:g} epochs = {tokens:,.0f}",
     ]
@@ -462,7 +460,9 @@ def _serve_fits(shape: ModelShape, gpu: Gpu, gpus: int, precision: str, quant: s
     plan = Plan(task="inference", inference=InferSpec(batch=batch, seq_len=seq, precision=precision,
                                                      weight_quant=quant),
                 hardware={"gpu": None, "gpus": gpus, "device": "cuda"})
-    return estimate(plan, shape).peak_reserved_bytes <= HEADROOM * gpu.memory_bytes
+    bd = estimate(plan, shape)
+    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes,
+                       getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes)).fits
 
 
 def _largest(ok, hi: int) -> int:
@@ -484,7 +484,8 @@ def _largest(ok, hi: int) -> int:
 
 def serving_capacity(shape: ModelShape, gpu: Gpu, gpus: int = 1) -> list[ServingFit]:
     """For bf16 (fp16 on cards without bf16), int8 and nf4 weights: the largest batch at 2k, 8k,
-    32k and the model's maximum context, and the longest context at batch 1, all within HEADROOM.
+    32k and the model's maximum context, and the longest context at batch 1, all not out of memory
+    by advisor.policy.fit_verdict.
     Uses advisor.memory's inference estimate (weights + KV cache for the whole context + prefill)."""
     max_ctx = shape.max_position or 131072
     contexts = sorted({c for c in CONTEXTS if c <= max_ctx} | {max_ctx})
