@@ -154,7 +154,7 @@ def print_estimate(res: EstimateResult, console=None) -> None:
     line = verdict_line(res)
     if line is not None:
         con.print(line)
-    for n in res.breakdown.notes:
+    for n in res.notes:
         con.print(f"[dim]note: {n}[/]")
 
 

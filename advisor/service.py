@@ -107,6 +107,12 @@ class EstimateResult:
     breakdown: Breakdown
     params_trainable: int
     verdict: Verdict | None = None
+    plan_notes: list[str] = field(default_factory=list)  # about the plan itself (advisor.service.plan_notes)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know: the plan's notes, then the estimate's."""
+        return [*self.plan_notes, *self.breakdown.notes]
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -143,7 +149,7 @@ class EstimateResult:
             "overhead": bd.overhead,
             "peak_allocated_bytes": bd.peak_allocated_bytes,
             "peak_reserved_bytes": bd.peak_reserved_bytes,
-            "notes": bd.notes,
+            "notes": self.notes,
         }
         if self.gpu is not None and self.verdict is not None:
             out["gpu"] = {"name": self.gpu.name, "id": self.gpu.id, **self.verdict.as_json()}
@@ -178,7 +184,19 @@ def estimate(ctx: PlanContext, mode: str = "analytic",
     else:
         raise Problems(Problem(f"unknown estimate mode {mode!r}", None, "use analytic or simulate"))
     return EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
-                          verdict_for(bd, ctx.gpu))
+                          verdict_for(bd, ctx.gpu), plan_notes(ctx.plan))
+
+
+def plan_notes(plan: Plan) -> list[str]:
+    """Settings that are valid but do nothing, or that the user should know about."""
+    hw, notes = plan.hardware, []
+    if hw.zero and hw.gpus == 1:
+        notes.append(f"ZeRO-{hw.zero} on one GPU changes nothing (ZeRO shards states across GPUs); "
+                     "use --gpus 2 or more, or leave --zero out")
+    if plan.model.trust_remote_code:
+        notes.append("trust_remote_code is on: the model's own code from the hub will run; only for repositories "
+                     "you trust")
+    return notes
 
 
 def with_changes(ctx: PlanContext, section: str, **changes: Any) -> PlanContext:

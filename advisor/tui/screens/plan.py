@@ -200,7 +200,7 @@ class PlanScreen(Screen):
             line.append_text(badge(r.status))
             room = r.verdict.headroom_bytes
             line.append(f" {'headroom' if room >= 0 else 'short by'} {gib(abs(room))} GiB")
-        for note in r.breakdown.notes:
+        for note in r.notes:
             line.append(f"\nnote: {note}", style="dim")
         head.update(line)
         bd = r.breakdown
