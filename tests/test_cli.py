@@ -79,3 +79,27 @@ def test_bf16_on_a_t4_is_refused(capsys):
 def test_profiles_listing(capsys, args):
     code, out, _ = run(capsys, *args)
     assert code == 0 and len(out.splitlines()) > 30
+
+
+def test_recommend_save_to_a_directory_or_a_missing_folder_is_refused_before_searching(tmp_path, capsys):
+    assert main(["recommend", "--model", "openai-community/gpt2", "--gpu", "t4", "--save", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["recommend", "--model", "openai-community/gpt2", "--gpu", "t4", "--save",
+                 str(tmp_path / "no" / "plan.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recommend_epochs_inf_is_a_clear_error(capsys):
+    assert main(["recommend", "--model", "openai-community/gpt2", "--epochs", "inf"]) == 2
+    assert "--epochs must be above 0" in capsys.readouterr().err
+
+
+def test_json_errors_are_a_list_of_typed_problems(capsys):
+    import json
+
+    assert main(["estimate", "--model", "nope-model", "--batch", "0", "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    fields = {p["field"] for p in out["problems"]}
+    assert fields == {"training.micro_batch", "model.ref"}
+    assert all(p["message"] for p in out["problems"])

@@ -70,6 +70,8 @@ def _inputs(a: argparse.Namespace):
     if bad or not methods:
         problems.append(Problem(f"unknown {', '.join(bad) or '(empty)'}", "job.methods",
                                 f"use a comma list of {', '.join(METHODS)}"))
+    if a.save:
+        problems += save_problems(a.save)
     gpu = None
     if a.gpu is not None:
         try:
@@ -96,6 +98,18 @@ def _inputs(a: argparse.Namespace):
         raise Problems(problems)
     job = service.Job(a.examples, a.avg_tokens, a.epochs, a.batch, a.budget)
     return ctx, gpu, job, methods
+
+
+def save_problems(path: str) -> list[Problem]:
+    """--save PLAN must name a file that can be written (checked before the search, so nothing is lost)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return [Problem(f"{path} is a directory", "job.save", f"name a file, e.g. {Path(path) / 'plan.yaml'}")]
+    if not p.parent.is_dir():
+        return [Problem(f"the folder {p.parent} does not exist", "job.save", "create it first, or save elsewhere")]
+    return []
 
 
 def cmd_recommend(a: argparse.Namespace) -> int:
