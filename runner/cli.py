@@ -13,9 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
-MIB = 1024**2
-
 from runner.console import _print_data_check, _print_error, _Progress, _stderr, print_report  # noqa: E402,F401
 from runner.reference import DOC_BEGIN, DOC_END, render_plan_reference, update_docs  # noqa: E402,F401
 
@@ -68,116 +65,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 # --- run -----------------------------------------------------------------------------------------
 
-def _inputs(a: argparse.Namespace):
-    """(plan, plan_path, run_dir, overrides) from the arguments, or UserError."""
-    from advisor.planfile import apply_overrides, load_plan
-    from advisor.spec import SpecError
-
-    overrides = list(a.overrides or [])
-    plan_path = a.plan
-    if a.resume:
-        if plan_path and "=" in plan_path and not Path(plan_path).exists():
-            overrides.insert(0, plan_path)
-            plan_path = None
-        if plan_path:
-            raise _user_error("give either PLAN or --resume RUN_DIR, not both (the run directory has its plan.yaml)")
-        run_dir = Path(a.resume)
-        plan_path = run_dir / "plan.yaml"
-        if not plan_path.exists():
-            raise _user_error(f"{run_dir} is not a run directory (no plan.yaml)")
-        from runner.recipe import latest_checkpoint
-
-        if latest_checkpoint(run_dir) is None:
-            raise _user_error(f"{run_dir} has no checkpoint to resume from; start it again with "
-                              f"`tuneplan run {plan_path}`")
-    elif not plan_path:
-        raise _user_error("give a plan file: tuneplan run PLAN.yaml [key=value ...] (or --resume RUN_DIR)")
-    try:
-        plan = load_plan(plan_path)
-        if overrides:
-            plan = apply_overrides(plan, overrides)
-    except SpecError as e:
-        raise _user_error(e.problems) from None
-    if not a.resume:
-        from runner.recipe import default_run_dir
-
-        run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(plan)
-    return plan, Path(plan_path), run_dir, overrides
-
-
-def preflight(plan, plan_path: Path | None, force: bool = False, log=print):
-    """Check what can be checked before loading anything big; every problem at once.
-    Returns the plan with the data path and a local model path made absolute."""
-    problems: list[str] = []
-    if plan.task != "training":
-        problems.append("task is inference; `tuneplan run` fine-tunes (set task: training)")
-    data_path = plan.data.path
-    if not data_path:
-        problems.append("data.path is not set; give a .jsonl/.json/.csv file (override: data.path=FILE)")
-    else:
-        p = Path(data_path).expanduser()
-        if not p.exists() and not p.is_absolute() and plan_path is not None and (plan_path.parent / p).exists():
-            p = plan_path.parent / p
-        if not p.exists():
-            problems.append(f"data file {data_path} does not exist")
-        else:
-            from runner.data import DataError, load_and_check
-
-            try:
-                _, _, data_problems = load_and_check(p, plan.data.format)
-            except DataError as e:
-                data_problems = e.problems
-            if data_problems:
-                more = len(data_problems) - 10
-                problems += [f"{p}: {x}" for x in data_problems[:10]] + ([f"... and {more} more"] if more > 0 else [])
-                problems.append(f"see `tuneplan data check {p}`")
-            plan = plan.model_copy(update={"data": plan.data.model_copy(update={"path": str(p.resolve())})})
-    ref = plan.model.ref
-    local = Path(ref).expanduser()
-    if local.exists() or ref.startswith((".", "/", "~")):
-        from runner.recipe import ModelLoadError, find_model_dir
-
-        try:
-            find_model_dir(ref)
-            plan = plan.model_copy(update={"model": plan.model.model_copy(update={"ref": str(local.resolve())})})
-        except ModelLoadError as e:
-            problems.append(str(e))
-    elif ref.count("/") != 1:
-        problems.append(f"model.ref {ref!r} is neither a local model directory nor a hub id (org/name); bundled "
-                        "profiles hold no weights and cannot be trained")
-    if problems:
-        raise _user_error(problems)
-    if plan.hardware.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise _user_error("hardware.device is cuda but no CUDA GPU is visible here; run on the CPU with "
-                              "the override hardware.device=cpu")
-        _fit_check(plan, force, log)
-    return plan
-
-
-def _fit_check(plan, force: bool, log) -> None:
-    """Warn (and require --force) when the advisor says the plan does not fit hardware.gpu: the same
-    verdict as `tuneplan estimate` and the TUI (advisor.service.check_fit, advisor.policy)."""
-    from advisor.policy import gib_str
-    from advisor.service import check_fit
-
-    verdict, why = check_fit(plan)
-    if why:
-        log(f"warning: cannot check the fit before running: {why}")
-    if verdict is None:
-        return
-    words = (f"the plan needs about {gib_str(verdict.need_bytes)} per GPU; {plan.hardware.gpu} has "
-             f"{gib_str(verdict.capacity_bytes)}")
-    if verdict.status == "oom" and not force:
-        raise _user_error([f"{words}: it will not fit", "`tuneplan recommend --plan FILE` finds a plan that fits; "
-                           "add --force to run anyway"])
-    if verdict.status != "fits":
-        log(f"warning: {words}" + (" (tight)" if verdict.status == "tight" else " (--force: running anyway)"))
-
-
-def cmd_run(a: argparse.Namespace) -> int:
+def cmd_run(a: argparse.Namespace, hooks=None) -> int:
+    """`tuneplan run`; ``hooks`` (runner.recipe.Hooks) reach the recipe when it runs in this process."""
     from runner.launch import (
         accelerate_config,
         build_command,
@@ -185,14 +74,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         is_distributed,
         uses_accelerate_config,
     )
+    from runner.preflight import inputs, preflight
 
-    plan, plan_path, run_dir, overrides = _inputs(a)
-    if not a.resume and not a.worker and (run_dir / "events.jsonl").exists():
-        raise _user_error(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
-                          "another run.name / --run-dir")
+    plan, plan_path, run_dir, overrides = inputs(a)
     log = _stderr
-    if not a.worker:
-        plan = preflight(plan, plan_path, a.force, log)
+    if not a.worker:  # the run directory is checked again under its lock when the run starts
+        plan = preflight(plan, plan_path, a.force, log, run_dir=run_dir, resume=bool(a.resume))
     if a.dry_run:
         cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, a.force)
         print(format_command(cmd))
@@ -214,12 +101,13 @@ def cmd_run(a: argparse.Namespace) -> int:
         cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, True)
         log(f"launching: {format_command(cmd)}")
         return subprocess.call(cmd)
-    return run_in_process(plan, run_dir, resume=bool(a.resume), progress=not a.no_progress)
+    return run_in_process(plan, run_dir, resume=bool(a.resume), progress=not a.no_progress, hooks=hooks)
 
 
 def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = True,
-                   command: list[str] | None = None) -> int:
-    """Run the recipe here with a progress bar; print the report (or the error) at the end."""
+                   command: list[str] | None = None, hooks=None) -> int:
+    """Run the recipe here with a progress bar; print the report (or the error) at the end.
+    ``hooks``: runner.recipe.Hooks (tests)."""
     from runner.recipe import Recipe
 
     command = command or [sys.argv[0].rsplit("/", 1)[-1], *sys.argv[1:]]
@@ -227,15 +115,15 @@ def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = T
     worker = int(os.environ.get("RANK", "0") or 0) == 0
     with _Progress(show and worker, plan) as bar:
         recipe = Recipe(plan, run_dir, resume=resume, command=command, progress=bar.update if worker else None,
-                        log=bar.log)
+                        log=bar.log, hooks=hooks)
         code = recipe.run()
     if not worker:
         return code
     err = getattr(recipe, "error", None)
     if err:
         _print_error(err, run_dir)
-        if err["kind"] in ("data", "model"):
-            raise _user_error(err["message"].split("; ") if err["kind"] == "data" else err["message"])
+        if err["kind"] in ("data", "model", "plan"):
+            raise _user_error(err["message"].split("; ") if err["kind"] in ("data", "plan") else err["message"])
         return code
     print_report(recipe.final_report)
     return code

@@ -93,15 +93,17 @@ def print_report(rep: dict[str, Any]) -> None:
     con.print(f"run directory: {rep['run_dir']}")
     if rep.get("adapter"):
         con.print(f"adapter: {rep['adapter']}  (PeftModel.from_pretrained(base, this))")
-    if rep["status"] == "interrupted":
-        con.print(f"resume with: tuneplan run --resume {rep['run_dir']}")
+    nxt = rep.get("next")
+    if nxt:
+        con.print(f"{nxt['what']}: {nxt['command']}", soft_wrap=True)
 
 
 def _print_error(err: dict, run_dir: Path) -> None:
     kind = err["kind"]
-    if kind in ("data", "model"):
+    if kind in ("data", "model", "plan"):
         return  # raised as a UserError by the caller
-    print(f"tuneplan: {'out of memory' if kind == 'oom' else 'the run failed'}: {err['message']}", file=sys.stderr)
+    what = {"oom": "out of memory", "interrupted": "interrupted"}.get(kind, "the run failed")
+    print(f"tuneplan: {what}: {err['message']}", file=sys.stderr)
     if err.get("measured_peak"):
         print(f"  measured peak before the failure: {_gib(err['measured_peak'])}", file=sys.stderr)
     s = err.get("suggestion") or {}
@@ -112,6 +114,9 @@ def _print_error(err: dict, run_dir: Path) -> None:
         print(f"  {s['note']}", file=sys.stderr)
     if kind == "runtime":
         print(f"  details: {run_dir / 'traceback.txt'}", file=sys.stderr)
+    nxt = err.get("next")
+    if nxt and not s.get("command"):
+        print(f"  {nxt['what']}: {nxt['command']}", file=sys.stderr)
 
 
 def _print_data_check(out: dict) -> None:

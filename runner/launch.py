@@ -36,7 +36,7 @@ def _load(plan_path: str | Path, overrides=()) -> Plan:
 
 
 def resolve_run_dir(plan: Plan) -> Path:
-    from runner.recipe import default_run_dir
+    from runner.rundir import default_run_dir
 
     return default_run_dir(plan)
 
@@ -202,7 +202,7 @@ def start_run(plan_path: str | Path | None, run_dir: str | Path | None = None, r
     progress to RUN_DIR/events.jsonl. Returns at once. Raises advisor.problems.UserError (every
     problem, one line each) when the plan cannot run: bad data lines, a model without weights, a
     plan that does not fit hardware.gpu (unless ``force``)."""
-    from runner.cli import preflight
+    from runner.preflight import preflight
 
     overrides = list(overrides)
     if resume is not None:

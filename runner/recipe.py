@@ -1,116 +1,88 @@
 """The training recipe: setup -> train -> cleanup, one visible loop.
 
-``Recipe(plan, run_dir).run()`` is the whole run: it loads the model as :mod:`advisor.stack` does
-(the same code the memory calibration measures), tokenizes the data (:mod:`runner.data`), trains
-with :func:`advisor.stack.train_step`, and writes the run directory::
+``Recipe(plan, run_dir).run()`` is the whole run: it takes the run directory (:mod:`runner.rundir`:
+a lock, nothing of anyone else's overwritten), loads the model as :mod:`advisor.stack` does (the
+same code the memory calibration measures), tokenizes the data (:mod:`runner.data`), trains with
+:func:`advisor.stack.train_step`, and writes the run directory::
 
+    RUN_DIR/run.lock             held while the run is alive (owner PID and host inside)
     RUN_DIR/plan.yaml            the resolved plan (no secrets)
     RUN_DIR/events.jsonl         start, step, memory, eval, checkpoint, end / error events
-    RUN_DIR/report.json          predicted vs measured peak memory, runtime, losses
-    RUN_DIR/checkpoints/step-N/  adapter or model, optimizer, scheduler, RNG, data position
+    RUN_DIR/report.json          predicted vs measured peak memory, runtime, losses (runner.report)
+    RUN_DIR/checkpoints/step-N/  weights, optimizer, scheduler, generators, data position (runner.checkpoint)
     RUN_DIR/adapter/             final LoRA/QLoRA adapter (PEFT format; model/ for full fine-tuning)
     RUN_DIR/merged/              base + adapter merged (run.merge_export)
 
 SIGTERM / Ctrl-C finish the current step, write a checkpoint and an ``end`` event with status
-``interrupted``; ``Recipe(..., resume=True)`` continues from the newest checkpoint.
+``interrupted``; a second Ctrl-C stops at once. ``Recipe(..., resume=True)`` continues from the
+newest checkpoint (or starts again from step 0 when the run stopped before its first one).
 Under ``accelerate launch`` (several processes) rank 0 writes the run directory; the model is
 wrapped by accelerate (DDP, FSDP or DeepSpeed as the generated config says).
+``hooks`` (:class:`Hooks`) let tests and tools act between steps without touching the loop.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from advisor.problems import Problems
 from advisor.spec import Plan
+from runner.checkpoint import CheckpointError
 from runner.events import EventWriter, clean_number
+from runner.modeldir import ModelLoadError
 
-GIB = 1024**3
-TEST_OOM_ENV = "TUNEPLAN_TEST_OOM_AT_STEP"  # test hook: raise torch.OutOfMemoryError at this step
-TEST_DELAY_ENV = "TUNEPLAN_TEST_STEP_DELAY"  # test hook: sleep this many seconds after each step
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1
-
-
-class ModelLoadError(ValueError):
-    """The model reference cannot be loaded for training (no weights, no such directory...)."""
+# Plan changes a checkpoint survives (the OOM advice resumes with them): the same weights, optimizer
+# and effective batch, another memory/time trade.
+RESUMABLE_CHANGES = {"training.grad_checkpointing", "training.micro_batch", "training.grad_accum"}
 
 
 class RunStopped(Exception):
     pass
 
 
-def default_run_name(plan: Plan) -> str:
-    ref = plan.model.ref.rstrip("/").replace("\\", "/")
-    short = ref.split("/")[-1] or "model"
-    short = "".join(c if c.isalnum() or c in "-_." else "-" for c in short)
-    return f"{short}-{plan.training.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+@dataclass
+class Hooks:
+    """Callbacks into the loop (tests, tools). Each gets the Recipe; an exception raised in one is the
+    run's, as if the step had raised it (``before_step`` with torch.OutOfMemoryError = an OOM)."""
 
+    before_step: Callable[[Recipe], None] | None = None  # before step recipe.step + 1 runs
+    after_step: Callable[[Recipe], None] | None = None  # after step recipe.step, its event written
 
-def default_run_dir(plan: Plan) -> Path:
-    return Path(plan.run.output_dir) / (plan.run.name or default_run_name(plan))
-
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
-
-
-def find_model_dir(ref: str, revision: str | None = None) -> Path:
-    """A local directory with config.json and weights, or a hub id downloaded to the HF cache.
-
-    The token (if the repository needs one) comes from the environment (HF_TOKEN), never the plan.
-    """
-    p = Path(ref).expanduser()
-    if p.exists() or ref.startswith((".", "/", "~")):
-        if p.is_file():
-            raise ModelLoadError(f"model.ref {ref} is a file; training needs a model directory with config.json "
-                                 "and weights (a config.json alone is enough for estimates only)")
-        if not p.is_dir():
-            raise ModelLoadError(f"model directory {ref} does not exist")
-        if not (p / "config.json").exists():
-            raise ModelLoadError(f"{ref} has no config.json; is it a transformers model directory?")
-        if not any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS):
-            raise ModelLoadError(f"{ref} has a config.json but no weights (*.safetensors or *.bin); training "
-                                 "needs the weights (download them or save_pretrained the model there)")
-        return p
-    if ref.count("/") != 1:
-        raise ModelLoadError(f"model.ref {ref!r} is neither a local model directory nor a hub id (org/name); "
-                             "bundled profiles hold no weights and cannot be trained")
-    try:
-        from huggingface_hub import HfApi, snapshot_download
-
-        files = HfApi().list_repo_files(ref, revision=revision)
-        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
-        path = snapshot_download(ref, revision=revision,
-                                 allow_patterns=["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*", *weights])
-    except Exception as e:  # offline, gated, no such repo
-        raise ModelLoadError(f"cannot download {ref} from the hub: {type(e).__name__}: {e}".splitlines()[0]) from None
-    return find_model_dir(path)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (a renamed step-N directory holding state.json)."""
-    root = Path(run_dir) / "checkpoints"
-    best = None
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.name.startswith("step-") and (d / "state.json").exists():
-                try:
-                    n = int(d.name[5:])
-                except ValueError:
-                    continue
-                if best is None or n > best[0]:
-                    best = (n, d)
-    return best[1] if best else None
+    @classmethod
+    def from_spec(cls, spec: str) -> Hooks:
+        """``step_delay=SECONDS,oom_at_step=N``: sleep after every step (a tiny model trains too fast to be
+        stopped midway), raise torch.OutOfMemoryError (what CUDA's allocator raises) before step N.
+        Unknown or malformed items are ignored (a test hook must not fail a real run)."""
+        opts: dict[str, float] = {}
+        for item in spec.split(","):
+            k, _, v = item.partition("=")
+            try:
+                opts[k.strip()] = float(v)
+            except ValueError:
+                continue
+        delay, oom_at = opts.get("step_delay", 0.0), int(opts.get("oom_at_step", 0))
+        before = after = None
+        if oom_at:
+            def before(r: Recipe) -> None:
+                if r.step + 1 == oom_at:
+                    raise r.torch.OutOfMemoryError(f"simulated at step {oom_at} (test hook): CUDA out of memory. "
+                                                   "Tried to allocate 2.00 GiB")
+        if delay > 0:
+            def after(r: Recipe) -> None:
+                time.sleep(delay)
+        return cls(before, after)
 
 
 class Recipe:
@@ -118,7 +90,7 @@ class Recipe:
 
     def __init__(self, plan: Plan, run_dir: str | Path, *, resume: bool = False, command: list[str] | None = None,
                  progress: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
-                 monitor_interval: float = 0.5, instrument: bool = True):
+                 monitor_interval: float = 0.5, instrument: bool = True, hooks: Hooks | None = None):
         self.plan = plan
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -127,6 +99,7 @@ class Recipe:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.monitor_interval = monitor_interval
         self.instrument = instrument  # False: no events file, no monitor thread (overhead benchmark only)
+        self.hooks = hooks or Hooks()
         self.tensor_peak_cpu: int | None = None  # CPU: live tensor bytes of one profiled step
         self.stop_requested: str | None = None
         self.step = 0
@@ -137,11 +110,40 @@ class Recipe:
         self.events: EventWriter | None = None
         self.monitor = None
         self.accelerator = None
+        self.lock = None
         self.rank, self.world = 0, 1
+        self.is_main = True
         self.predicted: dict[str, Any] = {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
         self.notes: list[str] = []
         self.resumed_from: str | None = None
         self.t_start = time.time()
+
+    # --- the run directory ----------------------------------------------------------------
+
+    def take_run_dir(self) -> None:
+        """Rank 0: lock the run directory, refuse it if it is not ours to write (Problems, before
+        anything is written), remove half-written checkpoints, and move an earlier attempt that
+        never reached a checkpoint aside, so that this one starts clean."""
+        from runner import rundir
+        from runner.checkpoint import clean_partial
+
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return
+        self.lock = rundir.RunLock.acquire(self.run_dir, self.command)
+        try:
+            st = rundir.check(self.run_dir, self.plan, resume=self.resume)
+        except Problems:
+            self.lock.release()
+            raise
+        for d in clean_partial(self.run_dir):
+            self.notes.append(f"removed the half-written checkpoint {d.name} of a run that died while saving")
+        if self.resume and st.checkpoint is None:
+            self.log(f"{self.run_dir} has no checkpoint yet (the run stopped before its first): starting from step 0")
+            self.resume = False
+        if not self.resume:
+            moved = rundir.restart(self.run_dir)
+            if moved is not None:
+                self.notes.append(f"an earlier attempt stopped before its first checkpoint; its events are in {moved}")
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -150,6 +152,9 @@ class Recipe:
 
         import torch
         from transformers.utils import logging as hf_logging
+
+        from runner.checkpoint import latest_checkpoint, read_state
+        from runner.modeldir import find_model_dir
 
         hf_logging.disable_progress_bar()  # our own progress bar; no "Loading weights" bars in the log
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -171,9 +176,11 @@ class Recipe:
         self.monitor = MemoryMonitor(self.monitor_interval, on_sample=self._on_memory)
         if self.monitor.note:
             self.notes.append(self.monitor.note)
+        start = None
         if self.resume:
             ck = latest_checkpoint(self.run_dir)
             self.resumed_from = str(ck) if ck else None
+            start = read_state(ck) if ck else None
         if self.is_main:  # the resolved plan (on resume: with that command's overrides, e.g. more steps)
             from advisor.planfile import save_plan
 
@@ -187,19 +194,17 @@ class Recipe:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir,
                                                            trust_remote_code=self.plan.model.trust_remote_code)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure here means the directory's tokenizer is unusable
             raise ModelLoadError(f"cannot load the tokenizer from {self.model_dir}: {e}".splitlines()[0]) from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        from runner.data import prepare
+        from runner.data import DataError, prepare
 
         self.data = prepare(plan.data, self.tokenizer, t.seq_len, plan.run.seed)
         for w in self.data.warnings:
             self.log(f"warning: {w}")
         per_rank = len(self.data.train) // self.world
         if per_rank < 1:
-            from runner.data import DataError
-
             raise DataError([f"{len(self.data.train)} training examples cannot feed {self.world} processes"])
         self.per_rank = per_rank
         self.batches_per_epoch = math.ceil(per_rank / t.micro_batch)
@@ -207,10 +212,10 @@ class Recipe:
             self.total_steps = plan.run.max_steps
         else:
             self.total_steps = max(1, math.ceil(plan.run.epochs * self.batches_per_epoch / t.grad_accum))
-
-        start_step = 0
-        if self.resumed_from:
-            start_step = json.loads((Path(self.resumed_from) / "state.json").read_text())["step"]
+        start_step = start["step"] if start else 0
+        if start_step >= self.total_steps:
+            raise Problems(f"the checkpoint {self.resumed_from} is at step {start_step} and this plan has "
+                           f"{self.total_steps} steps in all; resume with run.max_steps above {start_step}")
         self.events.emit("start", run_dir=str(self.run_dir.resolve()), plan=plan.model_dump(mode="json"),
                          command=list(self.command), predicted=self.predicted, total_steps=self.total_steps,
                          device=self._device_words(), resumed_from=self.resumed_from, step=start_step,
@@ -307,11 +312,10 @@ class Recipe:
 
     def train(self) -> str:
         from advisor.stack import train_step
+        from runner.profiling import profiled_step
 
-        torch = self.torch
         plan, t = self.plan, self.plan.training
-        oom_at = int(os.environ.get(TEST_OOM_ENV, "0") or 0)
-        delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+        hooks = self.hooks
         backward = clip = None
         if self.accelerator is not None:
             backward = self.accelerator.backward
@@ -326,15 +330,13 @@ class Recipe:
                 raise RunStopped(self.stop_requested or "SIGTERM")
             micro = [self._micro_batch(self.position + i) for i in range(t.grad_accum)]
             tokens = int(sum(int(b["attention_mask"].sum()) for b in micro)) * self.world
-            if oom_at and self.step + 1 == oom_at:
-                # Test hook (CPU): what a CUDA allocator failure raises, at a known step.
-                raise torch.OutOfMemoryError(f"simulated by {TEST_OOM_ENV}={oom_at}: CUDA out of memory. "
-                                             "Tried to allocate 2.00 GiB")
+            if hooks.before_step:
+                hooks.before_step(self)
             stats: dict[str, Any] = {}
             step_args = (self.model, micro, self.optimizer, t, plan.run.max_grad_norm)
             step_kwargs = {"backward": backward, "clip_grad": clip, "stats": stats}
             if self._profile_this_step():
-                loss = self._profiled_step(train_step, step_args, step_kwargs)
+                loss, self.tensor_peak_cpu = profiled_step(train_step, step_args, step_kwargs)
             else:
                 loss = train_step(*step_args, **step_kwargs)
             self.scheduler.step()
@@ -364,40 +366,14 @@ class Recipe:
                 self.evaluate()
             if self.step % plan.run.save_every == 0 and not last:
                 self.save_checkpoint()
-            if delay:
-                time.sleep(delay)  # test hook: a tiny model trains too fast to be stopped midway
+            if hooks.after_step:
+                hooks.after_step(self)
         return "completed"
 
     def _profile_this_step(self) -> bool:
-        """On the CPU (one process) the second step of this session is measured exactly: torch has no
-        CPU peak counter, and process RSS also holds library code and allocator caches."""
+        """On the CPU (one process) the second step of this session is measured exactly (runner.profiling)."""
         return (self.instrument and str(self.device) == "cpu" and self.world == 1
                 and self.tensor_peak_cpu is None and self.step >= 1 + (self.resumed_from is not None))
-
-    def _profiled_step(self, step_fn, args: tuple, kwargs: dict):
-        """One step under torch.profiler's CPU memory events: live tensors before it (all storages
-        reachable from Python, no autograd graph alive) plus the running sum of its allocations and
-        frees (runner.memtrace's method; one intra-op thread so no allocation escapes the profiler)."""
-        from torch.profiler import ProfilerActivity, profile
-
-        from runner.memtrace import gc_live_tensor_bytes
-
-        torch = self.torch
-        base = gc_live_tensor_bytes()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                loss = step_fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-        live = peak = 0
-        for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
-        self.tensor_peak_cpu = base + peak
-        return loss
 
     def _should_stop(self) -> bool:
         """A stop request on any process stops all of them at the same step (a collective)."""
@@ -439,8 +415,9 @@ class Recipe:
         return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
 
     def save_checkpoint(self) -> Path | None:
-        """checkpoints/step-N, written to a temporary directory and renamed (atomic)."""
-        torch = self.torch
+        """checkpoints/step-N (runner.checkpoint: written whole, then renamed)."""
+        from runner.checkpoint import identity, write_checkpoint
+
         state = None
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
@@ -448,76 +425,41 @@ class Recipe:
                 state = self.accelerator.get_state_dict(self.model)  # a collective under FSDP/ZeRO-3
         if not self.is_main or self.step == 0:
             return None
-        root = self.run_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step}"
-        tmp = root / f".tmp-step-{self.step}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        model = self._unwrapped()
-        model.save_pretrained(tmp / ("adapter" if self.is_peft else "model"), state_dict=state)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        try:
-            import numpy as np
-
-            rng["numpy"] = np.random.get_state()
-        except ImportError:
-            pass
-        torch.save(rng, tmp / "rng.pt")
-        state = {"step": self.step, "position": self.position, "batches_per_epoch": self.batches_per_epoch,
-                 "total_steps": self.total_steps, "first_loss": self.first_loss, "val_loss": self.val_loss,
-                 "history": self.history[-200:], "world_size": self.world, "time": time.time()}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        kept = sorted((d for d in root.iterdir() if d.name.startswith("step-")),
-                      key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)
-        for old in kept[: -self.plan.run.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        t = self.plan.training
+        info = {"position": self.position, "batches_per_epoch": self.batches_per_epoch,
+                "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "total_steps": self.total_steps,
+                "first_loss": self.first_loss, "val_loss": self.val_loss, "history": self.history[-200:],
+                "world_size": self.world, "identity": identity(self.plan.model_dump(mode="json"))}
+        final = write_checkpoint(self.run_dir, self.step, model=self._unwrapped(), optimizer=self.optimizer,
+                                 scheduler=self.scheduler, state=info, keep=self.plan.run.keep_checkpoints,
+                                 weights_name="adapter" if self.is_peft else "model", state_dict=state)
         self.events.emit("checkpoint", step=self.step, path=str(final.resolve()))
         return final
 
     def _load_checkpoint(self, ck: Path) -> None:
-        torch = self.torch
-        model = self._unwrapped()
-        if self.is_peft:
-            from peft import set_peft_model_state_dict
+        from runner.checkpoint import load_checkpoint
 
-            state = _load_weights(ck / "adapter")
-            set_peft_model_state_dict(model, state)
-        else:
-            state = _load_weights(ck / "model")
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise ModelLoadError(f"checkpoint {ck} does not match the model ({len(unexpected)} unexpected keys)")
-        self.optimizer.load_state_dict(torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
-        st = json.loads((ck / "state.json").read_text())
+        st = load_checkpoint(ck, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                             is_peft=self.is_peft, device=self.device)
         if st.get("world_size", 1) != self.world:
             self.notes.append(f"resumed with {self.world} processes from a checkpoint written by "
                               f"{st.get('world_size')}; the data order differs from an uninterrupted run")
         self.step, self.position = st["step"], st["position"]
+        old_mb, old_bpe = st.get("micro_batch"), st.get("batches_per_epoch")
+        mb = self.plan.training.micro_batch
+        if old_mb and old_bpe and old_mb != mb:
+            # the same examples consumed, counted in the new micro-batches (exact when mb divides old_mb)
+            epoch, k = divmod(self.position, old_bpe)
+            self.position = epoch * self.batches_per_epoch + (k * old_mb) // mb
+            self.notes.append(f"resumed with training.micro_batch={mb} from a checkpoint trained with {old_mb}")
         self.first_loss, self.val_loss = st.get("first_loss"), st.get("val_loss")
         self.history = st.get("history", [])
-        rng = torch.load(ck / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "numpy" in rng:
-            import numpy as np
-
-            np.random.set_state(rng["numpy"])
 
     # --- cleanup --------------------------------------------------------------------------
 
     def save_final(self) -> None:
+        import shutil
+
         state = None
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
@@ -557,73 +499,67 @@ class Recipe:
         self.model = None
 
     def measured(self) -> dict[str, Any]:
-        torch = getattr(self, "torch", None)
-        m: dict[str, Any] = {"torch_peak_allocated": None, "torch_peak_reserved": None, "nvml_peak": None,
-                             "rss_peak": None, "rss_before_model": getattr(self, "rss_before_model", None)}
-        if self.monitor is not None:
-            self.monitor.read()
-            m["rss_peak"] = self.monitor.peak["rss"]
-            m["nvml_peak"] = self.monitor.peak["nvml_used"]
-        if torch is not None and str(getattr(self, "device", "cpu")).startswith("cuda") and torch.cuda.is_available():
-            m["torch_peak_allocated"] = int(torch.cuda.max_memory_allocated())
-            m["torch_peak_reserved"] = int(torch.cuda.max_memory_reserved())
-        if m["rss_peak"] is not None and m["rss_before_model"] is not None:
-            m["rss_growth"] = m["rss_peak"] - m["rss_before_model"]
-        m["tensor_peak_cpu"] = getattr(self, "tensor_peak_cpu", None)
-        return m
+        from runner.report import measured_memory
+
+        return measured_memory(self.monitor, getattr(self, "device", None), getattr(self, "rss_before_model", None),
+                               self.tensor_peak_cpu)
+
+    def next_step(self, status: str) -> dict[str, str] | None:
+        """What to type next (None when the run completed): resume where a checkpoint exists, else start
+        the same run again from step 0. Both work as printed (runner.rundir's life cycle)."""
+        import shlex
+
+        from runner.checkpoint import latest_checkpoint
+
+        if status == "completed" or not (self.run_dir / "plan.yaml").is_file():
+            return None
+        d = str(self.run_dir)
+        ck = latest_checkpoint(self.run_dir)
+        if ck is not None:
+            return {"command": shlex.join(["tuneplan", "run", "--resume", d]), "what": f"resume from {ck.name}"}
+        return {"command": shlex.join(["tuneplan", "run", str(self.run_dir / "plan.yaml"), "--run-dir", d]),
+                "what": "nothing to resume (no checkpoint yet); start it again from step 0"}
 
     def report(self, status: str) -> dict[str, Any]:
+        from runner.report import comparison, loss_summary
+
         measured = self.measured()
-        pred = self.predicted
-        on_gpu = measured["torch_peak_allocated"] is not None
-        if on_gpu:
-            compare = {"what": "torch.cuda.max_memory_allocated vs predicted peak_allocated_bytes",
-                       "measured": measured["torch_peak_allocated"], "predicted": pred.get("peak_allocated_bytes")}
-        elif measured.get("tensor_peak_cpu"):
-            compare = {"what": "live tensor bytes at the peak of one profiled step (torch.profiler CPU memory "
-                               "events) vs predicted peak_allocated_bytes",
-                       "measured": measured["tensor_peak_cpu"], "predicted": pred.get("peak_allocated_bytes")}
-        else:
-            compare = {"what": "process RSS growth from before the model was loaded to its peak vs predicted "
-                               "peak_allocated_bytes (RSS also holds non-tensor memory: library code, allocator "
-                               "caches; on a tiny model that dominates)",
-                       "measured": measured.get("rss_growth"), "predicted": pred.get("peak_allocated_bytes")}
-        if compare["measured"] and compare["predicted"]:
-            compare["ratio"] = round(compare["measured"] / compare["predicted"], 3)
         notes = list(self.notes)
         if self.plan.data.pad_to == "longest":
             notes.append("batches were padded to their longest example (data.pad_to=longest), shorter than "
                          f"training.seq_len={self.plan.training.seq_len} the estimate assumes; "
                          "data.pad_to=seq_len makes them match")
-        tail = [h["loss"] for h in self.history[-5:] if h.get("loss") is not None]
         train_s = getattr(self, "train_seconds", 0.0)
-        rep = {
+        return {
             "status": status, "run_dir": str(self.run_dir.resolve()), "model": self.plan.model.ref,
             "method": self.plan.training.method, "device": self._device_words() if hasattr(self, "device") else None,
             "world_size": self.world, "steps": self.step, "total_steps": getattr(self, "total_steps", None),
             "resumed_from": self.resumed_from,
             "runtime_s": round(time.time() - self.t_start, 2), "train_s": round(train_s, 2),
             "tokens_per_s": round(self.tokens_session / train_s, 1) if train_s else None,
-            "loss": {"first": clean_number(self.first_loss),
-                     "last": clean_number(self.history[-1]["loss"]) if self.history else None,
-                     "final_train": clean_number(sum(tail) / len(tail)) if tail else None,
-                     "final_val": clean_number(self.val_loss)},
-            "predicted": pred, "measured": measured, "compare": compare, "notes": notes,
+            "loss": loss_summary(self.first_loss, self.history, self.val_loss),
+            "predicted": self.predicted, "measured": measured, "compare": comparison(measured, self.predicted),
+            "notes": notes,
             "adapter": str((self.run_dir / "adapter").resolve()) if (self.run_dir / "adapter").exists() else None,
+            "next": self.next_step(status),
         }
-        return rep
 
     def cleanup(self) -> None:
         if self.monitor is not None:
             self.monitor.stop()
         if self.events is not None:
             self.events.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # --- the whole run --------------------------------------------------------------------
 
     def run(self) -> int:
-        """setup -> train -> cleanup with the run directory kept valid at every exit. Exit code."""
+        """take the run directory -> setup -> train -> cleanup, the directory kept valid at every exit.
+        The exit code; Problems (nothing written) when the run directory is not this run's to write."""
         self.tokens_session, self.train_seconds = 0, 0.0
+        self.take_run_dir()
         previous = _install_signal_handlers(self)
         try:
             try:
@@ -634,33 +570,46 @@ class Recipe:
             except RunStopped:
                 self.save_checkpoint()
                 status, code = "interrupted", EXIT_INTERRUPTED
+            except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no checkpoint of this step
+                self.log("stopped at once (a second Ctrl-C): this step is not saved")
+                status, code = "interrupted", EXIT_INTERRUPTED
             rep = self.report(status)
             if self.is_main:
-                _write_json(self.run_dir / "report.json", rep)
+                from runner.report import write_json
+
+                write_json(self.run_dir / "report.json", rep)
             self.events.emit("end", status=status, step=self.step, report=rep)
             self.final_report = rep
             return code
         except BaseException as e:  # noqa: BLE001 - every failure leaves an error event
             self._record_error(e)
-            if isinstance(e, KeyboardInterrupt):
-                return EXIT_INTERRUPTED
-            return EXIT_FAILED
+            return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILED
         finally:
             _restore_signal_handlers(previous)
             self.cleanup()
 
     def _record_error(self, e: BaseException) -> None:
         from runner.data import DataError
+        from runner.report import write_json
 
         if _is_oom(e):
             kind = "oom"
         elif isinstance(e, DataError):
             kind = "data"
-        elif isinstance(e, ModelLoadError):
+        elif isinstance(e, (ModelLoadError, CheckpointError)):
             kind = "model"
+        elif isinstance(e, Problems):
+            kind = "plan"
+        elif isinstance(e, KeyboardInterrupt):
+            kind = "interrupted"
         else:
             kind = "runtime"
-        message = "; ".join(e.problems) if isinstance(e, DataError) else (str(e).splitlines() or [""])[0]
+        if isinstance(e, (DataError, Problems)):
+            message = "; ".join(e.problems)
+        elif kind == "interrupted":
+            message = "stopped at once (a second Ctrl-C) while the run was starting or saving"
+        else:
+            message = (str(e).splitlines() or [""])[0] or type(e).__name__
         measured = self.measured() if kind == "oom" else None
         peak = None
         if measured:
@@ -670,10 +619,11 @@ class Recipe:
             try:
                 from runner.launch import next_plan
 
-                suggestion = next_plan(self.plan, self.run_dir, getattr(self, "shape", None), peak)
-            except Exception as err:  # the advice must never hide the error itself
+                suggestion = self._retry(next_plan(self.plan, self.run_dir, getattr(self, "shape", None), peak))
+            except Exception as err:  # noqa: BLE001 - the advice must never hide the error itself
                 suggestion = {"command": None, "changes": {}, "note": f"no suggestion: {err}"}
-        self.error = {"kind": kind, "message": message, "measured_peak": peak, "suggestion": suggestion}
+        self.error = {"kind": kind, "message": message, "measured_peak": peak, "suggestion": suggestion,
+                      "next": self.next_step("failed")}
         if self.events is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.events = EventWriter(self.run_dir)
@@ -684,9 +634,25 @@ class Recipe:
             rep = self.report("failed")
             rep["error"] = self.error
             if self.is_main:
-                _write_json(self.run_dir / "report.json", rep)
-        except Exception:
+                write_json(self.run_dir / "report.json", rep)
+        except Exception:  # noqa: BLE001 - a report that cannot be written must not hide the error
             pass
+
+    def _retry(self, suggestion: dict[str, Any]) -> dict[str, Any]:
+        """The OOM advice as a command that works: resume this run with the changes when a checkpoint
+        exists and the changes keep it loadable, else the advisor's new run (launch.next_plan)."""
+        from runner.checkpoint import latest_checkpoint
+
+        changes = suggestion.get("changes") or {}
+        if suggestion.get("command") and latest_checkpoint(self.run_dir) is not None \
+                and set(changes) <= RESUMABLE_CHANGES:
+            import shlex
+
+            words = {True: "true", False: "false"}
+            cmd = ["tuneplan", "run", "--resume", str(self.run_dir),
+                   *[f"{k}={words.get(v, v) if isinstance(v, bool) else v}" for k, v in changes.items()]]
+            suggestion = {**suggestion, "command": shlex.join(cmd), "resumes": True}
+        return suggestion
 
 
 def _preimport(method: str) -> None:
@@ -702,31 +668,6 @@ def _is_oom(e: BaseException) -> bool:
     if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
         return True
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower() and "cuda" in str(e).lower()
-
-
-def _load_weights(d: Path) -> dict:
-    """The tensors of a save_pretrained directory (one file or an index of shards)."""
-    from safetensors.torch import load_file
-
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        import torch
-
-        files = sorted(d.glob("*.bin"))
-        state: dict = {}
-        for f in files:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        return state
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _install_signal_handlers(recipe: Recipe):

@@ -105,7 +105,7 @@ def test_cuda_plan_without_a_gpu(tmp_path, model_dir, capsys):
 def test_a_plan_that_does_not_fit_needs_force():
     from advisor.problems import UserError
     from advisor.spec import build_plan
-    from runner.cli import _fit_check
+    from runner.preflight import fit_check as _fit_check
 
     plan = build_plan({"model": {"ref": "meta-llama/Llama-3.1-8B"}, "training": {"method": "full"},
                        "hardware": {"gpu": "RTX 4090"}})
@@ -186,7 +186,7 @@ def test_docs_plan_reference_is_up_to_date():
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "runner.md").read_text()
     block = text.split(DOC_BEGIN)[1].split(DOC_END)[0]
-    assert block == "\n" + render_plan_reference(), "run `python -m runner.cli --update-docs`"
+    assert block == "\n" + render_plan_reference(), "run `python -m runner.reference`"
     for name in ("training.micro_batch", "data.prompt_loss_weight", "run.keep_checkpoints", "hardware.zero"):
         assert f"`{name}`" in block
 

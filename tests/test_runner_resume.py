@@ -52,7 +52,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, model_dir):
 
     plan = _plan_file(tmp_path, model_dir)
     run_dir = tmp_path / "runs" / "r"
-    handle = start_run(plan, run_dir, env={"TUNEPLAN_TEST_STEP_DELAY": "0.2"})
+    handle = start_run(plan, run_dir, env={"TUNEPLAN_TEST_HOOKS": "step_delay=0.2"})
     assert handle.command[:3] == [sys.executable, "-m", "runner"]
     offset, steps = 0, []
     deadline = time.time() + 120

@@ -1,0 +1,153 @@
+"""What `tuneplan run` checks before it loads anything big: the plan, the data, the model, the run directory.
+
+Shared by the command (:mod:`runner.cli`) and the launcher (:mod:`runner.launch`, which the TUI
+uses), so both refuse the same inputs with the same messages. Every problem is raised at once as
+:class:`advisor.problems.Problems` (exit code 2, one line each).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from advisor.problems import Problem, Problems
+
+
+def inputs(a: argparse.Namespace):
+    """(plan, plan_path, run_dir, overrides) from `tuneplan run`'s arguments, or Problems."""
+    from advisor.planfile import apply_overrides, load_plan
+    from runner.rundir import default_run_dir
+
+    overrides = list(a.overrides or [])
+    plan_path = a.plan
+    if a.resume:
+        if plan_path and "=" in plan_path and not Path(plan_path).exists():
+            overrides.insert(0, plan_path)
+            plan_path = None
+        if plan_path:
+            raise Problems("give either PLAN or --resume RUN_DIR, not both (the run directory has its plan.yaml)")
+        run_dir = Path(a.resume)
+        if not run_dir.is_dir():
+            raise Problems(f"{run_dir} is not a run directory ("
+                           + ("it is a file)" if run_dir.exists() else "it does not exist)"))
+        plan_path = run_dir / "plan.yaml"
+        if not plan_path.is_file():
+            raise Problems(f"{run_dir} is not a run directory (no plan.yaml)")
+    elif not plan_path:
+        raise Problems("give a plan file: tuneplan run PLAN.yaml [key=value ...] (or --resume RUN_DIR)")
+    plan = load_plan(plan_path)  # SpecError is Problems: every mistake, with its plan field
+    if overrides:
+        plan = apply_overrides(plan, overrides)
+    if not a.resume:
+        run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(plan)
+    return plan, Path(plan_path), run_dir, overrides
+
+
+def _data_problems(plan, plan_path: Path | None) -> tuple[object, list[str]]:
+    problems: list[str] = []
+    data_path = plan.data.path
+    if not data_path:
+        return plan, ["data.path is not set; give a .jsonl/.json/.csv file (override: data.path=FILE)"]
+    p = Path(data_path).expanduser()
+    if not p.exists() and not p.is_absolute() and plan_path is not None and (plan_path.parent / p).exists():
+        p = plan_path.parent / p
+    if not p.exists():
+        return plan, [f"data file {data_path} does not exist"]
+    if not p.is_file():
+        return plan, [f"data.path {data_path} is a directory; give a .jsonl/.json/.csv file"]
+    from runner.data import DataError, load_and_check
+
+    try:
+        _, _, found = load_and_check(p, plan.data.format)
+    except DataError as e:
+        found = e.problems
+    if found:
+        more = len(found) - 10
+        problems += [f"{p}: {x}" for x in found[:10]] + ([f"... and {more} more"] if more > 0 else [])
+        problems.append(f"see `tuneplan data check {p}`")
+    plan = plan.model_copy(update={"data": plan.data.model_copy(update={"path": str(p.resolve())})})
+    return plan, problems
+
+
+def _model_problems(plan, log) -> tuple[object, list]:
+    """The model directory (config.json and weights), then the plan against the model's shape, as
+    `tuneplan estimate` checks it (advisor.service): maximum positions, LoRA targets, rank, precision."""
+    from runner.modeldir import ModelLoadError, check_ref, looks_local
+
+    ref = plan.model.ref
+    try:
+        check_ref(ref)
+    except ModelLoadError as e:
+        return plan, [str(e)]
+    if looks_local(ref):
+        plan = plan.model_copy(update={"model": plan.model.model_copy(
+            update={"ref": str(Path(ref).expanduser().resolve())})})
+    from advisor.model import ConfigError, ModelError, resolve
+
+    try:
+        resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    except ConfigError as e:
+        return plan, [str(e)]
+    except ModelError as e:  # an architecture the advisor cannot shape: the run may still load it
+        log(f"warning: the plan cannot be checked against the model: {e}")
+        return plan, []
+    from advisor.service import context_of
+
+    try:
+        context_of(plan)
+    except Problems as e:
+        return plan, list(e.items)
+    return plan, []
+
+
+def preflight(plan, plan_path: Path | None, force: bool = False, log=print, *, run_dir: Path | None = None,
+              resume: bool = False):
+    """Check what can be checked before loading anything big; every problem at once.
+    Returns the plan with the data path and a local model path made absolute."""
+    problems: list = []
+    if plan.task != "training":
+        problems.append("task is inference; `tuneplan run` fine-tunes (set task: training)")
+    plan, found = _data_problems(plan, plan_path)
+    problems += found
+    plan, found = _model_problems(plan, log)
+    problems += found
+    if run_dir is not None:
+        from runner.rundir import check
+
+        try:
+            check(run_dir, plan, resume=resume)
+        except Problems as e:
+            problems += e.items
+    if problems:
+        raise Problems(problems)
+    if plan.model.trust_remote_code:
+        log(f"notice: model.trust_remote_code is true: the Python code in {plan.model.ref} runs with your "
+            "permissions while the model loads; set it to false unless you trust that code")
+    if plan.hardware.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Problems(Problem("hardware.device is cuda but no CUDA GPU is visible here", None,
+                                   "run on the CPU with the override hardware.device=cpu"))
+        fit_check(plan, force, log)
+    return plan
+
+
+def fit_check(plan, force: bool, log) -> None:
+    """Warn (and require --force) when the advisor says the plan does not fit hardware.gpu: the same
+    verdict as `tuneplan estimate` and the TUI (advisor.service.check_fit, advisor.policy)."""
+    from advisor.policy import gib_str
+    from advisor.service import check_fit
+
+    verdict, why = check_fit(plan)
+    if why:
+        log(f"warning: cannot check the fit before running: {why}")
+    if verdict is None:
+        return
+    words = (f"the plan needs about {gib_str(verdict.need_bytes)} per GPU; {plan.hardware.gpu} has "
+             f"{gib_str(verdict.capacity_bytes)}")
+    if verdict.status == "oom" and not force:
+        raise Problems([f"{words}: it will not fit", "`tuneplan recommend --plan FILE` finds a plan that fits; "
+                        "add --force to run anyway"])
+    if verdict.status != "fits":
+        log(f"warning: {words}" + (" (tight)" if verdict.status == "tight" else " (--force: running anyway)"))
