@@ -43,6 +43,10 @@ class ModelError(ValueError):
     """A model reference that cannot be resolved, with what to do about it."""
 
 
+class ConfigError(ModelError):
+    """A config.json that no model can be built from (a missing or mistyped field, heads that do not divide)."""
+
+
 @dataclass(frozen=True)
 class LinearGroup:
     """Linear layers that share a path pattern across decoder layers (e.g. model.layers.*.self_attn.q_proj)."""
@@ -186,6 +190,8 @@ def _unknown(ref: str, why: str) -> ModelError:
 def load_config(ref: str, revision: str | None = None) -> tuple[str, dict]:
     """Find the config.json for a reference; returns (display name, config dict)."""
     path = Path(ref).expanduser()
+    if not path.exists() and ref.startswith((".", "/", "~")):
+        raise ModelError(f"no such file or directory: {ref} (a local path; a hub id looks like org/name)")
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
@@ -266,14 +272,18 @@ def _cache_dir() -> Path:
     return Path(base) / "shapes"
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _first(config: dict, key: str) -> int | None:
     for name in _ALIASES[key]:
-        if isinstance(config.get(name), int):
+        if _is_int(config.get(name)):
             return config[name]
     text = config.get("text_config")
     if isinstance(text, dict):
         for name in _ALIASES[key]:
-            if isinstance(text.get(name), int):
+            if _is_int(text.get(name)):
                 return text[name]
     return None
 
@@ -289,8 +299,21 @@ def check_config(config: dict, where: str) -> None:
             problems.append(f"'{names[0]}' is missing or not an integer")
         elif v <= 0:
             problems.append(f"'{names[0]}' must be positive (got {v})")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = _first(config, "num_heads")
+    for name in ("num_key_value_heads", "num_kv_heads", "intermediate_size", "head_dim", "max_position_embeddings"):
+        v = text.get(name, config.get(name))
+        if v is None:
+            continue
+        if not _is_int(v):
+            problems.append(f"'{name}' must be an integer (got {json.dumps(v)[:40]})")
+        elif v <= 0:
+            problems.append(f"'{name}' must be positive (got {v})")
+        elif name in ("num_key_value_heads", "num_kv_heads") and heads and heads > 0 and heads % v:
+            problems.append(f"'{name}' ({v}) must divide the number of attention heads ({heads}): each "
+                            "key/value head serves an equal group of query heads")
     if problems:
-        raise ModelError(f"malformed config {where}: " + "; ".join(problems))
+        raise ConfigError(f"malformed config {where}: " + "; ".join(problems))
 
 
 @lru_cache(maxsize=64)
@@ -332,21 +355,36 @@ def build_meta_model(config: dict, trust_remote_code: bool = False):
 
     cfg_dict = copy.deepcopy(config)  # transformers normalizes nested fields (rope) in place
     model_type = cfg_dict.pop("model_type")
-    try:
-        cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
-    except (ValueError, KeyError) as e:
+    known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
+    if model_type not in known:
         if "auto_map" in config and not trust_remote_code:
             raise ModelError(f"model_type {model_type!r} needs custom code from its repository; pass "
                              "--trust-remote-code only if you trust it") from None
-        raise ModelError(f"transformers {transformers.__version__} does not know model_type "
-                         f"{model_type!r}: {e}") from None
+        if not trust_remote_code:
+            near = difflib.get_close_matches(model_type, list(known), n=5, cutoff=0.5)
+            hint = f" Close names: {', '.join(near)}." if near else ""
+            raise ConfigError(f"transformers {transformers.__version__} does not know model_type "
+                              f"{model_type[:60]!r}.{hint}") from None
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+    except Exception as e:  # noqa: BLE001 - transformers' validators raise many kinds; all mean a bad config
+        raise ConfigError(f"config for {model_type!r} is not valid: {_last_line(e)}") from None
     with torch.device("meta"):
         try:
             model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
         except ValueError as e:
             raise ModelError(f"{model_type!r} is not a causal language model transformers can build: "
-                             f"{str(e).splitlines()[0]}") from None
+                             f"{_last_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - a field transformers accepted but cannot build from
+            raise ConfigError(f"cannot build {model_type!r} from this config: {type(e).__name__}: "
+                              f"{_last_line(e)}") from None
     return model
+
+
+def _last_line(e: BaseException) -> str:
+    """The telling line of an exception message (transformers' validators put it last), shortened."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def moe_groups(mod_name: str, module, groups: dict) -> None:
