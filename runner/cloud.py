@@ -1,0 +1,398 @@
+"""`tuneplan cloud PLAN`: rent the plan's GPUs. Writes a SkyPilot task (``--target sky``, the
+default) or a Slurm batch script (``--target slurm``, :mod:`runner.slurm`) that runs the same plan
+with ``tuneplan run`` on every node; it never launches anything itself.
+
+The SkyPilot task: ``resources.accelerators`` from the plan's GPU (SkyPilot's own accelerator name,
+see SKYPILOT_NAMES) and count per node (8 GPUs per node at most, fewer where the GPU's profile says a
+node holds fewer), ``num_nodes``, ``disk_size`` for the model and checkpoints, ``file_mounts`` for the
+plan, the data and a local model directory, ``setup`` that installs tuneplan and its stack, and ``run``
+that starts ``tuneplan run`` with SkyPilot's node rank and node IPs. The hub token is a SkyPilot secret
+named HF_TOKEN (``sky launch --secret HF_TOKEN`` reads it from the environment); no secret is written.
+
+Light imports (pyyaml, the advisor's tables): the TUI renders these files with :func:`render`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from advisor.problems import Problem, Problems
+from advisor.spec import Plan
+
+# tuneplan GPU id -> SkyPilot accelerator name (None: SkyPilot has none). SkyPilot's names are the
+# AcceleratorName column of skypilot-org/skypilot-catalog catalogs/v7/common/accelerators.csv
+# (commit 03d79776571e), what `sky show-gpus -a` lists. SkyPilot's A100-80GB and H100 are the names
+# the big clouds' SXM machines go by (AWS p4de/p5, GCP a2-ultragpu/a3); PCIe cards are offered under
+# the same names, so a PCIe plan may get an SXM machine (same memory, faster links) and vice versa.
+SKYPILOT_NAMES: dict[str, str | None] = {
+    "t4": "T4", "v100-16gb": "V100", "v100-32gb": "V100-32GB", "a10g": "A10G", "a10": "A10", "l4": "L4",
+    "l40s": "L40S", "a40": "A40", "a100-40gb": "A100", "a100-80gb-sxm": "A100-80GB", "a100-80gb-pcie": "A100-80GB",
+    "h100-pcie": "H100", "h100-sxm": "H100", "h100-nvl": "H100-NVL", "h200": "H200", "b200": "B200",
+    "gh200": "GH200", "mi300x": "MI300X", "mi250x": None, "mi325x": None,
+    "rtx-3090": "RTX3090", "rtx-4090": "RTX4090", "rtx-5090": "RTX5090", "rtx-3060": "RTX3060",
+    "rtx-4060-ti-16gb": None,  # SkyPilot's RTX4060 does not say Ti 16GB
+    "rtx-4080": "RTX4080", "rtx-a6000": "RTXA6000", "rtx-6000-ada": "RTX6000-Ada", "rtx-a5000": "RTXA5000",
+}
+SKYPILOT_SOURCE = "skypilot-org/skypilot-catalog catalogs/v7/common/accelerators.csv"
+MAX_GPUS_PER_NODE = 8
+SKYPILOT_DEFAULT_DISK_GB = 256  # SkyPilot's default resources.disk_size
+DISK_MARGIN_GB = 100  # room for the OS image, the Python stack and the hub's download cache
+REMOTE = "~/tuneplan"  # where file_mounts put the plan, data and a local model on every node
+GB = 1000**3  # SkyPilot's disk_size is in GB
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the plan's GPUs are rented: ``nodes`` machines of ``per_node`` ``accelerator`` each."""
+
+    gpu_name: str
+    accelerator: str | None
+    nodes: int
+    per_node: int
+    price_usd_hour: float | None  # per GPU, from tuneplan's GPU profile
+    price_source: str
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.per_node
+
+    @property
+    def cost_per_hour(self) -> float | None:
+        return None if self.price_usd_hour is None else round(self.price_usd_hour * self.gpus, 2)
+
+
+def layout(plan: Plan, need_name: bool = True) -> Layout:
+    """Nodes and GPUs per node for the plan. Several nodes when hardware.gpus is more than one node
+    holds (hardware.nodes, when set above 1, decides instead). Raises Problems."""
+    from advisor.gpus import GpuError, find_gpu
+
+    hw = plan.hardware
+    if hw.device != "cuda" or not hw.gpu:
+        raise Problems(Problem("the plan runs on the CPU (hardware.device=cpu or no hardware.gpu); renting needs a "
+                               "GPU", "hardware.gpu", "set hardware.gpu=NAME and hardware.device=cuda"))
+    try:
+        gpu = find_gpu(hw.gpu)
+    except GpuError as e:
+        raise Problems(Problem(str(e), "hardware.gpu")) from None
+    name = SKYPILOT_NAMES.get(gpu.id)
+    if name is None and need_name:
+        offered = sorted({n for n in SKYPILOT_NAMES.values() if n})
+        raise Problems(Problem(f"{gpu.name} has no SkyPilot accelerator name ({SKYPILOT_SOURCE} lists none for it), "
+                               "so SkyPilot cannot rent it", "hardware.gpu",
+                               f"pick a GPU SkyPilot offers ({', '.join(offered)}; `sky show-gpus -a`), or use "
+                               "--target slurm on your own cluster"))
+    most = min(MAX_GPUS_PER_NODE, gpu.gpus_per_node)
+    if hw.nodes > 1:
+        nodes, per_node = hw.nodes, hw.gpus // hw.nodes
+        if per_node > most:
+            raise Problems(Problem(f"{per_node} {gpu.name} per node is more than a node holds ({most})",
+                                   "hardware.nodes", f"use hardware.nodes={math.ceil(hw.gpus / most)} or more"))
+    elif hw.gpus <= most:
+        nodes, per_node = 1, hw.gpus
+    elif hw.gpus % most == 0:
+        nodes, per_node = hw.gpus // most, most
+    else:
+        raise Problems(Problem(f"{hw.gpus} {gpu.name} do not fill nodes of {most}", "hardware.gpus",
+                               f"use a multiple of {most} (e.g. {most * math.ceil(hw.gpus / most)}), or set "
+                               "hardware.nodes so that each node gets an equal share"))
+    return Layout(gpu.name, name, nodes, per_node, gpu.price_usd_hour, gpu.price_source)
+
+
+# --- what travels to the nodes --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Staged:
+    """Local files the nodes need (remote path -> local path) and the overrides that point the plan
+    at their remote copies."""
+
+    mounts: dict[str, str]
+    overrides: list[str]
+    local_model_bytes: int | None
+    hub_model: bool
+
+
+def stage(plan: Plan, plan_path: str | Path, remote: str = REMOTE) -> Staged:
+    """Check the local files (every problem at once) and name their remote copies."""
+    problems: list[Problem] = []
+    if plan.task != "training":
+        problems.append(Problem("task is inference; `tuneplan cloud` rents GPUs for a fine-tune", "task",
+                                "set task: training"))
+    plan_path = Path(plan_path)
+    mounts = {f"{remote}/plan.yaml": str(plan_path.resolve())}
+    overrides: list[str] = []
+    data = plan.data.path
+    if not data:
+        problems.append(Problem("data.path is not set", "data.path", "give a .jsonl/.json/.csv file (data.path=FILE)"))
+    else:
+        p = Path(data).expanduser()
+        if not p.exists() and not p.is_absolute() and (plan_path.parent / p).exists():
+            p = plan_path.parent / p
+        if not p.is_file():
+            problems.append(Problem(f"data file {data} does not exist on this machine (the nodes get it from here)",
+                                    "data.path", "give the path of the training file on this machine"))
+        else:
+            mounts[f"{remote}/data/{_safe(p.name)}"] = str(p.resolve())
+            overrides.append(f"data.path=$HOME/tuneplan/data/{_safe(p.name)}")
+    ref = plan.model.ref
+    local = Path(ref).expanduser()
+    model_bytes, hub = None, False
+    if local.exists() or ref.startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            problems.append(Problem(f"model directory {ref} does not exist here or has no config.json", "model.ref",
+                                    "give a model directory with config.json and weights, or a hub id"))
+        else:
+            mounts[f"{remote}/model"] = str(local.resolve())
+            overrides.append("model.ref=$HOME/tuneplan/model")
+            model_bytes = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    elif ref.count("/") == 1:
+        hub = True
+    else:
+        problems.append(Problem(f"model.ref {ref!r} is a bundled profile (a config, no weights); the nodes need a "
+                                "model to train", "model.ref", "use a hub id (org/name) or a local model directory"))
+    if problems:
+        raise Problems(problems)
+    return Staged(mounts, overrides, model_bytes, hub)
+
+
+def disk_gb(plan: Plan, local_model_bytes: int | None = None) -> tuple[int, dict[str, int]]:
+    """resources.disk_size in GB and its parts in bytes: the model files (a local directory's size,
+    or parameters x the config's dtype for a hub download), keep_checkpoints + 1 checkpoints
+    (trainable weights + optimizer states, advisor.memory), the final adapter or model, the merged
+    export, plus DISK_MARGIN_GB; never below SkyPilot's default."""
+    from advisor.memory import optimizer_states_bytes, trainable_bytes_per_param, trainable_params
+    from advisor.model import resolve
+
+    t = plan.training
+    shape = resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    if local_model_bytes is None:
+        dtype = str(shape.config.get("torch_dtype") or shape.config.get("dtype") or "float32")
+        per_param = 2 if dtype in ("bfloat16", "float16") else 4
+        local_model_bytes = shape.params_total * per_param
+    weights = trainable_params(shape, t) * trainable_bytes_per_param(t)
+    parts = {"model": local_model_bytes,
+             "checkpoints": (plan.run.keep_checkpoints + 1) * (weights + optimizer_states_bytes(shape, t)),
+             "final": weights,
+             "merged": shape.params_total * 2 if plan.run.merge_export and t.method != "full" else 0}
+    need = math.ceil(sum(parts.values()) / GB) + DISK_MARGIN_GB
+    return max(SKYPILOT_DEFAULT_DISK_GB, 10 * math.ceil(need / 10)), parts
+
+
+def run_name(plan: Plan) -> str:
+    """The run directory's name, the same on every node: run.name, else model-method-time (as the
+    runner names it), in characters that need no quoting in a shell."""
+    import time
+
+    name = plan.run.name
+    if not name:
+        short = plan.model.ref.rstrip("/").replace("\\", "/").split("/")[-1] or "model"
+        name = f"{short}-{plan.training.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _safe(name)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "run"
+
+
+def setup_lines(plan: Plan) -> list[str]:
+    """Install tuneplan and its stack on a node: from this checkout (SkyPilot's workdir) when tuneplan
+    runs from one, else the released package; DeepSpeed for ZeRO-1/2 plans."""
+    lines = ["set -e", "python -m pip install --upgrade pip", "python -m pip install 'torch>=2.4'"]
+    src = source_checkout()
+    lines.append("python -m pip install ~/sky_workdir" if src else f"python -m pip install 'tuneplan=={_version()}'")
+    if plan.hardware.zero in (1, 2) and plan.hardware.gpus > 1:
+        lines.append("python -m pip install deepspeed")
+    return lines
+
+
+def source_checkout() -> Path | None:
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "advisor").is_dir() else None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tuneplan")
+    except Exception:
+        return "0.1.0"
+
+
+def run_command(staged: Staged, plan_file: str, run_dir: str, node_rank: str, main_address: str, nodes: str,
+                gpus: str) -> str:
+    """The `tuneplan run` line every node runs: a shell line, because the node's rank and the main
+    node's address come from the scheduler's environment variables. Every path in it is built from
+    characters that need no quoting (see _safe); $VARIABLES expand on the node."""
+    parts = ["tuneplan run " + plan_file, f"--run-dir {run_dir}", *staged.overrides, f"hardware.nodes={nodes}",
+             f"hardware.gpus={gpus}", f"hardware.node_rank={node_rank}", f"hardware.main_address={main_address}"]
+    return " \\\n  ".join(parts)
+
+
+def checked(plan: Plan, plan_path: str | Path, need_name: bool = True) -> tuple[Layout, Staged]:
+    """layout() and stage() with the problems of both at once."""
+    found: list[Problem] = []
+    lay = staged = None
+    try:
+        lay = layout(plan, need_name)
+    except Problems as e:
+        found += e.items
+    try:
+        staged = stage(plan, plan_path)
+    except Problems as e:
+        found += e.items
+    if found:
+        raise Problems(found)
+    return lay, staged
+
+
+def sky_task(plan: Plan, plan_path: str | Path, bucket: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The SkyPilot task as a dict and the comment lines for its head. Raises Problems."""
+    lay, staged = checked(plan, plan_path)
+    disk, parts = disk_gb(plan, staged.local_model_bytes)
+    name = run_name(plan)
+    runs = "/tuneplan-runs" if bucket else "$HOME/tuneplan/runs"
+    task: dict[str, Any] = {"name": _sky_name(name)}
+    src = source_checkout()
+    if src:
+        task["workdir"] = str(src)
+    task["resources"] = {"accelerators": f"{lay.accelerator}:{lay.per_node}", "disk_size": disk}
+    task["num_nodes"] = lay.nodes
+    if staged.hub_model:
+        task["secrets"] = {"HF_TOKEN": None}  # given at launch: sky launch --secret HF_TOKEN
+    mounts: dict[str, Any] = dict(staged.mounts)
+    if bucket:
+        mounts["/tuneplan-runs"] = {"name": bucket, "mode": "MOUNT"}
+    task["file_mounts"] = mounts
+    task["setup"] = "\n".join(setup_lines(plan)) + "\n"
+    main = "$MAIN_ADDR"
+    line = run_command(staged, "$HOME/tuneplan/plan.yaml", f"{runs}/{name}", "$SKYPILOT_NODE_RANK", main,
+                       "$SKYPILOT_NUM_NODES", "$((SKYPILOT_NUM_NODES * SKYPILOT_NUM_GPUS_PER_NODE))")
+    task["run"] = 'set -e\nMAIN_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n 1)\n' + line + "\n"
+    head = [f"SkyPilot task written by `tuneplan cloud {plan_path}` (the plan: {plan.model.ref}, "
+            f"{plan.training.method}, {plan.hardware.gpus} x {lay.gpu_name}, ZeRO {plan.hardware.zero})",
+            f"{lay.nodes} node{'s' if lay.nodes > 1 else ''} x {lay.per_node} {lay.accelerator} (SkyPilot's name "
+            f"for {lay.gpu_name})"]
+    if lay.cost_per_hour is not None:
+        head.append(f"Estimated cost: {lay.gpus} x ${lay.price_usd_hour:.2f}/GPU-hour = ${lay.cost_per_hour:.2f}/hour "
+                    f"on demand (tuneplan's GPU profile: {lay.price_source}); SkyPilot picks the cheapest offer")
+    else:
+        head.append(f"Estimated cost: tuneplan's GPU profile has no price for {lay.gpu_name}")
+    head.append(f"disk_size {disk} GB: model {parts['model'] / GB:.1f} GB + {plan.run.keep_checkpoints + 1} "
+                f"checkpoints {parts['checkpoints'] / GB:.1f} GB + final {parts['final'] / GB:.1f} GB"
+                + (f" + merged {parts['merged'] / GB:.1f} GB" if parts["merged"] else "")
+                + f" + {DISK_MARGIN_GB} GB for the OS, the stack and caches (at least SkyPilot's default "
+                f"{SKYPILOT_DEFAULT_DISK_GB})")
+    if lay.nodes > 1 and not bucket:
+        head.append("Several nodes: node 0 writes the run directory on its own disk; --bucket NAME mounts a "
+                    "bucket at /tuneplan-runs so that every node sees the same checkpoints")
+    head.append(f"Next: sky launch -c {task['name']} FILE" + (" --secret HF_TOKEN" if staged.hub_model else ""))
+    return task, head
+
+
+def _sky_name(name: str) -> str:
+    """SkyPilot cluster names: lowercase letters, digits and dashes, starting with a letter."""
+    s = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return ("tuneplan-" + s)[:60].rstrip("-")
+
+
+def _comment(lines: list[str]) -> str:
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def render_sky(plan: Plan, plan_path: str | Path, bucket: str | None = None, out: str | None = None) -> str:
+    import yaml
+
+    task, head = sky_task(plan, plan_path, bucket)
+    if out:
+        head = [h.replace("FILE", str(out)) if h.startswith("Next:") else h for h in head]
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value: str):  # scripts as literal blocks, as people write them
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return _comment(head) + yaml.dump(task, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def render(plan: Plan, kind: str, plan_path: str | Path = "plan.yaml", **options: Any) -> str:
+    """The text of the file `tuneplan cloud` writes: kind "sky" (a SkyPilot task YAML) or "slurm" (an
+    sbatch script). The TUI Launch screen shows it. Raises advisor.problems.Problems."""
+    if kind == "sky":
+        return render_sky(plan, plan_path, options.get("bucket"), options.get("out"))
+    if kind == "slurm":
+        from runner.slurm import render_sbatch
+
+        return render_sbatch(plan, plan_path, partition=options.get("partition"), time=options.get("time"),
+                             out=options.get("out"))
+    raise Problems(Problem(f"unknown target {kind!r}", None, "use sky or slurm"))
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def add_commands(subparsers) -> None:
+    """`tuneplan cloud PLAN [--target sky|slurm] [-o FILE]`."""
+    c = subparsers.add_parser("cloud", help="rent the plan's GPUs: a SkyPilot task or a Slurm script for it",
+                              description="Write a SkyPilot task (--target sky) or a Slurm sbatch script "
+                              "(--target slurm) that runs the plan with `tuneplan run` on every node. Launches "
+                              "nothing; prints the command that would.")
+    c.add_argument("plan", help="plan.yaml")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. hardware.gpus=16")
+    c.add_argument("--target", choices=["sky", "slurm"], default="sky", help="sky (default) or slurm")
+    c.add_argument("-o", "--output", help="file to write (default: PLAN's name + .sky.yaml or .sbatch; - prints)")
+    c.add_argument("--bucket", help="sky: a bucket mounted at /tuneplan-runs for the run directory (shared by "
+                   "every node, kept after the cluster is gone)")
+    c.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
+    c.add_argument("--time", help="slurm: the time limit (#SBATCH --time, e.g. 12:00:00)")
+    c.set_defaults(func=cmd_cloud)
+
+
+def cmd_cloud(a: argparse.Namespace) -> int:
+    from advisor.planfile import apply_overrides, load_plan
+    from advisor.spec import SpecError
+
+    path = Path(a.plan)
+    if not path.is_file():
+        raise Problems(Problem(f"plan file {a.plan} does not exist", None,
+                               "give a plan.yaml (`tuneplan recommend --save` writes one)"))
+    try:
+        plan = load_plan(path)
+        if a.overrides:
+            plan = apply_overrides(plan, list(a.overrides))
+    except SpecError as e:
+        raise Problems(e.items) from None
+    suffix = ".sky.yaml" if a.target == "sky" else ".sbatch"
+    out = a.output or str(path.with_name(path.stem + suffix))
+    text = render(plan, a.target, path, bucket=a.bucket, out=None if out == "-" else out, partition=a.partition,
+                  time=a.time)
+    if out == "-":
+        sys.stdout.write(text)
+        return 0
+    Path(out).write_text(text)
+    print(f"wrote {out}")
+    for line in text.splitlines():
+        if line.startswith(("# Estimated cost", "# Next:")) or line.startswith("# ") and " node" in line[:12]:
+            print(line[2:])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runner.cloud PLAN ...`: the command alone, as advisor.cli.main runs it."""
+    from advisor.cli.common import parse_with_overrides, report_problems
+
+    parser = argparse.ArgumentParser(prog="tuneplan")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parse_with_overrides(parser, ["cloud", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except Problems as e:
+        return report_problems(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
