@@ -12,11 +12,6 @@ MIB = 1024**2
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 
-# GPU-only terms (see docs/memory-model.md "GPU overhead"): the CUDA context that nvidia-smi shows
-# but torch does not count, cuBLAS workspaces, and the caching allocator's rounding/fragmentation.
-CUDA_CONTEXT_BYTES = 500 * MIB
-CUBLAS_WORKSPACE_BYTES = 32 * MIB
-ALLOCATOR_SLACK = 0.06  # reserved - allocated, as a share of the allocated peak
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (QLoRA paper: 64)
 NF4_NESTED_BLOCK = 256  # double quantization: absmax constants quantized in blocks of 256
 ADAM8_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer states
@@ -50,8 +45,10 @@ class Breakdown:
     components: dict[str, int]
     peak_phase: str
     phases: dict[str, int]
-    overhead: dict[str, int] = field(default_factory=dict)
+    overhead: dict[str, int] = field(default_factory=dict)  # GPU-only terms (advisor/gpu_memory.py)
     notes: list[str] = field(default_factory=list)
+    overhead_high: int = 0  # the band: p90 nvidia-smi peak minus the expected one
+    reserved_model: str = "tensors only (CPU RAM: no CUDA context, no caching allocator)"
 
     def __post_init__(self) -> None:
         assert self.phases[self.peak_phase] == sum(self.components.values()), "breakdown does not add up"
@@ -63,18 +60,26 @@ class Breakdown:
 
     @property
     def peak_reserved_bytes(self) -> int:
+        """The expected nvidia-smi peak (GPU) or the tensors (CPU)."""
         return self.peak_allocated_bytes + sum(self.overhead.values())
 
+    @property
+    def peak_reserved_high_bytes(self) -> int:
+        """The high end (p90) of the nvidia-smi band; equals peak_reserved_bytes on the CPU."""
+        return self.peak_reserved_bytes + self.overhead_high
 
-def gpu_overhead_bytes(peak_allocated: int, device: str) -> dict[str, int]:
-    """What nvidia-smi shows beyond live tensors. CPU estimates have none."""
-    if device != "cuda":
+
+def gpu_terms(peak: int, comps: dict[str, int], gradients: int, hw, *, training: bool,
+              attention: int = 0, replayed_reserved: int | None = None) -> dict:
+    """Breakdown keyword arguments for the GPU-only terms (advisor.gpu_memory); none on the CPU."""
+    if hw.device != "cuda":
         return {}
-    return {
-        "cuda_context": CUDA_CONTEXT_BYTES,
-        "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
-        "allocator_slack": int(ALLOCATOR_SLACK * peak_allocated),
-    }
+    from advisor.gpu_memory import reserved_terms
+
+    persistent = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
+    r = reserved_terms(peak, persistent, gradients, gpu=hw.gpu, gpus=hw.gpus, training=training,
+                       attention=attention, replayed_reserved=replayed_reserved)
+    return {"overhead": r.overhead, "overhead_high": r.high_extra, "reserved_model": r.model}
 
 
 def shard(x: int, n: int) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from advisor.breakdown import DTYPE_BYTES, Breakdown, gpu_overhead_bytes, nf4_bytes, shard
+from advisor.breakdown import DTYPE_BYTES, Breakdown, gpu_terms, nf4_bytes, shard
 from advisor.families import family_of
 from advisor.model import ModelShape
 from advisor.spec import Hardware, InferSpec
@@ -88,5 +88,5 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     phases = {k: {c: v for c, v in comps.items() if v} for k, comps in phases.items()}
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
-    return Breakdown(phases[peak], peak, totals, gpu_overhead_bytes(totals[peak], hw.device))
+    return Breakdown(phases[peak], peak, totals, **gpu_terms(totals[peak], phases[peak], 0, hw, training=False))
 

@@ -29,13 +29,14 @@ from advisor.breakdown import (  # noqa: F401
     MIB,
     Breakdown,
     compute_bytes,
-    gpu_overhead_bytes,
+    gpu_terms,
     nf4_bytes,
     param_bytes,
     residual_bytes,
     shard,
 )
 from advisor.families import family_of
+from advisor.gpu_memory import attention_workspace_bytes
 from advisor.inference import estimate_inference, kv_cache_bytes  # noqa: F401
 from advisor.model import ModelShape
 from advisor.spec import Hardware, Plan, TrainSpec
@@ -148,12 +149,27 @@ def optimizer_step_transient_bytes(shape: ModelShape, t: TrainSpec, device: str)
 
 
 
+def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
+    """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
+    return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
+
+
 def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, dict[str, int]]:
     """Live components at each candidate moment of a steady-state step, per GPU."""
     dev = hw.device
     n = hw.gpus if hw.gpus > 1 else 1
     z = hw.zero if n > 1 else 0
     w = weights_bytes(shape, t)
+    fsdp_q = fsdp_qlora(t, hw)
+    ta = t
+    if fsdp_q:
+        # QLoRA under FSDP: the 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage)
+        # so FSDP can flatten and shard them, and prepare_model_for_kbit_training is not used: the
+        # other parameters and the residual stream stay in the compute dtype -- activations as LoRA's
+        quant = sum(g.count * nf4_bytes(g.in_features * g.out_features, t.double_quant)
+                    for g in shape.linears if g.quantized)
+        w = quant + compute_bytes(t.precision) * (shape.params_total - shape.params_quantized)
+        ta = t.model_copy(update={"method": "lora"})
     lora = lora_adapter_bytes(shape, t)
     g = gradients_bytes(shape, t)
     o = optimizer_states_bytes(shape, t)
@@ -171,10 +187,10 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
                                                                        if t.method != "qlora" else 1)
         zero3_gather = 2 * per_layer
     ddp_buckets = 2 * 25 * MIB if n > 1 and z == 0 and t.method == "full" else 0
-    acts = activations_bytes(shape, t, dev)
-    recompute = recompute_bytes(shape, t, dev)
-    l_fwd, l_bwd = logits_bytes(shape, t)
-    ws = backward_workspace_bytes(shape, t)
+    acts = activations_bytes(shape, ta, dev)
+    recompute = recompute_bytes(shape, ta, dev)
+    l_fwd, l_bwd = logits_bytes(shape, ta)
+    ws = backward_workspace_bytes(shape, ta)
     deq = qlora_dequant_bytes(shape, t)
     opt_tmp = optimizer_step_transient_bytes(shape, t, dev)
     if z >= 1:
@@ -182,7 +198,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     accum = g_kept if t.grad_accum > 1 else 0  # grads from earlier micro-batches stay until the step
     head_grad = layer_grad = emb_grad = 0
     fam, _ = family_of(shape.model_type)
-    ctx = _ctx(shape, t, t.seq_len, dev)
+    ctx = _ctx(shape, ta, t.seq_len, dev)
     tokens = t.micro_batch * t.seq_len
     first_layer_acts = tokens * (layer_activation_bytes_per_token(shape, fam, ctx, first=True)
                                  + (8 if ctx.full else 0))
@@ -229,9 +245,18 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdow
     fam, known = family_of(shape.model_type)
     if not known:
         notes.append(f"model_type {shape.model_type!r} has no activation profile; estimated as llama-style")
+    if fsdp_qlora(t, hw):
+        notes.append("QLoRA sharded over GPUs (FSDP / ZeRO-3): the 4-bit weights are stored in the compute dtype "
+                     "(bnb_4bit_quant_storage) and sharded; embeddings, norms and the residual stream stay in the "
+                     "compute dtype (no prepare_model_for_kbit_training fp32 casts)")
     if fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr) and t.attn_impl == "sdpa":
         notes.append("attention softcapping needs eager or flash attention (sdpa cannot); estimated as eager")
-    return Breakdown(comps, peak, totals, gpu_overhead_bytes(totals[peak], hw.device), notes)
+    grads = gradients_bytes(shape, t)
+    if hw.gpus > 1 and hw.zero >= 2:
+        grads = shard(grads, hw.gpus)
+    attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim, t.attn_impl)
+    return Breakdown(comps, peak, totals, notes=notes,
+                     **gpu_terms(totals[peak], comps, grads, hw, training=True, attention=attn))
 
 
 

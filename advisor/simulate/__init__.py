@@ -33,7 +33,7 @@ terms; attention kernels and autocast follow the CPU dispatch.
 
 from __future__ import annotations
 
-from advisor.memory import Breakdown, gpu_overhead_bytes
+from advisor.memory import Breakdown, gpu_terms
 from advisor.model import ModelShape
 from advisor.simulate.common import (  # noqa: F401
     DECODE_STEPS_FULL,
@@ -52,7 +52,9 @@ from advisor.spec import Plan
 # the estimate
 # ------------------------------------------------------------------------------------------
 
-def _breakdown(res: _Result, device: str, notes: list[str]) -> Breakdown:
+def _breakdown(res: _Result, plan: Plan, shape: ModelShape, notes: list[str]) -> Breakdown:
+    from advisor.gpu_memory import attention_workspace_bytes
+
     phases = dict(res.phases)
     peak = max(phases, key=lambda k: phases[k])
     comps = dict(res.components[peak])
@@ -60,8 +62,20 @@ def _breakdown(res: _Result, device: str, notes: list[str]) -> Breakdown:
     if diff:  # cannot happen with exact accounting; keep the invariant anyway
         comps["transient"] = comps.get("transient", 0) + diff
     comps = {k: int(v) for k, v in comps.items() if v}
-    return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()},
-                     gpu_overhead_bytes(phases[peak], device), notes + res.notes)
+    training = plan.task == "training"
+    t = plan.training
+    attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim,
+                                     t.attn_impl) if training else 0
+    replayed = res.reserved.get("default")
+    extra = list(res.notes)
+    if plan.hardware.device == "cuda" and replayed is not None:
+        exp = res.reserved.get("expandable")
+        loaded = res.reserved.get("default@loaded")
+        extra.append(f"allocator replay: max reserved {replayed / 2**30:.2f} GiB of tensors (loading alone "
+                     f"{(loaded or 0) / 2**30:.2f} GiB); with expandable_segments:True {(exp or 0) / 2**30:.2f} GiB")
+    return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()}, notes=notes + extra,
+                     **gpu_terms(phases[peak], comps, comps.get("gradients", 0), plan.hardware, training=training,
+                                 attention=attn, replayed_reserved=replayed))
 
 
 def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
@@ -85,7 +99,11 @@ def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
             if xb - xa != xc - xb:
                 return None
             comps[ph][k] = xc + (target - c) * (xc - xb)
-    return _Result(phases, comps, list(rc.notes))
+    # the allocator's reserve rounds to 2 MiB and 20 MiB segments, so its per-layer increment is not
+    # exactly constant: extrapolate with the mean increment over the simulated depths
+    reserved = {k: int(rc.reserved[k] + (target - c) * (rc.reserved[k] - ra.reserved.get(k, 0)) / (c - a))
+                for k in rc.reserved}
+    return _Result(phases, comps, list(rc.notes), reserved)
 
 
 def _check_supported(plan: Plan, shape: ModelShape) -> None:
@@ -108,7 +126,6 @@ def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _check_supported(plan, shape)
-    device = plan.hardware.device
     notes = ["simulated: real transformers/peft code on fake tensors (CPU dispatch)"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -133,4 +150,4 @@ def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
                     EXTRAPOLATE_FROM) else 0.9, 1.0)
     if progress:
         progress(1.0, "done")
-    return _breakdown(res, device, notes)
+    return _breakdown(res, plan, shape, notes)

@@ -17,7 +17,7 @@ from advisor.simulate.fakes import (
     _preimport,
     _quantize_nf4,
 )
-from advisor.simulate.tracker import _hooks, _make_tracker, _RealMasks, _Rec, _Result
+from advisor.simulate.tracker import _hooks, _make_tracker, _RealMasks, _Rec, _Result, replay_reserved
 from advisor.spec import Plan
 
 # ------------------------------------------------------------------------------------------
@@ -108,8 +108,11 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
         trainable = [p for p in model.parameters() if p.requires_grad]
         steps = 2  # the first creates the optimizer states; the second is the steady state
         loss = None
+        tracker.mark("loaded")
         try:
             for step in range(steps):
+                if step:
+                    tracker.mark(f"step{step}")
                 tracker.measuring = step == steps - 1
                 for _ in range(t.grad_accum):
                     tracker.set_phase("forward")
@@ -153,7 +156,7 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
         comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
         # the optimizer states of the first step are alive throughout: tag-resolved above
         del model, opt, batch, loss, trainable, head
-    return _Result(phases, comps, notes)
+    return _Result(phases, comps, notes, replay_reserved(tracker.recs, tracker.marks))
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,6 +207,7 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
                 for v in batch.values():
                     tracker.tag(v, "inputs")
+                tracker.mark("loaded")
                 tracker.measuring = True
                 tracker.set_phase("prefill")
                 cache = DynamicCache(config=model.config)
@@ -271,9 +275,10 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
         phases = {ph: tracker.peaks[ph].bytes for ph in INFER_PHASES if ph in tracker.peaks}
         comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
         del model, head, cache, batch, input_ids, mask
+    res_reserved = replay_reserved(tracker.recs, tracker.marks)
     if attn_used != "sdpa":
         notes.append(f"{shape.architecture} does not support sdpa; simulated with {attn_used}")
-    return _Result(phases, comps, notes)
+    return _Result(phases, comps, notes, res_reserved)
 
 
 def _tag_cache(tracker, cache) -> None:

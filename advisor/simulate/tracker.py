@@ -35,6 +35,37 @@ class _Result:
     phases: dict[str, int]
     components: dict[str, dict[str, int]]  # phase -> component -> bytes at that phase's peak
     notes: list[str] = field(default_factory=list)
+    reserved: dict[str, int] = field(default_factory=dict)  # allocator replay: config name -> max reserved
+
+
+def alloc_events(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list[tuple[str, object, int]]:
+    """The allocation/free sequence of the run, in order, for :func:`advisor.allocator.replay`:
+    each storage is allocated when it is born and freed when it dies (never, if it lives on)."""
+    timed: list[tuple[int, int, tuple[str, object, int]]] = []
+    for i, rec in enumerate(recs):
+        timed.append((rec.born, 1, ("alloc", i, rec.nbytes)))
+        if rec.died is not None:
+            timed.append((rec.died, 0, ("free", i, 0)))
+    for seq, name in marks:
+        timed.append((seq, 2, ("mark", name, 0)))
+    timed.sort(key=lambda x: (x[0], x[1]))
+    return [e for _, _, e in timed]
+
+
+def replay_reserved(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> dict[str, int]:
+    """Max reserved bytes of the whole run (loading included) under the default caching allocator
+    and under ``expandable_segments:True`` (see advisor/allocator.py)."""
+    from advisor.allocator import AllocatorConfig, replay
+
+    events = alloc_events(recs, marks)
+    out = {}
+    for name, cfg in (("default", AllocatorConfig()), ("expandable", AllocatorConfig(expandable_segments=True))):
+        r = replay(events, cfg)
+        out[name] = r.peak_reserved_bytes
+        out[name + "_allocated"] = r.peak_allocated_bytes
+        for mark, value in r.reserved_at.items():
+            out[f"{name}@{mark}"] = value
+    return out
 
 
 def _make_tracker():
@@ -59,6 +90,7 @@ def _make_tracker():
             self.module_depth = 0
             self.head = False
             self.scalar_calls = 0
+            self.marks: list[tuple[int, str]] = []
 
         # -- bookkeeping --------------------------------------------------------------------
         def _free(self, rec: _Rec, key: int) -> None:
@@ -92,6 +124,9 @@ def _make_tracker():
                 pk = self.peaks.setdefault(self.phase, _PhasePeak())
                 if self.total > pk.bytes:
                     pk.bytes, pk.seq = self.total, self.seq
+
+        def mark(self, name: str) -> None:
+            self.marks.append((self.seq, name))
 
         def set_phase(self, name: str | None) -> None:
             self.phase = name

@@ -1,0 +1,162 @@
+"""What nvidia-smi shows beyond the live tensors: the GPU-only terms of ``peak_reserved_bytes``.
+
+Pure and fast (no torch import): every analytic estimate calls :func:`reserved_terms`.
+
+Terms (docs/memory-model.md "GPU memory"):
+
+* ``cuda_context`` -- the CUDA context of the process (driver state, loaded kernels of torch,
+  cuBLAS, NCCL, flash-attention), outside torch's allocator. Fitted per GPU generation on published
+  ``nvidia-smi`` peaks (CUDA 12 with lazy module loading); generations without calibration data use
+  the Ampere value and a wider band.
+* ``cublas_workspace`` -- torch allocates one cuBLAS workspace per (handle, stream) through its
+  caching allocator (``CublasHandlePool.cpp``: ``:4096:2:16:8`` = 8.125 MiB, 32 MiB on sm90+), and
+  the forward (main thread) and backward (autograd's device thread) each get a handle; cuBLASLt
+  adds its own 1 MiB workspace per handle (``CUBLASLT_WORKSPACE_SIZE`` default).
+* ``attention_workspace`` -- flash-attention's backward accumulates dQ in fp32
+  (``dq_accum``: batch x seq rounded to 128 x heads x head_dim x 4 B) for the layer in backward.
+* ``nccl_buffers`` -- with several GPUs, NCCL's communicator (channels' buffers, proxy state) per
+  process, outside torch's allocator. Fitted on published 2-GPU FSDP runs.
+* ``allocator_cache`` -- what the caching allocator keeps reserved beyond the live blocks at the
+  peak: freed blocks of one phase that the next cannot reuse (advisor/allocator.py replays this
+  exactly in simulate mode). Analytic: ``max(K_FRAG x transient, first_step - peak)`` where the
+  transient is the peak minus what lives across steps (weights, adapters, optimizer states), and
+  ``first_step = persistent + M_FIRST_STEP x gradients``: at the first optimizer step the states
+  are created while the gradients and the step's temporaries are alive, in blocks the activations
+  left behind. Both constants fitted on published A100 runs (benchmarks/published.py --fit).
+
+The band: ``high`` adds the 90th percentile of the fit's relative residuals (at least
+``BAND_MIN``), widened by ``BAND_UNCALIBRATED`` for a generation without calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+MIB = 1024**2
+
+# GPU generation of each GPU profile id (most specific pattern first); sm major version beside it.
+ARCH_OF_ID: tuple[tuple[str, str], ...] = (
+    ("gh200", "hopper"), ("h100", "hopper"), ("h200", "hopper"), ("b200", "blackwell"),
+    ("rtx-50", "blackwell"), ("rtx-6000-ada", "ada"), ("rtx-40", "ada"), ("l40", "ada"), ("l4", "ada"),
+    ("a100", "ampere"), ("a10", "ampere"), ("a40", "ampere"), ("rtx-a", "ampere"), ("rtx-30", "ampere"),
+    ("t4", "turing"), ("v100", "volta"), ("mi", "cdna"), ("apple", "apple"),
+)
+SM_MAJOR = {"volta": 7, "turing": 7, "ampere": 8, "ada": 8, "hopper": 9, "blackwell": 10}
+
+# -- fitted on ../shared/calibration (benchmarks/published.py --fit); see docs/accuracy.md ------------
+# outside torch, per process: CUDA context + libraries (+ the NCCL init of a 1-process FSDP group)
+CUDA_CONTEXT_BYTES = {"ampere": 1180 * MIB}
+NCCL_BYTES = 850 * MIB  # per process with several GPUs
+K_FRAG = 0.32  # cached-but-free share of the peak's transient
+M_FIRST_STEP = 3.0  # gradient-sized blocks the first optimizer step reserves beyond the persistent
+BAND_P90 = 0.0125  # 90th percentile of |relative residual| of nvidia-smi on the fitting rows
+CALIBRATED_ARCHS = frozenset({"ampere"})
+# --------------------------------------------------------------------------------------------------
+BAND_MIN = 0.04
+BAND_UNCALIBRATED = 0.05
+CUBLAS_WORKSPACE = {True: 4096 * 8 * 1024, False: 4096 * 1024 * 2 + 16 * 1024 * 8}  # sm90+ : others
+CUBLASLT_WORKSPACE = 1024 * 1024
+HANDLES_TRAINING = 2  # main thread (forward, optimizer) + autograd's device thread (backward)
+
+
+@lru_cache(maxsize=64)
+def arch_of(gpu_name: str | None) -> str | None:
+    """The GPU generation of a profile name ('A100 80GB' -> 'ampere'); None if unknown."""
+    if not gpu_name:
+        return None
+    try:
+        from advisor.gpus import GpuError, find_gpu
+
+        gid = find_gpu(gpu_name).id
+    except (GpuError, OSError, ValueError):
+        return None
+    for pattern, arch in ARCH_OF_ID:
+        if gid.startswith(pattern):
+            return arch
+    return None
+
+
+def cuda_context_bytes(arch: str | None) -> int:
+    return CUDA_CONTEXT_BYTES.get(arch or "", CUDA_CONTEXT_BYTES["ampere"])
+
+
+def cublas_workspace_bytes(arch: str | None, training: bool) -> int:
+    big = SM_MAJOR.get(arch or "", 8) >= 9
+    handles = HANDLES_TRAINING if training else 1
+    return handles * (CUBLAS_WORKSPACE[big] + CUBLASLT_WORKSPACE)
+
+
+def attention_workspace_bytes(micro_batch: int, seq_len: int, heads: int, head_dim: int, attn_impl: str) -> int:
+    """flash-attention backward's fp32 dQ accumulator (sdpa on CUDA takes the flash kernel too)."""
+    if attn_impl == "eager":
+        return 0
+    s = 128 * -(-seq_len // 128)
+    d = 32 * -(-head_dim // 32)
+    return micro_batch * s * heads * d * 4
+
+
+def nccl_bytes(gpus: int) -> int:
+    return NCCL_BYTES if gpus > 1 else 0
+
+
+def allocator_cache_bytes(peak: int, persistent: int, gradients: int) -> int:
+    """Reserved-but-free bytes at the peak (see the module docstring)."""
+    transient = max(peak - persistent, 0)
+    first_step = persistent + M_FIRST_STEP * gradients
+    return int(max(K_FRAG * transient, first_step - peak, 0))
+
+
+def band(arch: str | None) -> float:
+    b = max(BAND_P90, BAND_MIN)
+    return b + (0 if arch in CALIBRATED_ARCHS else BAND_UNCALIBRATED)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """The GPU-only terms of one estimate."""
+
+    overhead: dict[str, int]
+    high_extra: int  # p90 minus expected
+    model: str  # which reserved model produced it
+
+
+def reserved_terms(peak: int, persistent: int, gradients: int, *, gpu: str | None, gpus: int,
+                   training: bool, attention: int = 0, replayed_reserved: int | None = None) -> Reserved:
+    """The overhead of a GPU estimate. ``peak``: live tensor bytes at the peak; ``persistent``: the
+    part that lives across steps; ``gradients``: gradient bytes per GPU; ``attention``: the
+    attention backward workspace. ``replayed_reserved``: simulate's allocator replay of the real
+    sequence (max reserved of the tensors), used instead of the fitted cache term."""
+    arch = arch_of(gpu)
+    over = {
+        "cuda_context": cuda_context_bytes(arch),
+        "cublas_workspace": cublas_workspace_bytes(arch, training),
+    }
+    if attention:
+        over["attention_workspace"] = attention
+    if gpus > 1:
+        over["nccl_buffers"] = nccl_bytes(gpus)
+    if replayed_reserved is not None:
+        over["allocator_cache"] = max(replayed_reserved - peak, 0)
+        model = "allocator replay of the simulated allocation sequence (advisor/allocator.py)"
+    else:
+        over["allocator_cache"] = allocator_cache_bytes(peak, persistent, gradients)
+        model = "calibrated analytic terms (advisor/gpu_memory.py)"
+    if arch not in CALIBRATED_ARCHS:
+        model += f"; {arch or 'this GPU'} has no calibration data: Ampere's context, wider band"
+    total = peak + sum(over.values())
+    return Reserved({k: int(v) for k, v in over.items() if v}, int(band(arch) * total), model)
+
+
+def modelled_stack() -> dict[str, str]:
+    """The versions of the stack the estimate models: those installed here (importlib.metadata;
+    no import of the packages themselves), or 'not installed'."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
