@@ -7,6 +7,7 @@ placed at ``~/.config/tuneplan/gpus.yaml``; an entry with an existing ``id`` rep
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from advisor.model import PROFILES_DIR
+from advisor.problems import Problems
 
 GIB = 1024**3
 
 
-class GpuError(ValueError):
-    """Unknown GPU or a malformed GPU file."""
+class GpuError(Problems, ValueError):
+    """Unknown GPU or a malformed GPU file: a user mistake every front end shows as one clear message."""
 
 
 @dataclass(frozen=True)
@@ -56,36 +58,54 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower().replace("nvidia", "").replace("geforce", ""))
 
 
+def _number(e: dict, key: str, what: str, *, default: float | None = None, positive: bool = False) -> float | None:
+    """e[key] as a finite float (None/default when absent); ValueError saying what is wrong."""
+    v = e.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(f"{key} must be a number ({what}), not {type(v).__name__}")
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"{key} must be a number ({what}), not {str(v)[:40]!r}") from None
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise ValueError(f"{key} must be a {'positive' if positive else 'non-negative'} finite number ({what}), "
+                         f"not {v}")
+    return x
+
+
 def _parse(data: object, where: str) -> list[Gpu]:
     if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
-        raise GpuError(f"{where}: expected a mapping with a 'gpus' list")
+        raise GpuError(f"{where}: expected a mapping with a 'gpus' list (gpus: [{{id: ..., name: ..., "
+                       "memory_gib: ...}]), as in tuneplan's profiles/gpus.yaml")
     out = []
     for n, e in enumerate(data["gpus"], 1):
         if not isinstance(e, dict):
             raise GpuError(f"{where}: gpus entry {n} is not a mapping")
-        missing = [k for k in ("id", "name", "memory_gib") if k not in e]
+        missing = [k for k in ("id", "name", "memory_gib") if e.get(k) in (None, "")]
+        label = str(e.get("name", "?"))[:60]
         if missing:
-            raise GpuError(f"{where}: gpus entry {n} ({e.get('name', '?')}) lacks {', '.join(missing)}")
+            raise GpuError(f"{where}: gpus entry {n} ({label}) lacks {', '.join(missing)}")
+        aliases = e.get("aliases") or []
         try:
+            if not isinstance(aliases, list) or not all(isinstance(a, (str, int)) for a in aliases):
+                raise ValueError("aliases must be a list of names")
+            memory = _number(e, "memory_gib", "GiB of memory", positive=True) or 0.0
+            bf16_tflops = _number(e, "bf16_tflops", "TFLOPS")
+            price = _number(e, "price_usd_hour", "US$ per hour")
             out.append(Gpu(
                 id=str(e["id"]), name=str(e["name"]),
-                aliases=tuple(str(a).lower() for a in e.get("aliases", [])),
-                vendor=str(e.get("vendor", "nvidia")), memory_gib=float(e["memory_gib"]),
-                bf16=bool(e.get("bf16", True)), fp16_tflops=float(e.get("fp16_tflops") or 0),
-                bf16_tflops=float(e["bf16_tflops"]) if e.get("bf16_tflops") else None,
-                bandwidth_gbs=float(e.get("bandwidth_gbs") or 0),
-                price_usd_hour=float(e["price_usd_hour"]) if e.get("price_usd_hour") is not None else None,
+                aliases=tuple(str(a).lower() for a in aliases),
+                vendor=str(e.get("vendor", "nvidia")), memory_gib=memory,
+                bf16=bool(e.get("bf16", True)), fp16_tflops=_number(e, "fp16_tflops", "TFLOPS", default=0.0) or 0.0,
+                bf16_tflops=bf16_tflops or None,
+                bandwidth_gbs=_number(e, "bandwidth_gbs", "GB/s", default=0.0) or 0.0,
+                price_usd_hour=price,
                 price_source=str(e.get("price_source", "")), unified_memory=bool(e.get("unified_memory", False)),
-                interconnect=str(e.get("interconnect", "pcie")).lower(),
-                link_gbs=float(e["link_gbs"]) if e.get("link_gbs") is not None else 32.0,
-                gpus_per_node=int(e.get("gpus_per_node") or 8),
-                internode_gbs=float(e["internode_gbs"]) if e.get("internode_gbs") is not None else 25.0,
-                interconnect_source=str(e.get("interconnect_source", "")),
             ))
         except (TypeError, ValueError) as err:
-            raise GpuError(f"{where}: gpus entry {n} ({e.get('name', '?')}): {err}") from None
-        if out[-1].memory_gib <= 0:
-            raise GpuError(f"{where}: gpus entry {n} ({e['name']}): memory_gib must be positive")
+            raise GpuError(f"{where}: gpus entry {n} ({label}): {err}") from None
     return out
 
 
@@ -106,11 +126,19 @@ def _load(user: str | None) -> tuple[dict[str, Gpu], str]:
     if user:
         path = Path(user)
         try:
-            extra = yaml.safe_load(path.read_text())
+            extra = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
         except OSError as e:
-            raise GpuError(f"cannot read GPU file {path}: {e.strerror}") from None
+            raise GpuError(f"cannot read the GPU file {path} (TUNEPLAN_GPUS): {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise GpuError(f"the GPU file {path} (TUNEPLAN_GPUS) is not UTF-8 text; save it as UTF-8 YAML") from None
         except yaml.YAMLError as e:
-            raise GpuError(f"GPU file {path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise GpuError(f"the GPU file {path} (TUNEPLAN_GPUS) is not valid YAML{at}: "
+                           f"{getattr(e, 'problem', None) or 'syntax error'}") from None
+        if extra is None:
+            raise GpuError(f"the GPU file {path} (TUNEPLAN_GPUS) is empty; give it a 'gpus' list, as in "
+                           "tuneplan's profiles/gpus.yaml, or unset TUNEPLAN_GPUS")
         for g in _parse(extra, str(path)):
             table[g.id] = g
     return table, str(data.get("prices_as_of", "unknown"))

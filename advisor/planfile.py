@@ -7,6 +7,7 @@ Secrets never go in a plan: there is no token field, and keys that look like one
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,24 @@ def dump_plan(plan: Plan) -> str:
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write the plan atomically (a temporary file beside it, then a rename); SpecError when it cannot
+    be written there, and no temporary file left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_plan(plan))
-    tmp.replace(path)
+    if path.is_dir():
+        raise SpecError([f"cannot save the plan to {path}: it is a directory; give a file name such as "
+                         f"{path / 'plan.yaml'}"])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(dump_plan(plan), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise SpecError([f"cannot save the plan to {path}: {e.strerror or e}"]) from None
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
     return path
 
 
@@ -80,7 +94,8 @@ def parse_plan(text: str, where: str = "plan") -> Plan:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError([f"{where} is not valid YAML{at}: {getattr(e, 'problem', e)}"]) from None
     if data is None:
-        data = {}
+        raise SpecError([f"{where} is empty (no settings in it); write a plan there, e.g. with "
+                         "`tuneplan recommend --save FILE` or the app's save"])
     if not isinstance(data, dict):
         raise SpecError([f"{where} must be a mapping of sections (model, training, ...)"])
     secrets = _find_secrets(data)
@@ -92,9 +107,16 @@ def parse_plan(text: str, where: str = "plan") -> Plan:
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
-        raise SpecError([f"cannot read plan {path}: {e.strerror}"]) from None
+        raise SpecError([f"cannot read plan {path}: {e.strerror or e}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark some editors write is fine
+    except UnicodeDecodeError as e:
+        raise SpecError([f"plan {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         "save it as UTF-8 YAML"]) from None
+    if "\x00" in text:
+        raise SpecError([f"plan {path} is not a text file (it holds NUL bytes); give a YAML plan"])
     return parse_plan(text, str(path))
 
 
