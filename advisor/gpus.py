@@ -103,6 +103,11 @@ def _parse(data: object, where: str) -> list[Gpu]:
                 bandwidth_gbs=_number(e, "bandwidth_gbs", "GB/s", default=0.0) or 0.0,
                 price_usd_hour=price,
                 price_source=str(e.get("price_source", "")), unified_memory=bool(e.get("unified_memory", False)),
+                interconnect=str(e.get("interconnect") or "pcie").lower(),
+                link_gbs=_number(e, "link_gbs", "GB/s per direction", default=32.0) or 0.0,
+                gpus_per_node=int(_number(e, "gpus_per_node", "GPUs per node", default=8.0, positive=True) or 8),
+                internode_gbs=_number(e, "internode_gbs", "GB/s between nodes", default=25.0) or 0.0,
+                interconnect_source=str(e.get("interconnect_source", "")),
             ))
         except (TypeError, ValueError) as err:
             raise GpuError(f"{where}: gpus entry {n} ({label}): {err}") from None
