@@ -99,11 +99,7 @@ def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
             if xb - xa != xc - xb:
                 return None
             comps[ph][k] = xc + (target - c) * (xc - xb)
-    # the allocator's reserve rounds to 2 MiB and 20 MiB segments, so its per-layer increment is not
-    # exactly constant: extrapolate with the mean increment over the simulated depths
-    reserved = {k: int(rc.reserved[k] + (target - c) * (rc.reserved[k] - ra.reserved.get(k, 0)) / (c - a))
-                for k in rc.reserved}
-    return _Result(phases, comps, list(rc.notes), reserved)
+    return _Result(phases, comps, list(rc.notes))  # no allocator replay: it needs the whole sequence
 
 
 def _check_supported(plan: Plan, shape: ModelShape) -> None:
@@ -134,6 +130,13 @@ def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
         else:
             depth = _num_layers(shape.config, shape)
             res = None
+            # the allocator replay (cuda) needs the whole allocation sequence: its reserve is not linear
+            # in depth (which moment sets it changes with the layer count), so no extrapolation there
+            whole = plan.hardware.device == "cuda"
+            if whole and extrapolate and depth > max(EXTRAPOLATE_FROM):
+                notes.append(f"simulated all {depth} layers: the allocator replay needs the whole allocation "
+                             "sequence")
+                extrapolate = False
             if extrapolate and depth > max(EXTRAPOLATE_FROM):
                 runs = {}
                 for i, n in enumerate(EXTRAPOLATE_FROM):
