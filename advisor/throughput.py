@@ -65,6 +65,7 @@ LOSS_BYTES = 24  # per logit: bf16 logits written/read, fp32 upcast, log-softmax
 # 1-byte mask), the A GEMM reads it (4): ~19 B per input feature; B's fp32 output, scaled (read+write 8),
 # cast and added to the frozen layer's output (read 4 + 2, write 2): ~16 B per output feature
 LORA_IN_BYTES = 19
+LORA_IN_BYTES_NO_DROPOUT = 10  # lora_dropout 0: peft's Identity, no mask and no copy
 LORA_OUT_BYTES = 16
 OPT_PASSES = 3.0  # torch foreach AdamW reads and writes parameter, gradient and states about 3 times
 FP32_SHARE = 1 / 16  # fp32 without tensor cores: A100 19.5 of 312 TFLOPS (torch does not use TF32 by default)
@@ -159,6 +160,7 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     # peft keeps adapters in fp32 (autocast_adapter_dtype=True) and casts the input to it: without
     # autocast the adapter GEMMs run in fp32, without tensor cores
     apeak = peak * FP32_SHARE if adapters_fp32 and t.precision != "fp32" else peak
+    lora_in = LORA_IN_BYTES if t.lora.dropout > 0 else LORA_IN_BYTES_NO_DROPOUT
     fwd_passes = 1 + ckpt  # forward, recompute
     for g in shape.linears:
         e = max(g.experts, 1)
@@ -175,8 +177,7 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
             mm += la * (fwd_passes + 2)
             flops += (_flops(m, g.in_features, r, cnt) + _flops(m, r, g.out_features, cnt)) * (fwd_passes + 2)
             # peft's wrapper around the frozen layer: cast x to the adapter dtype, dropout, scale, add
-            lora_elem += m * cnt * (LORA_IN_BYTES * g.in_features + LORA_OUT_BYTES * g.out_features) * \
-                (fwd_passes + 2)
+            lora_elem += m * cnt * (lora_in * g.in_features + LORA_OUT_BYTES * g.out_features) * (fwd_passes + 2)
     # output head: forward, input grads, weight grads when it is trained (full); never recomputed
     # QLoRA: prepare_model_for_kbit_training casts every non-quantized weight (the head too) to fp32
     hpeak = peak * FP32_SHARE if t.method == "qlora" and t.precision != "fp32" else peak
