@@ -141,6 +141,7 @@ def cmd_data_check(a: argparse.Namespace) -> int:
         tokenize,
     )
 
+    _check_data_options(a)
     try:
         records, fmt, problems = load_and_check(a.file, a.format)
     except DataError as e:
@@ -180,6 +181,20 @@ def cmd_data_check(a: argparse.Namespace) -> int:
         more = len(problems) - 20
         raise _user_error(problems[:20] + ([f"... and {more} more"] if more > 0 else []))
     return 0
+
+
+def _check_data_options(a: argparse.Namespace) -> None:
+    """--seq and --prompt-loss-weight within the bounds the plan has for them (advisor.spec)."""
+    from advisor.problems import Problem
+    from advisor.spec import SpecError, build_plan
+
+    flags = {"training.seq_len": "--seq", "data.prompt_loss_weight": "--prompt-loss-weight"}
+    try:
+        build_plan({"training": {"seq_len": a.seq}, "data": {"prompt_loss_weight": a.prompt_loss_weight}})
+    except SpecError as e:
+        found = [Problem(f"{flags[p.field]} ({p.field}): {p.message}") for p in e.items if p.field in flags]
+        if found:
+            raise _user_error(found) from None
 
 
 def _tokenizer(ref: str):

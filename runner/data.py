@@ -104,13 +104,16 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
         raise DataError([f"data path {path} is a directory; give a .jsonl, .json or .csv file"])
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is fine
     except UnicodeDecodeError as e:
-        raise DataError([f"{path} is not UTF-8 text (byte {e.start})"]) from None
+        raise DataError([f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8"]) from None
+    except OSError as e:
+        raise DataError([f"cannot read data file {path}: {e.strerror or e}"]) from None
     records: list[Record] = []
     problems: list[str] = []
     if suffix in (".jsonl", ".ndjson"):
-        for i, raw in enumerate(text.splitlines(), 1):
+        # lines end at "\n" only: JSON strings may hold U+2028 and other characters splitlines() splits at
+        for i, raw in enumerate(text.split("\n"), 1):
             if not raw.strip():
                 continue
             try:

@@ -245,14 +245,19 @@ def check(run_dir: str | Path, plan, *, resume: bool) -> RunDirState:
         problems.append(busy_problem(d, st.owner or None))
     elif resume:
         max_steps = plan.run.max_steps
-        if st.finished and (not max_steps or max_steps <= (st.finished_steps or 0)):
+        if st.finished and st.checkpoint is None:
+            problems.append(Problem(f"{d} holds a finished run ({st.finished_steps} steps) with no checkpoint to "
+                                    "continue from", None, "start a new run (another --run-dir or run.name)"))
+        elif st.finished and (not max_steps or max_steps <= (st.finished_steps or 0)):
             problems.append(Problem(f"{d} holds a finished run ({st.finished_steps} steps); there is nothing "
-                                    "to resume", "run.max_steps",
+                                    "to resume", None,
                                     f"to train it further, resume with run.max_steps above {st.finished_steps}"))
         elif st.checkpoint_step is not None and max_steps and max_steps <= st.checkpoint_step:
             problems.append(Problem(f"the newest checkpoint of {d} is at step {st.checkpoint_step}, and "
-                                    f"run.max_steps={max_steps} is not beyond it", "run.max_steps",
+                                    f"run.max_steps={max_steps} is not beyond it", None,
                                     f"resume with run.max_steps above {st.checkpoint_step}"))
+        elif st.checkpoint is not None:
+            problems += _identity_problems(st.checkpoint, plan)
     elif st.is_run:
         if st.finished:
             problems.append(Problem(f"{d} holds a finished run ({st.finished_steps} steps)", None,
@@ -269,6 +274,22 @@ def check(run_dir: str | Path, plan, *, resume: bool) -> RunDirState:
     if problems:
         raise Problems(problems)
     return st
+
+
+def _identity_problems(ck: Path, plan) -> list[Problem]:
+    """Plan fields the checkpoint's weights and optimizer depend on that the resuming plan changes."""
+    from runner.checkpoint import CheckpointError, identity, read_state
+
+    try:
+        saved = read_state(ck).get("identity")
+    except CheckpointError as e:
+        return [Problem(str(e))]
+    if not isinstance(saved, dict):
+        return []  # a checkpoint from before identities were saved
+    now = identity(plan.model_dump(mode="json"))
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    return [Problem(f"the checkpoint {ck} was trained with {k}={saved[k]}; resuming cannot change it to {now[k]}",
+                    None, "resume without that override, or start a new run") for k in changed]
 
 
 def restart(run_dir: Path) -> Path | None:
