@@ -257,6 +257,9 @@ class Recipe:
                                        num_training_steps=self.total_steps)
         if self.resumed_from:
             self._load_checkpoint(Path(self.resumed_from))
+        from runner.failfast import check_longest_batch
+
+        check_longest_batch(self)  # the longest batch, once, before step 1: an OOM shows now, not hours in
 
     def _seed(self, seed: int) -> None:
         from transformers import set_seed

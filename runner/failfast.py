@@ -1,0 +1,188 @@
+"""Fail fast: before the first real step, one forward and backward on the longest batch the data can
+produce, so that a batch that does not fit fails in the first minute instead of hours in, when it
+finally comes up ("OOM after N steps").
+
+The probe changes nothing the training sees: no optimizer step (the gradients are dropped with
+``zero_grad(set_to_none=True)``), and the random state that dropout consumes is put back. What it
+does not hold is the optimizer state, which appears at the first real step (right after the probe,
+so an optimizer that does not fit also fails in the first minute). Under DeepSpeed the probe is
+skipped: the engine's backward is tied to its own step and accumulation bookkeeping.
+
+``TUNEPLAN_TEST_OOM_ABOVE_TOKENS=N`` (a test hook, like the recipe's ``oom_at_step``): any forward of
+a batch of more than N tokens (micro-batch x length) raises torch.OutOfMemoryError, what the CUDA
+caching allocator raises, so a CPU test shows where a long batch fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+TEST_OOM_TOKENS_ENV = "TUNEPLAN_TEST_OOM_ABOVE_TOKENS"
+SKIP_ENV = "TUNEPLAN_NO_FAILFAST"  # 1: no probe (the test hook above still applies)
+
+
+@dataclass(frozen=True)
+class Longest:
+    """The largest micro-batch: ``rows`` examples of ``length`` tokens after padding; ``lines`` are
+    their record numbers in the data file."""
+
+    rows: int
+    length: int
+    lines: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+    def words(self) -> str:
+        where = ", ".join(str(n) for n in self.lines[:4]) + (", ..." if len(self.lines) > 4 else "")
+        return f"{self.rows} x {self.length} tokens (line{'s' if len(self.lines) > 1 else ''} {where})"
+
+
+def longest_examples(examples: list, micro_batch: int) -> list:
+    """The ``micro_batch`` longest examples (packed sequences when data.packing): whichever rank
+    they fall to, no micro-batch of the run is longer, and none holds more tokens."""
+    return sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:micro_batch]
+
+
+def longest_batch(examples: list, micro_batch: int, pad_id: int, pad_to: int | None = None) -> tuple[dict, Longest]:
+    """The collated longest micro-batch, padded as the run pads (pad_to: data.pad_to=seq_len)."""
+    from runner.data import collate
+
+    chosen = longest_examples(examples, micro_batch)
+    batch = collate(chosen, pad_id, pad_to)
+    rows, length = batch["input_ids"].shape
+    return batch, Longest(int(rows), int(length), tuple(e.line for e in chosen))
+
+
+def probe(model, batch: dict, precision: str, backward=None, optimizer=None) -> float:
+    """One forward (with the loss, under the plan's autocast) and backward on ``batch``, then the
+    gradients dropped; the torch and Python random states are restored. Returns seconds taken.
+    ``backward`` is accelerate's (DDP/FSDP); every process must probe (DDP reduces in backward)."""
+    import torch
+
+    from advisor.stack import _autocast, _compute_loss  # the loss exactly as train_step computes it
+
+    rng = _rng_state(torch)
+    t0 = time.perf_counter()
+    try:
+        model.train()
+        with _autocast(precision, batch["input_ids"].device.type):
+            loss = _compute_loss(model, batch)
+        if backward is not None:
+            backward(loss)
+        else:
+            loss.backward()
+        del loss
+    finally:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        _set_rng_state(torch, rng)
+    return time.perf_counter() - t0
+
+
+def _rng_state(torch) -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(torch, state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def install_test_hook(model) -> Any | None:
+    """TUNEPLAN_TEST_OOM_ABOVE_TOKENS=N: a forward pre-hook on the model that raises
+    torch.OutOfMemoryError for a batch of more than N tokens. None when the variable is unset."""
+    raw = os.environ.get(TEST_OOM_TOKENS_ENV, "")
+    try:
+        limit = int(raw)
+    except ValueError:
+        return None
+    if limit <= 0:
+        return None
+    import torch
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.numel() > limit:
+            raise torch.OutOfMemoryError(f"simulated by {TEST_OOM_TOKENS_ENV}={limit} for a batch of "
+                                         f"{ids.numel()} tokens: CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def check_longest_batch(recipe) -> dict | None:
+    """The recipe's setup calls this last (model, optimizer and data ready). Runs the probe on every
+    process; re-raises an out-of-memory error with the batch that caused it (the recipe then records
+    it with the next plan that fits). Returns what it did (for the log and the report) or None."""
+    install_test_hook(recipe.model)
+    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        return None
+    accelerator = getattr(recipe, "accelerator", None)
+    if accelerator is not None and _dist_type(accelerator) == "DEEPSPEED":
+        recipe.notes.append("fail-fast probe skipped under DeepSpeed (its backward steps the engine)")
+        return None
+    plan = recipe.plan
+    t = plan.training
+    pad_to = t.seq_len if plan.data.pad_to == "seq_len" else None
+    batch, longest = longest_batch(recipe.data.train, t.micro_batch, recipe.tokenizer.pad_token_id, pad_to)
+    batch = {k: v.to(recipe.device) for k, v in batch.items()}
+    torch = recipe.torch
+    on_cuda = str(recipe.device).startswith("cuda")
+    try:
+        seconds = probe(recipe.model, batch, t.precision, accelerator.backward if accelerator else None,
+                        recipe.optimizer)
+    except Exception as e:
+        if _is_oom(torch, e):
+            raise torch.OutOfMemoryError(f"the longest batch, {longest.words()}, does not fit (checked before the "
+                                         f"first step): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                         ) from None
+        raise
+    out = {"rows": longest.rows, "length": longest.length, "tokens": longest.tokens, "lines": list(longest.lines),
+           "seconds": round(seconds, 3)}
+    if on_cuda:
+        out["peak_allocated"] = int(torch.cuda.max_memory_allocated())
+        out["peak_reserved"] = int(torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()  # the report measures the training steps
+    del batch
+    recipe.notes.append(f"fail-fast: one forward/backward on the longest batch, {longest.words()}, fitted before "
+                        f"the first step ({out['seconds']} s)")
+    recipe.log(f"fail-fast: the longest batch, {longest.words()}, fits")
+    return out
+
+
+def _dist_type(accelerator) -> str:
+    t = accelerator.state.distributed_type
+    return str(getattr(t, "value", t))
+
+
+def _is_oom(torch, e: BaseException) -> bool:
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def data_check_longest(examples: list, seq_len: int) -> dict:
+    """For `tuneplan data check`: the longest example and a warning when it is longer than the
+    sequence length the estimate used. ``examples`` must be tokenized without truncation (the
+    runner's tokenize with a seq_len above every example), so that its length is the real one."""
+    if not examples:
+        return {}
+    longest = max(examples, key=lambda e: len(e.input_ids))
+    n = len(longest.input_ids)
+    out: dict[str, Any] = {"line": longest.line, "tokens": n, "seq_len": seq_len}
+    if n > seq_len:
+        out["warning"] = (f"the longest example (line {longest.line}, {n} tokens) is longer than the sequence length "
+                          f"{seq_len} the estimate used: it is cut to {seq_len} tokens; raise training.seq_len to "
+                          f"{n} (and estimate again) to train on all of it")
+    return out
