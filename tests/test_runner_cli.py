@@ -200,3 +200,38 @@ def test_start_run_refuses_bad_input_before_starting(tmp_path, model_dir):
     with pytest.raises(UserError, match="line 1: missing 'output'"):
         start_run(plan_file(tmp_path, model_dir, bad))
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_checks_the_plan_against_the_model_before_loading(tmp_path, model_dir, capsys):
+    """The same checks as `tuneplan estimate` (advisor.service), before anything is loaded."""
+    p = plan_file(tmp_path, model_dir)
+    assert main(["run", p, "training.seq_len=4096", "training.lora.targets=[q_proj,nonsense]"]) == 2
+    err = capsys.readouterr().err
+    assert "longer than" in err and "maximum of 512 positions" in err
+    assert "nonsense match no linear layer" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_says_when_remote_code_is_trusted(tmp_path, model_dir, capsys):
+    p = plan_file(tmp_path, model_dir)
+    assert main(["run", p, "model.trust_remote_code=true", "--dry-run"]) == 0
+    assert "notice: model.trust_remote_code is true" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--seq", "-1"], "--seq (training.seq_len)"),
+    (["--seq", "0"], "--seq (training.seq_len)"),
+    (["--prompt-loss-weight", "5"], "--prompt-loss-weight (data.prompt_loss_weight)"),
+    (["--prompt-loss-weight", "-1"], "--prompt-loss-weight (data.prompt_loss_weight)"),
+])
+def test_data_check_refuses_impossible_options(args, needle, capsys):
+    assert main(["data", "check", str(DEMO_DATA), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_data_check_reads_a_byte_order_mark(tmp_path, capsys):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + DEMO_DATA.read_bytes())
+    assert main(["data", "check", str(f), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
