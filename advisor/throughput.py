@@ -17,7 +17,8 @@ One micro-step of T = micro_batch x seq_len tokens per GPU costs, summed:
   wrapper (cast, dropout, scale, add) and its fp32 adapter GEMMs; QLoRA's fp32 output head;
 - QLoRA: dequantizing each 4-bit weight to bf16 before each use (read 0.5 B + absmax, write 2 B
   per weight), in the forward, the recompute and the backward;
-- a fixed latency per layer (kernel launches, Python: LAYER_LATENCY_S);
+- a fixed latency per layer and micro-step (kernel launches, Python: LAYER_LATENCY_S; more under
+  FSDP / ZeRO-3 hooks: SHARD_LAYER_LATENCY_S);
 - communication for several GPUs, exposed only where compute cannot hide it.
 Per optimizer step: grad_accum micro-steps plus the optimizer's memory-bound pass over parameter,
 gradient and state bytes.
@@ -37,17 +38,19 @@ if TYPE_CHECKING:
     from advisor.spec import Plan
 
 # --- free constants, fitted by `python benchmarks/throughput.py --fit` on the fit rows only ---------
-# (fit rows: ../shared/calibration/fms_a100_80gb_granite.csv, the plain-stack rows: PowerLM-3b full /
-# LoRA / QLoRA on 1-2 A100-80GB; held-out rows and errors: docs/accuracy.md "Throughput")
+# Stage A, LAYER_LATENCY_S: the Qwen README's LoRA runs on one A100 (batch 1, 256-8192 tokens).
+# Stage B, the rest: ../shared/calibration/fms_a100_80gb_granite.csv, the plain-stack rows (PowerLM-3b
+# full / LoRA / QLoRA on 1-2 A100-80GB under FSDP). Held-out rows and errors: docs/accuracy.md "Throughput".
 CALIBRATION: dict[str, float] = {
     "U_MAX": 0.7489,  # achievable share of the dense tensor-core peak in a large GEMM / flash attention
-    "LAYER_LATENCY_S": 0.01099,  # seconds per decoder layer per micro-step (launches, hooks, FSDP, Python)
+    "LAYER_LATENCY_S": 0.002296,  # seconds per decoder layer per micro-step (launches, Python)
+    "SHARD_LAYER_LATENCY_S": 0.008695,  # more per layer under FSDP / ZeRO-3 (gather, free, reduce hooks)
     "DEQUANT_PASSES": 1.0,  # passes of the bitsandbytes dequantize kernel per use of a weight (floor: 1)
-    "LINK_EFF": 0.118,  # share of the interconnect bandwidth the exposed collectives reach (FSDP, 2 GPUs)
+    "LINK_EFF": 0.1308,  # share of the interconnect bandwidth the exposed collectives reach (FSDP, 2 GPUs)
 }
 # measured / predicted tokens/s on the fit rows, p10-p90, widened to at least +-15% (one model, one GPU)
 BAND = (0.85, 1.15)
-CALIBRATED_ON = "fitted 2026-12-01 on 12 rows of fms_a100_80gb_granite.csv"
+CALIBRATED_ON = "fitted 2026-12-01: stage A on 18 Qwen README rows, stage B on 12 fms granite rows"
 
 # --- counted, not fitted (docs/time-model.md) -------------------------------------------------------
 BW_EFF = 0.85  # achievable share of the memory bandwidth in streaming kernels (BabelStream on A100: ~1.7 of 2.0 TB/s)
@@ -56,6 +59,7 @@ BW_EFF = 0.85  # achievable share of the memory bandwidth in streaming kernels (
 # gated activation silu(gate) * up (read 2, write 1 in 2 bytes, plus silu's own read/write): 10 B per
 # intermediate value
 ELEM_H_BYTES = 76
+ELEM_H_FUSED_BYTES = 28  # fused RMSNorm (read + write, 4 B) twice, residuals (12), fused rotary (~8)
 ELEM_I_BYTES = 10
 # MoE routing per token per layer and chosen expert: gather the token (read + write h), index_add the
 # expert output back (read 2h, write h) in 2-byte values
@@ -132,12 +136,25 @@ def link_bandwidth(gpu: Gpu, num_gpus: int) -> float:
     return gbs * 1e9
 
 
+@dataclass(frozen=True)
+class Stack:
+    """What the training loop around the model does. The default is tuneplan's runner (transformers +
+    peft, advisor/stack.py); the calibration describes the published runs with it."""
+
+    autocast: bool | None = None  # forward under bf16/fp16 autocast; None: from the precision (amp-* only)
+    fused_norms: bool = False  # fused RMSNorm / rotary kernels (flash-attn's) instead of transformers' ops
+    sharded_single: bool = False  # FSDP / ZeRO-3 wrapping even on one GPU (the fms harness does it)
+
+
+RUNNER = Stack()
+
+
 def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | None = None,
-              adapters_fp32: bool = True) -> StepTime:
+              stack: Stack = RUNNER) -> StepTime:
     """Seconds per optimizer step of a training plan on `gpu` (hardware.gpus of them).
 
-    `adapters_fp32`: LoRA adapters in fp32 with no autocast (peft's default, what the runner does);
-    False for a loop under bf16 autocast (the Trainer's --bf16), where the adapter GEMMs run in bf16."""
+    `stack`: the loop around the model (default: the runner). Without autocast peft's fp32 adapters
+    run their GEMMs in fp32; under autocast (amp-*, or the Trainer's --bf16) in half precision."""
     c = CALIBRATION if c is None else c
     from advisor.memory import gradients_bytes, optimizer_states_bytes, trainable_params, weights_bytes
 
@@ -159,7 +176,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     mm = attn = flops = lora_elem = 0.0
     # peft keeps adapters in fp32 (autocast_adapter_dtype=True) and casts the input to it: without
     # autocast the adapter GEMMs run in fp32, without tensor cores
-    apeak = peak * FP32_SHARE if adapters_fp32 and t.precision != "fp32" else peak
+    autocast = t.precision.startswith("amp") if stack.autocast is None else stack.autocast
+    apeak = peak * FP32_SHARE if not autocast and t.precision != "fp32" else peak
     lora_in = LORA_IN_BYTES if t.lora.dropout > 0 else LORA_IN_BYTES_NO_DROPOUT
     fwd_passes = 1 + ckpt  # forward, recompute
     for g in shape.linears:
@@ -202,12 +220,16 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     flops += attn_flops
 
     act_b = 4 if t.precision == "fp32" else 2
-    per_tok = ELEM_H_BYTES * shape.hidden_size + ELEM_I_BYTES * shape.intermediate_size
+    per_tok = (ELEM_H_FUSED_BYTES if stack.fused_norms else ELEM_H_BYTES) * shape.hidden_size + \
+        ELEM_I_BYTES * shape.intermediate_size
     if shape.num_experts and shape.experts_per_token:
         per_tok += MOE_ROUTE_BYTES * shape.hidden_size * shape.experts_per_token
     elem = per_tok * act_b / 2 * T * shape.num_layers * (fwd_passes + 2) / (BW_EFF * bw)
     loss = LOSS_BYTES * T * shape.vocab_size / (BW_EFF * bw)
-    latency = c["LAYER_LATENCY_S"] * shape.num_layers * (fwd_passes + 2) / 4
+    per_layer = c["LAYER_LATENCY_S"]
+    if strategy_of(plan) == "zero3" or stack.sharded_single:  # gather / free / reduce hooks on every layer
+        per_layer += c["SHARD_LAYER_LATENCY_S"]
+    latency = per_layer * shape.num_layers * (fwd_passes + 2) / 4
 
     dequant = 0.0
     if t.method == "qlora":
