@@ -42,11 +42,11 @@ if TYPE_CHECKING:
 # Stage B, the rest: ../shared/calibration/fms_a100_80gb_granite.csv, the plain-stack rows (PowerLM-3b
 # full / LoRA / QLoRA on 1-2 A100-80GB under FSDP). Held-out rows and errors: docs/accuracy.md "Throughput".
 CALIBRATION: dict[str, float] = {
-    "U_MAX": 0.7489,  # achievable share of the dense tensor-core peak in a large GEMM / flash attention
-    "LAYER_LATENCY_S": 0.002296,  # seconds per decoder layer per micro-step (launches, Python)
-    "SHARD_LAYER_LATENCY_S": 0.008695,  # more per layer under FSDP / ZeRO-3 (gather, free, reduce hooks)
+    "U_MAX": 0.749,  # achievable share of the dense tensor-core peak in a large GEMM / flash attention
+    "LAYER_LATENCY_S": 0.00273,  # seconds per decoder layer per micro-step (launches, Python)
+    "SHARD_LAYER_LATENCY_S": 0.008263,  # more per layer under FSDP / ZeRO-3 (gather, free, reduce hooks)
     "DEQUANT_PASSES": 1.0,  # passes of the bitsandbytes dequantize kernel per use of a weight (floor: 1)
-    "LINK_EFF": 0.1308,  # share of the interconnect bandwidth the exposed collectives reach (FSDP, 2 GPUs)
+    "LINK_EFF": 0.1886,  # share of the interconnect bandwidth the exposed collectives reach (FSDP, 2 GPUs)
 }
 # measured / predicted tokens/s on the fit rows, p10-p90, widened to at least +-15% (one model, one GPU)
 BAND = (0.85, 1.15)
@@ -70,6 +70,10 @@ LOSS_BYTES = 24  # per logit: bf16 logits written/read, fp32 upcast, log-softmax
 # cast and added to the frozen layer's output (read 4 + 2, write 2): ~16 B per output feature
 LORA_IN_BYTES = 19
 LORA_IN_BYTES_NO_DROPOUT = 10  # lora_dropout 0: peft's Identity, no mask and no copy
+# under autocast (or bf16 adapters) the wrapper works in 2-byte values: dropout reads 2, writes 2 and a
+# 1-byte mask; B's bf16 output is scaled (read + write 4) and added (read 4, write 2)
+LORA_IN_BYTES_HALF = 5
+LORA_OUT_BYTES_HALF = 12
 LORA_OUT_BYTES = 16
 OPT_PASSES = 3.0  # torch foreach AdamW reads and writes parameter, gradient and states about 3 times
 FP32_SHARE = 1 / 16  # fp32 without tensor cores: A100 19.5 of 312 TFLOPS (torch does not use TF32 by default)
@@ -144,6 +148,7 @@ class Stack:
     autocast: bool | None = None  # forward under bf16/fp16 autocast; None: from the precision (amp-* only)
     fused_norms: bool = False  # fused RMSNorm / rotary kernels (flash-attn's) instead of transformers' ops
     sharded_single: bool = False  # FSDP / ZeRO-3 wrapping even on one GPU (the fms harness does it)
+    kbit_fp32_head: bool = True  # QLoRA: prepare_model_for_kbit_training casts the output head to fp32
 
 
 RUNNER = Stack()
@@ -178,7 +183,11 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     # autocast the adapter GEMMs run in fp32, without tensor cores
     autocast = t.precision.startswith("amp") if stack.autocast is None else stack.autocast
     apeak = peak * FP32_SHARE if not autocast and t.precision != "fp32" else peak
-    lora_in = LORA_IN_BYTES if t.lora.dropout > 0 else LORA_IN_BYTES_NO_DROPOUT
+    if autocast:  # half-precision wrapper: dropout on the bf16 input, bf16 B output, scale, add
+        lora_in, lora_out = (LORA_IN_BYTES_HALF if t.lora.dropout > 0 else 0), LORA_OUT_BYTES_HALF
+    else:
+        lora_in = LORA_IN_BYTES if t.lora.dropout > 0 else LORA_IN_BYTES_NO_DROPOUT
+        lora_out = LORA_OUT_BYTES
     fwd_passes = 1 + ckpt  # forward, recompute
     for g in shape.linears:
         e = max(g.experts, 1)
@@ -195,10 +204,10 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
             mm += la * (fwd_passes + 2)
             flops += (_flops(m, g.in_features, r, cnt) + _flops(m, r, g.out_features, cnt)) * (fwd_passes + 2)
             # peft's wrapper around the frozen layer: cast x to the adapter dtype, dropout, scale, add
-            lora_elem += m * cnt * (lora_in * g.in_features + LORA_OUT_BYTES * g.out_features) * (fwd_passes + 2)
+            lora_elem += m * cnt * (lora_in * g.in_features + lora_out * g.out_features) * (fwd_passes + 2)
     # output head: forward, input grads, weight grads when it is trained (full); never recomputed
     # QLoRA: prepare_model_for_kbit_training casts every non-quantized weight (the head too) to fp32
-    hpeak = peak * FP32_SHARE if t.method == "qlora" and t.precision != "fp32" else peak
+    hpeak = peak * FP32_SHARE if t.method == "qlora" and stack.kbit_fp32_head and t.precision != "fp32" else peak
     head = _gemm_s(T, shape.hidden_size, shape.vocab_size, 1, hpeak, bw, c)
     head_passes = 2 + (1 if full else 0)
     mm += head * head_passes
@@ -227,7 +236,7 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     elem = per_tok * act_b / 2 * T * shape.num_layers * (fwd_passes + 2) / (BW_EFF * bw)
     loss = LOSS_BYTES * T * shape.vocab_size / (BW_EFF * bw)
     per_layer = c["LAYER_LATENCY_S"]
-    if strategy_of(plan) == "zero3" or stack.sharded_single:  # gather / free / reduce hooks on every layer
+    if strategy_of(plan) == "zero3" or stack.sharded_single:  # FSDP / ZeRO-3 hooks on every layer
         per_layer += c["SHARD_LAYER_LATENCY_S"]
     latency = per_layer * shape.num_layers * (fwd_passes + 2) / 4
 
