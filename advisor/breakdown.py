@@ -69,15 +69,17 @@ class Breakdown:
         return self.peak_reserved_bytes + self.overhead_high
 
 
-def gpu_terms(peak: int, comps: dict[str, int], gradients: int, hw, *, training: bool,
-              attention: int = 0, replayed_reserved: int | None = None) -> dict:
-    """Breakdown keyword arguments for the GPU-only terms (advisor.gpu_memory); none on the CPU."""
+def gpu_terms(peak: int, comps: dict[str, int], hw, *, training: bool, step: int = 0, attention: int = 0,
+              replayed_reserved: int | None = None) -> dict:
+    """Breakdown keyword arguments for the GPU-only terms (advisor.gpu_memory); none on the CPU.
+    ``step``: what the optimizer step holds beyond weights, adapters and states (gradients +
+    the step's temporaries), per GPU."""
     if hw.device != "cuda":
         return {}
     from advisor.gpu_memory import reserved_terms
 
     persistent = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
-    r = reserved_terms(peak, persistent, gradients, gpu=hw.gpu, gpus=hw.gpus, training=training,
+    r = reserved_terms(peak, persistent, step, gpu=hw.gpu, gpus=hw.gpus, training=training,
                        attention=attention, replayed_reserved=replayed_reserved)
     return {"overhead": r.overhead, "overhead_high": r.high_extra, "reserved_model": r.model}
 

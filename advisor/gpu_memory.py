@@ -20,8 +20,9 @@ Terms (docs/memory-model.md "GPU memory"):
   peak: freed blocks of one phase that the next cannot reuse (advisor/allocator.py replays this
   exactly in simulate mode). Analytic: ``max(K_FRAG x transient, first_step - peak)`` where the
   transient is the peak minus what lives across steps (weights, adapters, optimizer states), and
-  ``first_step = persistent + M_FIRST_STEP x gradients``: at the first optimizer step the states
-  are created while the gradients and the step's temporaries are alive, in blocks the activations
+  ``first_step = persistent + M_FIRST_STEP x step``, ``step`` being what the optimizer step holds
+  beyond the persistent part (gradients + the step's temporaries): at the first optimizer step the
+  states are created while the gradients and the step's temporaries are alive, in blocks the activations
   left behind. Both constants fitted on published A100 runs (benchmarks/published.py --fit).
 
 The band: ``high`` adds the 90th percentile of the fit's relative residuals (at least
@@ -46,11 +47,11 @@ SM_MAJOR = {"volta": 7, "turing": 7, "ampere": 8, "ada": 8, "hopper": 9, "blackw
 
 # -- fitted on ../shared/calibration (benchmarks/published.py --fit); see docs/accuracy.md ------------
 # outside torch, per process: CUDA context + libraries (+ the NCCL init of a 1-process FSDP group)
-CUDA_CONTEXT_BYTES = {"ampere": 1180 * MIB}
+CUDA_CONTEXT_BYTES = {"ampere": 1200 * MIB}
 NCCL_BYTES = 850 * MIB  # per process with several GPUs
 K_FRAG = 0.32  # cached-but-free share of the peak's transient
-M_FIRST_STEP = 3.0  # gradient-sized blocks the first optimizer step reserves beyond the persistent
-BAND_P90 = 0.0125  # 90th percentile of |relative residual| of nvidia-smi on the fitting rows
+M_FIRST_STEP = 1.9  # times the optimizer step's own bytes the first step reserves beyond the persistent
+BAND_P90 = 0.0129  # 90th percentile of |relative residual| of nvidia-smi on the fitting rows
 CALIBRATED_ARCHS = frozenset({"ampere"})
 # --------------------------------------------------------------------------------------------------
 BAND_MIN = 0.04
@@ -100,10 +101,10 @@ def nccl_bytes(gpus: int) -> int:
     return NCCL_BYTES if gpus > 1 else 0
 
 
-def allocator_cache_bytes(peak: int, persistent: int, gradients: int) -> int:
+def allocator_cache_bytes(peak: int, persistent: int, step: int) -> int:
     """Reserved-but-free bytes at the peak (see the module docstring)."""
     transient = max(peak - persistent, 0)
-    first_step = persistent + M_FIRST_STEP * gradients
+    first_step = persistent + M_FIRST_STEP * step
     return int(max(K_FRAG * transient, first_step - peak, 0))
 
 
@@ -121,10 +122,10 @@ class Reserved:
     model: str  # which reserved model produced it
 
 
-def reserved_terms(peak: int, persistent: int, gradients: int, *, gpu: str | None, gpus: int,
+def reserved_terms(peak: int, persistent: int, step: int, *, gpu: str | None, gpus: int,
                    training: bool, attention: int = 0, replayed_reserved: int | None = None) -> Reserved:
     """The overhead of a GPU estimate. ``peak``: live tensor bytes at the peak; ``persistent``: the
-    part that lives across steps; ``gradients``: gradient bytes per GPU; ``attention``: the
+    part that lives across steps; ``step``: what the optimizer step holds beyond it; ``attention``: the
     attention backward workspace. ``replayed_reserved``: simulate's allocator replay of the real
     sequence (max reserved of the tensors), used instead of the fitted cache term."""
     arch = arch_of(gpu)
@@ -140,7 +141,7 @@ def reserved_terms(peak: int, persistent: int, gradients: int, *, gpu: str | Non
         over["allocator_cache"] = max(replayed_reserved - peak, 0)
         model = "allocator replay of the simulated allocation sequence (advisor/allocator.py)"
     else:
-        over["allocator_cache"] = allocator_cache_bytes(peak, persistent, gradients)
+        over["allocator_cache"] = allocator_cache_bytes(peak, persistent, step)
         model = "calibrated analytic terms (advisor/gpu_memory.py)"
     if arch not in CALIBRATED_ARCHS:
         model += f"; {arch or 'this GPU'} has no calibration data: Ampere's context, wider band"

@@ -88,5 +88,5 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     phases = {k: {c: v for c, v in comps.items() if v} for k, comps in phases.items()}
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
-    return Breakdown(phases[peak], peak, totals, **gpu_terms(totals[peak], phases[peak], 0, hw, training=False))
+    return Breakdown(phases[peak], peak, totals, **gpu_terms(totals[peak], phases[peak], hw, training=False))
 

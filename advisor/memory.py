@@ -251,12 +251,11 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdow
                      "compute dtype (no prepare_model_for_kbit_training fp32 casts)")
     if fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr) and t.attn_impl == "sdpa":
         notes.append("attention softcapping needs eager or flash attention (sdpa cannot); estimated as eager")
-    grads = gradients_bytes(shape, t)
-    if hw.gpus > 1 and hw.zero >= 2:
-        grads = shard(grads, hw.gpus)
+    persist = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
+    step = totals["optimizer_step"] - persist
     attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim, t.attn_impl)
     return Breakdown(comps, peak, totals, notes=notes,
-                     **gpu_terms(totals[peak], comps, grads, hw, training=True, attention=attn))
+                     **gpu_terms(totals[peak], comps, hw, training=True, step=step, attention=attn))
 
 
 

@@ -74,8 +74,8 @@ def _breakdown(res: _Result, plan: Plan, shape: ModelShape, notes: list[str]) ->
         extra.append(f"allocator replay: max reserved {replayed / 2**30:.2f} GiB of tensors (loading alone "
                      f"{(loaded or 0) / 2**30:.2f} GiB); with expandable_segments:True {(exp or 0) / 2**30:.2f} GiB")
     return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()}, notes=notes + extra,
-                     **gpu_terms(phases[peak], comps, comps.get("gradients", 0), plan.hardware, training=training,
-                                 attention=attn, replayed_reserved=replayed))
+                     **gpu_terms(phases[peak], comps, plan.hardware, training=training, attention=attn,
+                                 replayed_reserved=replayed))
 
 
 def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
