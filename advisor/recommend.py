@@ -233,7 +233,6 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
                 tokens: float) -> Option:
     """The best way to run `method` on `gpu`, or the rejected option with the number that did not fit."""
     cap = gpu.memory_bytes
-    line = int(TIGHT_SHARE * cap)
     precision = precision_for(method, gpu, base.training.precision)
     word = METHOD_WORDS[method] + (f" ({precision})" if method != "qlora" else "")
     if method == "qlora" and gpu.vendor == "apple":
@@ -295,8 +294,8 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
     one = [t for t in tried if t[0] == 1]
     n_max = max(t[0] for t in tried)
     best1 = min(one or tried, key=lambda t: t[3])
-    reasons = [f"{word} needs {gib(best1[3])} on {_where(gpu, best1[0], best1[1])} ({gib(cap)}; out of memory"
-               f", the {TIGHT_SHARE:.0%} line is {gib(line)}) even at micro-batch 1"
+    reasons = [f"{word} needs {gib(best1[3])} on {_where(gpu, best1[0], best1[1])} ({gib(cap)}; out of memory) "
+               f"even at micro-batch 1"
                + (" with gradient checkpointing" if best1[2] else "")]
     bestn = min((t for t in tried if t[0] == n_max), key=lambda t: t[3])
     if n_max > 1:
