@@ -239,6 +239,12 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
         return Option(method, gpu.name, 1, 0, "single", 1, accum_for(target, 1, 1), True, 0, cap, False, None,
                       None, ["QLoRA needs bitsandbytes' 4-bit kernels, which have no Apple-silicon backend"],
                       precision, gpu_id=gpu.id)
+    if gpu.interconnect == "none":  # one GPU per machine (Apple silicon): several cannot be joined
+        counts = [n for n in counts if n == 1]
+        if not counts:
+            return Option(method, gpu.name, 1, 0, "single", 1, accum_for(target, 1, 1), True, 0, cap, False, None,
+                          None, [f"{gpu.name} is one GPU per machine (no interconnect between GPUs in the GPU "
+                                 "table); use --gpus 1"], precision, gpu_id=gpu.id, status="oom")
     tried: list[tuple[int, int, bool, int]] = []  # (n, z, gc, peak at micro-batch 1)
     for n in counts:
         found: list[tuple[float, int, int, bool, _Fit]] = []

@@ -148,7 +148,9 @@ class Stack:
     autocast: bool | None = None  # forward under bf16/fp16 autocast; None: from the precision (amp-* only)
     fused_norms: bool = False  # fused RMSNorm / rotary kernels (flash-attn's) instead of transformers' ops
     sharded_single: bool = False  # FSDP / ZeRO-3 wrapping even on one GPU (the fms harness does it)
-    kbit_fp32_head: bool = True  # QLoRA: prepare_model_for_kbit_training casts the output head to fp32
+    # QLoRA: prepare_model_for_kbit_training casts the output head to fp32; None: the runner's rule (it
+    # does so unless the model is sharded with FSDP / ZeRO-3, see advisor/stack.py)
+    kbit_fp32_head: bool | None = None
 
 
 RUNNER = Stack()
@@ -207,7 +209,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
             lora_elem += m * cnt * (lora_in * g.in_features + lora_out * g.out_features) * (fwd_passes + 2)
     # output head: forward, input grads, weight grads when it is trained (full); never recomputed
     # QLoRA: prepare_model_for_kbit_training casts every non-quantized weight (the head too) to fp32
-    hpeak = peak * FP32_SHARE if t.method == "qlora" and stack.kbit_fp32_head and t.precision != "fp32" else peak
+    fp32_head = strategy_of(plan) != "zero3" if stack.kbit_fp32_head is None else stack.kbit_fp32_head
+    hpeak = peak * FP32_SHARE if t.method == "qlora" and fp32_head and t.precision != "fp32" else peak
     head = _gemm_s(T, shape.hidden_size, shape.vocab_size, 1, hpeak, bw, c)
     head_passes = 2 + (1 if full else 0)
     mm += head * head_passes

@@ -136,8 +136,9 @@ class Row:
         return tp.step_time(self.plan, self.shape, self.gpu, c, self.stack).tokens_per_s
 
 
-# the fms harness: HF Trainer + accelerate FSDP FULL_SHARD at every GPU count, mixed_precision no
-FMS = tp.Stack(autocast=False, fused_norms=False, sharded_single=True)
+# the fms harness: HF Trainer + accelerate FSDP FULL_SHARD at every GPU count, mixed_precision no;
+# fms-hf-tuning prepares QLoRA models with peft's prepare_model_for_kbit_training (fp32 head)
+FMS = tp.Stack(autocast=False, fused_norms=False, sharded_single=True, kbit_fp32_head=True)
 # Qwen's finetune.py: Trainer --bf16 (autocast), Qwen's modelling code with flash-attn's fused rms_norm
 # and rotary kernels, no sharding on one GPU (DeepSpeed ZeRO-3 for 72B on 4)
 QWEN_STACK = tp.Stack(autocast=True, fused_norms=True, sharded_single=False)

@@ -13,8 +13,8 @@ import pytest
 from advisor.gpus import find_gpu
 from advisor.memory import estimate
 from advisor.model import resolve
-from advisor.problems import UserError
 from advisor.policy import fit_verdict
+from advisor.problems import UserError
 from advisor.recommend import (
     AdviceError,
     Option,
@@ -27,6 +27,7 @@ from advisor.recommend import (
     train_hours,
 )
 from advisor.spec import Plan
+
 
 def fits(bd_or_need, capacity: int) -> bool:
     """The one fit policy: launchable when the verdict is not out of memory."""
@@ -401,3 +402,12 @@ def test_recommend_save_writes_a_runnable_plan(tmp_path, capsys):
     assert (plan.training.method, plan.training.micro_batch, plan.training.grad_accum) == (
         choice["method"], choice["micro_batch"], choice["grad_accum"])
     assert plan.hardware.gpus == choice["num_gpus"] and plan.hardware.gpu
+
+
+def test_one_gpu_machines_are_never_joined():
+    """Apple silicon has no interconnect: the advisor never times several of them, it says why."""
+    adv = advise("meta-llama/Llama-3.1-405B", "apple-m3-max-128gb")
+    assert adv.choice is None and all(o.num_gpus == 1 for o in adv.options)
+    fixed = advise("Qwen/Qwen2.5-0.5B", "apple-m3-max-128gb", gpus=2)
+    assert fixed.choice is None
+    assert any("one GPU per machine" in r for o in fixed.options for r in o.reasons)
