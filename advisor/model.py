@@ -288,10 +288,17 @@ def _first(config: dict, key: str) -> int | None:
     return None
 
 
+# Far above any real model (the largest have ~200 layers, hidden sizes ~30k, vocabularies ~1M, a few
+# hundred experts): a config beyond these is a typo, and building it on the meta device would take forever.
+_LIMITS = {"hidden_size": 1_000_000, "num_layers": 10_000, "num_heads": 100_000, "vocab_size": 100_000_000,
+           "num_key_value_heads": 100_000, "num_kv_heads": 100_000, "intermediate_size": 10_000_000,
+           "head_dim": 100_000, "num_local_experts": 100_000, "num_experts": 100_000, "num_experts_per_tok": 100_000}
+
+
 def check_config(config: dict, where: str) -> None:
     """Say which required field is missing or wrong before transformers fails obscurely."""
     problems = []
-    if not isinstance(config.get("model_type"), str):
+    if not isinstance(config.get("model_type"), str) or not config.get("model_type"):
         problems.append("'model_type' is missing (which architecture: llama, mistral, qwen2, gpt2...)")
     for key, names in _ALIASES.items():
         v = _first(config, key)
@@ -299,16 +306,23 @@ def check_config(config: dict, where: str) -> None:
             problems.append(f"'{names[0]}' is missing or not an integer")
         elif v <= 0:
             problems.append(f"'{names[0]}' must be positive (got {v})")
+        elif v > _LIMITS[key]:
+            problems.append(f"'{names[0]}' is {v}, beyond any real model (at most {_LIMITS[key]:,})")
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     heads = _first(config, "num_heads")
-    for name in ("num_key_value_heads", "num_kv_heads", "intermediate_size", "head_dim", "max_position_embeddings"):
+    for name in ("num_key_value_heads", "num_kv_heads", "intermediate_size", "head_dim", "max_position_embeddings",
+                 "num_local_experts", "num_experts", "num_experts_per_tok"):
         v = text.get(name, config.get(name))
         if v is None:
             continue
         if not _is_int(v):
-            problems.append(f"'{name}' must be an integer (got {json.dumps(v)[:40]})")
-        elif v <= 0:
+            problems.append(f"'{name}' must be an integer (got {json.dumps(v, default=str)[:40]})")
+        elif v <= 0 and not (name.startswith("num_experts") or name == "num_local_experts"):
             problems.append(f"'{name}' must be positive (got {v})")
+        elif v < 0:
+            problems.append(f"'{name}' must not be negative (got {v})")
+        elif v > _LIMITS.get(name, 10**9):
+            problems.append(f"'{name}' is {v}, beyond any real model (at most {_LIMITS.get(name, 10**9):,})")
         elif name in ("num_key_value_heads", "num_kv_heads") and heads and heads > 0 and heads % v:
             problems.append(f"'{name}' ({v}) must divide the number of attention heads ({heads}): each "
                             "key/value head serves an equal group of query heads")

@@ -8,8 +8,26 @@ the running sum of the step's allocations and frees, the method :mod:`runner.mem
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """File descriptor 2 to /dev/null: kineto prints "USDT: ... profiler_start/stop" lines there from
+    C++ whatever its log level, on every profiled step; they mean nothing to the user."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def profiled_step(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, int]:
@@ -24,9 +42,15 @@ def profiled_step(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> tup
     base = gc_live_tensor_bytes()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_native_stderr():  # only the profiler's start and stop; the step's own output stays
+            prof.__enter__()
+        try:
             out = step_fn(*args, **kwargs)
+        finally:
+            with _quiet_native_stderr():
+                prof.__exit__(None, None, None)
     finally:
         torch.set_num_threads(threads)
     live = peak = 0
