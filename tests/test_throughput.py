@@ -209,3 +209,19 @@ def test_throughput_imports_no_torch():
 
     code = "import sys, advisor.throughput, advisor.limits; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_recommend_choice_time_equals_job_time_of_its_plan():
+    """The estimate's time fields (job_time) and recommend's option agree for the same plan."""
+    from advisor.recommend import recommend
+
+    shape, gpu = resolve(LLAMA8), find_gpu("rtx-4090")
+    base = Plan.model_validate({"hardware": {"gpu": None}})
+    adv = recommend(shape, base, gpu, gpus=None, examples=1000, avg_tokens=512, epochs=3)
+    c = adv.choice
+    t = base.training.model_copy(update={"method": c.method, "precision": c.precision, "micro_batch": c.micro_batch,
+                                         "grad_accum": c.grad_accum, "grad_checkpointing": c.gradient_checkpointing})
+    hw = base.hardware.model_copy(update={"gpus": c.num_gpus, "zero": c.zero})
+    j = tp.job_time(base.model_copy(update={"training": t, "hardware": hw}), shape, gpu, 1000, 512, 3)
+    assert j.hours == pytest.approx(c.hours) and j.cost_usd == pytest.approx(c.cost_usd)
+    assert j.tokens_per_s_per_gpu == pytest.approx(c.tokens_per_s_per_gpu)
