@@ -264,7 +264,7 @@ def gpu_rows(ctx: PlanContext, tokens: float | None) -> list[GpuRow]:
     for g in gpu_table().values():
         v = verdict_for(bd, g)
         row = GpuRow(g.id, g.name, g.memory_bytes, bd.peak_reserved_bytes, v.status, g.price_usd_hour, g.bf16)
-        if plan.task == "training" and tokens:
+        if plan.task == "training" and tokens and (n == 1 or g.interconnect != "none"):  # no time for n x Apple
             row.hours = train_hours(ctx.shape, plan, g, n, zero, tokens)
             if g.price_usd_hour is not None:
                 row.cost_usd = row.hours * n * g.price_usd_hour
