@@ -58,6 +58,16 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower().replace("nvidia", "").replace("geforce", ""))
 
 
+INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric", "none")  # between the GPUs of one node
+
+
+def _interconnect(e: dict) -> str:
+    v = str(e.get("interconnect") or "pcie").strip().lower()
+    if v not in INTERCONNECTS:
+        raise ValueError(f"interconnect must be one of {', '.join(INTERCONNECTS)}, not {v[:40]!r}")
+    return v
+
+
 def _number(e: dict, key: str, what: str, *, default: float | None = None, positive: bool = False) -> float | None:
     """e[key] as a finite float (None/default when absent); ValueError saying what is wrong."""
     v = e.get(key)
@@ -103,7 +113,7 @@ def _parse(data: object, where: str) -> list[Gpu]:
                 bandwidth_gbs=_number(e, "bandwidth_gbs", "GB/s", default=0.0) or 0.0,
                 price_usd_hour=price,
                 price_source=str(e.get("price_source", "")), unified_memory=bool(e.get("unified_memory", False)),
-                interconnect=str(e.get("interconnect") or "pcie").lower(),
+                interconnect=_interconnect(e),
                 link_gbs=_number(e, "link_gbs", "GB/s per direction", default=32.0) or 0.0,
                 gpus_per_node=int(_number(e, "gpus_per_node", "GPUs per node", default=8.0, positive=True) or 8),
                 internode_gbs=_number(e, "internode_gbs", "GB/s between nodes", default=25.0) or 0.0,

@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from advisor.gpus import INTERCONNECTS  # one list: the GPU file's parser checks it too
 from advisor.problems import Problem, Problems
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ FP32_SHARE = 1 / 16  # fp32 without tensor cores: A100 19.5 of 312 TFLOPS (torch
 # share of the communication time that compute can hide, by strategy
 OVERLAP = {"ddp": 0.67, "zero1": 0.5, "zero2": 0.5, "zero3": 0.9}
 STRATEGIES = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}
-INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric", "none")
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights (before double quant)
 
 

@@ -225,3 +225,19 @@ def test_recommend_choice_time_equals_job_time_of_its_plan():
     j = tp.job_time(base.model_copy(update={"training": t, "hardware": hw}), shape, gpu, 1000, 512, 3)
     assert j.hours == pytest.approx(c.hours) and j.cost_usd == pytest.approx(c.cost_usd)
     assert j.tokens_per_s_per_gpu == pytest.approx(c.tokens_per_s_per_gpu)
+
+
+def test_unknown_interconnect_in_a_gpu_file_names_the_entry(tmp_path, monkeypatch):
+    from advisor import gpus
+
+    f = tmp_path / "gpus.yaml"
+    f.write_text("gpus:\n  - {id: odd, name: Odd Card, memory_gib: 24, interconnect: infiniband-ish}\n")
+    monkeypatch.setenv("TUNEPLAN_GPUS", str(f))
+    gpus._load.cache_clear()
+    try:
+        with pytest.raises(Problems) as e:
+            gpus.find_gpu("odd")
+        text = str(e.value)
+        assert "Odd Card" in text and "interconnect must be one of nvlink, pcie" in text
+    finally:
+        gpus._load.cache_clear()
