@@ -149,6 +149,9 @@ def optimizer_step_transient_bytes(shape: ModelShape, t: TrainSpec, device: str)
 
 
 
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
+
+
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
@@ -182,11 +185,18 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     zero3_gather = 0
     if z >= 3:
         w = shard(w, n)
-        # parameters of the layer being computed (and the next, prefetched) are gathered
-        per_layer = (shape.params_linear // max(shape.num_layers, 1)) * (param_bytes(t.precision)
-                                                                       if t.method != "qlora" else 1)
-        zero3_gather = 2 * per_layer
+        # FSDP BACKWARD_PRE / ZeRO-3 prefetch: the unit being computed and the next one are gathered
+        # unsharded (with use_orig_params the frozen base weights are in the same flat parameters)
+        if t.method == "qlora":
+            per_layer = weights_bytes(shape, t) if not fsdp_q else w
+            per_layer = (per_layer - 4 * shape.params_embedding - 4 * shape.params_lm_head) // max(shape.num_layers, 1)
+        else:
+            per_layer = (shape.params_linear // max(shape.num_layers, 1)) * param_bytes(t.precision)
+        zero3_gather = 2 * max(per_layer, 0)
     ddp_buckets = 2 * 25 * MIB if n > 1 and z == 0 and t.method == "full" else 0
+    # DeepSpeed ZeRO-1/2 (contiguous_gradients, its default): backward() allocates an IPG buffer of
+    # reduce_bucket_size (5e8) elements in the model dtype (two with overlap_comm, off by default)
+    zero_bucket = DS_REDUCE_BUCKET * param_bytes(t.precision) if n > 1 and z in (1, 2) else 0
     acts = activations_bytes(shape, ta, dev)
     recompute = recompute_bytes(shape, ta, dev)
     l_fwd, l_bwd = logits_bytes(shape, ta)
@@ -211,7 +221,9 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         layer_grad = (per_layer // max(shape.num_layers, 1)) * b  # incl. fused MoE experts
         emb_grad = shape.params_embedding * b if shape.params_lm_head else 0
         if z >= 2:
-            head_grad, layer_grad, emb_grad = (shard(x, n) for x in (head_grad, layer_grad, emb_grad))
+            # FSDP (zero 3) reduce-scatters each unit's gradient from its unsharded buffer
+            head_grad, emb_grad = shard(head_grad, n), shard(emb_grad, n)
+            layer_grad = layer_grad if z >= 3 else shard(layer_grad, n)
     if t.grad_accum > 1:
         head_grad = layer_grad = 0  # already in `accum`
     base = {"weights": w, "lora_adapters": lora, "optimizer_states": o}
@@ -221,16 +233,17 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         base["zero3_gathered_params"] = zero3_gather
     if ddp_buckets:
         base["ddp_buckets"] = ddp_buckets
+    bwd = {**base, "zero_buckets": zero_bucket} if zero_bucket else base
     phases = {
         "forward_end": {**base, "activations": acts, "logits_and_loss": l_fwd, "transient": deq},
-        "backward_start": {**base, "activations": acts, "logits_and_loss": l_bwd},
-        "backward_last_layer": {**base, "activations": acts + recompute,
+        "backward_start": {**bwd, "activations": acts, "logits_and_loss": l_bwd},
+        "backward_last_layer": {**bwd, "activations": acts + recompute,
                                 "gradients": base.get("gradients", 0) + head_grad + layer_grad,
                                 "transient": ws + deq},
-        "backward_first_layer": {**base, "activations": first_layer_acts + gc_inputs,
+        "backward_first_layer": {**bwd, "activations": first_layer_acts + gc_inputs,
                                  "gradients": g_kept if accum else max(g_kept - layer_grad - emb_grad, 0),
                                  "transient": ws + deq},
-        "backward_end": {**base, "activations": gc_inputs, "gradients": g_kept},
+        "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
         "optimizer_step": {**base, "gradients": g_kept, "transient": opt_tmp},
     }
     return {k: {c: int(v) for c, v in comps.items() if v} for k, comps in phases.items()}
