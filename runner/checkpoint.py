@@ -11,6 +11,7 @@ the newest ``keep`` checkpoints stay. Files::
     step-N/rng.json             Python's and numpy's generator states
     step-N/rng.safetensors      torch's CPU (and CUDA) generator states
     step-N/state.json           step, data position, losses, what the run was trained with
+    step-N/ranks/rank-K/        every other process's optimizer.pt and generators (several processes)
 
 Run directories get shared and downloaded, so loading one must never execute code: weights come
 from safetensors, JSON is JSON, and the only pickle (``optimizer.pt``) goes through
@@ -26,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +199,13 @@ def set_rng_state(plain: dict[str, Any], tensors: dict[str, Any]) -> None:
 # --- writing ---------------------------------------------------------------------------------
 
 def write_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
-                     keep: int, weights_name: str, state_dict: dict | None = None) -> Path:
+                     keep: int, weights_name: str, state_dict: dict | None = None,
+                     before_rename: Callable[[Path], None] | None = None) -> Path:
     """checkpoints/step-``step`` with every file above, written to a temporary folder and renamed.
 
     ``weights_name`` is ``adapter`` (PEFT) or ``model``; ``state_dict`` the gathered weights under
-    FSDP / ZeRO-3 (None: the model's own). Keeps the newest ``keep`` checkpoints."""
+    FSDP / ZeRO-3 (None: the model's own). Keeps the newest ``keep`` checkpoints. ``before_rename(tmp)``
+    adds to the folder before it becomes the checkpoint (the other ranks' states: adopt_rank_states)."""
     import torch
     from safetensors.torch import save_file
 
@@ -220,6 +224,8 @@ def write_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedu
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "rng.safetensors")
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "time": time.time()}, indent=1),
                                   encoding="utf-8")
+    if before_rename is not None:
+        before_rename(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -231,8 +237,11 @@ def write_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedu
 
 # --- reading ---------------------------------------------------------------------------------
 
-def load_checkpoint(ck: str | Path, *, model, optimizer, scheduler, is_peft: bool, device: Any = "cpu") -> dict:
+def load_checkpoint(ck: str | Path, *, model, optimizer, scheduler, is_peft: bool, device: Any = "cpu",
+                    rank: int = 0, world: int = 1) -> dict:
     """Put checkpoint ``ck`` into the model, optimizer, scheduler and generators; its state.json.
+    Process ``rank`` of ``world`` gets its own optimizer state and generators (ranks/rank-K/) when the
+    checkpoint was written by as many processes; else rank 0's (the recipe notes the change).
 
     Nothing in ``ck`` can run code (see the module doc); a damaged or foreign file raises
     CheckpointError before the generators are touched."""
@@ -241,13 +250,15 @@ def load_checkpoint(ck: str | Path, *, model, optimizer, scheduler, is_peft: boo
     ck = Path(ck)
     st = read_state(ck)
     weights = load_weights(ck / ("adapter" if is_peft else "model"))
-    optim = safe_torch_load(ck / "optimizer.pt", map_location=device)
+    own = rank_dir(ck, rank) if rank and st.get("world_size", 1) == world else ck
+    # accelerate's CPU device reads "cpu:0" under torchrun, a location torch.load does not restore to
+    optim = safe_torch_load(own / "optimizer.pt", map_location="cpu" if str(device).startswith("cpu") else device)
     sched = _read_json(ck / "scheduler.json")
-    plain = _read_json(ck / "rng.json")
+    plain = _read_json(own / "rng.json")
     try:
-        tensors = load_file(ck / "rng.safetensors")
+        tensors = load_file(own / "rng.safetensors")
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a bad file
-        raise CheckpointError(f"{ck / 'rng.safetensors'} is not a readable safetensors file "
+        raise CheckpointError(f"{own / 'rng.safetensors'} is not a readable safetensors file "
                               f"({type(e).__name__}); delete that checkpoint folder to resume from the one "
                               "before it") from None
     if not isinstance(sched, dict) or not isinstance(plain, dict) or "python" not in plain or "torch" not in tensors:
@@ -272,6 +283,71 @@ def load_checkpoint(ck: str | Path, *, model, optimizer, scheduler, is_peft: boo
         raise CheckpointError(f"checkpoint {ck} does not match this model and plan ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return st
+
+
+# --- every rank ------------------------------------------------------------------------------
+# Under several processes each one's optimizer state is its own (ZeRO and FSDP shard it; DDP keeps
+# copies) and so are its generators. Ranks other than 0 write theirs to a staging folder
+# (.tmp-step-N-ranks, which clean_partial removes if a run dies there); rank 0, after a barrier,
+# moves it into its temporary checkpoint folder before the rename, so a checkpoint holds every rank
+# or does not exist. Loading, each rank reads its own. One run directory must be shared by every
+# node (a shared file system, a bucket mount).
+
+RANKS = "ranks"
+
+
+def rank_dir(ck: str | Path, rank: int) -> Path:
+    """Where rank ``rank``'s optimizer.pt and generators are in checkpoint ``ck`` (rank 0: the top)."""
+    ck = Path(ck)
+    if rank == 0:
+        return ck
+    d = ck / RANKS / f"rank-{rank}"
+    if not (d / "optimizer.pt").is_file():
+        raise CheckpointError(f"checkpoint {ck} holds no state for process {rank} (it was written by fewer "
+                              "processes, or this node does not see the run directory node 0 wrote); resume with "
+                              "the same hardware.gpus, on a run directory every node shares")
+    return d
+
+
+def rank_stage(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{TMP_PREFIX}{step}-{RANKS}"
+
+
+def write_rank_state(run_dir: str | Path, step: int, rank: int, optimizer) -> Path:
+    """Rank ``rank`` (> 0): its optimizer state and generators for the checkpoint of ``step``."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = rank_stage(run_dir, step) / f"rank-{rank}"
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    plain, tensors = rng_state()
+    (tmp / "rng.json").write_text(json.dumps(plain), encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "rng.safetensors")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def adopt_rank_states(run_dir: str | Path, step: int, world: int) -> Callable[[Path], None]:
+    """write_checkpoint's before_rename for ``world`` processes: move ranks 1..world-1 into the
+    checkpoint; CheckpointError (and no checkpoint) when one is missing."""
+    def adopt(tmp: Path) -> None:
+        stage = rank_stage(run_dir, step)
+        missing = [k for k in range(1, world) if not (stage / f"rank-{k}" / "optimizer.pt").is_file()]
+        if missing:
+            raise CheckpointError(f"processes {missing} wrote no state for the checkpoint of step {step} into "
+                                  f"{stage}; every node must share the run directory")
+        (tmp / RANKS).mkdir()
+        for k in range(1, world):
+            os.replace(stage / f"rank-{k}", tmp / RANKS / f"rank-{k}")
+        shutil.rmtree(stage, ignore_errors=True)
+
+    return adopt
 
 
 def identity(plan_json: dict[str, Any]) -> dict[str, Any]:

@@ -419,13 +419,16 @@ class Recipe:
 
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step-N (runner.checkpoint: written whole, then renamed)."""
-        from runner.checkpoint import identity, write_checkpoint
+        from runner.checkpoint import adopt_rank_states, identity, write_checkpoint, write_rank_state
 
         state = None
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
             if self.step > 0:
                 state = self.accelerator.get_state_dict(self.model)  # a collective under FSDP/ZeRO-3
+                if not self.is_main:  # every process's own optimizer state and generators
+                    write_rank_state(self.run_dir, self.step, self.rank, self.optimizer)
+            self.accelerator.wait_for_everyone()
         if not self.is_main or self.step == 0:
             return None
         t = self.plan.training
@@ -435,7 +438,9 @@ class Recipe:
                 "world_size": self.world, "identity": identity(self.plan.model_dump(mode="json"))}
         final = write_checkpoint(self.run_dir, self.step, model=self._unwrapped(), optimizer=self.optimizer,
                                  scheduler=self.scheduler, state=info, keep=self.plan.run.keep_checkpoints,
-                                 weights_name="adapter" if self.is_peft else "model", state_dict=state)
+                                 weights_name="adapter" if self.is_peft else "model", state_dict=state,
+                                 before_rename=adopt_rank_states(self.run_dir, self.step, self.world)
+                                 if self.world > 1 else None)
         self.events.emit("checkpoint", step=self.step, path=str(final.resolve()))
         return final
 
@@ -443,7 +448,8 @@ class Recipe:
         from runner.checkpoint import load_checkpoint
 
         st = load_checkpoint(ck, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                             is_peft=self.is_peft, device=self.device)
+                             is_peft=self.is_peft, device=self.device, rank=self.rank,
+                             world=self.world)
         if st.get("world_size", 1) != self.world:
             self.notes.append(f"resumed with {self.world} processes from a checkpoint written by "
                               f"{st.get('world_size')}; the data order differs from an uninterrupted run")

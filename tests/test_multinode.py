@@ -1,6 +1,7 @@
 """Several nodes: the plan's hardware fields, the launcher command each node runs, and a real
 two-"node" run on 127.0.0.1 (one CPU process per node, gloo) through `tuneplan run` on each node,
-ending with one run directory."""
+ending with one run directory that resumes; a killed two-process run resumes with every rank's
+optimizer state and generators, equal to an uninterrupted run."""
 
 import json
 import os
@@ -136,7 +137,7 @@ def _events(run_dir):
 
 
 @pytest.mark.slow
-def test_two_nodes_on_localhost_one_run_directory(tmp_path, model_dir):
+def test_two_nodes_on_localhost_one_run_directory_that_resumes(tmp_path, model_dir):
     plan = _two_node_plan(tmp_path, model_dir)
     run_dir = tmp_path / "runs" / "r"
     codes, logs = _run_nodes(tmp_path, {k: [str(plan), "--run-dir", str(run_dir), f"hardware.node_rank={k}"]
@@ -153,4 +154,100 @@ def test_two_nodes_on_localhost_one_run_directory(tmp_path, model_dir):
 
     saved = load_plan(run_dir / "plan.yaml")
     assert (saved.hardware.nodes, saved.hardware.node_rank) == (2, 0)
-    assert (run_dir / "checkpoints" / "step-2" / "state.json").exists() and (run_dir / "adapter").is_dir()
+    assert (run_dir / "checkpoints" / "step-2" / "ranks" / "rank-1" / "optimizer.pt").exists()
+    assert (run_dir / "adapter").is_dir()
+
+    # resume both nodes from step 2 to step 5: the plan in the run directory, node 1 its own rank
+    codes, logs = _run_nodes(tmp_path, {0: ["--resume", str(run_dir), "run.max_steps=5"],
+                                        1: ["--resume", str(run_dir), "run.max_steps=5", "hardware.node_rank=1"]})
+    assert codes == {0: 0, 1: 0}, logs
+    events = _events(run_dir)
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from"].endswith("step-2") and starts[1]["world_size"] == 2
+    after = [e["step"] for e in events[events.index(starts[1]):] if e["type"] == "step"]
+    assert after == [3, 4, 5] and events[-1]["status"] == "completed"
+
+
+# --- a killed two-process run resumes with every rank's state ----------------------------------------
+
+def _two_process_plan(tmp_path, model_dir):
+    from advisor.planfile import save_plan
+
+    d = {
+        "model": {"ref": str(model_dir)},
+        "training": {"method": "lora", "precision": "fp32", "micro_batch": 2, "seq_len": 64,
+                     "grad_checkpointing": False, "learning_rate": 5e-3,
+                     "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},  # dropout: each rank draws from its generator
+        "hardware": {"gpu": None, "device": "cpu", "gpus": 2},
+        "data": {"path": str(DEMO_DATA), "val_split": 0.0, "max_examples": 64},
+        "run": {"output_dir": str(tmp_path / "runs"), "name": "r", "max_steps": 8, "save_every": 2,
+                "keep_checkpoints": 10, "eval_every": 100, "warmup_steps": 0},
+    }
+    return save_plan(build_plan(d), tmp_path / "plan.yaml")
+
+
+def _losses(run_dir):
+    return {e["step"]: e["loss"] for e in _events(run_dir) if e["type"] == "step"}
+
+
+def _rank_states(ck):
+    """Each rank's optimizer state and generators in checkpoint ``ck``: {rank: (optimizer, rng)}."""
+    from safetensors.torch import load_file
+
+    from runner.checkpoint import rank_dir, safe_torch_load
+
+    return {k: (safe_torch_load(rank_dir(ck, k) / "optimizer.pt"), load_file(rank_dir(ck, k) / "rng.safetensors"))
+            for k in (0, 1)}
+
+
+def _same(a, b):
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_every_rank(tmp_path, model_dir):
+    from runner.launch import start_run
+
+    plan = _two_process_plan(tmp_path, model_dir)
+    whole = tmp_path / "runs" / "whole"
+    out = subprocess.run([sys.executable, "-m", "runner", str(plan), "--run-dir", str(whole)], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    killed = tmp_path / "runs" / "killed"
+    handle = start_run(plan, killed, env={"TUNEPLAN_TEST_HOOKS": "step_delay=0.4", "OMP_NUM_THREADS": "1"})
+    assert handle.command[2] == "torch.distributed.run"
+    deadline = time.time() + 180
+    from runner.events import read_events
+
+    while time.time() < deadline and max((e["step"] for e in read_events(killed)[0] if e["type"] == "step"),
+                                         default=0) < 3:
+        assert handle.poll() is None, (killed / "run.log").read_text()[-3000:]
+        time.sleep(0.1)
+    handle.stop()  # SIGTERM to torchrun, which passes it to both processes
+    handle.wait(120)
+    end = _events(killed)[-1]
+    assert end["type"] == "end" and end["status"] == "interrupted", (killed / "run.log").read_text()[-3000:]
+    stopped = end["step"]
+    assert 3 <= stopped < 6
+    assert (killed / "checkpoints" / f"step-{stopped}" / "ranks" / "rank-1" / "optimizer.pt").is_file()
+    assert not list((killed / "checkpoints").glob(".tmp-*"))  # staging folders moved into the checkpoint
+
+    out = subprocess.run([sys.executable, "-m", "runner", "--resume", str(killed)], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _events(killed)[-1]["status"] == "completed"
+    assert _losses(killed) == _losses(whole) and len(_losses(whole)) == 8  # every step's loss, to the bit
+    a, b = _rank_states(whole / "checkpoints" / "step-6"), _rank_states(killed / "checkpoints" / "step-6")
+    for rank in (0, 1):
+        assert a[rank][0]["state"], "Adam moments are in the checkpoint"
+        assert _same(a[rank][0], b[rank][0]), f"rank {rank}: optimizer state differs from the uninterrupted run"
+        assert _same(a[rank][1], b[rank][1]), f"rank {rank}: generators differ from the uninterrupted run"
