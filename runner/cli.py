@@ -217,6 +217,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     t0 = time.time()
     model_dir = out / "model"
+    if a.steps < 1:
+        raise _user_error(f"--steps must be at least 1 (got {a.steps})")
+    if out.exists() and not out.is_dir():
+        raise _user_error(f"--out {out} is a file; give a folder (it is created if missing)")
+    if (out / "plan.yaml").exists() and not (model_dir / "config.json").exists():
+        raise _user_error(f"{out} holds a plan.yaml that is not a demo's; give --out a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _user_error(f"cannot use --out {out}: {e.strerror or e}; give a folder that can be created") from None
     if not (model_dir / "config.json").exists():
         _stderr(f"building a tiny Llama and a BPE tokenizer in {model_dir} (random weights, nothing downloaded)")
         build_model_dir(model_dir)

@@ -57,7 +57,9 @@ def build_model_dir(out_dir: str | Path, data_path: str | Path = DEMO_DATA, seed
     """out_dir/ with a tiny random-weight Llama (config.json + model.safetensors) and its tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a one-file tiny model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, data_path)

@@ -235,3 +235,17 @@ def test_data_check_reads_a_byte_order_mark(tmp_path, capsys):
     f.write_bytes(b"\xef\xbb\xbf" + DEMO_DATA.read_bytes())
     assert main(["data", "check", str(f), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+def test_demo_refuses_a_bad_out_before_building(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "plan.yaml").write_text("model:\n  ref: mine\n")
+    for args, needle in ((["--out", str(tmp_path / "afile")], "is a file"),
+                         (["--out", str(tmp_path / "d"), "--steps", "0"], "--steps must be at least 1"),
+                         (["--out", str(tmp_path / "project")], "not a demo's")):
+        assert main(["demo", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+    assert (tmp_path / "project" / "plan.yaml").read_text() == "model:\n  ref: mine\n"
+    assert not (tmp_path / "d").exists()
