@@ -231,7 +231,7 @@ class Recipe:
         try:
             self.model = load_for_training(self.model_dir, t, device=self.device,
                                            trust_remote_code=self.plan.model.trust_remote_code)
-        except (OSError, ValueError, ImportError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - damaged weights, a config transformers rejects, a missing library
             if _is_oom(e):
                 raise
             raise ModelLoadError(f"cannot load {self.model_dir} for {t.method} training: "

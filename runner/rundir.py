@@ -106,9 +106,13 @@ class RunLock:
         import fcntl
 
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise Problems(Problem(f"cannot write the run directory {run_dir}: {e.strerror or e}", None,
+                                   "give a --run-dir (or run.output_dir) you can write")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -211,6 +215,18 @@ def inspect(run_dir: str | Path) -> RunDirState:
     return st
 
 
+def _unwritable(d: Path) -> str | None:
+    """Why ``d`` (or the folder it would be created in) cannot be written, or None."""
+    p = d.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable" if p == d.absolute() else f"{p} does not exist or is not writable"
+    return None
+
+
 def _inside(a: Path, b: Path) -> bool:
     """a is b or below it."""
     try:
@@ -231,6 +247,10 @@ def check(run_dir: str | Path, plan, *, resume: bool) -> RunDirState:
     if st.is_file:
         raise Problems(Problem(f"run directory {d} is a file", None, "give a directory (it is created if missing)"))
     problems: list[Problem] = []
+    why = _unwritable(d)
+    if why:
+        problems.append(Problem(f"cannot write the run directory {d}: {why}", None,
+                                "give a --run-dir (or run.output_dir) you can write"))
     if looks_local(plan.model.ref):
         model = Path(plan.model.ref).expanduser().resolve()
         here = d.resolve()

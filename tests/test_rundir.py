@@ -102,6 +102,21 @@ def test_run_dir_inside_the_model_or_a_file_is_refused(tmp_path, model_dir, data
     assert "is a file" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path / "afile")]) == 2
     assert "it is a file" in capsys.readouterr().err
+    assert main(["run", str(plan), "--run-dir", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot write the run directory" in capsys.readouterr().err
+
+
+def test_damaged_weights_are_a_model_error(tmp_path, model_dir, data8, capsys):
+    import shutil
+
+    bad = tmp_path / "m"
+    shutil.copytree(model_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    plan = plan_file(tmp_path / "plan.yaml", bad, data8)
+    assert main(["run", str(plan), "--run-dir", str(tmp_path / "D"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load {bad}" in err and "Traceback" not in err
+    assert not (tmp_path / "D" / "traceback.txt").exists()
 
 
 # --- one writer ------------------------------------------------------------------------------------
