@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ SKYPILOT_DEFAULT_DISK_GB = 256  # SkyPilot's default resources.disk_size
 DISK_MARGIN_GB = 100  # room for the OS image, the Python stack and the hub's download cache
 REMOTE = "~/tuneplan"  # where file_mounts put the plan, data and a local model on every node
 GB = 1000**3  # SkyPilot's disk_size is in GB
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,11 @@ def sky_task(plan: Plan, plan_path: str | Path, bucket: str | None = None) -> tu
     lay, staged = checked(plan, plan_path)
     disk, parts = disk_gb(plan, staged.local_model_bytes)
     name = run_name(plan)
+    if bucket is None and lay.nodes > 1:  # every rank's checkpoint state must reach one run directory
+        bucket = _sky_name(name)[:57] + "-runs"
+    if bucket is not None and not _BUCKET.fullmatch(bucket):
+        raise Problems(Problem(f"bucket name {bucket!r} is not a valid bucket name", None,
+                               "3 to 63 lowercase letters, digits, dots and dashes (--bucket NAME)"))
     runs = "/tuneplan-runs" if bucket else "$HOME/tuneplan/runs"
     task: dict[str, Any] = {"name": _sky_name(name)}
     src = source_checkout()
@@ -266,7 +273,7 @@ def sky_task(plan: Plan, plan_path: str | Path, bucket: str | None = None) -> tu
         task["secrets"] = {"HF_TOKEN": None}  # given at launch: sky launch --secret HF_TOKEN
     mounts: dict[str, Any] = dict(staged.mounts)
     if bucket:
-        mounts["/tuneplan-runs"] = {"name": bucket, "mode": "MOUNT"}
+        mounts["/tuneplan-runs"] = {"name": bucket, "mode": "MOUNT_CACHED"}
     task["file_mounts"] = mounts
     task["setup"] = "\n".join(setup_lines(plan)) + "\n"
     main = "$MAIN_ADDR"
@@ -287,9 +294,10 @@ def sky_task(plan: Plan, plan_path: str | Path, bucket: str | None = None) -> tu
                 + (f" + merged {parts['merged'] / GB:.1f} GB" if parts["merged"] else "")
                 + f" + {DISK_MARGIN_GB} GB for the OS, the stack and caches (at least SkyPilot's default "
                 f"{SKYPILOT_DEFAULT_DISK_GB})")
-    if lay.nodes > 1 and not bucket:
-        head.append("Several nodes: node 0 writes the run directory on its own disk; --bucket NAME mounts a "
-                    "bucket at /tuneplan-runs so that every node sees the same checkpoints")
+    if bucket:
+        head.append(f"Run directory: /tuneplan-runs/{name}, the bucket {bucket} (SkyPilot creates it if it does not "
+                    "exist; MOUNT_CACHED: written to local disk, uploaded in the background) that every node shares: "
+                    "each rank's checkpoint state lands in one place and outlives the cluster")
     head.append(f"Next: sky launch -c {task['name']} FILE" + (" --secret HF_TOKEN" if staged.hub_model else ""))
     return task, head
 
@@ -345,8 +353,8 @@ def add_commands(subparsers) -> None:
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. hardware.gpus=16")
     c.add_argument("--target", choices=["sky", "slurm"], default="sky", help="sky (default) or slurm")
     c.add_argument("-o", "--output", help="file to write (default: PLAN's name + .sky.yaml or .sbatch; - prints)")
-    c.add_argument("--bucket", help="sky: a bucket mounted at /tuneplan-runs for the run directory (shared by "
-                   "every node, kept after the cluster is gone)")
+    c.add_argument("--bucket", help="sky: the bucket mounted at /tuneplan-runs for the run directory (shared by "
+                   "every node, kept after the cluster is gone; default with several nodes: tuneplan-RUN-runs)")
     c.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
     c.add_argument("--time", help="slurm: the time limit (#SBATCH --time, e.g. 12:00:00)")
     c.set_defaults(func=cmd_cloud)

@@ -126,9 +126,11 @@ def check_longest_batch(recipe) -> dict | None:
     process; re-raises an out-of-memory error with the batch that caused it (the recipe then records
     it with the next plan that fits). Returns what it did (for the log and the report) or None."""
     install_test_hook(recipe.model)
+    accelerator = getattr(recipe, "accelerator", None)
+    if accelerator is not None:
+        check_shared_run_dir(recipe)
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return None
-    accelerator = getattr(recipe, "accelerator", None)
     if accelerator is not None and _dist_type(accelerator) == "DEEPSPEED":
         recipe.notes.append("fail-fast probe skipped under DeepSpeed (its backward steps the engine)")
         return None
@@ -159,6 +161,33 @@ def check_longest_batch(recipe) -> dict | None:
                         f"the first step ({out['seconds']} s)")
     recipe.log(f"fail-fast: the longest batch, {longest.words()}, fits")
     return out
+
+
+def check_shared_run_dir(recipe) -> None:
+    """Several processes: every one must see the run directory rank 0 writes (each rank's checkpoint
+    state goes there). Rank 0 writes a marker, every rank looks for it; a node that does not see it
+    fails the run now, with what to do, instead of at its first checkpoint. A collective."""
+    from accelerate.utils import broadcast_object_list
+
+    from advisor.problems import Problem, Problems
+
+    acc, torch = recipe.accelerator, recipe.torch
+    token = [f".shared-{os.getpid()}-{time.time_ns()}" if recipe.is_main else None]
+    broadcast_object_list(token)
+    marker = recipe.run_dir / token[0]
+    if recipe.is_main:
+        marker.write_text("tuneplan: every process checks that it sees this run directory\n")
+    acc.wait_for_everyone()
+    missing = torch.tensor([0.0 if marker.exists() else 1.0], device=recipe.device)
+    blind = int(acc.reduce(missing, reduction="sum").item())
+    acc.wait_for_everyone()
+    if recipe.is_main:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise Problems(Problem(f"{blind} of {recipe.world} processes do not see the run directory "
+                               f"{recipe.run_dir} that rank 0 writes (another node's own disk?)", None,
+                               "put the run directory on storage every node shares: a shared file system, or "
+                               "with SkyPilot the bucket `tuneplan cloud` mounts at /tuneplan-runs"))
 
 
 def _dist_type(accelerator) -> str:

@@ -79,6 +79,9 @@ def test_sixteen_h100_two_nodes_of_eight(tmp_path, monkeypatch):
     assert task["resources"]["disk_size"] >= 1000  # 70B full: 141 GB of weights, checkpoints with Adam states
     for var in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES", "SKYPILOT_NUM_GPUS_PER_NODE"):
         assert var in task["run"]
+    # two nodes share one run directory (every rank's checkpoint state): a bucket, made if missing
+    assert task["file_mounts"]["/tuneplan-runs"] == {"name": "tuneplan-big-runs", "mode": "MOUNT_CACHED"}
+    assert "--run-dir /tuneplan-runs/big" in task["run"]
     script = render(plan, "slurm", path, partition="gpu", time="12:00:00")
     assert "hf_do_not_write_me" not in script
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
@@ -104,6 +107,9 @@ def test_one_rtx_4090_one_node(tmp_path):
     task = yaml.safe_load(text)
     assert task["num_nodes"] == 1 and task["resources"]["accelerators"] == "RTX4090:1"
     assert task["resources"]["disk_size"] == 256  # SkyPilot's default holds a QLoRA run of 70B
+    assert "/tuneplan-runs" not in task["file_mounts"] and "--run-dir $HOME/tuneplan/runs/big" in task["run"]
+    with pytest.raises(Problems, match="not a valid bucket name"):
+        render(plan, "sky", path, bucket="Not_A_Bucket")
     assert "# Estimated cost: 1 x $0.59/GPU-hour = $0.59/hour" in text
     script = render(plan, "slurm", path)
     assert "#SBATCH --nodes=1" in script and "#SBATCH --gpus-per-node=1" in script

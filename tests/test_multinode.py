@@ -93,7 +93,7 @@ def _two_node_plan(tmp_path, model_dir, **run):
 
     d = {
         "model": {"ref": str(model_dir)},
-        "training": {"method": "lora", "precision": "fp32", "micro_batch": 2, "seq_len": 64,
+        "training": {"method": "lora", "precision": "fp32", "micro_batch": 2, "seq_len": 128,
                      "grad_checkpointing": False, "learning_rate": 5e-3, "lora": {"r": 4, "alpha": 8}},
         "hardware": {"gpu": None, "device": "cpu", "gpus": 2, "nodes": 2, "main_address": "127.0.0.1",
                      "main_port": _free_port()},
@@ -175,7 +175,7 @@ def _two_process_plan(tmp_path, model_dir):
 
     d = {
         "model": {"ref": str(model_dir)},
-        "training": {"method": "lora", "precision": "fp32", "micro_batch": 2, "seq_len": 64,
+        "training": {"method": "lora", "precision": "fp32", "micro_batch": 2, "seq_len": 128,
                      "grad_checkpointing": False, "learning_rate": 5e-3,
                      "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},  # dropout: each rank draws from its generator
         "hardware": {"gpu": None, "device": "cpu", "gpus": 2},
@@ -251,3 +251,19 @@ def test_killed_two_process_run_resumes_every_rank(tmp_path, model_dir):
         assert a[rank][0]["state"], "Adam moments are in the checkpoint"
         assert _same(a[rank][0], b[rank][0]), f"rank {rank}: optimizer state differs from the uninterrupted run"
         assert _same(a[rank][1], b[rank][1]), f"rank {rank}: generators differ from the uninterrupted run"
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_see_the_run_directory_fails_at_the_start(tmp_path, model_dir):
+    """Node 1 writing elsewhere (its own disk) could never hold its ranks' checkpoint state: the run
+    stops before step 1 with what to do."""
+    plan = _two_node_plan(tmp_path, model_dir)
+    run_dir = tmp_path / "runs" / "r"
+    codes, logs = _run_nodes(tmp_path, {0: [str(plan), "--run-dir", str(run_dir)],
+                                        1: [str(plan), "--run-dir", str(tmp_path / "elsewhere"),
+                                            "hardware.node_rank=1"]})
+    assert codes[0] != 0 and codes[1] != 0
+    events = _events(run_dir)
+    assert not [e for e in events if e["type"] == "step"]
+    assert "1 of 2 processes do not see the run directory" in events[-1]["message"], events[-1]
+    assert "do not see the run directory" in logs[0] and "Traceback" not in logs[0].split("launching:")[0]
