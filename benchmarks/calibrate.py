@@ -68,9 +68,10 @@ def T(family, batch=2, seq=128, impl="default", **spec) -> dict:
             "spec": TrainSpec(micro_batch=batch, seq_len=seq, **spec)}
 
 
-def I(family, batch=2, seq=256, **spec) -> dict:
+def I(family, batch=2, seq=256, prompt=None, **spec) -> dict:
+    """An inference case; ``prompt``: prompt tokens (default half of ``seq``; the rest is generated)."""
     return {"family": family, "task": "inference", "batch": batch, "seq": seq,
-            "spec": InferSpec(batch=batch, seq_len=seq, **spec)}
+            "spec": InferSpec(batch=batch, seq_len=seq, prompt_len=prompt or max(1, seq // 2), **spec)}
 
 
 def quick_matrix() -> list[dict]:
@@ -151,6 +152,15 @@ def full_matrix() -> list[dict]:
     for b, s in ((1, 128), (4, 128), (1, 512), (4, 512)):
         cases.append(I("llama", b, s, precision="bf16"))
     cases.append(I("llama", 2, 256, precision="bf16", weight_quant="nf4"))
+    # prompt/generate splits: from a short prompt to a prompt of all but a few tokens
+    for prompt in (8, 32, 128, 224, 250, 254):
+        cases.append(I("llama", 2, 256, prompt, precision="bf16"))
+    for fam in ("mistral", "qwen2", "gpt2", "gemma2", "falcon", "phi3"):
+        for prompt in (16, 252):
+            cases.append(I(fam, 2, 256, prompt, precision="bf16"))
+    cases.append(I("llama", 4, 512, 508, precision="bf16"))
+    cases.append(I("llama", 1, 512, 16, precision="fp32"))
+    cases.append(I("llama", 2, 256, 252, precision="bf16", weight_quant="nf4"))
     unique: dict[str, dict] = {}
     for c in cases:
         unique.setdefault(case_id(c), c)
@@ -160,7 +170,8 @@ def full_matrix() -> list[dict]:
 def case_id(c: dict) -> str:
     s = c["spec"]
     if c["task"] == "inference":
-        return f"{c['family']}/infer/{s.precision}/{s.weight_quant}/b{c['batch']}s{c['seq']}"
+        split = "" if s.prompt_len == max(1, c["seq"] // 2) else f"/p{s.prompt_len}"
+        return f"{c['family']}/infer/{s.precision}/{s.weight_quant}/b{c['batch']}s{c['seq']}{split}"
     extra = []
     if c.get("impl", "default") != "default":
         extra.append(c["impl"])
@@ -204,7 +215,7 @@ def run_case(c: dict, steps: int) -> dict:
         info["attn"] = build.attn_impl_of(model)
         info["impl"] = None
         for _ in range(2):  # the second generate is the measured one
-            out = build.generate_step(model, spec)
+            out = build.generate_step(model, spec, spec.prompt_len)
         info["out_shape"] = list(out.shape)
         del out
         with memtrace.phase("gc_check"):
@@ -245,7 +256,7 @@ def run_case(c: dict, steps: int) -> dict:
         "optimizer_impl": info["impl"], "attn_impl": info["attn"], "measured": measured,
     }
     if c["task"] == "inference":
-        out["prompt_len"] = max(1, c["seq"] // 2)
+        out["prompt_len"] = spec.prompt_len
         out["generated_shape"] = info["out_shape"]
     else:
         out["final_loss"] = info["loss"]
