@@ -131,3 +131,12 @@ def test_truncation_packing_and_split(tok):
     train, val = D.split(list(range(20)), 0.1, seed=1)
     assert len(val) == 2 and sorted(train + val) == list(range(20))
     assert D.split(list(range(20)), 0.1, seed=1) == (train, val)
+
+
+def test_jsonl_lines_end_at_newlines_only_and_a_bom_is_read(tmp_path):
+    """A JSON string may hold U+2028 (str.splitlines splits there); an editor's byte-order mark is not data."""
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + '{"instruction": "a\u2028b", "output": "c"}\n{"text": "x\u0085y"}\n'.encode())
+    records, problems = D.read_records(f)
+    assert problems == [] and [r.line for r in records] == [1, 2]
+    assert records[0].data["instruction"] == "a\u2028b" and records[1].data["text"] == "x\u0085y"
