@@ -13,6 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from advisor.job import (  # noqa: F401  (the service's job API)
+    DEFAULT_AVG_TOKENS,
+    DEFAULT_EPOCHS,
+    DEFAULT_EXAMPLES,
+    DEFAULT_SEQ,
+    DEFAULT_TARGET_BATCH,
+    Job,
+    job_problems,
+    make_job,
+)
 from advisor.policy import Verdict, fit_verdict, precision_problem
 from advisor.problems import Problem, Problems
 
@@ -289,77 +299,6 @@ def check_fit(plan: Plan) -> tuple[Verdict | None, str | None]:
 
 
 # --- the job (time and cost) and advice -----------------------------------------------------------
-DEFAULT_EXAMPLES = 1000
-DEFAULT_AVG_TOKENS = 512
-DEFAULT_EPOCHS = 3.0
-DEFAULT_TARGET_BATCH = 16
-DEFAULT_SEQ = 2048
-
-
-@dataclass(frozen=True)
-class Job:
-    """What the fine-tune will chew through: examples x tokens per example x epochs, the target
-    effective batch, and an optional budget."""
-
-    examples: int = DEFAULT_EXAMPLES
-    avg_tokens: int = DEFAULT_AVG_TOKENS
-    epochs: float = DEFAULT_EPOCHS
-    target_batch: int = DEFAULT_TARGET_BATCH
-    budget_usd: float | None = None
-
-    @property
-    def tokens(self) -> float:
-        return float(self.examples) * self.avg_tokens * self.epochs
-
-
-def job_problems(examples: Any, avg_tokens: Any, epochs: Any, target_batch: Any = DEFAULT_TARGET_BATCH,
-                 budget_usd: Any = None, gpus: Any = None) -> list[Problem]:
-    """Every problem with the job's numbers (fields job.*; the CLI shows them as flags)."""
-    import math
-
-    def number(v: Any, kind: type) -> float | None:
-        try:
-            x = kind(v)
-        except (TypeError, ValueError, OverflowError):
-            return None
-        return x if math.isfinite(x) else None
-
-    out = []
-    ex, tok, ep, tb = (number(examples, int), number(avg_tokens, int), number(epochs, float),
-                       number(target_batch, int))
-    if ex is None or ex < 1:
-        out.append(Problem(f"must be at least 1, a whole number (got {examples!r})", "job.examples",
-                           "the number of training examples"))
-    if tok is None or tok < 1:
-        out.append(Problem(f"must be at least 1, a whole number (got {avg_tokens!r})", "job.avg_tokens",
-                           "the mean tokens per example"))
-    if ep is None or not 0 < ep <= 1000:
-        out.append(Problem(f"must be above 0 and at most 1000 (got {epochs!r})", "job.epochs",
-                           "1-3 is usual"))
-    if tb is None or tb < 1:
-        out.append(Problem(f"must be at least 1, a whole number (got {target_batch!r})", "job.target_batch",
-                           "the target effective batch, e.g. 16"))
-    if budget_usd is not None:
-        b = number(budget_usd, float)
-        if b is None or b <= 0:
-            out.append(Problem(f"must be a positive amount of US dollars (got {budget_usd!r})", "job.budget_usd",
-                               "leave it out for no limit"))
-    if gpus is not None:
-        g = number(gpus, int)
-        if g is None or not 1 <= g <= 4096:
-            out.append(Problem(f"must be between 1 and 4096 (got {gpus!r})", "job.gpus",
-                               "leave it out to let tuneplan choose"))
-    return out
-
-
-def make_job(examples: Any = DEFAULT_EXAMPLES, avg_tokens: Any = DEFAULT_AVG_TOKENS, epochs: Any = DEFAULT_EPOCHS,
-             target_batch: Any = DEFAULT_TARGET_BATCH, budget_usd: Any = None) -> Job:
-    problems = job_problems(examples, avg_tokens, epochs, target_batch, budget_usd)
-    if problems:
-        raise Problems(problems)
-    return Job(int(examples), int(avg_tokens), float(epochs), int(target_batch),
-               None if budget_usd is None else float(budget_usd))
-
 
 def default_seq(shape: ModelShape) -> int:
     """2048, or the model's maximum when shorter (gpt2: 1024)."""

@@ -318,21 +318,6 @@ class JobTime:
         return d
 
 
-def _job_problems(examples: Any, avg_tokens: Any, epochs: Any) -> list[Problem]:
-    out = []
-    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 1:
-        out.append(Problem(f"examples must be a whole number of at least 1 (got {examples!r})", "examples",
-                           "give the number of training examples, e.g. --examples 1000"))
-    if not isinstance(avg_tokens, int) or isinstance(avg_tokens, bool) or avg_tokens < 1:
-        out.append(Problem(f"avg-tokens must be a whole number of at least 1 (got {avg_tokens!r})", "avg_tokens",
-                           "give the mean tokens per example, e.g. --avg-tokens 512"))
-    ok = isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and math.isfinite(epochs) and epochs > 0
-    if not ok:
-        out.append(Problem(f"epochs must be a finite number above 0 (got {epochs!r})", "run.epochs",
-                           "1-3 is usual for thousands of examples, e.g. --epochs 3"))
-    return out
-
-
 def assumptions_line(plan: Plan, gpu: Gpu) -> str:
     t = plan.training
     strat = strategy_of(plan)
@@ -351,7 +336,9 @@ def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens:
     Problems for a job of no examples, non-finite or negative epochs, an unknown interconnect, or a
     plan that is not a training plan. A GPU without a price still gets its time; the cost is None and
     ``cost_note`` says why."""
-    problems = _job_problems(examples, avg_tokens, epochs)
+    from advisor.job import job_problems
+
+    problems = job_problems(examples, avg_tokens, epochs)
     if plan.task != "training":
         problems.append(Problem("time and cost are for training plans", "task", "use --task training"))
     if problems:

@@ -92,7 +92,7 @@ def test_recommend_save_to_a_directory_or_a_missing_folder_is_refused_before_sea
 
 def test_recommend_epochs_inf_is_a_clear_error(capsys):
     assert main(["recommend", "--model", "openai-community/gpt2", "--epochs", "inf"]) == 2
-    assert "--epochs must be above 0" in capsys.readouterr().err
+    assert "--epochs must be a finite number above 0" in capsys.readouterr().err
 
 
 def test_json_errors_are_a_list_of_typed_problems(capsys):

@@ -350,7 +350,7 @@ def test_cli_nothing_fits_exits_1(capsys):
     (["--gpu", "rtx 9999"], "unknown GPU"),
     (["--budget", "-5"], "--budget must be a positive"),
     (["--examples", "0"], "--examples must be at least 1"),
-    (["--epochs", "0"], "--epochs must be above 0"),
+    (["--epochs", "0"], "--epochs must be a finite number above 0"),
     (["--methods", "full,dora"], "--methods: unknown dora"),
     (["--seq", "999999"], "use --seq 131072 or less"),
     (["--gpus", "0"], "--gpus must be between"),

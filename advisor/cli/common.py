@@ -25,7 +25,8 @@ FLAGS = {
     "training.method": "--method", "training.precision": "--precision", "training.optimizer": "--optimizer",
     "hardware.gpu": "--gpu", "hardware.zero": "--zero",
     "job.examples": "--examples", "job.avg_tokens": "--avg-tokens", "job.epochs": "--epochs",
-    "job.target_batch": "--batch", "job.budget_usd": "--budget", "job.gpus": "--gpus", "job.methods": "--methods", "job.save": "--save",
+    "job.target_batch": "--batch", "job.budget_usd": "--budget", "job.gpus": "--gpus", "job.methods": "--methods",
+    "job.save": "--save", "max": "--max",
     "guide.labelled_examples": "--examples", "guide.gap": "--gap",
 }
 # problems whose message already names the thing (no 'field:' prefix needed)
