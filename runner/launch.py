@@ -213,7 +213,8 @@ def start_run(plan_path: str | Path | None, run_dir: str | Path | None = None, r
         run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(plan)
     # The same checks `tuneplan run` makes (data lines, model weights, GPU, fit), here, so that a
     # caller (the TUI) gets the problems as an exception instead of a process that exits with 2.
-    preflight(plan, Path(resume) / "plan.yaml" if resume is not None else Path(plan_path), force, log=lambda m: None)
+    preflight(plan, Path(resume) / "plan.yaml" if resume is not None else Path(plan_path), force, log=lambda m: None,
+              run_dir=Path(run_dir), resume=resume is not None)  # also: the run directory is free and ours
     cmd = build_command(plan_path, run_dir, resume, overrides, force)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
