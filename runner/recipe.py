@@ -587,6 +587,8 @@ class Recipe:
                 from runner.report import write_json
 
                 write_json(self.run_dir / "report.json", rep)
+            if self.events is None:  # stopped before setup opened the events file
+                self.events = EventWriter(self.run_dir, enabled=self.is_main and self.instrument)
             self.events.emit("end", status=status, step=self.step, report=rep)
             self.final_report = rep
             return code

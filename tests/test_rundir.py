@@ -289,3 +289,19 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, model_
     assert "resuming cannot change it" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "plan.yaml"), "--run-dir", str(tmp_path / "D")]) == 2
     assert "stopped at step 3" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_while_loading_ends_cleanly(tmp_path, model_dir, data8, monkeypatch):
+    """KeyboardInterrupt before the events file is open (the very start of setup)."""
+    from advisor.planfile import load_plan
+    from runner.recipe import Recipe
+
+    r = Recipe(load_plan(plan_file(tmp_path / "plan.yaml", model_dir, data8)), tmp_path / "D", log=lambda m: None)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(r, "setup", interrupted)
+    assert r.run() == 130
+    assert r.final_report["status"] == "interrupted" and not (tmp_path / "D" / "traceback.txt").exists()
+    assert read_events(tmp_path / "D")[0][-1]["type"] == "end"
