@@ -61,11 +61,15 @@ from runner import memtrace  # noqa: E402
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "measured_cpu.json"
 
 
-def T(family, batch=2, seq=128, impl="default", **spec) -> dict:
+def T(family, batch=2, seq=128, impl="default", layers=None, **spec) -> dict:
+    """A training case; ``layers``: a deeper tiny model than the family's 2 layers."""
     spec.setdefault("grad_checkpointing", False)
     spec.setdefault("attn_impl", "sdpa")
-    return {"family": family, "task": "training", "batch": batch, "seq": seq, "impl": impl,
-            "spec": TrainSpec(micro_batch=batch, seq_len=seq, **spec)}
+    c = {"family": family, "task": "training", "batch": batch, "seq": seq, "impl": impl,
+         "spec": TrainSpec(micro_batch=batch, seq_len=seq, **spec)}
+    if layers:
+        c["overrides"] = {"n_layer" if family == "gpt2" else "num_hidden_layers": layers}
+    return c
 
 
 def I(family, batch=2, seq=256, prompt=None, **spec) -> dict:
@@ -145,6 +149,13 @@ def full_matrix() -> list[dict]:
     cases.append(T("llama", method="qlora", precision="bf16", optimizer="adamw", grad_checkpointing=True,
                    double_quant=False))
     cases.append(T("llama", method="lora", precision="bf16", optimizer="adamw", grad_accum=2))
+    # H. beyond the grid: every family in fp32 with plain SGD and no checkpointing (the issue's Phi-3 case)
+    for fam in ("phi3", "gpt_neox", "gemma2", "qwen2"):
+        cases.append(T(fam, method="full", precision="fp32", optimizer="sgd"))
+    for fam in ("phi3", "llama"):  # deep enough that simulate extrapolates from 2, 3 and 4 layers
+        cases.append(T(fam, 2, 256, layers=6, method="full", precision="fp32", optimizer="sgd"))
+        cases.append(T(fam, 2, 128, layers=6, method="lora", precision="bf16", optimizer="adamw",
+                       grad_checkpointing=True))
     # I. inference: generate with KV cache
     for fam in ("llama", "mistral", "qwen2", "gemma2", "gpt2", "mixtral"):
         for prec in ("bf16", "fp32"):
@@ -175,6 +186,8 @@ def case_id(c: dict) -> str:
     extra = []
     if c.get("impl", "default") != "default":
         extra.append(c["impl"])
+    if c.get("overrides"):
+        extra.append(f"L{next(iter(c['overrides'].values()))}")
     if s.lora.r != 16 or s.lora.targets != "all-linear" or s.lora.dropout:
         extra.append(f"r{s.lora.r}-{'all' if s.lora.targets == 'all-linear' else '+'.join(s.lora.targets)}"
                      f"-d{s.lora.dropout}")
@@ -187,7 +200,7 @@ def case_id(c: dict) -> str:
 
 
 def run_case(c: dict, steps: int) -> dict:
-    model_dir = build_tiny(c["family"])
+    model_dir = build_tiny(c["family"], **c.get("overrides", {}))
     spec = c["spec"]
     info: dict = {}
 
@@ -248,7 +261,7 @@ def run_case(c: dict, steps: int) -> dict:
         "untracked_bytes": info["gc_bytes"] - baseline - trace.marks["gc_check"]["start"],
         "seconds": round(secs, 2),
     }
-    cfg = make_config(c["family"]).to_dict()
+    cfg = make_config(c["family"], **c.get("overrides", {})).to_dict()
     out = {
         "id": case_id(c), "family": c["family"], "model_dir": str(model_dir.relative_to(REPO_ROOT))
         if model_dir.is_relative_to(REPO_ROOT) else str(model_dir),

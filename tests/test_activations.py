@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import TINY, build
 
+from advisor.activations import fused_qkv_retained_bytes
 from advisor.families import family_of
 from advisor.memory import _ctx, layer_activation_bytes_per_token
 from advisor.model import count_on_meta
@@ -65,6 +66,9 @@ def test_layer_walk_matches_saved_tensors(family, precision, method):
                   attn_impl="eager" if family == "gemma2" else "sdpa", micro_batch=B, seq_len=S)
     fam, _ = family_of(family)
     predicted = layer_activation_bytes_per_token(shape, fam, _ctx(shape, t, S, "cpu"))
+    # a fused qkv output stays alive without being a saved tensor (see fused_qkv_retained_bytes;
+    # checked against the profiler in tests/test_calibration.py / benchmarks/accuracy.py)
+    predicted -= fused_qkv_retained_bytes(fam, shape, 2 if precision == "bf16" else 4)
     assert predicted == pytest.approx(measured, rel=0.01), (predicted, measured)
 
 
