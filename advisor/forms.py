@@ -103,6 +103,7 @@ class Evaluation:
     result: Any = None  # advisor.service.EstimateResult
     compare: list[Any] = field(default_factory=list)  # advisor.service.Variant
     gpu_rows: list[Any] = field(default_factory=list)  # advisor.service.GpuRow
+    limits: list[Any] = field(default_factory=list)  # advisor.limits.Limit: longest seq, largest micro-batch
 
     @property
     def ok(self) -> bool:
@@ -133,8 +134,9 @@ def place(problems: list[Problem]) -> tuple[dict[str, str], list[str]]:
     return errors, general
 
 
-def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, tokens: float | None = None) -> Evaluation:
-    """Validate and estimate one state of the form; never raises on user input."""
+def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, job: Any = None) -> Evaluation:
+    """Validate and estimate one state of the form (with the job, its time and cost, and the longest
+    sequence and largest micro-batch that fit the GPU); never raises on user input."""
     from advisor import service
 
     ev = Evaluation(dict(form))
@@ -150,9 +152,11 @@ def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, tokens: f
         return ev
     ev.plan, ev.shape, ev.gpu = ctx.plan, ctx.shape, ctx.gpu
     try:
-        ev.result = service.estimate(ctx)
+        ev.result = service.estimate(ctx, job=job)
         ev.compare = service.compare(ctx)
-        ev.gpu_rows = service.gpu_rows(ctx, tokens)
+        ev.gpu_rows = service.gpu_rows(ctx, job.tokens if job is not None else None)
+        if ctx.gpu is not None and ctx.plan.task == "training" and ctx.plan.hardware.device == "cuda":
+            ev.limits = [service.limits(ctx, "seq"), service.limits(ctx, "batch")]
     except Exception as e:  # an estimator limit (EstimateError) or anything unforeseen: shown, never a crash
         ev.general.append(f"{type(e).__name__}: {e}")
         ev.result = None

@@ -142,7 +142,58 @@ def compare_table(variants: list[Variant], current: str | None) -> Table:
     return t
 
 
-def print_estimate(res: EstimateResult, console=None) -> None:
+def time_line(res: EstimateResult) -> Text | None:
+    """'time 1.2 h (1.0-1.4 h) · 3,456 tokens/s per GPU · step 0.52 s · $1.23 ($1.05-1.41)', or why none."""
+    from rich.text import Text
+
+    from advisor.policy import duration
+
+    t = res.time
+    if t is None:
+        return Text(f"time: {res.time_note}", style="dim") if res.time_note and res.job else None
+    line = Text("time ")
+    line.append(f"{duration(t.hours)}", style="bold")
+    line.append(f" ({duration(t.hours_low)}–{duration(t.hours_high)}) for {t.tokens:,} tokens · "
+                f"{t.tokens_per_s_per_gpu:,.0f} tokens/s per GPU · step {t.step_s:.2f} s · ")
+    if t.cost_usd is None:
+        line.append(t.cost_note or "no cost", style="dim")
+    else:
+        line.append(money(t.cost_usd), style="bold")
+        line.append(f" ({money(t.cost_low)}–{money(t.cost_high)}) at {money(t.price_usd_hour)}/h × {t.num_gpus}")
+    return line
+
+
+LIMIT_WORDS = {"seq_len": ("longest sequence", "tokens"), "micro_batch": ("largest micro-batch", "sequences")}
+
+
+def limit_line(lim) -> Text:
+    """'longest sequence that fits: 12,288 tokens (21.9 GiB, tight); 12,289 would need 24.1 GiB'."""
+    from rich.text import Text
+
+    what, unit = LIMIT_WORDS[lim.knob]
+    line = Text(f"{what} that fits: ")
+    if lim.value == 0:
+        line.append("none", style="bold red")
+        line.append(f" (even 1 needs {gib_str(lim.need_bytes)} of {gib_str(lim.capacity_bytes)})")
+        return line
+    digits = 2  # enough digits that the last fitting value and the first failing one read apart
+    while lim.next_need_bytes is not None and digits < 4 and \
+            gib(lim.need_bytes, digits) == gib(lim.next_need_bytes, digits):
+        digits += 1
+    line.append(f"{lim.value:,} {unit}", style="bold")
+    line.append(f" ({gib_str(lim.need_bytes, digits)} of {gib_str(lim.capacity_bytes, digits)}, "
+                f"{STATUS_WORDS.get(lim.status, lim.status)}")
+    if lim.tokens_per_s_per_gpu:
+        line.append(f", {lim.tokens_per_s_per_gpu:,.0f} tokens/s per GPU")
+    line.append(")")
+    if lim.next_value is not None and lim.next_need_bytes is not None:
+        line.append(f"; {lim.next_value:,} would not fit ({gib_str(lim.next_need_bytes, digits)})")
+    elif lim.capped_by:
+        line.append(f"; the search stops at the {lim.capped_by.replace('_', ' ')} ({lim.cap:,})")
+    return line
+
+
+def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
     """`tuneplan estimate`'s table output."""
     from rich.console import Console
 
@@ -151,9 +202,11 @@ def print_estimate(res: EstimateResult, console=None) -> None:
               f"{res.params_trainable:,} trainable)")
     con.print(plan_line(res.plan))
     con.print(breakdown_table(res))
-    line = verdict_line(res)
-    if line is not None:
-        con.print(line)
+    for line in (verdict_line(res), time_line(res), *[limit_line(lim) for lim in limits]):
+        if line is not None:
+            con.print(line)
+    if res.time is not None:
+        con.print(f"[dim]assumed: {res.time.assumptions}[/]")
     for n in res.notes:
         con.print(f"[dim]note: {n}[/]")
 

@@ -118,6 +118,9 @@ class EstimateResult:
     params_trainable: int
     verdict: Verdict | None = None
     plan_notes: list[str] = field(default_factory=list)  # about the plan itself (advisor.service.plan_notes)
+    time: Any = None  # advisor.throughput.JobTime for a training plan on a GPU, with the job
+    time_note: str | None = None  # why there is no time (no GPU, serving, a card without TFLOPS)
+    job: Job | None = None
 
     @property
     def notes(self) -> list[str]:
@@ -163,6 +166,11 @@ class EstimateResult:
         }
         if self.gpu is not None and self.verdict is not None:
             out["gpu"] = {"name": self.gpu.name, "id": self.gpu.id, **self.verdict.as_json()}
+        if self.job is not None:
+            out["job"] = {"examples": self.job.examples, "avg_tokens": self.job.avg_tokens, "epochs": self.job.epochs}
+        out["time"] = self.time.as_json() if self.time is not None else None
+        if self.time_note:
+            out["time_note"] = self.time_note
         return out
 
 
@@ -174,9 +182,10 @@ def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:
     return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes, high)
 
 
-def estimate(ctx: PlanContext, mode: str = "analytic",
-             progress: Callable[[float, str], None] | None = None) -> EstimateResult:
-    """Peak memory of the plan: analytic (milliseconds) or simulate (the real stack on fake tensors)."""
+def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float, str], None] | None = None,
+             job: Job | None = None) -> EstimateResult:
+    """Peak memory of the plan: analytic (milliseconds) or simulate (the real stack on fake tensors);
+    with a job, also its time and cost on the plan's GPU (advisor.throughput, the model recommend uses)."""
     from advisor.memory import estimate as analytic
 
     if mode == "simulate":
@@ -193,8 +202,34 @@ def estimate(ctx: PlanContext, mode: str = "analytic",
         bd = analytic(ctx.plan, ctx.shape)
     else:
         raise Problems(Problem(f"unknown estimate mode {mode!r}", None, "use analytic or simulate"))
-    return EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
-                          verdict_for(bd, ctx.gpu), plan_notes(ctx.plan))
+    res = EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
+                         verdict_for(bd, ctx.gpu), plan_notes(ctx.plan), job=job)
+    if job is not None:
+        res.time, res.time_note = job_time(ctx, job)
+    return res
+
+
+def job_time(ctx: PlanContext, job: Job):
+    """(JobTime, None), or (None, why there is no time for this plan)."""
+    from advisor.throughput import job_time as _job_time
+
+    if ctx.plan.task != "training":
+        return None, "time and cost are for training plans"
+    if ctx.gpu is None or ctx.plan.hardware.device != "cuda":
+        return None, "no GPU chosen: name one (--gpu) for time and cost"
+    try:
+        return _job_time(ctx.plan, ctx.shape, ctx.gpu, job.examples, job.avg_tokens, job.epochs), None
+    except Problems as e:
+        if any(p.field and p.field.startswith("job.") for p in e.items):
+            raise  # the user's numbers: a problem to fix
+        return None, "; ".join(p.message for p in e.items)
+
+
+def limits(ctx: PlanContext, what: str):
+    """The largest seq_len ('seq') or micro-batch ('batch') that fits the plan's GPU (advisor.limits)."""
+    from advisor.limits import limit
+
+    return limit(ctx.plan, ctx.shape, ctx.gpu, what)
 
 
 def plan_notes(plan: Plan) -> list[str]:

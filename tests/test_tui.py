@@ -27,7 +27,7 @@ def plain(static) -> str:
 
 def expected(**form):
     """advisor.service.estimate (as the --json object) for the default form with these fields changed."""
-    return service.estimate(service.build(plan_dict({**FORM_DEFAULTS, **form}))).as_json()
+    return service.estimate(service.build(plan_dict({**FORM_DEFAULTS, **form})), job=service.Job()).as_json()
 
 
 async def settle(pilot, seconds: float = 0.3):
@@ -50,7 +50,7 @@ def shown_numbers(app) -> str:
 # --- the pure part (no Textual event loop) -------------------------------------------------------
 
 def test_default_form_is_the_readme_plan():
-    ev = evaluate(FORM_DEFAULTS, tokens=1.5e6)
+    ev = evaluate(FORM_DEFAULTS, job=service.Job())
     assert not ev.errors and not ev.general
     assert ev.result.as_json() == expected()
     assert ev.status == fit_status(ev.result.peak_reserved_bytes, find_gpu("RTX 4090").memory_bytes) == "fits"

@@ -8,11 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 pytestmark = pytest.mark.slow
 

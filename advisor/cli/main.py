@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from advisor.cli.common import EXIT_USER_ERROR, parse_with_overrides, put, report_problems  # noqa: F401
+from advisor.job import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
 from advisor.problems import Problems, UserError
 from advisor.spec import OPTIMIZERS, PRECISIONS
 
@@ -84,7 +85,7 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     return {"model": model, "task": a.task, "training": training, "inference": inference, "hardware": hardware}
 
 
-def _simulate_with_progress(ctx):
+def _simulate_with_progress(ctx, job=None):
     """Run the simulation with a progress bar on stderr (stdout stays clean for --json)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -98,7 +99,7 @@ def _simulate_with_progress(ctx):
         def progress(fraction: float, message: str) -> None:
             bar.update(task, completed=fraction, description=f"simulating: {message}")
 
-        return service.estimate(ctx, "simulate", progress)
+        return service.estimate(ctx, "simulate", progress, job)
 
 
 def plan_data(a: argparse.Namespace) -> dict[str, Any]:
@@ -130,12 +131,23 @@ def cmd_estimate(a: argparse.Namespace) -> int:
     from advisor import service
     from advisor.present import print_estimate
 
-    ctx = service.build(plan_data(a))
-    res = _simulate_with_progress(ctx) if a.mode == "simulate" else service.estimate(ctx)
+    problems = service.job_problems(a.examples, a.avg_tokens, a.epochs)
+    try:
+        ctx = service.build(plan_data(a))
+    except Problems as e:
+        raise Problems([*problems, *e.items]) from None
+    if problems:
+        raise Problems(problems)
+    job = service.Job(a.examples, a.avg_tokens, a.epochs)
+    res = _simulate_with_progress(ctx, job) if a.mode == "simulate" else service.estimate(ctx, job=job)
+    found = [service.limits(ctx, what) for what in (a.max or [])]
     if a.json:
-        print(json.dumps(res.as_json(), indent=2))
+        out = res.as_json()
+        if found:
+            out["max"] = {lim.knob: lim.as_json() for lim in found}
+        print(json.dumps(out, indent=2))
     else:
-        print_estimate(res)
+        print_estimate(res, limits=found)
     return 0
 
 
@@ -175,6 +187,13 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     add_plan_arguments(e)
     e.add_argument("--mode", choices=["analytic", "simulate"], default="analytic")
     e.add_argument("--plan", help="a plan.yaml (as saved by the TUI; read by `tuneplan run`)")
+    e.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
+                   help=f"training examples, for time and cost (default {DEFAULT_EXAMPLES})")
+    e.add_argument("--avg-tokens", type=int, default=DEFAULT_AVG_TOKENS,
+                   help=f"mean tokens per example (default {DEFAULT_AVG_TOKENS})")
+    e.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS:g})")
+    e.add_argument("--max", action="append", choices=["seq", "batch"],
+                   help="also find the longest sequence / largest micro-batch that fits the GPU (repeatable)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_estimate)
     pr = sub.add_parser("profiles", help="list bundled model profiles (or --gpus)")

@@ -76,10 +76,19 @@ class TunePlanApp(App):
 
     # --- shared state -------------------------------------------------------------------------------
     def evaluate_form(self) -> Evaluation:
-        job = self.job
-        tokens = float(job["examples"]) * job["avg_tokens"] * job["epochs"]
-        self.evaluation = evaluate(self.form, self.plan_base, tokens)
+        self.evaluation = evaluate(self.form, self.plan_base, self.current_job())
         return self.evaluation
+
+    def current_job(self):
+        """The advice screen's job (examples, tokens, epochs) as an advisor.job.Job; None while invalid."""
+        from advisor.job import make_job
+        from advisor.problems import Problems
+
+        j = self.job
+        try:
+            return make_job(j["examples"], j["avg_tokens"], j["epochs"], j["target_batch"], j["budget"])
+        except Problems:
+            return None
 
     @property
     def plan(self):

@@ -78,6 +78,7 @@ class PlanScreen(Screen):
             with Vertical(id="results"):
                 yield Static("", id="headline")
                 yield MemoryBar(id="bar")
+                yield Static("", id="time")
                 with Horizontal(id="tables"):
                     yield Static("", id="components")
                     yield Static("", id="compare")
@@ -206,11 +207,27 @@ class PlanScreen(Screen):
         bd = r.breakdown
         self.query_one("#bar", MemoryBar).show(bd.components, bd.overhead, gpu.memory_bytes if gpu else None,
                                                gpu.name if gpu else "")
+        self.query_one("#time", Static).update(self._time_text(ev))
         self.query_one("#components", Static).update(
             breakdown_table(r, f"peak at {bd.peak_phase.replace('_', ' ')}", compact=True))
         current = f["method"] if training else {"none": "16-bit"}.get(f["weight_quant"], f["weight_quant"])
         self.query_one("#compare", Static).update(compare_table(ev.compare, current))
         self._gpu_table(ev)
+
+    def _time_text(self, ev: Evaluation) -> Text:
+        """Time and cost of the job for this plan, the assumptions in one line, and the plan's limits."""
+        from advisor.present import limit_line, time_line
+
+        text = Text()
+        line = time_line(ev.result)
+        if line is not None:
+            text.append_text(line)
+        if ev.result.time is not None:
+            text.append(f"\nassumed: {ev.result.time.assumptions}", style="dim")
+        for lim in ev.limits:
+            text.append("\n")
+            text.append_text(limit_line(lim))
+        return text
 
     def _gpu_table(self, ev: Evaluation) -> None:
         from advisor.policy import duration
