@@ -2,11 +2,12 @@
 produce, so that a batch that does not fit fails in the first minute instead of hours in, when it
 finally comes up ("OOM after N steps").
 
-The probe changes nothing the training sees: no optimizer step (the gradients are dropped with
-``zero_grad(set_to_none=True)``), and the random state that dropout consumes is put back. What it
-does not hold is the optimizer state, which appears at the first real step (right after the probe,
-so an optimizer that does not fit also fails in the first minute). Under DeepSpeed the probe is
-skipped: the engine's backward is tied to its own step and accumulation bookkeeping.
+The probe holds what a real step holds at its peak: the weights, the longest batch's activations,
+its gradients and the optimizer state (created by one step at learning rate 0, which moves no
+weight). It changes nothing the training sees: the gradients and that optimizer state are dropped
+again, and the random state that dropout consumes is put back, so the losses are the same to the
+bit with and without it. Under DeepSpeed the probe is skipped: the engine's backward is tied to its
+own step and accumulation bookkeeping.
 
 ``TUNEPLAN_TEST_OOM_ABOVE_TOKENS=N`` (a test hook, like the recipe's ``oom_at_step``): any forward of
 a batch of more than N tokens (micro-batch x length) raises torch.OutOfMemoryError, what the CUDA
@@ -59,15 +60,19 @@ def longest_batch(examples: list, micro_batch: int, pad_id: int, pad_to: int | N
     return batch, Longest(int(rows), int(length), tuple(e.line for e in chosen))
 
 
-def probe(model, batch: dict, precision: str, backward=None, optimizer=None) -> float:
-    """One forward (with the loss, under the plan's autocast) and backward on ``batch``, then the
-    gradients dropped; the torch and Python random states are restored. Returns seconds taken.
+def probe(model, batch: dict, precision: str, backward=None, optimizer=None) -> tuple[float, bool]:
+    """One forward (with the loss, under the plan's autocast) and backward on ``batch``; then, when
+    the optimizer holds no state yet, one optimizer step at learning rate 0, which creates its state
+    (Adam's moments, ...) and moves no weight; then the gradients and that state are dropped
+    (``load_state_dict`` of the state before, which also puts the learning rates back) and the torch
+    and Python random states are restored. Returns (seconds, whether the optimizer state was in it).
     ``backward`` is accelerate's (DDP/FSDP); every process must probe (DDP reduces in backward)."""
     import torch
 
     from advisor.stack import _autocast, _compute_loss  # the loss exactly as train_step computes it
 
     rng = _rng_state(torch)
+    fresh = optimizer.state_dict() if optimizer is not None and not optimizer.state else None
     t0 = time.perf_counter()
     try:
         model.train()
@@ -78,12 +83,18 @@ def probe(model, batch: dict, precision: str, backward=None, optimizer=None) -> 
         else:
             loss.backward()
         del loss
+        if fresh is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0  # p - 0 * update: the weights stay as they are, to the bit
+            optimizer.step()
     finally:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
+            if fresh is not None:
+                optimizer.load_state_dict(fresh)
         model.zero_grad(set_to_none=True)
         _set_rng_state(torch, rng)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, fresh is not None or bool(optimizer is not None and optimizer.state)
 
 
 def _rng_state(torch) -> dict[str, Any]:
@@ -142,8 +153,8 @@ def check_longest_batch(recipe) -> dict | None:
     torch = recipe.torch
     on_cuda = str(recipe.device).startswith("cuda")
     try:
-        seconds = probe(recipe.model, batch, t.precision, accelerator.backward if accelerator else None,
-                        recipe.optimizer)
+        seconds, with_states = probe(recipe.model, batch, t.precision, accelerator.backward if accelerator else None,
+                                     recipe.optimizer)
     except Exception as e:
         if _is_oom(torch, e):
             raise torch.OutOfMemoryError(f"the longest batch, {longest.words()}, does not fit (checked before the "
@@ -151,14 +162,14 @@ def check_longest_batch(recipe) -> dict | None:
                                          ) from None
         raise
     out = {"rows": longest.rows, "length": longest.length, "tokens": longest.tokens, "lines": list(longest.lines),
-           "seconds": round(seconds, 3)}
+           "seconds": round(seconds, 3), "optimizer_state": with_states}
     if on_cuda:
         out["peak_allocated"] = int(torch.cuda.max_memory_allocated())
         out["peak_reserved"] = int(torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()  # the report measures the training steps
     del batch
-    recipe.notes.append(f"fail-fast: one forward/backward on the longest batch, {longest.words()}, fitted before "
-                        f"the first step ({out['seconds']} s)")
+    recipe.notes.append(f"fail-fast: one step on the longest batch, {longest.words()}, fitted before the first "
+                        f"step, {'with' if with_states else 'without'} the optimizer state ({out['seconds']} s)")
     recipe.log(f"fail-fast: the longest batch, {longest.words()}, fits")
     return out
 

@@ -32,6 +32,29 @@ def test_data_check_longest_warns_above_seq_len():
     assert "line 2, 300 tokens" in out["warning"] and "raise training.seq_len to 300" in out["warning"]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd_momentum"])
+def test_probe_creates_the_optimizer_state_and_moves_no_weight(optimizer):
+    import torch
+    from tiny import build
+
+    from advisor.stack import make_optimizer
+    from runner.failfast import probe
+
+    model = build("llama")
+    opt = make_optimizer(model, optimizer, 1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    created = []
+    opt.register_step_post_hook(lambda o, args, kwargs: created.append(sum(len(s) for s in o.state.values())))
+    batch = {"input_ids": torch.randint(0, 1000, (2, 32)), "labels": torch.randint(0, 1000, (2, 32))}
+    rng = torch.get_rng_state()
+    seconds, with_states = probe(model, batch, "fp32", optimizer=opt)
+    assert with_states and created and created[0] > 0  # the step made the state (its memory was in the probe)
+    assert not opt.state and opt.param_groups[0]["lr"] == 1e-3  # dropped again, the learning rate back
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # to the bit
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from runner.demo import build_model_dir
@@ -102,5 +125,5 @@ def test_probe_leaves_training_unchanged(model_dir, one_long, tmp_path, monkeypa
         events, _ = read_events(tmp_path / name / "r")
         runs[name] = [e["loss"] for e in events if e["type"] == "step"]
         notes = json.loads((tmp_path / name / "r" / "report.json").read_text())["notes"]
-        assert any("fail-fast" in n for n in notes) == (skip == "0")
+        assert any("fail-fast" in n and "with the optimizer state" in n for n in notes) == (skip == "0")
     assert len(runs["with"]) == 4 and runs["with"] == runs["without"]
