@@ -152,6 +152,30 @@ def optimizer_step_transient_bytes(shape: ModelShape, t: TrainSpec, device: str)
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
 
 
+def moe_qlora_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str | None:
+    """Plain words for QLoRA on a mixture of experts with transformers 5: the fused 3-D expert
+    tensors are not nn.Linear, so bitsandbytes leaves them unquantized (bitsandbytes issue #1849)
+    and prepare_model_for_kbit_training casts them to fp32 with the other non-4-bit parameters."""
+    if t.method != "qlora" or not shape.num_experts:
+        return None
+    mats = [(g.count * g.experts, g.in_features * g.out_features) for g in shape.linears
+            if g.experts > 1 and not g.quantized]
+    expert = sum(n * numel for n, numel in mats)
+    if not expert:
+        return None
+    n = hw.gpus if hw.gpus > 1 and hw.zero >= 3 else 1
+    fp32 = 4 * expert // n
+    nf4 = sum(k * nf4_bytes(numel, t.double_quant) for k, numel in mats) // n
+    bf16 = 2 * shape.params_total // max(hw.gpus, 1)
+    per = " per GPU" if n > 1 else ""
+    return (f"mixture of experts under QLoRA: transformers 5 fuses the experts into 3-D tensors, which "
+            f"bitsandbytes does not quantize (bitsandbytes issue #1849), and prepare_model_for_kbit_training "
+            f"casts them to fp32: {fp32 / GIB:.1f} GiB of expert weights{per}, where 4-bit experts would take "
+            f"{nf4 / GIB:.1f} GiB. What fits instead: LoRA in bf16 (all weights {bf16 / GIB:.1f} GiB per GPU "
+            f"over {max(hw.gpus, 1)} GPU{'s' if hw.gpus > 1 else ''}; add GPUs with --zero 3 to shard them), or "
+            "QLoRA on a stack that quantizes experts (transformers 4.x keeps one nn.Linear per expert)")
+
+
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
@@ -258,6 +282,9 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdow
     fam, known = family_of(shape.model_type)
     if not known:
         notes.append(f"model_type {shape.model_type!r} has no activation profile; estimated as llama-style")
+    moe = moe_qlora_note(shape, t, hw)
+    if moe:
+        notes.append(moe)
     if fsdp_qlora(t, hw):
         notes.append("QLoRA sharded over GPUs (FSDP / ZeRO-3): the 4-bit weights are stored in the compute dtype "
                      "(bnb_4bit_quant_storage) and sharded; embeddings, norms and the residual stream stay in the "

@@ -75,3 +75,22 @@ def test_modelled_stack_imports_nothing_heavy():
             "print(sorted(s), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert "'bitsandbytes', 'peft', 'torch', 'transformers'" in out.stdout and out.stdout.strip().endswith("False")
+
+
+def test_moe_qlora_note_and_sharding_terms():
+    shape = resolve("mistralai/Mixtral-8x7B-v0.1")
+    bd = estimate(_plan(method="qlora", micro_batch=1, seq_len=1024).model_copy(
+        update={"model": Plan().model.model_copy(update={"ref": "mistralai/Mixtral-8x7B-v0.1"})}), shape)
+    note = next(n for n in bd.notes if n.startswith("mixture of experts"))
+    assert "#1849" in note and "fp32" in note and "LoRA in bf16" in note
+    dense = estimate(_plan(method="qlora"), resolve("meta-llama/Llama-3.1-8B"))
+    assert not any(n.startswith("mixture of experts") for n in dense.notes)
+    # DeepSpeed ZeRO-1/2: the IPG bucket during backward; FSDP QLoRA: compute-dtype storage, noted
+    ref = "meta-llama/Llama-3.1-8B"
+    base = _plan(method="lora").model_dump()
+    z2 = estimate(Plan.model_validate({**base, "hardware": {"gpu": "A100 80GB", "gpus": 2, "zero": 2}}), resolve(ref))
+    assert z2.phases["backward_start"] >= 500_000_000 * 2
+    assert "zero_buckets" in z2.components or z2.peak_phase == "forward_end"
+    q = {**_plan(method="qlora").model_dump(), "hardware": {"gpu": "A100 80GB", "gpus": 2, "zero": 3}}
+    fq = estimate(Plan.model_validate(q), resolve(ref))
+    assert any("bnb_4bit_quant_storage" in n for n in fq.notes)
