@@ -80,7 +80,8 @@ def layout(plan: Plan, need_name: bool = True) -> Layout:
     try:
         gpu = find_gpu(hw.gpu)
     except GpuError as e:
-        raise Problems(Problem(str(e), "hardware.gpu")) from None
+        items = getattr(e, "items", None) or [Problem(str(e))]
+        raise Problems([Problem(p.what, p.field or "hardware.gpu", p.fix) for p in items]) from None
     name = SKYPILOT_NAMES.get(gpu.id)
     if name is None and need_name:
         offered = sorted({n for n in SKYPILOT_NAMES.values() if n})
@@ -170,7 +171,12 @@ def disk_gb(plan: Plan, local_model_bytes: int | None = None) -> tuple[int, dict
     from advisor.model import resolve
 
     t = plan.training
-    shape = resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    try:
+        shape = resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - no config, offline, an architecture transformers does not know
+        raise Problems(Problem(f"cannot read the model's config to size the disk: {str(e).splitlines()[0]}",
+                               "model.ref", "check model.ref (a bundled profile, a local directory or a hub id)")
+                       ) from None
     if local_model_bytes is None:
         dtype = str(shape.config.get("torch_dtype") or shape.config.get("dtype") or "float32")
         per_param = 2 if dtype in ("bfloat16", "float16") else 4
