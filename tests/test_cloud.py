@@ -173,3 +173,13 @@ def test_command_writes_the_file_and_bad_nodes_are_one_line(tmp_path):
         out = _cli(tmp_path, str(path), over)
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and words in out.stderr, out.stderr
+
+
+def test_a_model_config_that_cannot_be_read_is_one_problem(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no sizes
+    plan = build_plan({"model": {"ref": str(model)}, "hardware": {"gpu": "L4"}, "data": {"path": str(DEMO_DATA)}})
+    with pytest.raises(Problems) as e:
+        render(plan, "sky", tmp_path / "plan.yaml")
+    assert [p.field for p in e.value.items] == ["model.ref"] and "size the disk" in e.value.items[0].what
