@@ -31,7 +31,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,50 +38,15 @@ from advisor.problems import Problems
 from advisor.spec import Plan
 from runner.checkpoint import CheckpointError
 from runner.events import EventWriter, clean_number
+from runner.hooks import Hooks
 from runner.modeldir import ModelLoadError
 
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1
-# Plan changes a checkpoint survives (the OOM advice resumes with them): the same weights, optimizer
-# and effective batch, another memory/time trade.
-RESUMABLE_CHANGES = {"training.grad_checkpointing", "training.micro_batch", "training.grad_accum"}
 
 
 class RunStopped(Exception):
     pass
-
-
-@dataclass
-class Hooks:
-    """Callbacks into the loop (tests, tools). Each gets the Recipe; an exception raised in one is the
-    run's, as if the step had raised it (``before_step`` with torch.OutOfMemoryError = an OOM)."""
-
-    before_step: Callable[[Recipe], None] | None = None  # before step recipe.step + 1 runs
-    after_step: Callable[[Recipe], None] | None = None  # after step recipe.step, its event written
-
-    @classmethod
-    def from_spec(cls, spec: str) -> Hooks:
-        """``step_delay=SECONDS,oom_at_step=N``: sleep after every step (a tiny model trains too fast to be
-        stopped midway), raise torch.OutOfMemoryError (what CUDA's allocator raises) before step N.
-        Unknown or malformed items are ignored (a test hook must not fail a real run)."""
-        opts: dict[str, float] = {}
-        for item in spec.split(","):
-            k, _, v = item.partition("=")
-            try:
-                opts[k.strip()] = float(v)
-            except ValueError:
-                continue
-        delay, oom_at = opts.get("step_delay", 0.0), int(opts.get("oom_at_step", 0))
-        before = after = None
-        if oom_at:
-            def before(r: Recipe) -> None:
-                if r.step + 1 == oom_at:
-                    raise r.torch.OutOfMemoryError(f"simulated at step {oom_at} (test hook): CUDA out of memory. "
-                                                   "Tried to allocate 2.00 GiB")
-        if delay > 0:
-            def after(r: Recipe) -> None:
-                time.sleep(delay)
-        return cls(before, after)
 
 
 class Recipe:
@@ -148,19 +112,35 @@ class Recipe:
     # --- setup ----------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Processes and device, the data, the model with its optimizer and schedule, the checkpoint."""
+        self._setup_process()
+        start = self._setup_data()
+        self.events.emit("start", run_dir=str(self.run_dir.resolve()), plan=self.plan.model_dump(mode="json"),
+                         command=list(self.command), predicted=self.predicted, total_steps=self.total_steps,
+                         device=self._device_words(), resumed_from=self.resumed_from, step=start,
+                         world_size=self.world, data={"format": self.data.format, "template": self.data.template,
+                                                      **self.data.stats})
+        if self.is_main and self.instrument:
+            self.monitor.start()  # memory events from here on: model loading included
+        self._setup_model()
+        if self.resumed_from:
+            self._load_checkpoint(Path(self.resumed_from))
+        from runner.failfast import check_longest_batch
+
+        check_longest_batch(self)  # the longest batch, once, before step 1: an OOM shows now, not hours in
+
+    def _setup_process(self) -> None:
+        """The device (and the process group under several processes), the events file, the monitor,
+        the resolved plan in the run directory, the seed."""
         import warnings
 
         import torch
         from transformers.utils import logging as hf_logging
 
-        from runner.checkpoint import latest_checkpoint, read_state
-        from runner.modeldir import find_model_dir
-
         hf_logging.disable_progress_bar()  # our own progress bar; no "Loading weights" bars in the log
         warnings.filterwarnings("ignore", category=FutureWarning)
-
         self.torch = torch
-        plan, t = self.plan, self.plan.training
+        plan = self.plan
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
@@ -176,21 +156,29 @@ class Recipe:
         self.monitor = MemoryMonitor(self.monitor_interval, on_sample=self._on_memory)
         if self.monitor.note:
             self.notes.append(self.monitor.note)
-        start = None
-        if self.resume:
-            ck = latest_checkpoint(self.run_dir)
-            self.resumed_from = str(ck) if ck else None
-            start = read_state(ck) if ck else None
         if self.is_main:  # the resolved plan (on resume: with that command's overrides, e.g. more steps)
             from advisor.planfile import save_plan
 
             save_plan(plan, self.run_dir / "plan.yaml")
         self._seed(plan.run.seed)
 
-        self.model_dir = find_model_dir(plan.model.ref, plan.model.revision)
-        self._predict()
+    def _setup_data(self) -> int:
+        """The model directory, the prediction, the tokenizer, the tokenized data and the number of
+        steps; the step this session starts at (the checkpoint's on resume)."""
         from transformers import AutoTokenizer
 
+        from runner.checkpoint import latest_checkpoint, read_state
+        from runner.data import DataError, prepare
+        from runner.modeldir import find_model_dir
+
+        plan, t = self.plan, self.plan.training
+        start = 0
+        if self.resume:
+            ck = latest_checkpoint(self.run_dir)
+            self.resumed_from = str(ck) if ck else None
+            start = read_state(ck)["step"] if ck else 0
+        self.model_dir = find_model_dir(plan.model.ref, plan.model.revision)
+        self._predict()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir,
                                                            trust_remote_code=self.plan.model.trust_remote_code)
@@ -198,34 +186,30 @@ class Recipe:
             raise ModelLoadError(f"cannot load the tokenizer from {self.model_dir}: {e}".splitlines()[0]) from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        from runner.data import DataError, prepare
-
         self.data = prepare(plan.data, self.tokenizer, t.seq_len, plan.run.seed)
         for w in self.data.warnings:
             self.log(f"warning: {w}")
-        per_rank = len(self.data.train) // self.world
-        if per_rank < 1:
+        self.per_rank = len(self.data.train) // self.world
+        if self.per_rank < 1:
             raise DataError([f"{len(self.data.train)} training examples cannot feed {self.world} processes"])
-        self.per_rank = per_rank
-        self.batches_per_epoch = math.ceil(per_rank / t.micro_batch)
+        self.batches_per_epoch = math.ceil(self.per_rank / t.micro_batch)
         if plan.run.max_steps:
             self.total_steps = plan.run.max_steps
         else:
             self.total_steps = max(1, math.ceil(plan.run.epochs * self.batches_per_epoch / t.grad_accum))
-        start_step = start["step"] if start else 0
-        if start_step >= self.total_steps:
-            raise Problems(f"the checkpoint {self.resumed_from} is at step {start_step} and this plan has "
-                           f"{self.total_steps} steps in all; resume with run.max_steps above {start_step}")
-        self.events.emit("start", run_dir=str(self.run_dir.resolve()), plan=plan.model_dump(mode="json"),
-                         command=list(self.command), predicted=self.predicted, total_steps=self.total_steps,
-                         device=self._device_words(), resumed_from=self.resumed_from, step=start_step,
-                         world_size=self.world, data={"format": self.data.format, "template": self.data.template,
-                                                      **self.data.stats})
-        if self.is_main and self.instrument:
-            self.monitor.start()  # memory events from here on: model loading included
+        if start >= self.total_steps:
+            raise Problems(f"the checkpoint {self.resumed_from} is at step {start} and this plan has "
+                           f"{self.total_steps} steps in all; resume with run.max_steps above {start}")
+        return start
+
+    def _setup_model(self) -> None:
+        """The model as advisor.stack loads it (wrapped by accelerate under several processes), its
+        optimizer and learning-rate schedule."""
+        from transformers import get_scheduler
 
         from advisor.stack import load_for_training, make_optimizer
 
+        t = self.plan.training
         _preimport(t.method)  # library code pages are not the model: keep them out of the RSS baseline
         self.rss_before_model = self.monitor.read()["rss"]
         try:
@@ -250,16 +234,9 @@ class Recipe:
             # no dataloader goes through accelerate, so tell DeepSpeed the micro-batch itself
             self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.micro_batch
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        from transformers import get_scheduler
-
-        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[plan.run.lr_scheduler]
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=plan.run.warmup_steps,
+        name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[self.plan.run.lr_scheduler]
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.plan.run.warmup_steps,
                                        num_training_steps=self.total_steps)
-        if self.resumed_from:
-            self._load_checkpoint(Path(self.resumed_from))
-        from runner.failfast import check_longest_batch
-
-        check_longest_batch(self)  # the longest batch, once, before step 1: an OOM shows now, not hours in
 
     def _seed(self, seed: int) -> None:
         from transformers import set_seed
@@ -514,20 +491,10 @@ class Recipe:
                                self.tensor_peak_cpu)
 
     def next_step(self, status: str) -> dict[str, str] | None:
-        """What to type next (None when the run completed): resume where a checkpoint exists, else start
-        the same run again from step 0. Both work as printed (runner.rundir's life cycle)."""
-        import shlex
+        """What to type next (None when the run completed): runner.rundir.next_command."""
+        from runner.rundir import next_command
 
-        from runner.checkpoint import latest_checkpoint
-
-        if status == "completed" or not (self.run_dir / "plan.yaml").is_file():
-            return None
-        d = str(self.run_dir)
-        ck = latest_checkpoint(self.run_dir)
-        if ck is not None:
-            return {"command": shlex.join(["tuneplan", "run", "--resume", d]), "what": f"resume from {ck.name}"}
-        return {"command": shlex.join(["tuneplan", "run", str(self.run_dir / "plan.yaml"), "--run-dir", d]),
-                "what": "nothing to resume (no checkpoint yet); start it again from step 0"}
+        return None if status == "completed" else next_command(self.run_dir)
 
     def report(self, status: str) -> dict[str, Any]:
         from runner.report import comparison, loss_summary
@@ -629,8 +596,10 @@ class Recipe:
         if kind == "oom":
             try:
                 from runner.launch import next_plan
+                from runner.rundir import retry_command
 
-                suggestion = self._retry(next_plan(self.plan, self.run_dir, getattr(self, "shape", None), peak))
+                suggestion = retry_command(self.run_dir,
+                                           next_plan(self.plan, self.run_dir, getattr(self, "shape", None), peak))
             except Exception as err:  # noqa: BLE001 - the advice must never hide the error itself
                 suggestion = {"command": None, "changes": {}, "note": f"no suggestion: {err}"}
         self.error = {"kind": kind, "message": message, "measured_peak": peak, "suggestion": suggestion,
@@ -648,22 +617,6 @@ class Recipe:
                 write_json(self.run_dir / "report.json", rep)
         except Exception:  # noqa: BLE001 - a report that cannot be written must not hide the error
             pass
-
-    def _retry(self, suggestion: dict[str, Any]) -> dict[str, Any]:
-        """The OOM advice as a command that works: resume this run with the changes when a checkpoint
-        exists and the changes keep it loadable, else the advisor's new run (launch.next_plan)."""
-        from runner.checkpoint import latest_checkpoint
-
-        changes = suggestion.get("changes") or {}
-        if suggestion.get("command") and latest_checkpoint(self.run_dir) is not None \
-                and set(changes) <= RESUMABLE_CHANGES:
-            import shlex
-
-            words = {True: "true", False: "false"}
-            cmd = ["tuneplan", "run", "--resume", str(self.run_dir),
-                   *[f"{k}={words.get(v, v) if isinstance(v, bool) else v}" for k, v in changes.items()]]
-            suggestion = {**suggestion, "command": shlex.join(cmd), "resumes": True}
-        return suggestion
 
 
 def _preimport(method: str) -> None:

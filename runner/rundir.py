@@ -325,3 +325,44 @@ def restart(run_dir: Path) -> Path | None:
     for name in present:
         shutil.move(str(run_dir / name), str(dest / name))
     return dest
+
+
+# --- advice that works when followed -----------------------------------------------------------
+
+# Plan changes a checkpoint survives (the OOM advice resumes with them): the same weights, optimizer
+# and effective batch, another memory/time trade.
+RESUMABLE_CHANGES = {"training.grad_checkpointing", "training.micro_batch", "training.grad_accum"}
+
+
+def next_command(run_dir: Path) -> dict[str, str] | None:
+    """What to type after a run stopped: resume where a checkpoint exists, else start the same run
+    again from step 0 (both accepted by :func:`check`). None without a plan.yaml there."""
+    import shlex
+
+    from runner.checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "plan.yaml").is_file():
+        return None
+    d = str(run_dir)
+    ck = latest_checkpoint(run_dir)
+    if ck is not None:
+        return {"command": shlex.join(["tuneplan", "run", "--resume", d]), "what": f"resume from {ck.name}"}
+    return {"command": shlex.join(["tuneplan", "run", str(run_dir / "plan.yaml"), "--run-dir", d]),
+            "what": "nothing to resume (no checkpoint yet); start it again from step 0"}
+
+
+def retry_command(run_dir: Path, suggestion: dict[str, Any]) -> dict[str, Any]:
+    """The OOM advice (runner.launch.next_plan) as a command that works: resume this run with the
+    changes when a checkpoint exists and the changes keep it loadable, else the advisor's new run."""
+    import shlex
+
+    from runner.checkpoint import latest_checkpoint
+
+    changes = suggestion.get("changes") or {}
+    if suggestion.get("command") and latest_checkpoint(run_dir) is not None and set(changes) <= RESUMABLE_CHANGES:
+        words = {True: "true", False: "false"}
+        cmd = ["tuneplan", "run", "--resume", str(run_dir),
+               *[f"{k}={words[v] if isinstance(v, bool) else v}" for k, v in changes.items()]]
+        suggestion = {**suggestion, "command": shlex.join(cmd), "resumes": True}
+    return suggestion

@@ -1,0 +1,47 @@
+"""Callbacks into the training loop, for tests and tools: :class:`Hooks`, passed to ``Recipe(hooks=...)``.
+
+In a real subprocess (``python -m runner``) tests set ``TUNEPLAN_TEST_HOOKS`` instead; only
+``runner/__main__.py`` reads it, and it builds these hooks with :meth:`Hooks.from_spec`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Recipe = Any  # runner.recipe.Recipe (not imported: the recipe imports this module)
+
+
+@dataclass
+class Hooks:
+    """Callbacks into the loop (tests, tools). Each gets the Recipe; an exception raised in one is the
+    run's, as if the step had raised it (``before_step`` with torch.OutOfMemoryError = an OOM)."""
+
+    before_step: Callable[[Recipe], None] | None = None  # before step recipe.step + 1 runs
+    after_step: Callable[[Recipe], None] | None = None  # after step recipe.step, its event written
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Hooks:
+        """``step_delay=SECONDS,oom_at_step=N``: sleep after every step (a tiny model trains too fast to be
+        stopped midway), raise torch.OutOfMemoryError (what CUDA's allocator raises) before step N.
+        Unknown or malformed items are ignored (a test hook must not fail a real run)."""
+        opts: dict[str, float] = {}
+        for item in spec.split(","):
+            k, _, v = item.partition("=")
+            try:
+                opts[k.strip()] = float(v)
+            except ValueError:
+                continue
+        delay, oom_at = opts.get("step_delay", 0.0), int(opts.get("oom_at_step", 0))
+        before = after = None
+        if oom_at:
+            def before(r: Recipe) -> None:
+                if r.step + 1 == oom_at:
+                    raise r.torch.OutOfMemoryError(f"simulated at step {oom_at} (test hook): CUDA out of memory. "
+                                                   "Tried to allocate 2.00 GiB")
+        if delay > 0:
+            def after(r: Recipe) -> None:
+                time.sleep(delay)
+        return cls(before, after)
