@@ -94,3 +94,19 @@ def test_moe_qlora_note_and_sharding_terms():
     q = {**_plan(method="qlora").model_dump(), "hardware": {"gpu": "A100 80GB", "gpus": 2, "zero": 3}}
     fq = estimate(Plan.model_validate(q), resolve(ref))
     assert any("bnb_4bit_quant_storage" in n for n in fq.notes)
+
+
+def test_gpu_measure_cpu_path(tmp_path):
+    """benchmarks/gpu_measure.py's plumbing on the CPU: a real tiny training run in a subprocess,
+    measured by the CPU profiler, written to JSON beside the estimate for the same plan."""
+    import json
+
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_measure.py"), "--device", "cpu",
+                           "--quick", "--limit", "1", "--out", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (case,) = data["cases"]
+    assert case["measured"]["max_allocated"] > 0 and case["predicted"]["allocated"] > 0
+    assert abs(case["error_vs_measured"]["allocated"]) < 0.03  # analytic within 3% on the CPU
