@@ -140,6 +140,8 @@ def _load(user: str | None) -> tuple[dict[str, Gpu], str]:
     table = {g.id: g for g in _parse(data, "profiles/gpus.yaml")}
     if user:
         path = Path(user)
+        if path.exists() and not path.is_file():
+            raise GpuError(f"the GPU file {path} (TUNEPLAN_GPUS) is not a regular file; give a YAML file")
         try:
             extra = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
         except OSError as e:

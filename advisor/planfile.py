@@ -58,6 +58,8 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
     if path.is_dir():
         raise SpecError([f"cannot save the plan to {path}: it is a directory; give a file name such as "
                          f"{path / 'plan.yaml'}"])
+    if path.exists() and not path.is_file():
+        raise SpecError([f"cannot save the plan to {path}: it is not a regular file (a device or a pipe)"])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,8 @@ def parse_plan(text: str, where: str = "plan") -> Plan:
 
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a device or a pipe: reading may never end
+        raise SpecError([f"plan {path} is not a regular file; give a YAML plan file"])
     try:
         raw = path.read_bytes()
     except OSError as e:

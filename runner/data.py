@@ -102,6 +102,8 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
         raise DataError([f"data file {path} does not exist"])
     if path.is_dir():
         raise DataError([f"data path {path} is a directory; give a .jsonl, .json or .csv file"])
+    if not path.is_file():  # a device or a pipe: reading may never end
+        raise DataError([f"data path {path} is not a regular file; give a .jsonl, .json or .csv file"])
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is fine

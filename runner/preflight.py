@@ -54,7 +54,8 @@ def _data_problems(plan, plan_path: Path | None) -> tuple[object, list[str]]:
     if not p.exists():
         return plan, [f"data file {data_path} does not exist"]
     if not p.is_file():
-        return plan, [f"data.path {data_path} is a directory; give a .jsonl/.json/.csv file"]
+        what = "a directory" if p.is_dir() else "not a regular file"
+        return plan, [f"data.path {data_path} is {what}; give a .jsonl/.json/.csv file"]
     from runner.data import DataError, load_and_check
 
     try:

@@ -277,8 +277,8 @@ def _commands():
 COMMANDS = _commands()
 VALUES = st.one_of(
     st.sampled_from(["-1", "0", "1", "3", "1e999", "inf", "nan", "-inf", "abc", "", "RTX 4090", "h100", "cpu",
-                     "meta-llama/Llama-3.1-8B", "./missing-dir", "/", "q_proj,nonsense", "all-linear", "qlora",
-                     "bf16", "eager", "training.micro_batch=2", "run.max_steps=-1", "x=y", "--json"]),
+                     "meta-llama/Llama-3.1-8B", "./missing-dir", "/", "/dev/zero", "q_proj,nonsense", "all-linear",
+                     "qlora", "bf16", "eager", "training.micro_batch=2", "run.max_steps=-1", "x=y", "--json"]),
     st.text(max_size=8),
 )
 
@@ -292,8 +292,8 @@ def command_lines(draw, work):
         argv.append(flag)
         if draw(st.integers(0, 3)):
             value = draw(VALUES)
-            if flag == "--save":
-                value = draw(st.sampled_from([str(work), str(work / "new" / "p.yaml"), value]))
+            if flag == "--save":  # only ever inside the scratch folder
+                value = draw(st.sampled_from([str(work), str(work / "new" / "p.yaml"), str(work / "afile")]))
             argv.append(value)
     if name in ("estimate", "recommend") and "--model" not in argv and draw(st.booleans()):
         argv += ["--model", draw(st.sampled_from(["meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-0.5B", "nope"]))]
@@ -306,7 +306,7 @@ def command_lines(draw, work):
             argv = [w for w in argv if w != "--resume"] + ["--resume", target]
         argv.append("--dry-run")
     if name == "data check":
-        argv.insert(2, draw(st.sampled_from([str(DEMO_DATA), str(work / "absent.jsonl"), str(work)])))
+        argv.insert(2, draw(st.sampled_from([str(DEMO_DATA), str(work / "absent.jsonl"), str(work), "/dev/zero"])))
     if "--mode" in argv:  # the exact estimate takes seconds per case: analytic only here
         i = argv.index("--mode")
         argv[i + 1:i + 2] = ["analytic"]

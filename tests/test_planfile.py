@@ -63,3 +63,25 @@ def test_estimate_reads_a_plan_file(tmp_path, capsys):
     assert main(["estimate", "--plan", str(tmp_path / "p.yaml"), "--batch", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["plan"]["training"]["method"] == "full" and res["plan"]["training"]["micro_batch"] == 2
+
+
+def test_plan_files_that_cannot_be_plans(tmp_path):
+    """Not UTF-8, empty, a device: one message each; a failed save leaves no temporary file."""
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  ref: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_plan(bad)
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    with pytest.raises(SpecError, match="is empty"):
+        load_plan(tmp_path / "empty.yaml")
+    with pytest.raises(SpecError, match="not a regular file"):
+        load_plan("/dev/zero")
+    plan = build_plan({})
+    with pytest.raises(SpecError, match="is a directory"):
+        save_plan(plan, tmp_path)
+    with pytest.raises(SpecError, match="not a regular file"):
+        save_plan(plan, "/dev/null")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SpecError, match="cannot save"):
+        save_plan(plan, tmp_path / "afile" / "p.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty.yaml", "latin1.yaml"]
