@@ -21,12 +21,14 @@ class Hooks:
 
     before_step: Callable[[Recipe], None] | None = None  # before step recipe.step + 1 runs
     after_step: Callable[[Recipe], None] | None = None  # after step recipe.step, its event written
+    before_load: Callable[[Recipe], None] | None = None  # after the start event, before the model loads
 
     @classmethod
     def from_spec(cls, spec: str) -> Hooks:
-        """``step_delay=SECONDS,oom_at_step=N``: sleep after every step (a tiny model trains too fast to be
-        stopped midway), raise torch.OutOfMemoryError (what CUDA's allocator raises) before step N.
-        Unknown or malformed items are ignored (a test hook must not fail a real run)."""
+        """``step_delay=SECONDS,oom_at_step=N,load_delay=SECONDS``: sleep after every step (a tiny model
+        trains too fast to be stopped midway), raise torch.OutOfMemoryError (what CUDA's allocator
+        raises) before step N, sleep before the model loads (a big model's loading time, to signal it
+        there). Unknown or malformed items are ignored (a test hook must not fail a real run)."""
         opts: dict[str, float] = {}
         for item in spec.split(","):
             k, _, v = item.partition("=")
@@ -34,8 +36,8 @@ class Hooks:
                 opts[k.strip()] = float(v)
             except ValueError:
                 continue
-        delay, oom_at = opts.get("step_delay", 0.0), int(opts.get("oom_at_step", 0))
-        before = after = None
+        delay, oom_at, load = opts.get("step_delay", 0.0), int(opts.get("oom_at_step", 0)), opts.get("load_delay", 0.0)
+        before = after = loading = None
         if oom_at:
             def before(r: Recipe) -> None:
                 if r.step + 1 == oom_at:
@@ -44,4 +46,7 @@ class Hooks:
         if delay > 0:
             def after(r: Recipe) -> None:
                 time.sleep(delay)
-        return cls(before, after)
+        if load > 0:
+            def loading(r: Recipe) -> None:
+                time.sleep(load)
+        return cls(before, after, loading)

@@ -122,6 +122,8 @@ class Recipe:
                                                       **self.data.stats})
         if self.is_main and self.instrument:
             self.monitor.start()  # memory events from here on: model loading included
+        if self.hooks.before_load:
+            self.hooks.before_load(self)
         self._setup_model()
         if self.resumed_from:
             self._load_checkpoint(Path(self.resumed_from))

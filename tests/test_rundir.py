@@ -305,3 +305,40 @@ def test_a_second_ctrl_c_while_loading_ends_cleanly(tmp_path, model_dir, data8, 
     assert r.run() == 130
     assert r.final_report["status"] == "interrupted" and not (tmp_path / "D" / "traceback.txt").exists()
     assert read_events(tmp_path / "D")[0][-1]["type"] == "end"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_loading_a_real_process_then_the_advice_works(tmp_path, model_dir, data8):
+    """SIGINT while the model loads (a real process; loading held for 4 s by a hook): exit 130, no
+    checkpoint, no "resume with"; the printed command starts it again and completes."""
+    plan = plan_file(tmp_path / "plan.yaml", model_dir, data8)
+    run_dir = tmp_path / "D"
+    a = _start([plan, "--run-dir", run_dir], tmp_path, hooks="load_delay=4")
+    deadline = time.time() + 120
+    while not [e for e in read_events(run_dir)[0] if e["type"] == "start"]:
+        assert time.time() < deadline and a.poll() is None, a.communicate()
+        time.sleep(0.1)
+    a.send_signal(signal.SIGINT)
+    out, err = a.communicate(timeout=120)
+    assert a.returncode == 130, err
+    assert "resume with" not in out + err and "--resume" not in out + err and "Traceback" not in out + err
+    assert "start it again from step 0" in " ".join(out.split())
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step-*"))
+    command = json.loads((run_dir / "report.json").read_text())["next"]["command"]
+    words = shlex.split(command)
+    done = subprocess.run([sys.executable, "-m", "runner", *words[2:]], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_events(run_dir)[0][-1]["status"] == "completed"
+
+
+def test_a_failed_download_leaves_a_directory_that_restarts(tmp_path, model_dir, data8, capsys):
+    """The hub cannot be reached (offline): one message; then the same directory with a local model runs."""
+    plan = plan_file(tmp_path / "plan.yaml", model_dir, data8)
+    run_dir = tmp_path / "D"
+    assert main(["run", str(plan), "model.ref=nobody-here/no-such-model", "--run-dir", str(run_dir),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot download nobody-here/no-such-model" in err and "Traceback" not in err
+    assert main(["run", str(plan), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert read_events(run_dir)[0][-1]["status"] == "completed"
