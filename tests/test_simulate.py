@@ -186,3 +186,13 @@ def test_import_is_light():
     code = "import sys, advisor.simulate; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_sliding_window_generation_jumps_to_the_last_step():
+    """Gemma 2's sliding-window cache layers keep window - 1 tokens and count the rest: the jump to
+    the last decode step must set both (it used to crash on the mask's length)."""
+    from advisor.simulate import simulate
+
+    spec = InferSpec(batch=2, seq_len=256, precision="bf16", prompt_len=16)
+    b = simulate(_cpu("inference", inference=spec), _shape("gemma2"))
+    assert b.peak_phase == "decode" and b.components["kv_cache"] > 0

@@ -229,10 +229,16 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                             last_forced = True
                             target = s.seq_len - 2  # tokens cached before the last forward
                             for layer in cache.layers:
+                                # sliding-window layers (Gemma 2, Mistral) keep the last window - 1
+                                # tokens and count the rest in cumulative_length (the mask uses it)
+                                window = getattr(layer, "sliding_window", None)
+                                length = min(target, window - 1) if window else target
+                                if hasattr(layer, "cumulative_length"):
+                                    layer.cumulative_length = target
                                 for attr in ("keys", "values"):
                                     old = getattr(layer, attr)
                                     sh = list(old.shape)
-                                    sh[-2] = target
+                                    sh[-2] = length
                                     setattr(layer, attr, torch.empty(sh, dtype=old.dtype))
                                     del old
                             _tag_cache(tracker, cache)
