@@ -342,3 +342,23 @@ def test_a_failed_download_leaves_a_directory_that_restarts(tmp_path, model_dir,
     assert "cannot download nobody-here/no-such-model" in err and "Traceback" not in err
     assert main(["run", str(plan), "--run-dir", str(run_dir), "--no-progress"]) == 0
     assert read_events(run_dir)[0][-1]["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_then_resume_starts_from_step_0(tmp_path, model_dir, data8):
+    plan = plan_file(tmp_path / "plan.yaml", model_dir, data8)
+    run_dir = tmp_path / "D"
+    a = _start([plan, "--run-dir", run_dir], tmp_path, hooks="load_delay=30")
+    deadline = time.time() + 120
+    while not [e for e in read_events(run_dir)[0] if e["type"] == "start"]:
+        assert time.time() < deadline and a.poll() is None, a.communicate()
+        time.sleep(0.1)
+    a.kill()
+    a.wait(30)
+    out = subprocess.run([sys.executable, "-m", "runner", "--resume", str(run_dir)], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "starting from step 0" in out.stderr
+    events = read_events(run_dir)[0]
+    assert [e["type"] for e in events].count("start") == 1 and events[-1]["status"] == "completed"
+    assert (run_dir / "attempts" / "1" / "events.jsonl").is_file()
