@@ -280,9 +280,10 @@ def check(run_dir: str | Path, plan, *, resume: bool) -> RunDirState:
             problems += _identity_problems(st.checkpoint, plan)
     elif st.is_run:
         if st.finished:
+            further = (f" (or train it further: tuneplan run --resume {d} run.max_steps=N, N above "
+                       f"{st.finished_steps})") if st.checkpoint is not None else ""
             problems.append(Problem(f"{d} holds a finished run ({st.finished_steps} steps)", None,
-                                    "choose another --run-dir or run.name (or train it further: "
-                                    f"tuneplan run --resume {d} run.max_steps=N)"))
+                                    f"choose another --run-dir or run.name{further}"))
         elif st.checkpoint is not None:
             problems.append(Problem(f"{d} holds a run stopped at step {st.checkpoint_step}", None,
                                     f"continue it with `tuneplan run --resume {d}`, or choose another "

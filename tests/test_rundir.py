@@ -362,3 +362,17 @@ def test_sigkill_before_the_first_checkpoint_then_resume_starts_from_step_0(tmp_
     events = read_events(run_dir)[0]
     assert [e["type"] for e in events].count("start") == 1 and events[-1]["status"] == "completed"
     assert (run_dir / "attempts" / "1" / "events.jsonl").is_file()
+
+
+def test_a_finished_run_trains_further_as_advised(tmp_path, model_dir, data8, capsys):
+    plan = plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=4)
+    run_dir = tmp_path / "D"
+    assert main(["run", str(plan), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(plan), "--run-dir", str(run_dir)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"tuneplan run --resume {run_dir} run.max_steps=N" in err
+    assert main(["run", "--resume", str(run_dir), "run.max_steps=6", "--no-progress"]) == 0
+    events = read_events(run_dir)[0]
+    assert events[-1]["status"] == "completed" and events[-1]["step"] == 6
+    assert events[-1]["report"]["resumed_from"].endswith("step-2")  # the newest checkpoint (none at the end)
