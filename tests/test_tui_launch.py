@@ -79,3 +79,39 @@ async def test_attach_to_a_finished_run_directory(tmp_path):
         assert screen.run.losses == [2.0, 1.0, 0.0]
         assert screen.query_one("#mem-chart").lines[0][0] == 2 * 1024**3  # the predicted peak is drawn
         assert "completed" in str(screen.query_one("#run-status").content)
+
+
+@pytest.mark.asyncio
+async def test_launch_screen_offers_local_skypilot_and_slurm(tmp_path):
+    """A 16-H100 plan over two nodes: the per-node commands here, the SkyPilot task and the sbatch script
+    it would write (runner.cloud.render, the text `tuneplan cloud` writes), and Write file writes it."""
+    pytest.importorskip("runner.cloud")
+    from advisor.spec import build_plan
+    from runner.demo import DEMO_DATA
+
+    plan = build_plan({"model": {"ref": "meta-llama/Llama-3.1-70B"},
+                       "training": {"method": "full", "precision": "bf16", "seq_len": 2048},
+                       "hardware": {"gpu": "H100 SXM", "gpus": 16, "zero": 3, "nodes": 2,
+                                    "main_address": "node0.cluster"},
+                       "data": {"path": str(DEMO_DATA)}, "run": {"name": "big"}})
+    app = make_app(plan=plan, plan_path=tmp_path / "plan.yaml")
+    async with app.run_test(size=(160, 60)) as pilot:
+        await pilot.pause()
+        await pilot.press("f4")
+        await pilot.pause()
+        screen = app.screen
+        shown = str(screen.query_one("#command").content)
+        assert "node 0" in shown and "node 1" in shown and "hardware.node_rank=1" in shown
+        assert screen.query_one("#start").display and not screen.query_one("#write").display
+        screen.query_one("#target").value = "sky"
+        await pilot.pause()
+        shown = str(screen.query_one("#command").content)
+        assert "num_nodes: 2" in shown and "H100:8" in shown and "sky launch" in shown
+        assert screen.query_one("#write").display and not screen.query_one("#start").display
+        screen.query_one("#target").value = "slurm"
+        await pilot.pause()
+        assert "#SBATCH --nodes=2" in str(screen.query_one("#command").content)
+        screen.action_write()
+        await pilot.pause()
+        assert (tmp_path / "plan.sbatch").is_file() and (tmp_path / "plan.yaml").is_file()
+        assert "#SBATCH --nodes=2" in (tmp_path / "plan.sbatch").read_text()

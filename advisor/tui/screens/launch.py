@@ -12,14 +12,18 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Select, Static
 
 from advisor.policy import GIB
+from advisor.problems import Problems
 from advisor.spec import SpecError
 from advisor.tui.messages import RunEvents, RunExited
 from advisor.tui.runs import RunState, follow_events, runner_missing, runner_module
 from advisor.tui.widgets.chart import LineChart
 from advisor.tui.widgets.tables import report_table
+
+TARGETS = {"local": "this machine", "sky": "SkyPilot (rent the GPUs)", "slurm": "Slurm cluster (sbatch)"}
+TARGET_SUFFIX = {"sky": ".sky.yaml", "slurm": ".sbatch"}
 
 
 def _row(label: str, widget) -> Horizontal:
@@ -45,11 +49,16 @@ class LaunchScreen(Screen):
                 yield _row("run dir", Input("", id="run-dir", compact=True, placeholder="default: runs/<name>"))
                 yield _row("overrides", Input("", id="overrides", compact=True,
                                               placeholder="key=value … e.g. run.max_steps=20"))
+                yield _row("where", Select([(label, key) for key, label in TARGETS.items()], value="local",
+                                           allow_blank=False, compact=True, id="target"))
+                yield _row("write to", Input("", id="target-file", compact=True,
+                                             placeholder="SkyPilot / Slurm: the file to write"))
                 yield Static("", id="command")
                 with Horizontal(id="launch-buttons"):
                     yield Button("Start  ^g", id="start", variant="success", compact=True)
                     yield Button("Abort  ^x", id="abort", variant="error", compact=True, disabled=True)
                     yield Button("Attach to run dir", id="attach", compact=True)
+                    yield Button("Write file", id="write", compact=True)
                 yield Label("Dataset preview", classes="section")
                 yield Static("", id="preview")
             with Vertical(id="launch-right"):
@@ -76,8 +85,19 @@ class LaunchScreen(Screen):
 
     # --- inputs ------------------------------------------------------------------------------------
     @on(Input.Changed)
-    def _changed(self, event: Input.Changed) -> None:
+    @on(Select.Changed, "#target")
+    def _changed(self, event) -> None:
         self.show_command()
+
+    def target(self) -> str:
+        return str(self.query_one("#target", Select).value)
+
+    def target_file(self) -> Path:
+        given = self.query_one("#target-file", Input).value.strip()
+        if given:
+            return Path(given).expanduser()
+        plan_file = Path(self.query_one("#plan-file", Input).value.strip() or "plan.yaml")
+        return plan_file.with_name(plan_file.stem + TARGET_SUFFIX.get(self.target(), ".txt"))
 
     @on(Input.Submitted, "#dataset")
     def _dataset(self, event: Input.Submitted) -> None:
@@ -97,21 +117,77 @@ class LaunchScreen(Screen):
         out = self.query_one("#command", Static)
         plan_file = self.query_one("#plan-file", Input).value.strip() or "plan.yaml"
         run_dir = self.query_one("#run-dir", Input).value.strip() or None
-        launch = runner_module("launch")
+        target = self.target()
+        self.query_one("#write", Button).display = target != "local"
+        self.query_one("#start", Button).display = target == "local"
         text = Text()
         if self.app.plan is None:
             text.append("The plan has problems; fix them on the Plan screen (F2) before a run.\n", style="bold red")
-        if launch is not None and hasattr(launch, "build_command") and self.app.plan is not None:
-            try:
-                cmd = self.command(launch, plan_file, run_dir)
-                text.append("command  ", style="bold")
-                text.append(shlex.join(cmd) + "\n")
-            except SpecError as e:
-                text.append("overrides: " + "; ".join(e.problems) + "\n", style="bold red")
-            except Exception as e:  # noqa: BLE001 - anything else the runner refuses is shown, not raised
-                text.append(f"command: {e}\n", style="red")
-        text.append(f"Start saves the plan (with this dataset) to {plan_file}, then runs it.", style="dim")
+            out.update(text)
+            return
+        try:
+            if target == "local":
+                text.append_text(self.local_text(plan_file, run_dir))
+            else:
+                text.append_text(self.file_text(target, plan_file))
+        except (SpecError, Problems) as e:
+            text.append("; ".join(p.message for p in e.items) + "\n", style="bold red")
+        except Exception as e:  # noqa: BLE001 - anything else the runner refuses is shown, not raised
+            text.append(f"{e}\n", style="red")
         out.update(text)
+
+    def local_text(self, plan_file: str, run_dir: str | None) -> Text:
+        """The command Start runs here; with several nodes, the command for each node."""
+        launch = runner_module("launch")
+        text = Text()
+        if launch is None:
+            return text
+        plan = self.plan_to_run()
+        if plan.hardware.nodes > 1:
+            text.append(f"{plan.hardware.nodes} nodes: run one command on each (node 0 first)\n", style="bold")
+            for k, cmd in enumerate(launch.node_commands(plan, plan_file, run_dir or "runs/RUN")):
+                text.append(f"node {k}  ", style="bold")
+                text.append(launch.format_command(cmd) + "\n")
+        else:
+            text.append("command  ", style="bold")
+            text.append(shlex.join(self.command(launch, plan_file, run_dir)) + "\n")
+        text.append(f"Start saves the plan (with this dataset) to {plan_file}, then runs it.", style="dim")
+        return text
+
+    def file_text(self, target: str, plan_file: str) -> Text:
+        """The SkyPilot task or sbatch script `tuneplan cloud` would write for this plan (runner.cloud)."""
+        cloud = runner_module("cloud")
+        if cloud is None:
+            return Text("runner.cloud is not installed", style="bold yellow")
+        body = cloud.render(self.plan_to_run(), target, plan_file, out=str(self.target_file()))
+        text = Text()
+        text.append(f"Write file saves the plan to {plan_file} and this to {self.target_file()}:\n", style="bold")
+        text.append(body, style="")
+        return text
+
+    @on(Button.Pressed, "#write")
+    def pressed_write(self) -> None:
+        self.action_write()
+
+    def action_write(self) -> None:
+        """Save the plan and the SkyPilot task / sbatch script; launch nothing (the file names the command)."""
+        from advisor.planfile import save_plan
+
+        plan_file = Path(self.query_one("#plan-file", Input).value.strip() or "plan.yaml").expanduser()
+        target, dest = self.target(), self.target_file()
+        try:
+            plan = self.plan_to_run()
+            save_plan(plan, plan_file)
+            body = runner_module("cloud").render(plan, target, plan_file, out=str(dest))
+            dest.write_text(body)
+        except (SpecError, Problems) as e:
+            self.notify("; ".join(p.message for p in e.items), title="cannot write", severity="error", timeout=10)
+            return
+        except OSError as e:
+            self.notify(f"cannot write {dest}: {e.strerror}", severity="error")
+            return
+        nxt = "sky launch" if target == "sky" else "sbatch"
+        self.notify(f"wrote {dest}; next: {nxt} {dest}", timeout=10)
 
     def command(self, launch, plan_file: str, run_dir: str | None) -> list[str]:
         """runner.launch.build_command for the plan as it will be saved (a scratch copy until Start)."""
