@@ -24,6 +24,8 @@ CASES = [
     T("gemma2", method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True, attn_impl="eager"),
     T("mistral", method="full", precision="bf16", optimizer="adamw", grad_accum=2),
     I("llama", precision="bf16"),
+    I("llama", 2, 256, 254, precision="bf16"),  # prompt = all but two tokens
+    T("phi3", method="full", precision="fp32", optimizer="sgd"),  # fused qkv kept alive
 ]
 
 
