@@ -212,7 +212,9 @@ def load_config(ref: str, revision: str | None = None) -> tuple[str, dict]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path} is not UTF-8 text (byte {e.start}); a config.json is UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     except OSError as e:

@@ -147,15 +147,15 @@ CONFIG_KEYS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_lay
 @FUZZ
 @given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JUNK, min_size=1, max_size=3),
        drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2),
-       method=st.sampled_from(["full", "lora", "qlora"]))
-def test_mutated_config_json(work, changes, drop, method):
+       method=st.sampled_from(["full", "lora", "qlora"]), raw=st.one_of(st.none(), st.none(), st.binary(max_size=40)))
+def test_mutated_config_json(work, changes, drop, method, raw):
     from tiny import TINY
 
     config = {**dict(TINY["llama"]), **changes}
     for k in drop:
         config.pop(k, None)
     path = _fresh(work, "config.json")
-    path.write_text(json.dumps(config, default=str))
+    path.write_bytes(raw if raw is not None else json.dumps(config, default=str).encode())
     call(["estimate", "--model", str(path), "--method", method, "--device", "cpu", "--json"])
 
 
