@@ -102,7 +102,8 @@ def _print_error(err: dict, run_dir: Path) -> None:
     kind = err["kind"]
     if kind in ("data", "model", "plan"):
         return  # raised as a UserError by the caller
-    what = {"oom": "out of memory", "interrupted": "interrupted"}.get(kind, "the run failed")
+    what = {"oom": "out of memory", "interrupted": "interrupted", "disk": "the disk is full"}.get(kind,
+                                                                                               "the run failed")
     print(f"tuneplan: {what}: {err['message']}", file=sys.stderr)
     if err.get("measured_peak"):
         print(f"  measured peak before the failure: {_gib(err['measured_peak'])}", file=sys.stderr)

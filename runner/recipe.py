@@ -23,6 +23,7 @@ wrapped by accelerate (DDP, FSDP or DeepSpeed as the generated config says).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -582,12 +583,17 @@ class Recipe:
             kind = "plan"
         elif isinstance(e, KeyboardInterrupt):
             kind = "interrupted"
+        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kind = "disk"
         else:
             kind = "runtime"
         if isinstance(e, (DataError, Problems)):
             message = "; ".join(e.problems)
         elif kind == "interrupted":
             message = "stopped at once (a second Ctrl-C) while the run was starting or saving"
+        elif kind == "disk":
+            message = (f"no space left on the device{f' writing {e.filename}' if e.filename else ''}; free some "
+                       "(older checkpoints go with a smaller run.keep_checkpoints), then resume")
         else:
             message = (str(e).splitlines() or [""])[0] or type(e).__name__
         measured = self.measured() if kind == "oom" else None
@@ -606,12 +612,15 @@ class Recipe:
                 suggestion = {"command": None, "changes": {}, "note": f"no suggestion: {err}"}
         self.error = {"kind": kind, "message": message, "measured_peak": peak, "suggestion": suggestion,
                       "next": self.next_step("failed")}
-        if self.events is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.events = EventWriter(self.run_dir)
-        self.events.emit("error", **self.error)
-        if kind == "runtime":
-            (self.run_dir / "traceback.txt").write_text("".join(traceback.format_exception(e)))
+        try:  # best effort: the disk may be full, and the error itself must still reach the user
+            if self.events is None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.events = EventWriter(self.run_dir)
+            self.events.emit("error", **self.error)
+            if kind == "runtime":
+                (self.run_dir / "traceback.txt").write_text("".join(traceback.format_exception(e)))
+        except OSError:
+            pass
         try:
             rep = self.report("failed")
             rep["error"] = self.error

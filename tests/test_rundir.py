@@ -376,3 +376,25 @@ def test_a_finished_run_trains_further_as_advised(tmp_path, model_dir, data8, ca
     events = read_events(run_dir)[0]
     assert events[-1]["status"] == "completed" and events[-1]["step"] == 6
     assert events[-1]["report"]["resumed_from"].endswith("step-2")  # the newest checkpoint (none at the end)
+
+
+def test_a_full_disk_is_one_message_and_the_run_resumes(tmp_path, model_dir, data8, capsys):
+    import errno
+
+    from advisor.planfile import load_plan
+    from runner.cli import run_in_process
+    from runner.hooks import Hooks
+
+    def disk_full(r):
+        if r.step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(r.run_dir / "checkpoints"))
+
+    plan = load_plan(plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=4))
+    run_dir = tmp_path / "D"
+    assert run_in_process(plan, run_dir, progress=False, hooks=Hooks(after_step=disk_full)) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full: no space left on the device writing" in err and "Traceback" not in err
+    assert f"resume from step-2: tuneplan run --resume {run_dir}" in " ".join(err.split())
+    assert not (run_dir / "traceback.txt").exists()
+    code, cap = _follow(f"tuneplan run --resume {run_dir}", capsys)
+    assert code == 0, cap.err
