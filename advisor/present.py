@@ -21,8 +21,10 @@ COMPONENT_LABELS = {
     "optimizer_states": "optimizer states", "activations": "activations",
     "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
     "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",
-    "ddp_buckets": "DDP gradient buckets", "cuda_context": "CUDA context", "cublas_workspace": "cuBLAS workspace",
-    "allocator_slack": "allocator slack", "inputs": "input batch", "logits": "logits",
+    "ddp_buckets": "DDP gradient buckets", "zero_buckets": "ZeRO reduce buckets", "cuda_context": "CUDA context",
+    "cublas_workspace": "cuBLAS workspace", "attention_workspace": "attention workspace",
+    "nccl_buffers": "NCCL buffers", "allocator_cache": "allocator cache", "inputs": "input batch",
+    "logits": "logits",
 }
 _ORDER = list(COMPONENT_LABELS)
 
@@ -193,6 +195,15 @@ def limit_line(lim) -> Text:
     return line
 
 
+def stack_line(stack: dict[str, str] | None = None) -> str:
+    """'torch 2.13.0 · transformers 5.23.0 · peft ... ': the stack the estimate models."""
+    if stack is None:
+        from advisor.service import modelled_stack
+
+        stack = modelled_stack()
+    return " · ".join(f"{k} {v}" for k, v in stack.items())
+
+
 def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
     """`tuneplan estimate`'s table output."""
     from rich.console import Console
@@ -207,6 +218,7 @@ def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
             con.print(line)
     if res.time is not None:
         con.print(f"[dim]assumed: {res.time.assumptions}[/]")
+    con.print(f"[dim]modelled: {res.breakdown.reserved_model}; stack {stack_line()}[/]")
     for n in res.notes:
         con.print(f"[dim]note: {n}[/]")
 

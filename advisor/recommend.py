@@ -365,6 +365,13 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
         skipped = [g.name for g in table if g.price_usd_hour is None]
         if skipped:
             notes.append(f"skipped {len(skipped)} GPUs with no hourly price in the table: {', '.join(skipped)}")
+    if "qlora" in methods:  # MoE on transformers 5: QLoRA leaves the experts unquantized, in fp32
+        from advisor.memory import moe_qlora_note
+
+        t = base_plan.training.model_copy(update={"method": "qlora"})
+        moe = moe_qlora_note(shape, t, base_plan.hardware)
+        if moe:
+            notes.append(moe)
     options = [_option_for(shape, base_plan, g, m, counts, target_batch, tokens)
                for g in cards for m in methods]
     ranks = {m: method_rank(m, shape, examples)[0] for m in methods}

@@ -137,7 +137,7 @@ class EstimateResult:
 
     @property
     def peak_reserved_high_bytes(self) -> int:
-        return getattr(self.breakdown, "peak_reserved_high_bytes", self.breakdown.peak_reserved_bytes)
+        return self.breakdown.peak_reserved_high_bytes
 
     @property
     def status(self) -> str | None:
@@ -162,6 +162,9 @@ class EstimateResult:
             "overhead": bd.overhead,
             "peak_allocated_bytes": bd.peak_allocated_bytes,
             "peak_reserved_bytes": bd.peak_reserved_bytes,
+            "peak_reserved_high_bytes": bd.peak_reserved_high_bytes,
+            "reserved_model": bd.reserved_model,
+            "stack": modelled_stack(),
             "notes": self.notes,
         }
         if self.gpu is not None and self.verdict is not None:
@@ -174,12 +177,18 @@ class EstimateResult:
         return out
 
 
+def modelled_stack() -> dict[str, str]:
+    """The versions of torch / transformers / peft / bitsandbytes / accelerate the estimate models."""
+    from advisor.gpu_memory import modelled_stack as stack
+
+    return stack()
+
+
 def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:
     """The one fit verdict of a breakdown on a card (advisor.policy.fit_verdict)."""
     if gpu is None:
         return None
-    high = getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes)
-    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes, high)
+    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes, bd.peak_reserved_high_bytes)
 
 
 def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float, str], None] | None = None,

@@ -13,6 +13,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, Select, Static
 
+from advisor import present
 from advisor.forms import NO_GPU, Evaluation, fetch_model
 from advisor.policy import GIB, gib
 from advisor.present import money
@@ -195,12 +196,15 @@ class PlanScreen(Screen):
         line.append(f"  {total / 1e9:,.2f}B" if total >= 1e9 else f"  {total / 1e6:,.1f}M")
         line.append(f" params, {r.params_trainable:,} trainable   ")
         line.append(f"peak {gib(r.peak_reserved_bytes)} GiB reserved", style="bold")
-        line.append(f" ({gib(r.peak_allocated_bytes)} GiB tensors) ")
+        if r.peak_reserved_high_bytes > r.peak_reserved_bytes:
+            line.append(f" (p90 {gib(r.peak_reserved_high_bytes)})")
+        line.append(f" · {gib(r.peak_allocated_bytes)} GiB tensors ")
         if gpu is not None and r.verdict is not None:
             line.append(f"on {gpu.name}: ")
             line.append_text(badge(r.status))
             room = r.verdict.headroom_bytes
             line.append(f" {'headroom' if room >= 0 else 'short by'} {gib(abs(room))} GiB")
+        line.append(f"\nmodelled: {r.breakdown.reserved_model} · {present.stack_line()}", style="dim")
         for note in r.notes:
             line.append(f"\nnote: {note}", style="dim")
         head.update(line)

@@ -12,7 +12,8 @@ COLORS = {
     "weights": "#4e79a7", "lora_adapters": "#59a14f", "gradients": "#f28e2b", "optimizer_states": "#e15759",
     "activations": "#76b7b2", "logits_and_loss": "#edc948", "transient": "#b07aa1", "kv_cache": "#ff9da7",
     "prefill_activations": "#76b7b2", "zero3_gathered_params": "#9c755f", "ddp_buckets": "#bab0ac",
-    "cuda_context": "#7f7f7f", "cublas_workspace": "#999999", "allocator_slack": "#5f5f5f",
+    "zero_buckets": "#bab0ac", "cuda_context": "#7f7f7f", "cublas_workspace": "#999999",
+    "attention_workspace": "#8a8a8a", "nccl_buffers": "#6f6f6f", "allocator_cache": "#5f5f5f",
 }
 
 
