@@ -47,7 +47,7 @@ def phase(name: str):
 __all__ = [
     "param_dtype", "compute_dtype", "load_for_training", "make_optimizer", "make_batch", "train_step",
     "load_for_inference", "generate_step", "eval_loss", "attn_impl_of", "weight_bytes", "param_counts",
-    "optimizer_impl",
+    "optimizer_impl", "autocast", "compute_loss", "enable_checkpointing", "lora_config",
 ]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,13 +63,13 @@ def compute_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision.removeprefix("amp-")]
 
 
-def _autocast(precision: str, device_type: str):
+def autocast(precision: str, device_type: str):
     if precision.startswith("amp-"):
         return torch.autocast(device_type=device_type, dtype=compute_dtype(precision))
     return contextlib.nullcontext()
 
 
-def _enable_checkpointing(model) -> None:
+def enable_checkpointing(model) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -79,7 +79,7 @@ def _enable_checkpointing(model) -> None:
             model.enable_input_require_grads()
 
 
-def _lora_config(spec: TrainSpec):
+def lora_config(spec: TrainSpec):
     from peft import LoraConfig
 
     targets = spec.lora.targets
@@ -162,12 +162,12 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
     else:
         model = _from_pretrained(model_dir, dtype=param_dtype(spec.precision), **kwargs)
         if spec.grad_checkpointing:
-            _enable_checkpointing(model)
+            enable_checkpointing(model)
     model.config.use_cache = False
     if spec.method in ("lora", "qlora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(spec))  # autocast_adapter_dtype=True (peft default)
+        model = get_peft_model(model, lora_config(spec))  # autocast_adapter_dtype=True (peft default)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -241,7 +241,7 @@ def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0, device: str
 _scalers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def _compute_loss(model, batch: dict) -> torch.Tensor:
+def compute_loss(model, batch: dict) -> torch.Tensor:
     # Trainer.compute_loss: outputs is a local, so the logits are released when this returns.
     if batch.get("loss_weights") is not None:
         return _weighted_loss(model, batch)
@@ -265,8 +265,8 @@ def _weighted_loss(model, batch: dict) -> torch.Tensor:
 
 def eval_loss(model, batch: dict, precision: str) -> torch.Tensor:
     """The training loss of ``batch`` without gradients (for validation)."""
-    with torch.no_grad(), _autocast(precision, batch["input_ids"].device.type):
-        return _compute_loss(model, batch).detach()
+    with torch.no_grad(), autocast(precision, batch["input_ids"].device.type):
+        return compute_loss(model, batch).detach()
 
 
 def train_step(model, batch: dict | list[dict], optimizer, spec: TrainSpec, max_grad_norm: float | None = None,
@@ -303,8 +303,8 @@ def train_step(model, batch: dict | list[dict], optimizer, spec: TrainSpec, max_
         model.train()
         total = None
         for mb in micro:
-            with phase("forward"), _autocast(spec.precision, device_type):
-                loss = _compute_loss(model, mb)
+            with phase("forward"), autocast(spec.precision, device_type):
+                loss = compute_loss(model, mb)
             if n_micro > 1:
                 loss = loss / n_micro
             with phase("backward"):

@@ -69,15 +69,15 @@ def probe(model, batch: dict, precision: str, backward=None, optimizer=None) -> 
     ``backward`` is accelerate's (DDP/FSDP); every process must probe (DDP reduces in backward)."""
     import torch
 
-    from advisor.stack import _autocast, _compute_loss  # the loss exactly as train_step computes it
+    from advisor.stack import autocast, compute_loss  # the loss exactly as train_step computes it
 
     rng = _rng_state(torch)
     fresh = optimizer.state_dict() if optimizer is not None and not optimizer.state else None
     t0 = time.perf_counter()
     try:
         model.train()
-        with _autocast(precision, batch["input_ids"].device.type):
-            loss = _compute_loss(model, batch)
+        with autocast(precision, batch["input_ids"].device.type):
+            loss = compute_loss(model, batch)
         if backward is not None:
             backward(loss)
         else:

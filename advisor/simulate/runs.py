@@ -26,7 +26,7 @@ from advisor.spec import Plan
 
 def _build_training(plan: Plan, shape: ModelShape, config: dict):
     """The model as advisor.stack.load_for_training builds it, on fake tensors."""
-    from advisor.stack import _enable_checkpointing, _lora_config, compute_dtype, param_dtype
+    from advisor.stack import compute_dtype, enable_checkpointing, lora_config, param_dtype
 
     t = plan.training
     if t.attn_impl == "flash_attention_2":
@@ -45,12 +45,12 @@ def _build_training(plan: Plan, shape: ModelShape, config: dict):
             gradient_checkpointing_kwargs={"use_reentrant": False})
         del model.is_loaded_in_4bit
     elif t.grad_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     model.config.use_cache = False
     if t.method in ("lora", "qlora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(t))
+        model = get_peft_model(model, lora_config(t))
         if quantized:
             _peft_bnb_forward(model, quantized)
     else:
