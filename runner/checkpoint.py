@@ -35,7 +35,9 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 TMP_PREFIX = ".tmp-step-"
 # Plan fields a checkpoint's weights and optimizer state depend on: resuming cannot change them.
-IDENTITY = ("model.ref", "training.method", "training.precision", "training.optimizer", "training.lora.r",
+# (Not model.ref: a run directory and its model may move to another machine; another model's weights
+# do not fit the checkpoint's and are refused when they are loaded.)
+IDENTITY = ("training.method", "training.precision", "training.optimizer", "training.lora.r",
             "training.lora.targets", "training.lora.alpha")
 
 

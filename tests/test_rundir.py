@@ -398,3 +398,30 @@ def test_a_full_disk_is_one_message_and_the_run_resumes(tmp_path, model_dir, dat
     assert not (run_dir / "traceback.txt").exists()
     code, cap = _follow(f"tuneplan run --resume {run_dir}", capsys)
     assert code == 0, cap.err
+
+
+def test_resuming_with_another_model_is_refused_when_it_loads(tmp_path, model_dir, data8, capsys):
+    """A moved model (same weights, new path) resumes; a different architecture is refused clearly."""
+    import shutil
+
+    from advisor.planfile import load_plan
+    from runner.demo import build_model_dir
+    from runner.recipe import Recipe
+
+    plan = load_plan(plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=4))
+    holder = {}
+
+    def stop_at_2(ev):
+        if ev.get("type") == "step" and ev["step"] == 2:
+            holder["r"].stop_requested = "SIGTERM"
+
+    r = Recipe(plan, tmp_path / "D", log=lambda m: None, progress=stop_at_2)
+    holder["r"] = r
+    assert r.run() == 130
+    shutil.copytree(tmp_path / "D", tmp_path / "E")
+    other = build_model_dir(tmp_path / "wide", DEMO_DATA, hidden_size=64, intermediate_size=128)
+    assert main(["run", "--resume", str(tmp_path / "D"), f"model.ref={other}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match this model and plan" in err and "Traceback" not in err
+    moved = shutil.copytree(model_dir, tmp_path / "moved")
+    assert main(["run", "--resume", str(tmp_path / "E"), f"model.ref={moved}", "--no-progress"]) == 0
