@@ -128,6 +128,8 @@ class Recipe:
         self._setup_model()
         if self.resumed_from:
             self._load_checkpoint(Path(self.resumed_from))
+        if self.is_main and self.resume:  # with this command's overrides (more steps...), now that they work
+            self._save_plan()
         from runner.failfast import check_longest_batch
 
         check_longest_batch(self)  # the longest batch, once, before step 1: an OOM shows now, not hours in
@@ -159,11 +161,14 @@ class Recipe:
         self.monitor = MemoryMonitor(self.monitor_interval, on_sample=self._on_memory)
         if self.monitor.note:
             self.notes.append(self.monitor.note)
-        if self.is_main:  # the resolved plan (on resume: with that command's overrides, e.g. more steps)
-            from advisor.planfile import save_plan
-
-            save_plan(plan, self.run_dir / "plan.yaml")
+        if self.is_main and not self.resume:  # the resolved plan (a resume saves it once its checkpoint loads)
+            self._save_plan()
         self._seed(plan.run.seed)
+
+    def _save_plan(self) -> None:
+        from advisor.planfile import save_plan
+
+        save_plan(self.plan, self.run_dir / "plan.yaml")
 
     def _setup_data(self) -> int:
         """The model directory, the prediction, the tokenizer, the tokenized data and the number of

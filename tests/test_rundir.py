@@ -423,5 +423,6 @@ def test_resuming_with_another_model_is_refused_when_it_loads(tmp_path, model_di
     assert main(["run", "--resume", str(tmp_path / "D"), f"model.ref={other}", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "does not match this model and plan" in err and "Traceback" not in err
+    assert load_plan(tmp_path / "D" / "plan.yaml").model.ref == str(model_dir)  # a failed resume changes nothing
     moved = shutil.copytree(model_dir, tmp_path / "moved")
     assert main(["run", "--resume", str(tmp_path / "E"), f"model.ref={moved}", "--no-progress"]) == 0
