@@ -56,7 +56,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", nargs="?", help="plan.yaml (as saved by the TUI or `tuneplan recommend`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.micro_batch=2 run.max_steps=100")
     p.add_argument("--run-dir", help="the run directory (default: run.output_dir/run.name)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest checkpoint (from step 0 when it has none yet)")
     p.add_argument("--dry-run", action="store_true", help="print the command (and accelerate config) and exit")
     p.add_argument("--force", action="store_true", help="run even when the advisor says the plan does not fit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (lines on stderr instead)")
