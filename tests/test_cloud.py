@@ -15,8 +15,9 @@ from conftest import ROOT
 from advisor.planfile import save_plan
 from advisor.problems import Problems
 from advisor.spec import build_plan
-from runner.cloud import SKYPILOT_NAMES, render
+from runner.cloud import SKYPILOT_NAMES
 from runner.demo import DEMO_DATA
+from runner.rent import render
 
 
 def _plan(tmp_path, **hw):
@@ -157,7 +158,7 @@ def test_bad_input_one_problem_each(tmp_path, hw, data, field, words):
 
 
 def _cli(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "runner.cloud", *args], cwd=tmp_path, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "runner.rent", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

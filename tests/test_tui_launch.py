@@ -84,8 +84,8 @@ async def test_attach_to_a_finished_run_directory(tmp_path):
 @pytest.mark.asyncio
 async def test_launch_screen_offers_local_skypilot_and_slurm(tmp_path):
     """A 16-H100 plan over two nodes: the per-node commands here, the SkyPilot task and the sbatch script
-    it would write (runner.cloud.render, the text `tuneplan cloud` writes), and Write file writes it."""
-    pytest.importorskip("runner.cloud")
+    it would write (runner.rent.render, the text `tuneplan cloud` writes), and Write file writes it."""
+    pytest.importorskip("runner.rent")
     from advisor.spec import build_plan
     from runner.demo import DEMO_DATA
 

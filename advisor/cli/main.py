@@ -205,7 +205,7 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     from runner.cli import add_commands as add_runner_commands  # run, data check, demo (light imports)
 
     add_runner_commands(sub)
-    from runner.cloud import add_commands as add_cloud_commands  # cloud: SkyPilot task / Slurm script
+    from runner.rent import add_commands as add_cloud_commands  # cloud: SkyPilot task / Slurm script
 
     add_cloud_commands(sub)
     if extra is not None:

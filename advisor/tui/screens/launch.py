@@ -155,10 +155,10 @@ class LaunchScreen(Screen):
         return text
 
     def file_text(self, target: str, plan_file: str) -> Text:
-        """The SkyPilot task or sbatch script `tuneplan cloud` would write for this plan (runner.cloud)."""
-        cloud = runner_module("cloud")
+        """The SkyPilot task or sbatch script `tuneplan cloud` would write for this plan (runner.rent)."""
+        cloud = runner_module("rent")
         if cloud is None:
-            return Text("runner.cloud is not installed", style="bold yellow")
+            return Text("runner.rent is not installed", style="bold yellow")
         body = cloud.render(self.plan_to_run(), target, plan_file, out=str(self.target_file()))
         text = Text()
         text.append(f"Write file saves the plan to {plan_file} and this to {self.target_file()}:\n", style="bold")
@@ -178,7 +178,7 @@ class LaunchScreen(Screen):
         try:
             plan = self.plan_to_run()
             save_plan(plan, plan_file)
-            body = runner_module("cloud").render(plan, target, plan_file, out=str(dest))
+            body = runner_module("rent").render(plan, target, plan_file, out=str(dest))
             dest.write_text(body)
         except (SpecError, Problems) as e:
             self.notify("; ".join(p.message for p in e.items), title="cannot write", severity="error", timeout=10)
