@@ -211,6 +211,9 @@ class RunSpec(_Strict):
     merge_export: bool = Field(False, description="Also save the base model with the adapter merged in.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints (older ones are "
                                   "deleted after a new one is written).")
+    fail_fast: bool = Field(True, description="Before step 1, run one step on the longest batch the data can "
+                            "produce, so a batch that does not fit fails in the first minute (training is "
+                            "unchanged by it).")
 
 
 class Plan(_Strict):

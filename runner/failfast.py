@@ -9,9 +9,10 @@ again, and the random state that dropout consumes is put back, so the losses are
 bit with and without it. Under DeepSpeed the probe is skipped: the engine's backward is tied to its
 own step and accumulation bookkeeping.
 
-``TUNEPLAN_TEST_OOM_ABOVE_TOKENS=N`` (a test hook, like the recipe's ``oom_at_step``): any forward of
-a batch of more than N tokens (micro-batch x length) raises torch.OutOfMemoryError, what the CUDA
-caching allocator raises, so a CPU test shows where a long batch fails.
+``Hooks(oom_above_tokens=N)`` (a test hook, like ``oom_at_step``; ``oom_above_tokens=N`` in
+``TUNEPLAN_TEST_HOOKS`` for a subprocess): any forward of a batch of more than N tokens (micro-batch x
+length) raises torch.OutOfMemoryError, what the CUDA caching allocator raises, so a CPU test shows where
+a long batch fails. The plan's ``run.fail_fast: false`` turns the probe off.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Any
-
-TEST_OOM_TOKENS_ENV = "TUNEPLAN_TEST_OOM_ABOVE_TOKENS"
-SKIP_ENV = "TUNEPLAN_NO_FAILFAST"  # 1: no probe (the test hook above still applies)
 
 
 @dataclass(frozen=True)
@@ -111,22 +109,17 @@ def _set_rng_state(torch, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def install_test_hook(model) -> Any | None:
-    """TUNEPLAN_TEST_OOM_ABOVE_TOKENS=N: a forward pre-hook on the model that raises
-    torch.OutOfMemoryError for a batch of more than N tokens. None when the variable is unset."""
-    raw = os.environ.get(TEST_OOM_TOKENS_ENV, "")
-    try:
-        limit = int(raw)
-    except ValueError:
-        return None
-    if limit <= 0:
+def install_test_hook(model, limit: int | None) -> Any | None:
+    """Hooks.oom_above_tokens=N: a forward pre-hook on the model that raises torch.OutOfMemoryError for a
+    batch of more than N tokens. None without the hook."""
+    if not limit or limit <= 0:
         return None
     import torch
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and ids.numel() > limit:
-            raise torch.OutOfMemoryError(f"simulated by {TEST_OOM_TOKENS_ENV}={limit} for a batch of "
+            raise torch.OutOfMemoryError(f"simulated by the oom_above_tokens={limit} test hook for a batch of "
                                          f"{ids.numel()} tokens: CUDA out of memory. Tried to allocate 2.00 GiB")
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -136,11 +129,11 @@ def check_longest_batch(recipe) -> dict | None:
     """The recipe's setup calls this last (model, optimizer and data ready). Runs the probe on every
     process; re-raises an out-of-memory error with the batch that caused it (the recipe then records
     it with the next plan that fits). Returns what it did (for the log and the report) or None."""
-    install_test_hook(recipe.model)
+    install_test_hook(recipe.model, recipe.hooks.oom_above_tokens)
     accelerator = getattr(recipe, "accelerator", None)
     if accelerator is not None:
         check_shared_run_dir(recipe)
-    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+    if not recipe.plan.run.fail_fast:
         return None
     if accelerator is not None and _dist_type(accelerator) == "DEEPSPEED":
         recipe.notes.append("fail-fast probe skipped under DeepSpeed (its backward steps the engine)")

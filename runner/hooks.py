@@ -22,13 +22,15 @@ class Hooks:
     before_step: Callable[[Recipe], None] | None = None  # before step recipe.step + 1 runs
     after_step: Callable[[Recipe], None] | None = None  # after step recipe.step, its event written
     before_load: Callable[[Recipe], None] | None = None  # after the start event, before the model loads
+    oom_above_tokens: int | None = None  # any forward of more tokens raises torch.OutOfMemoryError (runner.failfast)
 
     @classmethod
     def from_spec(cls, spec: str) -> Hooks:
-        """``step_delay=SECONDS,oom_at_step=N,load_delay=SECONDS``: sleep after every step (a tiny model
-        trains too fast to be stopped midway), raise torch.OutOfMemoryError (what CUDA's allocator
-        raises) before step N, sleep before the model loads (a big model's loading time, to signal it
-        there). Unknown or malformed items are ignored (a test hook must not fail a real run)."""
+        """``step_delay=SECONDS,oom_at_step=N,load_delay=SECONDS,oom_above_tokens=N``: sleep after every
+        step (a tiny model trains too fast to be stopped midway), raise torch.OutOfMemoryError (what
+        CUDA's allocator raises) before step N, sleep before the model loads (a big model's loading time,
+        to signal it there), raise it in any forward of more than N tokens (a batch too long to fit).
+        Unknown or malformed items are ignored (a test hook must not fail a real run)."""
         opts: dict[str, float] = {}
         for item in spec.split(","):
             k, _, v = item.partition("=")
@@ -49,4 +51,4 @@ class Hooks:
         if load > 0:
             def loading(r: Recipe) -> None:
                 time.sleep(load)
-        return cls(before, after, loading)
+        return cls(before, after, loading, int(opts["oom_above_tokens"]) if opts.get("oom_above_tokens") else None)

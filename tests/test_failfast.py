@@ -9,7 +9,8 @@ from advisor.spec import build_plan
 from runner.data import Example
 from runner.demo import DEMO_DATA
 from runner.events import read_events
-from runner.failfast import SKIP_ENV, TEST_OOM_TOKENS_ENV, data_check_longest, longest_batch
+from runner.failfast import data_check_longest, longest_batch
+from runner.hooks import Hooks
 
 
 def _ex(n, line):
@@ -85,26 +86,25 @@ def _plan(model_dir, data, out, **run):
     })
 
 
-def _run(plan, run_dir):
+def _run(plan, run_dir, hooks=None):
     from runner.recipe import Recipe
 
-    r = Recipe(plan, run_dir, log=lambda m: None)
+    r = Recipe(plan, run_dir, log=lambda m: None, hooks=hooks)
     return r, r.run()
 
 
 def test_a_batch_that_does_not_fit_fails_before_the_first_step(model_dir, one_long, tmp_path, monkeypatch):
     # No GPU here: the test hook raises torch.OutOfMemoryError (what CUDA's allocator raises) in any
     # forward of more than 400 tokens; the short batches hold about 2 x 40, the long one 2 x 500+.
-    monkeypatch.setenv(TEST_OOM_TOKENS_ENV, "400")
-    monkeypatch.setenv(SKIP_ENV, "1")  # without the probe: the run fails when the long example comes up
-    r, code = _run(_plan(model_dir, one_long, tmp_path / "a"), tmp_path / "a" / "r")
+    hooks = Hooks(oom_above_tokens=400)
+    # without the probe (run.fail_fast off): the run fails when the long example comes up
+    r, code = _run(_plan(model_dir, one_long, tmp_path / "a", fail_fast=False), tmp_path / "a" / "r", hooks)
     assert code == 1
     events, _ = read_events(tmp_path / "a" / "r")
     late = [e for e in events if e["type"] == "step"]
     assert events[-1]["type"] == "error" and events[-1]["kind"] == "oom" and len(late) >= 1
 
-    monkeypatch.delenv(SKIP_ENV)
-    r, code = _run(_plan(model_dir, one_long, tmp_path / "b"), tmp_path / "b" / "r")
+    r, code = _run(_plan(model_dir, one_long, tmp_path / "b"), tmp_path / "b" / "r", hooks)
     assert code == 1
     events, _ = read_events(tmp_path / "b" / "r")
     assert not [e for e in events if e["type"] == "step"]  # failed before step 1
@@ -118,12 +118,11 @@ def test_probe_leaves_training_unchanged(model_dir, one_long, tmp_path, monkeypa
     """LoRA dropout draws from torch's generator: the probe puts it back, drops its gradients and
     never steps the optimizer, so the losses are the same to the bit with and without it."""
     runs = {}
-    for name, skip in (("with", "0"), ("without", "1")):
-        monkeypatch.setenv(SKIP_ENV, skip)
-        r, code = _run(_plan(model_dir, one_long, tmp_path / name, max_steps=4), tmp_path / name / "r")
+    for name, on in (("with", True), ("without", False)):
+        r, code = _run(_plan(model_dir, one_long, tmp_path / name, max_steps=4, fail_fast=on), tmp_path / name / "r")
         assert code == 0, getattr(r, "error", None)
         events, _ = read_events(tmp_path / name / "r")
         runs[name] = [e["loss"] for e in events if e["type"] == "step"]
         notes = json.loads((tmp_path / name / "r" / "report.json").read_text())["notes"]
-        assert any("fail-fast" in n and "with the optimizer state" in n for n in notes) == (skip == "0")
+        assert any("fail-fast" in n and "with the optimizer state" in n for n in notes) == on
     assert len(runs["with"]) == 4 and runs["with"] == runs["without"]
