@@ -164,6 +164,10 @@ def cmd_data_check(a: argparse.Namespace) -> int:
             out["trained_tokens"] = length_stats([e.trained_tokens for e in exs])
             out["truncated"] = sum(e.truncated for e in exs)
             out["no_trained_tokens"] = [e.line for e in exs if e.trained_tokens == 0]
+            from runner.failfast import data_check_longest  # the longest example, uncut
+
+            full = [tokenize(r, fmt, template, tok, 10**9, a.prompt_loss_weight) for r in records]
+            out["longest"] = data_check_longest(full, a.seq)
             ex = exs[0]
             out["example"] = {"line": ex.line, "tokens": [
                 {"id": i, "text": tok.decode([i]), "trained": lab != -100,

@@ -132,6 +132,11 @@ def _print_data_check(out: dict) -> None:
         s = out["tokens"]
         con.print(f"tokens per example: min {s['min']}, mean {s['mean']}, median {s['median']}, p95 {s['p95']}, "
                   f"max {s['max']}; trained tokens per example: mean {out['trained_tokens']['mean']}")
+        longest = out.get("longest") or {}
+        if longest:
+            con.print(f"longest example: line {longest['line']}, {longest['tokens']} tokens")
+        if longest.get("warning"):
+            con.print(f"[yellow]{longest['warning']}[/]")
         if out["truncated"]:
             con.print(f"[yellow]{out['truncated']} examples are longer than --seq and get cut[/]")
         if out["no_trained_tokens"]:

@@ -219,3 +219,24 @@ def data_check_longest(examples: list, seq_len: int) -> dict:
                           f"{seq_len} the estimate used: it is cut to {seq_len} tokens; raise training.seq_len to "
                           f"{n} (and estimate again) to train on all of it")
     return out
+
+
+def longest_in_file(path, model_ref: str, seq_len: int, fmt: str = "auto", template: str = "auto",
+                    prompt_loss_weight: float = 0.0, trust_remote_code: bool = False) -> dict:
+    """The longest example of a data file in the model's tokens (for the TUI's Launch screen, as
+    `tuneplan data check` shows it): {line, tokens, seq_len, warning?}, or {} when it cannot be told
+    (no records, no tokenizer to load)."""
+    from runner.data import DataError, load_and_check, resolve_template, tokenize
+
+    try:
+        records, found, _ = load_and_check(path, fmt)
+        if not records:
+            return {}
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
+        tmpl = resolve_template(found, template, tok)
+        full = [tokenize(r, found, tmpl, tok, 10**9, prompt_loss_weight) for r in records]
+    except (DataError, OSError, ValueError):
+        return {}
+    return data_check_longest(full, seq_len)

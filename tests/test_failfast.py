@@ -126,3 +126,13 @@ def test_probe_leaves_training_unchanged(model_dir, one_long, tmp_path, monkeypa
         notes = json.loads((tmp_path / name / "r" / "report.json").read_text())["notes"]
         assert any("fail-fast" in n and "with the optimizer state" in n for n in notes) == on
     assert len(runs["with"]) == 4 and runs["with"] == runs["without"]
+
+
+def test_data_check_shows_the_longest_example_and_warns(model_dir, one_long, capsys):
+    from advisor.cli.main import main
+
+    assert main(["data", "check", str(one_long), "--model", str(model_dir), "--seq", "128", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["longest"]["line"] == 41 and out["longest"]["tokens"] > 128 and "longer than" in out["longest"]["warning"]
+    assert main(["data", "check", str(one_long), "--model", str(model_dir), "--seq", "128"]) == 0
+    assert "longest example: line 41" in capsys.readouterr().out

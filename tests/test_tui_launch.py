@@ -115,3 +115,19 @@ async def test_launch_screen_offers_local_skypilot_and_slurm(tmp_path):
         await pilot.pause()
         assert (tmp_path / "plan.sbatch").is_file() and (tmp_path / "plan.yaml").is_file()
         assert "#SBATCH --nodes=2" in (tmp_path / "plan.sbatch").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_launch_preview_shows_the_longest_example_and_warns_past_the_sequence_length(tiny_plan):
+    tmp, plan = tiny_plan
+    short = plan.model_copy(update={"training": plan.training.model_copy(update={"seq_len": 64})})
+    app = make_app(plan=short, plan_path=tmp / "plan-short.yaml")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        await pilot.press("f4")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        shown = str(app.screen.query_one("#preview").content)
+        assert "longest example: line" in shown
+        assert "longer than the sequence length 64" in shown

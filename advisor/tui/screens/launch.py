@@ -70,6 +70,7 @@ class LaunchScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self._preview_text = Text()
         self.handle = None
         self.run: RunState | None = None
         missing = runner_missing()
@@ -235,9 +236,35 @@ class LaunchScreen(Screen):
                 text.append(f"line {r.line}: ", style="dim")
                 text.append(_short(r.data) + "\n")
             out.update(text)
+            self._preview_text = text
+            if records and self.app.plan is not None:
+                self.longest(str(Path(path).expanduser()), self.app.plan)
             return
         lines = Path(path).expanduser().read_text(errors="replace").splitlines()[:5]
         out.update(Text("runner.data is not installed; first lines as they are:\n" + "\n".join(lines)))
+
+    @work(thread=True, exclusive=True, group="longest")
+    def longest(self, path: str, plan) -> None:
+        """The dataset's longest example in the model's tokens (loads the tokenizer: in a worker), with a
+        warning when it is longer than the sequence length the estimate used."""
+        failfast = runner_module("failfast")
+        if failfast is None or not hasattr(failfast, "longest_in_file"):
+            return
+        d, t = plan.data, plan.training
+        found = failfast.longest_in_file(path, plan.model.ref, t.seq_len, d.format, d.template, d.prompt_loss_weight,
+                                         plan.model.trust_remote_code)
+        if found:
+            self.app.call_from_thread(self._show_longest, path, found)
+
+    def _show_longest(self, path: str, found: dict) -> None:
+        if self.query_one("#dataset", Input).value.strip() and \
+                str(Path(self.query_one("#dataset", Input).value.strip()).expanduser()) != path:
+            return  # the user has named another file since
+        text = self._preview_text.copy()
+        text.append(f"longest example: line {found['line']}, {found['tokens']:,} tokens\n", style="bold")
+        if found.get("warning"):
+            text.append(found["warning"] + "\n", style="bold yellow")
+        self.query_one("#preview", Static).update(text)
 
     # --- start / abort / attach ----------------------------------------------------------------------
     @on(Button.Pressed, "#start")
