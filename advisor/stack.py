@@ -22,7 +22,6 @@ runner trains, so that what :mod:`runner.memtrace` measures is what a user's run
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import warnings
 import weakref
@@ -34,10 +33,6 @@ os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # see runner.memtrace: k
 import torch
 
 from advisor.spec import OPTIMIZERS, InferSpec, TrainSpec
-
-# bitsandbytes' CPU backend warns on import that it cannot fetch an optional kernel from the hub
-# (offline by design); the fallback it uses is the one tuneplan measures.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 PHASE_PREFIX = "tuneplan:"  # record_function ranges that runner.memtrace reads back
 
