@@ -1,4 +1,4 @@
-
+"""tuneplan: the headless planning core (this package) and its front ends (advisor.cli, advisor.tui)."""
 
 import logging as _logging
 
