@@ -137,11 +137,18 @@ def attn_impl_of(model) -> str:
     return getattr(cfg, "_attn_implementation", None) or "eager"
 
 
-def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu", trust_remote_code: bool = False):
+def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu", trust_remote_code: bool = False,
+                      shard_4bit: bool = False):
     """Load ``model_dir`` ready to train as the runner trains it (see the module doc).
 
     Returns the model (a ``PeftModel`` for lora/qlora) in train mode with ``use_cache=False``.
     Custom modelling code runs only when the plan asks for it (model.trust_remote_code).
+
+    ``shard_4bit`` (QLoRA under FSDP, the usual way to QLoRA a 70B model on two 80 GB cards): the
+    4-bit weights are stored in the compute dtype (``bnb_4bit_quant_storage``) so that FSDP can flatten
+    and shard them with the other weights, and the other weights stay in that dtype too: no
+    ``prepare_model_for_kbit_training`` fp32 casts (FSDP flattens one dtype per unit). What
+    advisor.memory models for it (``fsdp_qlora``).
     """
     if spec.attn_impl == "flash_attention_2" and device == "cpu":
         raise ValueError("flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU")
@@ -152,13 +159,21 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
+        storage = {"bnb_4bit_quant_storage": compute_dtype(spec.precision)} if shard_4bit else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=spec.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype(spec.precision))
-        model = _from_pretrained(model_dir, dtype=param_dtype(spec.precision), **kwargs)
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.grad_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            bnb_4bit_compute_dtype=compute_dtype(spec.precision), **storage)
+        if shard_4bit:  # every weight in the compute dtype, none cast to fp32 (FSDP flattens one dtype)
+            model = _from_pretrained(model_dir, dtype=compute_dtype(spec.precision), **kwargs)
+            if spec.grad_checkpointing:
+                enable_checkpointing(model)
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        else:
+            model = _from_pretrained(model_dir, dtype=param_dtype(spec.precision), **kwargs)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=spec.grad_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = _from_pretrained(model_dir, dtype=param_dtype(spec.precision), **kwargs)
         if spec.grad_checkpointing:

@@ -232,7 +232,6 @@ def start_run(plan_path: str | Path | None, run_dir: str | Path | None = None, r
 
 # --- the next plan after an out-of-memory error ------------------------------------------------
 
-HEADROOM = 0.95
 
 
 def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | None = None) -> dict[str, Any]:
@@ -240,12 +239,14 @@ def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | 
 
     The ladder, each rung adding to the one before: gradient checkpointing on, then halve the
     micro-batch (doubling gradient accumulation, so the effective batch stays) down to 1, then an
-    8-bit paged optimizer, then LoRA (from full), then QLoRA. A rung is taken when its estimate is
-    at most 95% of the GPU memory (the real device's total on CUDA, else hardware.gpu) and
-    clearly below what the failing plan needed (its measured peak, or 80% of its estimate): the
+    8-bit paged optimizer, then LoRA (from full), then QLoRA. A rung is taken when the one fit
+    verdict (advisor.policy) says it "fits" the GPU (the real device's total on CUDA, else
+    hardware.gpu): not merely "tight", since the plan before it has just run out) and its estimate
+    is clearly below what the failing plan needed (its measured peak, or 80% of its estimate): the
     plan that failed evidently did not fit, whatever its estimate said.
     """
     from advisor.memory import estimate
+    from advisor.policy import fit_verdict
 
     if shape is None:
         from advisor.model import resolve
@@ -253,8 +254,7 @@ def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | 
         shape = resolve(plan.model.ref)
     capacity = _capacity(plan)
     current = estimate(plan, shape).peak_reserved_bytes
-    limit = min(x for x in (capacity * HEADROOM if capacity else None, 0.8 * current,
-                            measured_peak * 0.9 if measured_peak else None) if x)
+    limit = min(x for x in (0.8 * current, measured_peak * 0.9 if measured_peak else None) if x)
     changes: dict[str, Any] = {}
     data = plan.model_dump(mode="json")
     t = data["training"]
@@ -282,8 +282,10 @@ def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | 
             p = build_plan(trial)
         except Exception:
             continue
-        need = estimate(p, shape).peak_reserved_bytes
-        if need <= limit:
+        bd = estimate(p, shape)
+        need = bd.peak_reserved_bytes
+        fits = capacity is None or fit_verdict(need, capacity, bd.peak_reserved_high_bytes).status == "fits"
+        if need <= limit and fits:
             overrides = [f"{k}={_yaml_scalar(v)}" for k, v in changes.items()]
             cmd = ["tuneplan", "run", str(Path(run_dir) / "plan.yaml"), *overrides, "--run-dir",
                    str(Path(run_dir).with_name(Path(run_dir).name + "-retry"))]

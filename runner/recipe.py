@@ -222,7 +222,9 @@ class Recipe:
         self.rss_before_model = self.monitor.read()["rss"]
         try:
             self.model = load_for_training(self.model_dir, t, device=self.device,
-                                           trust_remote_code=self.plan.model.trust_remote_code)
+                                           trust_remote_code=self.plan.model.trust_remote_code,
+                                           shard_4bit=t.method == "qlora" and self.accelerator is not None
+                                           and self._dist_type() == "FSDP")
         except Exception as e:  # noqa: BLE001 - damaged weights, a config transformers rejects, a missing library
             if _is_oom(e):
                 raise

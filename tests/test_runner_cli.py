@@ -156,7 +156,10 @@ def test_next_plan_after_oom_fits():
     from runner.launch import _apply
 
     fixed = build_plan(_apply(plan.model_dump(mode="json"), s["changes"]))
-    assert estimate(fixed, resolve(plan.model.ref)).peak_reserved_bytes <= 0.95 * 80 * 1024**3
+    from advisor import service
+
+    bd = estimate(fixed, resolve(plan.model.ref))
+    assert service.verdict_for(bd, service.find_gpu("A100 80GB")).status == "fits"  # the one verdict, not "tight"
 
 
 def test_data_check_reports_line_numbers(tmp_path, capsys):
