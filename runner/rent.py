@@ -65,6 +65,11 @@ def cmd_cloud(a: argparse.Namespace) -> int:
         raise Problems(e.items) from None
     suffix = ".sky.yaml" if a.target == "sky" else ".sbatch"
     out = a.output or str(path.with_name(path.stem + suffix))
+    if a.overrides:  # the nodes read the plan file itself: it must hold the overrides too
+        from advisor.planfile import save_plan
+
+        path = save_plan(plan, path.with_name(f"{path.stem}.{a.target}.plan.yaml"))
+        print(f"wrote {path} (the plan with {' '.join(a.overrides)})", file=sys.stderr if out == "-" else sys.stdout)
     text = render(plan, a.target, path, bucket=a.bucket, out=None if out == "-" else out, partition=a.partition,
                   time=a.time)
     if out == "-":

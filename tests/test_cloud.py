@@ -184,3 +184,19 @@ def test_a_model_config_that_cannot_be_read_is_one_problem(tmp_path):
     with pytest.raises(Problems) as e:
         render(plan, "sky", tmp_path / "plan.yaml")
     assert [p.field for p in e.value.items] == ["model.ref"] and "size the disk" in e.value.items[0].what
+
+
+def test_overrides_reach_the_nodes_through_the_mounted_plan(tmp_path):
+    """Every node reads the plan file: `tuneplan cloud PLAN k=v` writes the plan with the overrides and
+    mounts that one, not the original."""
+    _, path = _plan(tmp_path)
+    out = _cli(tmp_path, str(path), "run.max_steps=7", "training.micro_batch=2", "-o", "task.yaml")
+    assert out.returncode == 0, out.stderr
+    task = yaml.safe_load((tmp_path / "task.yaml").read_text())
+    mounted = Path(task["file_mounts"]["~/tuneplan/plan.yaml"])
+    assert mounted != path.resolve() and mounted.is_file()
+    from advisor.planfile import load_plan
+
+    effective = load_plan(mounted)
+    assert effective.run.max_steps == 7 and effective.training.micro_batch == 2
+    assert load_plan(path).run.max_steps is None  # the user's file is untouched
