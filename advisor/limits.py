@@ -59,10 +59,10 @@ def _need(plan: Plan, shape: ModelShape) -> tuple[int, int]:
     from advisor.memory import estimate
 
     bd = estimate(plan, shape)
-    return bd.peak_reserved_bytes, getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes)
+    return bd.peak_reserved_bytes, bd.peak_reserved_high_bytes
 
 
-def _largest(ok: Callable[[int], bool], hi: int) -> int:
+def largest(ok: Callable[[int], bool], hi: int) -> int:
     """Largest x in [1, hi] with ok(x) for a monotone ok (true, then false); 0 if ok(1) is false."""
     if not ok(1):
         return 0
@@ -105,7 +105,7 @@ def _limit(plan: Plan, shape: ModelShape, gpu: Gpu, knob: Knob, cap: int, capped
         n, high = need(v)
         return fit_verdict(n, cap_bytes, high).fits
 
-    best = _largest(ok, cap)
+    best = largest(ok, cap)
     at = max(best, 1)
     n, high = need(at)
     status = fit_verdict(n, cap_bytes, high).status

@@ -79,6 +79,12 @@ def fit_verdict(need: int, capacity: int, high: int | None = None) -> Verdict:
     return Verdict(status, int(need), int(high), int(capacity))
 
 
+def breakdown_verdict(bd, capacity: int) -> Verdict:
+    """The verdict of an estimate (an advisor.breakdown.Breakdown: its expected nvidia-smi peak and the
+    band's high end) on a card of ``capacity`` bytes."""
+    return fit_verdict(bd.peak_reserved_bytes, capacity, bd.peak_reserved_high_bytes)
+
+
 def fit_status(need: int, capacity: int, high: int | None = None) -> Status:
     return fit_verdict(need, capacity, high).status
 

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from advisor import throughput
 from advisor.gpus import Gpu, gpu_table
 from advisor.guide import FULL_FINETUNE_EXAMPLES
+from advisor.limits import largest as _largest
 from advisor.memory import estimate
 from advisor.model import ModelShape
-from advisor.policy import TIGHT_SHARE, Verdict, fit_verdict, gib_str
+from advisor.policy import TIGHT_SHARE, Verdict, breakdown_verdict, gib_str
 from advisor.policy import duration as duration  # noqa: PLC0414  (re-exported for the front ends)
 from advisor.policy import precision_for as precision_for  # noqa: PLC0414
 from advisor.spec import METHODS, InferSpec, Plan
@@ -194,9 +195,7 @@ class _Fit:
 
 def verdict(plan: Plan, shape: ModelShape, gpu: Gpu) -> Verdict:
     """The one fit verdict of a plan on a card (advisor.policy.fit_verdict on the analytic estimate)."""
-    bd = estimate(plan, shape)
-    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes,
-                       getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes))
+    return breakdown_verdict(estimate(plan, shape), gpu.memory_bytes)
 
 
 def _largest_fit(shape, base, method, precision, gc, n, z, target, gpu) -> tuple[_Fit | None, int]:
@@ -472,26 +471,7 @@ def _serve_fits(shape: ModelShape, gpu: Gpu, gpus: int, precision: str, quant: s
     plan = Plan(task="inference", inference=InferSpec(batch=batch, seq_len=seq, precision=precision,
                                                      weight_quant=quant),
                 hardware={"gpu": None, "gpus": gpus, "device": "cuda"})
-    bd = estimate(plan, shape)
-    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes,
-                       getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes)).fits
-
-
-def _largest(ok, hi: int) -> int:
-    """Largest x in [1, hi] with ok(x), assuming ok is monotone (true then false); 0 if none."""
-    if not ok(1):
-        return 0
-    lo, x = 1, 2
-    while x <= hi and ok(x):
-        lo, x = x, x * 2
-    hi = min(x - 1, hi)
-    while lo < hi:  # ok(lo) true, answer in [lo, hi]
-        mid = (lo + hi + 1) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return breakdown_verdict(estimate(plan, shape), gpu.memory_bytes).fits
 
 
 def serving_capacity(shape: ModelShape, gpu: Gpu, gpus: int = 1) -> list[ServingFit]:

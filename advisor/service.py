@@ -23,7 +23,7 @@ from advisor.job import (  # noqa: F401  (the service's job API)
     job_problems,
     make_job,
 )
-from advisor.policy import Verdict, fit_verdict, precision_problem
+from advisor.policy import Verdict, breakdown_verdict, precision_problem
 from advisor.problems import Problem, Problems
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:
     """The one fit verdict of a breakdown on a card (advisor.policy.fit_verdict)."""
     if gpu is None:
         return None
-    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes, bd.peak_reserved_high_bytes)
+    return breakdown_verdict(bd, gpu.memory_bytes)
 
 
 def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float, str], None] | None = None,

@@ -246,7 +246,7 @@ def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | 
     plan that failed evidently did not fit, whatever its estimate said.
     """
     from advisor.memory import estimate
-    from advisor.policy import fit_verdict
+    from advisor.policy import breakdown_verdict
 
     if shape is None:
         from advisor.model import resolve
@@ -284,7 +284,7 @@ def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | 
             continue
         bd = estimate(p, shape)
         need = bd.peak_reserved_bytes
-        fits = capacity is None or fit_verdict(need, capacity, bd.peak_reserved_high_bytes).status == "fits"
+        fits = capacity is None or breakdown_verdict(bd, capacity).status == "fits"
         if need <= limit and fits:
             overrides = [f"{k}={_yaml_scalar(v)}" for k, v in changes.items()]
             cmd = ["tuneplan", "run", str(Path(run_dir) / "plan.yaml"), *overrides, "--run-dir",
