@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from advisor.policy import fit_verdict
+from advisor.policy import breakdown_verdict
 from advisor.problems import Problem, Problems
 
 if TYPE_CHECKING:
@@ -55,11 +55,10 @@ def _with(plan: Plan, knob: Knob, v: int) -> Plan:
     return plan.model_copy(update={"training": plan.training.model_copy(update={knob: v})})
 
 
-def _need(plan: Plan, shape: ModelShape) -> tuple[int, int]:
+def _need(plan: Plan, shape: ModelShape):
     from advisor.memory import estimate
 
-    bd = estimate(plan, shape)
-    return bd.peak_reserved_bytes, bd.peak_reserved_high_bytes
+    return estimate(plan, shape)
 
 
 def largest(ok: Callable[[int], bool], hi: int) -> int:
@@ -94,23 +93,22 @@ def _check(plan: Plan, gpu: Gpu | None) -> None:
 def _limit(plan: Plan, shape: ModelShape, gpu: Gpu, knob: Knob, cap: int, capped_by: str) -> Limit:
     _check(plan, gpu)
     cap_bytes = gpu.memory_bytes
-    cache: dict[int, tuple[int, int]] = {}
+    cache: dict[int, Any] = {}
 
-    def need(v: int) -> tuple[int, int]:
+    def need(v: int):
         if v not in cache:
             cache[v] = _need(_with(plan, knob, v), shape)
         return cache[v]
 
     def ok(v: int) -> bool:
-        n, high = need(v)
-        return fit_verdict(n, cap_bytes, high).fits
+        return breakdown_verdict(need(v), cap_bytes).fits
 
     best = largest(ok, cap)
     at = max(best, 1)
-    n, high = need(at)
-    status = fit_verdict(n, cap_bytes, high).status
+    n = need(at).peak_reserved_bytes
+    status = breakdown_verdict(need(at), cap_bytes).status
     nxt = best + 1 if best < cap else None
-    nxt_need = need(nxt)[0] if nxt is not None else None
+    nxt_need = need(nxt).peak_reserved_bytes if nxt is not None else None
     tps = step = None
     if best >= 1:
         from advisor.throughput import step_time

@@ -164,13 +164,16 @@ def moe_qlora_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str | None:
     if not expert:
         return None
     n = hw.gpus if hw.gpus > 1 and hw.zero >= 3 else 1
-    fp32 = 4 * expert // n
+    sharded = fsdp_qlora(t, hw)  # FSDP: no fp32 casts, the experts stay in the compute dtype
+    kept = (2 if sharded else 4) * expert // n
+    cast = ("stay in the compute dtype (QLoRA under FSDP makes no fp32 casts)" if sharded else
+            "are cast to fp32 by prepare_model_for_kbit_training")
     nf4 = sum(k * nf4_bytes(numel, t.double_quant) for k, numel in mats) // n
     bf16 = 2 * shape.params_total // max(hw.gpus, 1)
     per = " per GPU" if n > 1 else ""
     return (f"mixture of experts under QLoRA: transformers 5 fuses the experts into 3-D tensors, which "
-            f"bitsandbytes does not quantize (bitsandbytes issue #1849), and prepare_model_for_kbit_training "
-            f"casts them to fp32: {fp32 / GIB:.1f} GiB of expert weights{per}, where 4-bit experts would take "
+            f"bitsandbytes does not quantize (bitsandbytes issue #1849), and they {cast}: "
+            f"{kept / GIB:.1f} GiB of expert weights{per}, where 4-bit experts would take "
             f"{nf4 / GIB:.1f} GiB. What fits instead: LoRA in bf16 (all weights {bf16 / GIB:.1f} GiB per GPU "
             f"over {max(hw.gpus, 1)} GPU{'s' if hw.gpus > 1 else ''}; add GPUs with --zero 3 to shard them), or "
             "QLoRA on a stack that quantizes experts (transformers 4.x keeps one nn.Linear per expert)")

@@ -36,6 +36,11 @@ def duration(hours: float) -> str:
 Status = Literal["fits", "tight", "oom"]
 TIGHT_SHARE = 0.90  # above 90% of the card (expected peak) the margin for other processes is thin
 STATUS_WORDS = {"fits": "fits", "tight": "tight", "oom": "out of memory"}
+# What PyTorch's caching allocator gives back before it fails an allocation: on a cudaMalloc failure
+# it frees its cached, unused segments and retries (CUDACachingAllocator.cpp, release_cached_blocks).
+# So a run whose cache would outgrow the card still fits while the rest does; it runs at the card's
+# limit (and pays for the retries). advisor.gpu_memory names the cache term "allocator_cache".
+RELEASABLE = ("allocator_cache",)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,12 @@ class Verdict:
     need_bytes: int  # expected peak reserved per GPU
     high_bytes: int  # high end of the band (p90)
     capacity_bytes: int
+    floor_bytes: int | None = None  # what the run cannot do without: tensors + what the allocator cannot free
+
+    @property
+    def cache_limited(self) -> bool:
+        """The allocator's cache would outgrow the card, but the rest fits: it frees cache and retries."""
+        return self.need_bytes > self.capacity_bytes and self.status != "oom"
 
     @property
     def fits(self) -> bool:
@@ -63,26 +74,32 @@ class Verdict:
     def as_json(self) -> dict[str, object]:
         return {"status": self.status, "fits": self.fits, "memory_bytes": self.capacity_bytes,
                 "need_bytes": self.need_bytes, "need_high_bytes": self.high_bytes,
-                "headroom_bytes": self.headroom_bytes}
+                "need_floor_bytes": self.floor_bytes, "headroom_bytes": self.headroom_bytes,
+                "cache_limited": self.cache_limited}
 
 
-def fit_verdict(need: int, capacity: int, high: int | None = None) -> Verdict:
-    """oom: the expected peak is over the card; tight: the expected peak is over 90% of the card or
-    its high end (p90) is over the card; fits: otherwise."""
+def fit_verdict(need: int, capacity: int, high: int | None = None, floor: int | None = None) -> Verdict:
+    """oom: the expected peak is over the card (and, given ``floor``, so is what the run cannot do
+    without once the allocator has freed its cache); tight: the expected peak is over 90% of the card,
+    or its high end (p90) is over the card, or only the allocator's cache is (it frees it and retries);
+    fits: otherwise."""
     high = need if high is None else max(high, need)
     if need > capacity:
-        status: Status = "oom"
+        status: Status = "tight" if floor is not None and floor <= capacity else "oom"
     elif need > TIGHT_SHARE * capacity or high > capacity:
         status = "tight"
     else:
         status = "fits"
-    return Verdict(status, int(need), int(high), int(capacity))
+    return Verdict(status, int(need), int(high), int(capacity), None if floor is None else int(floor))
 
 
 def breakdown_verdict(bd, capacity: int) -> Verdict:
-    """The verdict of an estimate (an advisor.breakdown.Breakdown: its expected nvidia-smi peak and the
-    band's high end) on a card of ``capacity`` bytes."""
-    return fit_verdict(bd.peak_reserved_bytes, capacity, bd.peak_reserved_high_bytes)
+    """The verdict of an estimate (an advisor.breakdown.Breakdown: its expected nvidia-smi peak, the
+    band's high end, and its floor: the tensors plus every GPU term but the releasable cache) on a
+    card of ``capacity`` bytes."""
+    floor = bd.peak_allocated_bytes + sum(v for k, v in bd.overhead.items() if k not in RELEASABLE)
+    return fit_verdict(bd.peak_reserved_bytes, capacity, bd.peak_reserved_high_bytes,
+                       floor if bd.overhead else None)
 
 
 def fit_status(need: int, capacity: int, high: int | None = None) -> Status:

@@ -84,6 +84,11 @@ def verdict_line(res: EstimateResult) -> Text | None:
         return None
     line = Text(f"{res.gpu.name}: {gib_str(v.capacity_bytes)} → ")
     line.append(STATUS_WORDS[v.status], style=STATUS_COLOURS[v.status])
+    if v.cache_limited:
+        line.append(f" (the allocator's cache would outgrow the card; the tensors and workspaces need "
+                    f"{gib_str(v.floor_bytes)}, so PyTorch frees cached blocks and retries: it runs at the card's "
+                    "limit, with slower allocations)")
+        return line
     line.append(f" ({'headroom' if v.headroom_bytes >= 0 else 'short by'} {gib_str(abs(v.headroom_bytes))}")
     if v.high_bytes > v.need_bytes:
         line.append(f"; high end of the band {gib_str(v.high_bytes)}")

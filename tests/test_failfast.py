@@ -133,6 +133,7 @@ def test_data_check_shows_the_longest_example_and_warns(model_dir, one_long, cap
 
     assert main(["data", "check", str(one_long), "--model", str(model_dir), "--seq", "128", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["longest"]["line"] == 41 and out["longest"]["tokens"] > 128 and "longer than" in out["longest"]["warning"]
+    longest = out["longest"]
+    assert longest["line"] == 41 and longest["tokens"] > 128 and "longer than" in longest["warning"]
     assert main(["data", "check", str(one_long), "--model", str(model_dir), "--seq", "128"]) == 0
     assert "longest example: line 41" in capsys.readouterr().out

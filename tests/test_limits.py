@@ -11,7 +11,7 @@ from advisor.gpus import find_gpu
 from advisor.limits import limit, max_batch, max_seq
 from advisor.memory import estimate
 from advisor.model import resolve
-from advisor.policy import fit_verdict
+from advisor.policy import breakdown_verdict
 from advisor.problems import Problems
 from advisor.spec import Plan
 
@@ -33,9 +33,7 @@ def plan(method: str, gpu, **training) -> Plan:
 
 
 def fits(p: Plan, shape, gpu) -> bool:
-    bd = estimate(p, shape)
-    return fit_verdict(bd.peak_reserved_bytes, gpu.memory_bytes,
-                       getattr(bd, "peak_reserved_high_bytes", bd.peak_reserved_bytes)).fits
+    return breakdown_verdict(estimate(p, shape), gpu.memory_bytes).fits
 
 
 def changed(p: Plan, **kw) -> Plan:

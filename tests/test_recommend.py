@@ -13,7 +13,7 @@ import pytest
 from advisor.gpus import find_gpu
 from advisor.memory import estimate
 from advisor.model import resolve
-from advisor.policy import fit_verdict
+from advisor.policy import breakdown_verdict, fit_verdict
 from advisor.problems import UserError
 from advisor.recommend import (
     AdviceError,
@@ -33,8 +33,7 @@ def fits(bd_or_need, capacity: int) -> bool:
     """The one fit policy: launchable when the verdict is not out of memory."""
     if isinstance(bd_or_need, int):
         return fit_verdict(bd_or_need, capacity).fits
-    return fit_verdict(bd_or_need.peak_reserved_bytes, capacity,
-                       getattr(bd_or_need, "peak_reserved_high_bytes", bd_or_need.peak_reserved_bytes)).fits
+    return breakdown_verdict(bd_or_need, capacity).fits
 
 
 JOB = {"gpus": None, "examples": 1000, "avg_tokens": 512, "epochs": 3}
@@ -299,7 +298,7 @@ def test_serving_capacity_edges_really_are_edges():
     def need(batch, seq):
         p = Plan(task="inference", inference={"batch": batch, "seq_len": seq, "precision": "bf16"},
                  hardware={"gpu": None})
-        return estimate(p, shape).peak_reserved_bytes
+        return estimate(p, shape)
 
     b = row.max_batch[2048]
     cap = gpu.memory_bytes
