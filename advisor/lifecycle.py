@@ -164,13 +164,13 @@ def loading(plan: Plan, shape: ModelShape) -> Moment:
         what = "weights arrive in the load dtype" + (" (CPU: + the stack's copy of each)" if _cpu(plan) else "")
     else:
         what = ("bitsandbytes quantizes each linear at load (one weight in the load dtype beside its 4-bit "
-                "copy); prepare_model_for_kbit_training casts the rest to fp32 (the last tensor in both dtypes)")
+                "copy); prepare_model_for_kbit_training casts the rest to fp32 (the largest one in both dtypes)")
     lora = lora_adapter_bytes(shape, t)
     tensors = max(peak, end + lora)
     if _sharded(plan):
         what += "; rank 0 loads the whole model onto its GPU before FSDP shards it"
-    # host: on the CPU the tensors themselves (measured: transformers reads each file into one block,
-    # no file pages stay mapped); on a GPU the checkpoint passes through host memory on its way
+    # host (measured on the CPU): the tensors themselves (the stack's copies; the file mapping is dropped
+    # after); on a GPU every tensor of the mapped checkpoint is read once on its way to the device
     host = tensors if _cpu(plan) else checkpoint_file_bytes(plan, shape)
     return _moment(plan, tensors, end + lora, host, what + ("" if _cpu(plan) else "; host: the checkpoint read"))
 
@@ -242,8 +242,8 @@ def checkpoint(plan: Plan, shape: ModelShape) -> Moment:
 def merge_parts(plan: Plan, shape: ModelShape) -> dict[str, int]:
     """Host bytes of runner.recipe._merge_export: ``base`` (compute dtype), ``adapters`` (fp32, peft's
     autocast_adapter_dtype), ``delta`` (one layer's B @ A and its temporaries; peft computes it in
-    fp32 on the CPU for half weights). save_pretrained adds no host copy (measured: the peak RSS growth is these tensors
-    plus the libraries' pages)."""
+    fp32 on the CPU for half weights). save_pretrained adds no host copy (measured: with glibc's mmap
+    threshold fixed, the peak RSS growth is these tensors)."""
     t = plan.training
     base = compute_bytes(t.precision) * shape.params_total
     # measured: B @ A (fp32), its scaled copy (fp32) and the fp32 temporary of the in-place mixed-dtype
