@@ -167,8 +167,14 @@ def loading(plan: Plan, shape: ModelShape) -> Moment:
                 "copy); prepare_model_for_kbit_training casts the rest to fp32 (the largest one in both dtypes)")
     lora = lora_adapter_bytes(shape, t)
     tensors = max(peak, end + lora)
-    if _sharded(plan):
-        what += "; rank 0 loads the whole model onto its GPU before FSDP shards it"
+    if _sharded(plan) and not _cpu(plan):
+        # advisor.stack.load_for_training(fsdp=True): local rank 0 loads on the host (the others on the
+        # meta device, accelerate's cpu_ram_efficient_loading); each GPU then receives its shard only
+        n = _n(plan)
+        host = tensors + checkpoint_file_bytes(plan, shape)
+        gpu = -(-(end + lora) // n)
+        return _moment(plan, gpu, gpu, host, what + "; under FSDP rank 0 loads on the host and each GPU "
+                       "receives its shard (host: the model and the checkpoint read, on rank 0)")
     # host (measured on the CPU): the tensors themselves (the stack's copies; the file mapping is dropped
     # after); on a GPU every tensor of the mapped checkpoint is read once on its way to the device
     host = tensors if _cpu(plan) else checkpoint_file_bytes(plan, shape)

@@ -138,22 +138,26 @@ def attn_impl_of(model) -> str:
 
 
 def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu", trust_remote_code: bool = False,
-                      shard_4bit: bool = False):
+                      fsdp: bool = False):
     """Load ``model_dir`` ready to train as the runner trains it (see the module doc).
 
     Returns the model (a ``PeftModel`` for lora/qlora) in train mode with ``use_cache=False``.
     Custom modelling code runs only when the plan asks for it (model.trust_remote_code).
 
-    ``shard_4bit`` (QLoRA under FSDP, the usual way to QLoRA a 70B model on two 80 GB cards): the
-    4-bit weights are stored in the compute dtype (``bnb_4bit_quant_storage``) so that FSDP can flatten
-    and shard them with the other weights, and the other weights stay in that dtype too: no
-    ``prepare_model_for_kbit_training`` fp32 casts (FSDP flattens one dtype per unit). What
-    advisor.memory models for it (``fsdp_qlora``).
+    ``fsdp`` (the run is sharded by FSDP): the model is loaded on the host, not onto ``device`` --
+    with accelerate's ``fsdp_cpu_ram_efficient_loading`` transformers reads the weights on local rank
+    0 only (the others build on the meta device) and FSDP moves each rank's shard to its GPU after
+    ``sync_module_states``, so no GPU ever holds the whole model. For QLoRA (the usual way to QLoRA a
+    70B model on two 80 GB cards) the 4-bit weights are stored in the compute dtype
+    (``bnb_4bit_quant_storage``) so that FSDP can flatten and shard them with the other weights, and
+    the other weights stay in that dtype too: no ``prepare_model_for_kbit_training`` fp32 casts (FSDP
+    flattens one dtype per unit). What advisor.memory (``fsdp_qlora``) and advisor.lifecycle model.
     """
+    shard_4bit = fsdp
     if spec.attn_impl == "flash_attention_2" and device == "cpu":
         raise ValueError("flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU")
     kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_impl, trust_remote_code=trust_remote_code)
-    if device != "cpu":
+    if device != "cpu" and not fsdp:
         kwargs["device_map"] = {"": device}
     if spec.method == "qlora":
         from peft import prepare_model_for_kbit_training

@@ -223,8 +223,7 @@ class Recipe:
         try:
             self.model = load_for_training(self.model_dir, t, device=self.device,
                                            trust_remote_code=self.plan.model.trust_remote_code,
-                                           shard_4bit=t.method == "qlora" and self.accelerator is not None
-                                           and self._dist_type() == "FSDP")
+                                           fsdp=self.accelerator is not None and self._dist_type() == "FSDP")
         except Exception as e:  # noqa: BLE001 - damaged weights, a config transformers rejects, a missing library
             if _is_oom(e):
                 raise

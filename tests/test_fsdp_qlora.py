@@ -35,7 +35,7 @@ def _dtypes(model):
 @pytest.mark.slow
 def test_sharded_qlora_keeps_one_dtype_and_trains(model_dir):
     spec = TrainSpec(method="qlora", precision="bf16", micro_batch=2, seq_len=32, lora={"r": 4, "alpha": 8})
-    model = load_for_training(model_dir, spec, shard_4bit=True)
+    model = load_for_training(model_dir, spec, fsdp=True)
     four, other = _dtypes(model)
     assert four == {(torch.bfloat16, False)}  # packed 4-bit values stored as bf16 (quant_storage)
     assert {dt for dt, trainable in other if not trainable} == {torch.bfloat16}  # no fp32 casts of frozen weights

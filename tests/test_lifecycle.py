@@ -89,10 +89,12 @@ def test_run_peak_names_the_moment():
     assert peak >= step and name in ("step", *lifecycle.run_moments(p, shape))
     # a step smaller than loading: loading is the run's peak
     assert lifecycle.run_peak(p, shape, 1) == ("loading", lifecycle.loading(p, shape).gpu_bytes)
-    # FSDP: rank 0 loads the whole model before sharding, the step holds a shard
+    # FSDP: rank 0 loads on the host (advisor.stack.load_for_training(fsdp=True)) and each GPU gets its
+    # shard, so loading is no GPU peak; the host holds the whole model
     p8 = plan(method="lora", precision="bf16", hardware={"gpu": "A100 80GB", "gpus": 8, "zero": 3})
     name, peak = lifecycle.run_peak(p8, shape, estimate(p8, shape).peak_reserved_bytes)
-    assert name == "loading" and peak > 2 * shape.params_total
+    load = lifecycle.loading(p8, shape)
+    assert name == "step" and load.tensor_bytes < 2 * shape.params_total // 4 and load.host_bytes > 2 * shape.params_total
 
 
 def test_fast_and_torch_free():
