@@ -171,10 +171,10 @@ def loading(plan: Plan, shape: ModelShape) -> Moment:
         # advisor.stack.load_for_training(fsdp=True): local rank 0 loads on the host (the others on the
         # meta device, accelerate's cpu_ram_efficient_loading); each GPU then receives its shard only
         n = _n(plan)
-        host = tensors + checkpoint_file_bytes(plan, shape)
+        host = max(tensors, checkpoint_file_bytes(plan, shape))  # the read itself goes through the page cache
         gpu = -(-(end + lora) // n)
         return _moment(plan, gpu, gpu, host, what + "; under FSDP rank 0 loads on the host and each GPU "
-                       "receives its shard (host: the model and the checkpoint read, on rank 0)")
+                       "receives its shard (host: the model on rank 0, or the checkpoint read if larger)")
     # host (measured on the CPU): the tensors themselves (the stack's copies; the file mapping is dropped
     # after); on a GPU every tensor of the mapped checkpoint is read once on its way to the device
     host = tensors if _cpu(plan) else checkpoint_file_bytes(plan, shape)

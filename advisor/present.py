@@ -209,6 +209,28 @@ def stack_line(stack: dict[str, str] | None = None) -> str:
     return " · ".join(f"{k} {v}" for k, v in stack.items())
 
 
+MOMENT_WORDS = {"step": "the training step", "loading": "loading", "evaluation": "evaluation",
+                "checkpoint": "saving a checkpoint", "merge_export": "merging the adapter"}
+
+
+def moments_line(res: EstimateResult) -> Text | None:
+    """'run peak: the training step (14.19 GiB); loading 9.7 GiB, evaluation ...; host RAM 15.8 GiB'."""
+    from rich.text import Text
+
+    if res.run_peak is None:
+        return None
+    name, peak = res.run_peak
+    line = Text("run peak: ")
+    line.append(f"{MOMENT_WORDS.get(name, name)} ({gib_str(peak)})", style="bold")
+    others = [f"{MOMENT_WORDS.get(k, k)} {gib_str(m.gpu_bytes, 1)}" for k, m in res.moments.items()]
+    if others:
+        line.append("; " + ", ".join(others))
+    if res.host_ram_bytes:
+        where = max(res.moments.items(), key=lambda kv: kv[1].host_bytes)[0] if res.moments else "step"
+        line.append(f" · host RAM needed {gib_str(res.host_ram_bytes, 1)} ({MOMENT_WORDS.get(where, where)})")
+    return line
+
+
 def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
     """`tuneplan estimate`'s table output."""
     from rich.console import Console
@@ -218,7 +240,7 @@ def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
               f"{res.params_trainable:,} trainable)")
     con.print(plan_line(res.plan))
     con.print(breakdown_table(res))
-    for line in (verdict_line(res), time_line(res), *[limit_line(lim) for lim in limits]):
+    for line in (verdict_line(res), moments_line(res), time_line(res), *[limit_line(lim) for lim in limits]):
         if line is not None:
             con.print(line)
     if res.time is not None:

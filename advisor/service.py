@@ -118,6 +118,9 @@ class EstimateResult:
     params_trainable: int
     verdict: Verdict | None = None
     plan_notes: list[str] = field(default_factory=list)  # about the plan itself (advisor.service.plan_notes)
+    moments: dict[str, Any] = field(default_factory=dict)  # advisor.lifecycle: loading, evaluation, ...
+    run_peak: tuple[str, int] | None = None  # (moment, bytes): the run's device peak, "step" or a moment
+    host_ram_bytes: int | None = None  # the largest host RAM need over the run
     time: Any = None  # advisor.throughput.JobTime for a training plan on a GPU, with the job
     time_note: str | None = None  # why there is no time (no GPU, serving, a card without TFLOPS)
     job: Job | None = None
@@ -171,6 +174,10 @@ class EstimateResult:
             out["gpu"] = {"name": self.gpu.name, "id": self.gpu.id, **self.verdict.as_json()}
         if self.job is not None:
             out["job"] = {"examples": self.job.examples, "avg_tokens": self.job.avg_tokens, "epochs": self.job.epochs}
+        if self.run_peak is not None:
+            out["moments"] = {k: m.to_dict() for k, m in self.moments.items()}
+            out["run_peak"] = {"moment": self.run_peak[0], "bytes": self.run_peak[1]}
+            out["host_ram_bytes"] = self.host_ram_bytes
         out["time"] = self.time.as_json() if self.time is not None else None
         if self.time_note:
             out["time_note"] = self.time_note
@@ -213,9 +220,29 @@ def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float
         raise Problems(Problem(f"unknown estimate mode {mode!r}", None, "use analytic or simulate"))
     res = EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
                          verdict_for(bd, ctx.gpu), plan_notes(ctx.plan), job=job)
+    if ctx.plan.task == "training":
+        run_moments(res)
     if job is not None:
         res.time, res.time_note = job_time(ctx, job)
     return res
+
+
+def run_moments(res: EstimateResult) -> None:
+    """The moments outside the training step (advisor.lifecycle: loading, evaluation, saving, merging),
+    the run's device peak among them and the step, and the host RAM the run needs. The verdict stays
+    the step's; a moment that alone would not fit the card gets a note."""
+    from advisor import lifecycle
+    from advisor.policy import gib_str
+
+    plan, shape = res.plan, res.shape
+    res.moments = lifecycle.run_moments(plan, shape)
+    res.run_peak = lifecycle.run_peak(plan, shape, res.peak_reserved_bytes)
+    res.host_ram_bytes = lifecycle.host_ram_bytes(plan, shape)
+    name, peak = res.run_peak
+    if res.gpu is not None and name != "step" and peak > res.gpu.memory_bytes and plan.hardware.device == "cuda":
+        res.plan_notes.append(f"the run's peak is not the training step but {name.replace('_', ' ')}: "
+                              f"{gib_str(peak)} on one GPU, more than the card's {gib_str(res.gpu.memory_bytes)} "
+                              f"({res.moments[name].what})")
 
 
 def job_time(ctx: PlanContext, job: Job):

@@ -220,12 +220,14 @@ class PlanScreen(Screen):
 
     def _time_text(self, ev: Evaluation) -> Text:
         """Time and cost of the job for this plan, the assumptions in one line, and the plan's limits."""
-        from advisor.present import limit_line, time_line
+        from advisor.present import limit_line, moments_line, time_line
 
         text = Text()
-        line = time_line(ev.result)
-        if line is not None:
-            text.append_text(line)
+        for line in (moments_line(ev.result), time_line(ev.result)):
+            if line is not None:
+                if text.plain:
+                    text.append("\n")
+                text.append_text(line)
         if ev.result.time is not None:
             text.append(f"\nassumed: {ev.result.time.assumptions}", style="dim")
         for lim in ev.limits:
