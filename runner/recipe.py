@@ -532,11 +532,25 @@ class Recipe:
     def cleanup(self) -> None:
         if self.monitor is not None:
             self.monitor.stop()
+        self._close_process_group()
         if self.events is not None:
             self.events.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def _close_process_group(self) -> None:
+        """Every rank leaves the process group explicitly (PyTorch's advice): a gloo group torn down
+        only at interpreter exit can abort the process ("terminate called without an active exception",
+        seen on a resumed 2-node CPU run), and the other node's launcher then waits at its exit barrier."""
+        if self.accelerator is None:
+            return
+        dist = self.torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - leaving is best effort; the run's result is already written
+                pass
 
     # --- the whole run --------------------------------------------------------------------
 
