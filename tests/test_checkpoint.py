@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_stopped_after
 
 from runner.demo import DEMO_DATA
 
@@ -31,7 +31,6 @@ def stopped_run(tmp_path_factory):
     """A LoRA run stopped after step 2 (a checkpoint at step-2) and its plan."""
     from advisor.spec import build_plan
     from runner.demo import build_model_dir
-    from runner.recipe import Recipe
 
     root = tmp_path_factory.mktemp("ck")
     model = build_model_dir(root / "model", DEMO_DATA)
@@ -45,15 +44,7 @@ def stopped_run(tmp_path_factory):
         "data": {"path": str(data), "val_split": 0.0},
         "run": {"output_dir": str(root), "name": "r", "max_steps": 4, "save_every": 100, "eval_every": 100},
     })
-    holder = {}
-
-    def stop_at_2(ev):
-        if ev.get("type") == "step" and ev["step"] == 2:
-            holder["r"].stop_requested = "SIGTERM"
-
-    r = Recipe(plan, root / "r", log=lambda m: None, progress=stop_at_2)
-    holder["r"] = r
-    assert r.run() == 130
+    assert run_stopped_after(plan, root / "r", 2) == 130
     return root / "r", plan
 
 

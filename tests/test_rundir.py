@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_stopped_after
 
 from runner.cli import main
 from runner.demo import DEMO_DATA
@@ -271,18 +271,9 @@ def test_after_an_oom_the_advice_resumes_from_the_checkpoint(tmp_path, model_dir
 
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, model_dir, data8, capsys):
     from advisor.planfile import load_plan
-    from runner.recipe import Recipe
 
     plan = load_plan(plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=4))
-    holder = {}
-
-    def stop_at_3(ev):
-        if ev.get("type") == "step" and ev["step"] == 3:
-            holder["r"].stop_requested = "SIGTERM"
-
-    r = Recipe(plan, tmp_path / "D", log=lambda m: None, progress=stop_at_3)
-    holder["r"] = r
-    assert r.run() == 130
+    assert run_stopped_after(plan, tmp_path / "D", 3) == 130
     assert main(["run", "--resume", str(tmp_path / "D"), "run.max_steps=2"]) == 2
     err = capsys.readouterr().err
     assert "at step 3" in err and "run.max_steps above 3" in err
@@ -407,18 +398,9 @@ def test_resuming_with_another_model_is_refused_when_it_loads(tmp_path, model_di
 
     from advisor.planfile import load_plan
     from runner.demo import build_model_dir
-    from runner.recipe import Recipe
 
     plan = load_plan(plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=4))
-    holder = {}
-
-    def stop_at_2(ev):
-        if ev.get("type") == "step" and ev["step"] == 2:
-            holder["r"].stop_requested = "SIGTERM"
-
-    r = Recipe(plan, tmp_path / "D", log=lambda m: None, progress=stop_at_2)
-    holder["r"] = r
-    assert r.run() == 130
+    assert run_stopped_after(plan, tmp_path / "D", 2) == 130
     shutil.copytree(tmp_path / "D", tmp_path / "E")
     other = build_model_dir(tmp_path / "wide", DEMO_DATA, hidden_size=64, intermediate_size=128)
     assert main(["run", "--resume", str(tmp_path / "D"), f"model.ref={other}", "--no-progress"]) == 2

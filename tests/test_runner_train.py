@@ -6,6 +6,7 @@ carries the measured peak and the next plan."""
 import json
 
 import pytest
+from conftest import run_stopped_after
 
 from advisor.spec import build_plan
 from runner.demo import DEMO_DATA
@@ -159,17 +160,7 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(model_dir, data8, tmp_p
                      run={"lr_scheduler": "cosine", "warmup_steps": 2, "save_every": 100})
     _, code = run(plan, tmp_path / "a")
     assert code == 0
-    from runner.recipe import Recipe
-
-    holder = {}
-
-    def stop_after_3(ev):
-        if ev.get("type") == "step" and ev["step"] == 3:
-            holder["r"].stop_requested = "SIGTERM"
-
-    r = Recipe(plan, tmp_path / "b", log=lambda m: None, progress=stop_after_3)
-    holder["r"] = r
-    assert r.run() == 130
+    assert run_stopped_after(plan, tmp_path / "b", 3) == 130
     assert (tmp_path / "b" / "checkpoints" / "step-3").is_dir()
     r2, code = run(plan, tmp_path / "b", resume=True)
     assert code == 0 and r2.resumed_from.endswith("step-3")
