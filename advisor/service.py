@@ -325,7 +325,6 @@ class GpuRow:
     bf16: bool
     hours: float | None = None
     cost_usd: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 GPU_ROW_ORDER = {"fits": 0, "tight": 1, "no-bf16": 2, "oom": 3}
