@@ -1,9 +1,16 @@
 """The longest sequence and the largest micro-batch a training plan fits on its GPU.
 
 A search over the analytic estimate (advisor.memory.estimate, ~50 us a call): doubling to bracket the
-edge, then bisection, under the one fit policy (advisor.policy.fit_verdict; "fits" or "tight" both
-count as fitting). Peak memory never falls as seq_len or micro_batch grows (the property tests of
-advisor.memory check it), so the edge is exact: `value` fits and `value + 1` does not. Pure, no torch.
+edge, then bisection, under the one fit policy (advisor.policy.fit_verdict). Peak memory never falls as
+seq_len or micro_batch grows (the property tests of advisor.memory check it), so the edges are exact.
+
+Two edges: ``value``, the largest whose expected nvidia-smi peak, the allocator's cache included, is on
+the card ("fits" or "tight" by the band); and ``launchable_value``, the largest the verdict still calls
+launchable because only the cache would outgrow the card ("tight": PyTorch frees cached segments and
+retries). The second is not promised: the allocator can give back only segments that are wholly free,
+and how much of the cache that is depends on the allocation sequence (advisor/allocator.py's replay
+gives back between none and 90% of it on the calibration plans: benchmarks/releasable.py).
+Pure, no torch.
 """
 
 from __future__ import annotations
@@ -28,24 +35,26 @@ Knob = Literal["seq_len", "micro_batch"]
 
 @dataclass(frozen=True)
 class Limit:
-    """The largest value of one knob at which the plan still fits (0: not even 1 fits)."""
+    """The largest value of one knob at which the plan still fits, its cache included (0: not even 1)."""
 
     knob: Knob
     value: int
     need_bytes: int  # expected peak reserved per GPU at `value` (at 1 when value is 0)
-    status: str  # the verdict at `value`: fits or tight (oom when value is 0)
+    status: str  # the verdict at `value`: fits or tight (tight or oom when value is 0)
     capacity_bytes: int
-    next_value: int | None  # the first value that does not fit; None when `value` is the cap
+    next_value: int | None  # the first value whose expected peak is over the card; None when `value` is the cap
     next_need_bytes: int | None
     cap: int  # the search's upper bound (max_position for seq_len, 65536 for micro_batch)
     capped_by: str | None  # why the search stopped at `cap` ("max_position" / "plan bound"), else None
     tokens_per_s_per_gpu: float | None  # the time model at `value` (None when value is 0 or no time)
     step_s: float | None
+    launchable_value: int | None = None  # beyond `value`, the largest still "tight" (only the cache over)
 
     def as_json(self) -> dict[str, Any]:
         return {"knob": self.knob, "value": self.value, "need_bytes": self.need_bytes, "status": self.status,
                 "memory_bytes": self.capacity_bytes, "next_value": self.next_value,
                 "next_need_bytes": self.next_need_bytes, "cap": self.cap, "capped_by": self.capped_by,
+                "launchable_value": self.launchable_value,
                 "tokens_per_s_per_gpu": None if self.tokens_per_s_per_gpu is None
                 else round(self.tokens_per_s_per_gpu, 1),
                 "step_s": None if self.step_s is None else round(self.step_s, 4)}
@@ -100,10 +109,15 @@ def _limit(plan: Plan, shape: ModelShape, gpu: Gpu, knob: Knob, cap: int, capped
             cache[v] = _need(_with(plan, knob, v), shape)
         return cache[v]
 
-    def ok(v: int) -> bool:
+    def on_card(v: int) -> bool:  # the expected peak, cache included, is on the card
+        verdict = breakdown_verdict(need(v), cap_bytes)
+        return verdict.fits and not verdict.cache_limited
+
+    def launchable(v: int) -> bool:
         return breakdown_verdict(need(v), cap_bytes).fits
 
-    best = largest(ok, cap)
+    best = largest(on_card, cap)
+    last = largest(launchable, cap) if best < cap and launchable(best + 1) else best
     at = max(best, 1)
     n = need(at).peak_reserved_bytes
     status = breakdown_verdict(need(at), cap_bytes).status
@@ -118,7 +132,8 @@ def _limit(plan: Plan, shape: ModelShape, gpu: Gpu, knob: Knob, cap: int, capped
             tps, step = st.tokens_per_s, st.step_s
         except Problems:
             pass  # no time for this card (no TFLOPS / interconnect): the memory answer stands
-    return Limit(knob, best, n, status, cap_bytes, nxt, nxt_need, cap, capped_by if best == cap else None, tps, step)
+    return Limit(knob, best, n, status, cap_bytes, nxt, nxt_need, cap, capped_by if best == cap else None, tps, step,
+                 last if last > best else None)
 
 
 def max_seq(plan: Plan, shape: ModelShape, gpu: Gpu) -> Limit:

@@ -182,6 +182,9 @@ def limit_line(lim) -> Text:
     if lim.value == 0:
         line.append("none", style="bold red")
         line.append(f" (even 1 needs {gib_str(lim.need_bytes)} of {gib_str(lim.capacity_bytes)})")
+        if lim.launchable_value is not None:
+            line.append(f"; 1-{lim.launchable_value:,} may still run at the card's limit (PyTorch frees "
+                        "cached blocks and retries; not promised)")
         return line
     digits = 2  # enough digits that the last fitting value and the first failing one read apart
     while lim.next_need_bytes is not None and digits < 4 and \
@@ -193,7 +196,13 @@ def limit_line(lim) -> Text:
     if lim.tokens_per_s_per_gpu:
         line.append(f", {lim.tokens_per_s_per_gpu:,.0f} tokens/s per GPU")
     line.append(")")
-    if lim.next_value is not None and lim.next_need_bytes is not None:
+    if lim.launchable_value is not None:
+        span = (f"{lim.next_value:,}" if lim.launchable_value == lim.next_value
+                else f"{lim.next_value:,}-{lim.launchable_value:,}")
+        line.append(f"; {lim.next_value:,} would need {gib_str(lim.next_need_bytes, digits)} with the allocator's "
+                    f"cache ({span} may still run at the card's limit: PyTorch frees cached blocks and retries; "
+                    "not promised)")
+    elif lim.next_value is not None and lim.next_need_bytes is not None:
         line.append(f"; {lim.next_value:,} would not fit ({gib_str(lim.next_need_bytes, digits)})")
     elif lim.capped_by:
         line.append(f"; the search stops at the {lim.capped_by.replace('_', ' ')} ({lim.cap:,})")

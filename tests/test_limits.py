@@ -1,5 +1,7 @@
-"""--max seq / --max batch: the value fits under the one fit policy and one step beyond does not,
-over several models and GPUs; fast; bad input gets one clear message."""
+"""--max seq / --max batch: the value's expected peak (the allocator's cache included) is on the card
+and one step beyond is not; beyond it, launchable_value is the last the one fit policy still calls
+launchable (only the cache over the card) and one more is out of memory; over several models and
+GPUs; fast; bad input gets one clear message."""
 
 from __future__ import annotations
 
@@ -36,6 +38,27 @@ def fits(p: Plan, shape, gpu) -> bool:
     return breakdown_verdict(estimate(p, shape), gpu.memory_bytes).fits
 
 
+def on_card(p: Plan, shape, gpu) -> bool:
+    v = breakdown_verdict(estimate(p, shape), gpu.memory_bytes)
+    return v.fits and not v.cache_limited
+
+
+def check_edges(lim, p: Plan, shape, g, knob: str) -> None:
+    at = lambda v: changed(p, **{knob: v})  # noqa: E731
+    if lim.value:
+        assert on_card(at(lim.value), shape, g)
+    if lim.next_value is not None:
+        assert lim.next_value == lim.value + 1 and not on_card(at(lim.next_value), shape, g)
+        assert lim.next_need_bytes > lim.capacity_bytes
+    last = lim.launchable_value
+    if last is None:  # nothing between: one past the value is out of memory
+        assert lim.next_value is None or not fits(at(lim.next_value), shape, g)
+    else:
+        assert last > lim.value and fits(at(last), shape, g) and breakdown_verdict(
+            estimate(at(last), shape), g.memory_bytes).cache_limited
+        assert last == lim.cap or not fits(at(last + 1), shape, g)
+
+
 def changed(p: Plan, **kw) -> Plan:
     return p.model_copy(update={"training": p.training.model_copy(update=kw)})
 
@@ -46,14 +69,10 @@ def test_max_seq_fits_and_one_more_does_not(model, gpu, method):
     p = plan(method, g, micro_batch=1)
     lim = max_seq(p, shape, g)
     assert lim.knob == "seq_len" and 1 <= lim.value <= shape.max_position
-    assert fits(changed(p, seq_len=lim.value), shape, g)
     assert lim.status in ("fits", "tight")
     if lim.next_value is None:
         assert lim.value == shape.max_position and lim.capped_by == "max_position"
-    else:
-        assert lim.next_value == lim.value + 1
-        assert not fits(changed(p, seq_len=lim.next_value), shape, g)
-        assert lim.next_need_bytes > lim.capacity_bytes
+    check_edges(lim, p, shape, g, "seq_len")
     assert lim.need_bytes == estimate(changed(p, seq_len=lim.value), shape).peak_reserved_bytes
     assert lim.tokens_per_s_per_gpu > 0 and lim.step_s > 0
 
@@ -64,11 +83,8 @@ def test_max_batch_fits_and_one_more_does_not(model, gpu, method):
     p = plan(method, g, seq_len=1024)
     lim = max_batch(p, shape, g)
     if lim.value == 0:
-        assert not fits(changed(p, micro_batch=1), shape, g) and lim.status == "oom" and lim.next_value == 1
-        return
-    assert fits(changed(p, micro_batch=lim.value), shape, g)
-    assert lim.next_value == lim.value + 1
-    assert not fits(changed(p, micro_batch=lim.value + 1), shape, g)
+        assert not on_card(changed(p, micro_batch=1), shape, g) and lim.next_value == 1
+    check_edges(lim, p, shape, g, "micro_batch")
 
 
 def test_seq_is_capped_by_max_position():

@@ -21,18 +21,20 @@ def _data(seq: int) -> dict:
 
 @pytest.fixture(scope="module")
 def borderline():
-    """The longest sequence that fits the card (tight: within 10% of it) and the one after (out of memory)."""
+    """The longest sequence whose peak is on the card (tight: within 10% of it), the one after (only the
+    allocator's cache is over: still tight), and the first that is out of memory."""
     lim = service.limits(service.build(_data(2048)), "seq")
-    assert lim.status == "tight" and lim.next_value == lim.value + 1
-    return {"tight": lim.value, "oom": lim.next_value}
+    assert lim.status == "tight" and lim.next_value == lim.value + 1 and lim.launchable_value > lim.next_value
+    return {"tight": lim.value, "cache": lim.next_value, "oom": lim.launchable_value + 1}
 
 
-@pytest.mark.parametrize("status", ["tight", "oom"])
-def test_estimate_json_tui_recommend_and_run_agree(borderline, status, capsys):
+@pytest.mark.parametrize("case", ["tight", "cache", "oom"])
+def test_estimate_json_tui_recommend_and_run_agree(borderline, case, capsys):
     from advisor.cli.main import main
     from runner.preflight import fit_check
 
-    seq = borderline[status]
+    seq = borderline[case]
+    status = "oom" if case == "oom" else "tight"
     # estimate --json and the table
     assert main(["estimate", "--model", MODEL, "--gpu", GPU, "--seq", str(seq), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpu"]["status"] == status
