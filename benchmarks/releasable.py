@@ -76,23 +76,29 @@ def run(events: list, capacity: int | None):
     return a
 
 
-def releasable(plan: dict) -> dict:
+def floor_bytes(events: list, resolution: int = 32 * MIB) -> tuple[int, int, int]:
+    """(tensor peak, reserve peak, floor) of the steps after loading: the floor is the smallest capacity
+    (to ``resolution``) at which the sequence still completes, the allocator giving back its cache."""
     from advisor.allocator import OutOfMemory
 
-    events = events_of(plan)
     free = run(events, None)
     alloc, reserve = free.peak_allocated, free.peak_reserved
-    lo, hi = alloc, reserve
-    while hi - lo > 32 * MIB:
+    lo, hi = alloc, reserve  # hi completes
+    while hi - lo > resolution:
         mid = (lo + hi) // 2
         try:
             run(events, mid)
             hi = mid
         except OutOfMemory:
             lo = mid
+    return alloc, reserve, hi
+
+
+def releasable(plan: dict) -> dict:
+    alloc, reserve, floor = floor_bytes(events_of(plan))
     cache = reserve - alloc
-    return {"tensors_gib": alloc / GIB, "reserve_gib": reserve / GIB, "floor_gib": hi / GIB,
-            "non_releasable_share": (hi - alloc) / cache if cache else 0.0}
+    return {"tensors_gib": alloc / GIB, "reserve_gib": reserve / GIB, "floor_gib": floor / GIB,
+            "non_releasable_share": (floor - alloc) / cache if cache else 0.0}
 
 
 if __name__ == "__main__":
