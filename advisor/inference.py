@@ -29,9 +29,33 @@ def kv_cache_bytes(shape: ModelShape, s: InferSpec) -> int:
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * s.seq_len * s.batch * kb
 
 
-# CPU sdpa takes the math path in inference too (a mask is always passed); GPT-2 takes it in training
+# Falcon hands sdpa its multi-query key/value head as is (no repeat_kv, no enable_gqa): the fused
+# kernels need as many key/value heads as query heads (torch sdp_utils
+# check_batch_size_and_num_heads_dense), so torch takes the math path. GPT-2 takes it in training
 # only, for its dropout: in eval it gets the CPU flash kernel like the rest
 INFER_CPU_MATH = frozenset({"falcon"})
+
+
+def math_path(shape: ModelShape, device: str) -> bool:
+    return device == "cpu" and shape.model_type in INFER_CPU_MATH
+
+
+def math_attention_bytes(shape: ModelShape, batch: int, q_len: int, kv_len: int, a: int) -> int:
+    """Temporaries of torch's math attention (aten/src/ATen/native/transformers/attention.cpp,
+    _scaled_dot_product_attention_math) at its widest moment: bf16/fp16 q, k and v are upcast to
+    fp32 (kept to the end), q and k are each scaled by sqrt(scale); then the larger of
+    - q @ k^T: matmul broadcasts the scaled k over the query heads and copies it out contiguous
+      (when there are fewer key/value heads), beside the fp32 nh x q x kv scores;
+    - the softmax (_safe_softmax): the scores (the mask is added in place), the softmax output and
+      the bool -inf mask of the same shape."""
+    nh, kvh, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    up = 1 if a < 4 else 0
+    base = 4 * batch * hd * (q_len * nh * (1 + up) + 2 * kv_len * kvh * up)
+    scores = batch * nh * q_len * kv_len
+    bcast = nh * kv_len if kvh < nh else 0
+    matmul = base + 4 * batch * hd * (kv_len * kvh + bcast) + 4 * scores
+    softmax = base + 9 * scores
+    return max(matmul, softmax)
 
 
 def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "sdpa", device: str = "cuda") -> int:
@@ -68,8 +92,12 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
         attn_impl = "eager"
     if attn_impl == "eager":
         attn = 3 * a * qd + nh * prompt * (4 + a + (2 * a if softcap else 0))
-    elif device == "cpu" and shape.model_type in INFER_CPU_MATH:
-        attn = 3 * 4 * qd + 2 * 4 * nh * prompt
+    elif math_path(shape, device):
+        # Falcon's fused query_key_value output (its q, k, v are views of it), the copies that
+        # transpose(1, 2).reshape makes of q, k and v, the rotary outputs of q and k, and the math
+        # kernel's temporaries
+        attn = (a * (qd + 2 * kvd) + a * (2 * qd + 3 * kvd)
+                + math_attention_bytes(shape, s.batch, prompt, prompt, a) // tokens)
     else:
         attn = a * (2 * qd + 2 * kvd) + 4 * nh
     norm = 4 * h + a * h if fam.norm != "layernorm" else a * h
@@ -85,6 +113,15 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
     return tokens * per_token + positions + s.batch * shape.vocab_size * (a + 4)
 
 
+def has_eos(shape: ModelShape) -> bool:
+    """Whether generate gets an EOS token from the model's config (the length processors that
+    generate_step's min_new_tokens adds are skipped without one)."""
+    cfg = shape.config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    eos = cfg.get("eos_token_id", text.get("eos_token_id"))
+    return eos is not None and eos != []
+
+
 def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl: str = "sdpa") -> Breakdown:
     """Two moments: the prefill (cache holds the prompt, one layer's temporaries) and the last
     decode step (cache holds seq_len tokens, and the larger of: DynamicCache's torch.cat briefly
@@ -97,16 +134,37 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     # DynamicCache grows by torch.cat, keys then values: one layer's old keys (or values) coexist
     # with the new ones for a moment
     grow = kv // max(shape.num_layers, 1) // 2
-    # choosing the next token: the last position's logits, their fp32 copy, the processed scores and
-    # the where() output, plus generate's vocabulary-sized index and EOS mask
-    step_logits = s.batch * shape.vocab_size * (DTYPE_BYTES[s.precision] + 12) + 9 * shape.vocab_size
-    parts = {"weights": w, "kv_cache": kv, "kv_prompt": kv_prompt, "pre": pre, "grow": grow, "logits": step_logits}
+    # generate's _sample keeps the previous step's next_token_logits and next_token_scores (fp32,
+    # batch x vocab each) until it reassigns them after the next forward (it dels only outputs), so
+    # both live through every decode forward; and its ids and attention mask (int64)
+    bv = s.batch * shape.vocab_size
+    ids = 2 * 8 * s.batch * s.seq_len
+    if has_eos(shape):
+        held = 2 * 4 * bv + ids
+        # choosing the next token: the last position's logits and their fp32 copy; min_new_tokens
+        # also sets min_length (_prepare_generated_length), so two processors run:
+        # MinLengthLogitsProcessor's where() output, then MinNewTokensLengthLogitsProcessor's clone
+        # and where() output (with its arange and isin mask over the vocabulary), beside the
+        # previous step's scores
+        step_logits = bv * (DTYPE_BYTES[s.precision] + 16) + 9 * shape.vocab_size + ids
+    else:
+        # no EOS token: generate adds neither processor (both need _eos_token_tensor), the scores
+        # are the fp32 logits themselves; the new copy is made beside the previous one
+        held = 4 * bv + ids
+        step_logits = bv * (DTYPE_BYTES[s.precision] + 8) + ids
+    # the decode forward's own widest moment beside those: the cache's torch.cat, or (math-path
+    # attention) the last step's attention over seq_len tokens
+    fwd = grow
+    if math_path(shape, hw.device) and attn_impl == "sdpa":
+        fwd = max(fwd, math_attention_bytes(shape, s.batch, 1, s.seq_len, DTYPE_BYTES[s.precision]))
+    parts = {"weights": w, "kv_cache": kv, "kv_prompt": kv_prompt, "pre": pre, "fwd": fwd + held,
+             "logits": step_logits}
     if hw.gpus > 1:  # tensor parallel: weights, KV heads and activations split
         parts = {k: shard(v, hw.gpus) for k, v in parts.items()}
     phases = {
         "prefill": {"weights": parts["weights"], "kv_cache": parts["kv_prompt"], "prefill_activations": parts["pre"]},
         "decode": {"weights": parts["weights"], "kv_cache": parts["kv_cache"],
-                   "transient": max(parts["grow"], parts["logits"])},
+                   "transient": max(parts["fwd"], parts["logits"])},
     }
     phases = {k: {c: v for c, v in comps.items() if v} for k, comps in phases.items()}
     totals = {k: sum(v.values()) for k, v in phases.items()}

@@ -201,6 +201,9 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
         from transformers import DynamicCache
 
         vocab = shape.vocab_size
+        from advisor.inference import has_eos
+
+        eos = has_eos(shape)
         try:
             with torch.inference_mode():
                 ids = torch.zeros(s.batch, prompt, dtype=torch.long)
@@ -251,15 +254,33 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                         _tag_cache(tracker, cache)
                     mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
                     logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-                    # MinNewTokensLengthLogitsProcessor (generate_step forces the full length)
-                    vocab_ids = torch.arange(logits.shape[-1])
-                    eos_mask = vocab_ids == 0
-                    scores = torch.where(eos_mask, -math.inf, logits.clone())
-                    del vocab_ids, eos_mask
+                    # generate_step forces the full length with min_new_tokens, and generate then
+                    # also sets min_length = min_new_tokens + prompt (_prepare_generated_length):
+                    # MinLengthLogitsProcessor, then MinNewTokensLengthLogitsProcessor, each
+                    # cloning its input, building arange/isin masks and taking a where()
+                    # (transformers/generation/logits_process.py)
+                    cur = logits  # the previous step's scores stay alive until reassigned below
+                    # (without an EOS token generate adds neither processor: the scores are the logits)
+                    for clone_first in ((False, True) if eos else ()):
+                        if clone_first:
+                            processed = cur.clone()
+                        vocab_ids = torch.arange(logits.shape[-1])
+                        eos_mask = vocab_ids == 0
+                        if not clone_first:
+                            processed = cur.clone()
+                        processed = torch.where(eos_mask, -math.inf, cur)
+                        del vocab_ids, eos_mask
+                        cur = processed
+                    processed = None
+                    scores = cur
+                    del cur
                     nxt = torch.argmax(scores, dim=-1)
                     input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
                     unfinished = unfinished & ~(torch.zeros(s.batch, dtype=torch.bool))
-                    del out, logits, scores, nxt
+                    # generate's _sample keeps next_token_logits and next_token_scores until the
+                    # next step reassigns them (it dels only outputs): both live through that
+                    # step's forward
+                    del out, nxt
                     produced += 1
                     if produced == 1:
                         tracker.set_phase("decode")

@@ -74,6 +74,15 @@ def _make_tracker():
     from torch.utils._pytree import tree_leaves
 
     local_scalar = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+
+    def _sdpa_math_path(args, kwargs) -> bool:
+        # sdp_utils check_batch_size_and_num_heads_dense: a fused kernel (flash, efficient, the CPU
+        # flash kernel) needs as many key/value heads as query heads unless enable_gqa is set
+        # (Falcon passes its single multi-query key/value head as is): torch falls back to math
+        q, k = args[0], args[1]
+        return q.dim() == 4 and q.shape[-3] != k.shape[-3] and not kwargs.get("enable_gqa", False)
+
 
     class Tracker(TorchDispatchMode):
         """Counts live storages; answers data-dependent scalars (fake tensors hold no data)."""
@@ -91,6 +100,7 @@ def _make_tracker():
             self.head = False
             self.scalar_calls = 0
             self.marks: list[tuple[int, str]] = []
+            self.math_depth = 0
 
         # -- bookkeeping --------------------------------------------------------------------
         def _free(self, rec: _Rec, key: int) -> None:
@@ -149,7 +159,27 @@ def _make_tracker():
                 dt = args[0].dtype
                 return True if dt == torch.bool or func is torch.ops.aten.is_nonzero.default else (
                     1.0 if dt.is_floating_point else 1)
-            out = func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            if func is sdpa and _sdpa_math_path(args, kwargs):
+                # torch's math attention (aten/src/ATen/native/transformers/attention.cpp): its
+                # temporaries (fp32 copies of q, k and v, the scaled q and k, the score matrices,
+                # the broadcast k and v that matmul copies out) live below this mode when sdpa
+                # runs as one op; run its composite kernel here so that every one is counted
+                self.math_depth += 1
+                try:
+                    with self:
+                        return torch.ops.aten._scaled_dot_product_attention_math.default.decompose(
+                            *args, **kwargs)[0]
+                finally:
+                    self.math_depth -= 1
+            if self.math_depth and func not in local_scalar:
+                # inside the math kernel, composite ops (matmul, _safe_softmax) run their own
+                # kernels op by op too, as they do under the real dispatcher
+                with self:
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            out = func(*args, **kwargs)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.register(t)
