@@ -23,10 +23,29 @@ def inference_weights_bytes(shape: ModelShape, s: InferSpec) -> int:
     return quant + (shape.params_total - shape.params_quantized) * b
 
 
-def kv_cache_bytes(shape: ModelShape, s: InferSpec) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes."""
+def sliding_layers(shape: ModelShape) -> tuple[int, int | None]:
+    """(layers with a sliding-window cache, the window): DynamicCache(config=...) makes a
+    DynamicSlidingWindowLayer for each "sliding_attention" entry of config.layer_types, or for
+    every layer when there is no layer_types and sliding_window is set
+    (transformers cache_utils.get_layer_types_and_kwargs)."""
+    window = shape.features.get("sliding_window") if isinstance(shape.features, dict) else None
+    if not window:
+        return 0, None
+    types = (shape.config or {}).get("layer_types")
+    if isinstance(types, list) and types:
+        return sum(t == "sliding_attention" for t in types), int(window)
+    return shape.num_layers, int(window)
+
+
+def kv_cache_bytes(shape: ModelShape, s: InferSpec, tokens: int | None = None) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes; a sliding-window layer
+    holds at most the window (its update keeps the last window - 1 tokens as a view of the
+    torch.cat of the old ones and the new one, so the cat's window-token storage stays)."""
+    tokens = s.seq_len if tokens is None else tokens
     kb = 1 if s.kv_cache_dtype == "fp8" else DTYPE_BYTES[s.precision]
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * s.seq_len * s.batch * kb
+    n_slide, window = sliding_layers(shape)
+    per_token = 2 * shape.num_kv_heads * shape.head_dim * s.batch * kb
+    return per_token * ((shape.num_layers - n_slide) * tokens + n_slide * min(tokens, window or tokens))
 
 
 # Falcon hands sdpa its multi-query key/value head as is (no repeat_kv, no enable_gqa): the fused
@@ -129,7 +148,7 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     w = inference_weights_bytes(shape, s)
     kv = kv_cache_bytes(shape, s)
     prompt = s.prompt_len or s.seq_len
-    kv_prompt = kv * prompt // s.seq_len
+    kv_prompt = kv_cache_bytes(shape, s, prompt)
     pre = prefill_activation_bytes(shape, s, attn_impl, hw.device)
     # DynamicCache grows by torch.cat, keys then values: one layer's old keys (or values) coexist
     # with the new ones for a moment
@@ -155,6 +174,17 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     # the decode forward's own widest moment beside those: the cache's torch.cat, or (math-path
     # attention) the last step's attention over seq_len tokens
     fwd = grow
+    fam, _ = family_of(shape.model_type)
+    softcap = bool(fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr))
+    if (attn_impl == "eager" or softcap) and shape.num_kv_heads < shape.num_heads:
+        # eager attention (eager_attention_forward) repeats the key/value heads to the query heads
+        # (repeat_kv: expand + reshape, a copy) over the widest layer's cached tokens, beside the
+        # nh x 1 x tokens scores, their fp32 softmax and its cast (+ the tanh chain under softcapping)
+        n_slide, window = sliding_layers(shape)
+        t = s.seq_len if n_slide < shape.num_layers else min(s.seq_len, window or s.seq_len)
+        a = DTYPE_BYTES[s.precision]
+        fwd = max(fwd, 2 * s.batch * shape.num_heads * t * shape.head_dim * a
+                  + s.batch * shape.num_heads * t * (4 + a + (2 * a if softcap else 0)))
     if math_path(shape, hw.device) and attn_impl == "sdpa":
         fwd = max(fwd, math_attention_bytes(shape, s.batch, 1, s.seq_len, DTYPE_BYTES[s.precision]))
     parts = {"weights": w, "kv_cache": kv, "kv_prompt": kv_prompt, "pre": pre, "fwd": fwd + held,

@@ -29,6 +29,9 @@ CASES = [
     I("llama", 2, 256, 8, precision="bf16"),
     # no EOS token: generate adds no length processor, the scores are the logits
     I("qwen2", 2, 256, 16, precision="bf16"),
+    # Gemma 2: the sliding layer's cache holds the window only; eager attention's repeat_kv copies
+    # the full layer's keys and values to every query head
+    I("gemma2", 2, 256, 16, precision="bf16"),
 ]
 
 
