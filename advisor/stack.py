@@ -194,6 +194,23 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
     return model
 
 
+def fsdp_wrap_policy(model):
+    """The FSDP auto-wrap policy of a model trained under FSDP, or None when the plan's
+    TRANSFORMER_BASED_WRAP stands. For a peft model, peft's own (``peft.utils.other.fsdp_auto_wrap_policy``:
+    every decoder layer one unit and every trainable leaf -- each LoRA A and B -- a unit of its own), as
+    transformers' Trainer sets it (``transformers.distributed.fsdp.update_fsdp_plugin_peft``): FSDP
+    flattens one dtype per unit, and peft keeps the adapters in fp32 on a bf16 base, so a decoder layer
+    holding both cannot be flattened ("Must flatten tensors with uniform dtype"). Split so, a layer's
+    flat parameter is all frozen and gets no gradient."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    return fsdp_auto_wrap_policy(model)
+
+
 def optimizer_impl(optimizer) -> str:
     """Which implementation a torch optimizer will run: fused, foreach or for-loop (or the class)."""
     d = optimizer.defaults if hasattr(optimizer, "defaults") else {}

@@ -236,6 +236,12 @@ class Recipe:
             # multiple of 128 (seen: 128 x 352). Training never takes that path; keep evaluation on it too.
             if hasattr(mod, "support_avx512bf16_for_cpu"):
                 mod.support_avx512bf16_for_cpu = False
+        if self.accelerator is not None and self._dist_type() == "FSDP":
+            from advisor.stack import fsdp_wrap_policy
+
+            policy = fsdp_wrap_policy(self.model)  # LoRA: the adapters are units of their own (fp32)
+            if policy is not None:
+                self.accelerator.state.fsdp_plugin.auto_wrap_policy = policy
         if self.accelerator is not None and self._dist_type() != "DEEPSPEED":
             self.model = self.accelerator.prepare(self.model)
         self.optimizer = make_optimizer(self.model, t.optimizer, t.learning_rate)
