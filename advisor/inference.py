@@ -110,7 +110,15 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
     if softcap and attn_impl == "sdpa":
         attn_impl = "eager"
     if attn_impl == "eager":
-        attn = 3 * a * qd + nh * prompt * (4 + a + (2 * a if softcap else 0))
+        # the scores, then F.softmax(..., dtype=float32): softmax.int casts its input to fp32 first
+        # (a copy below the dispatcher when the scores are bf16/fp16) beside the fp32 output; the
+        # softcapping chain (mul, tanh, mul) and the cast back replace the scores one at a time
+        attn = 3 * a * qd + nh * prompt * (a + 4 + (4 if a < 4 else 0))
+        # eager attention gets a materialized b x 1 x prompt x prompt mask in the compute dtype
+        # (masking_utils; sdpa's is skipped for is_causal); a model with sliding and full layers
+        # builds both (create_causal_mask and create_sliding_window_causal_mask)
+        n_slide, _ = sliding_layers(shape)
+        attn += (2 if 0 < n_slide < shape.num_layers else 1) * prompt * a
     elif math_path(shape, device):
         # Falcon's fused query_key_value output (its q, k, v are views of it), the copies that
         # transpose(1, 2).reshape makes of q, k and v, the rotary outputs of q and k, and the math
@@ -148,7 +156,11 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     w = inference_weights_bytes(shape, s)
     kv = kv_cache_bytes(shape, s)
     prompt = s.prompt_len or s.seq_len
-    kv_prompt = kv_cache_bytes(shape, s, prompt)
+    # the prefill's cache: a sliding layer's update slices its torch.cat of all prompt tokens (a
+    # view), so the prompt's whole storage stays until the first decode step replaces it
+    kv_prompt = kv * prompt // s.seq_len if not sliding_layers(shape)[0] else (
+        2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * prompt * s.batch
+        * (1 if s.kv_cache_dtype == "fp8" else DTYPE_BYTES[s.precision]))
     pre = prefill_activation_bytes(shape, s, attn_impl, hw.device)
     # DynamicCache grows by torch.cat, keys then values: one layer's old keys (or values) coexist
     # with the new ones for a moment

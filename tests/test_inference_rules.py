@@ -32,6 +32,11 @@ CASES = [
     # Gemma 2: the sliding layer's cache holds the window only; eager attention's repeat_kv copies
     # the full layer's keys and values to every query head
     I("gemma2", 2, 256, 16, precision="bf16"),
+    # Gemma 2 prefill (eager): F.softmax(dtype=float32) copies the scores to fp32 beside its fp32
+    # output; the softcapping chain replaces the scores; two materialized masks (full and sliding);
+    # the sliding layer's prefill cache holds every prompt token
+    I("gemma2", 2, 256, 252, precision="bf16"),
+    I("gemma2", 2, 256, precision="fp32"),
 ]
 
 
@@ -49,7 +54,7 @@ def test_analytic_within_3_percent(case, measured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=calibrate.case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4], CASES[5]], ids=calibrate.case_id)
 def test_simulate_within_2_percent(case, measured):
     m = measured[calibrate.case_id(case)]
     sim = accuracy.simulate_bytes(m, fresh=True)

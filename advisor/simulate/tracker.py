@@ -75,6 +75,7 @@ def _make_tracker():
 
     local_scalar = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    softmax_int = torch.ops.aten.softmax.int
 
     def _sdpa_math_path(args, kwargs) -> bool:
         # sdp_utils check_batch_size_and_num_heads_dense: a fused kernel (flash, efficient, the CPU
@@ -172,6 +173,12 @@ def _make_tracker():
                             *args, **kwargs)[0]
                 finally:
                     self.math_depth -= 1
+            if func is softmax_int and (args[2] if len(args) > 2 else kwargs.get("dtype")) not in (
+                    None, args[0].dtype):
+                # F.softmax(x, dtype=float32) of bf16/fp16 scores (eager attention): the composite
+                # softmax.int casts its input first (a copy), then runs _softmax beside it
+                with self:
+                    return func.decompose(*args, **kwargs)
             if self.math_depth and func not in local_scalar:
                 # inside the math kernel, composite ops (matmul, _safe_softmax) run their own
                 # kernels op by op too, as they do under the real dispatcher
