@@ -28,20 +28,42 @@ class _Ctx:
     attn_impl: str
     device: str
     dropout: bool  # the family trains with dropout > 0
+    amp: bool = False  # forward under torch.autocast (fp32 weights, half matmuls)
+    c: int = 0  # bytes of what autocast's matmuls and sdpa produce (AMP: half); == a otherwise
+    o: int = 0  # bytes of a linear layer's output (AMP: half, QLoRA's bitsandbytes: the input's fp32)
+    qlora: bool = False  # the base linears are 4-bit
 
 
-def _linear_input(ctx: _Ctx, width: int, consumers: tuple[str, ...], saved_elsewhere: bool = False) -> int:
+def _linear_input(ctx: _Ctx, width: int, consumers: tuple[str, ...], saved_elsewhere: bool = False,
+                  in_bytes: int | None = None, needs_grad: bool = True) -> int:
     """Bytes per token kept for one tensor feeding linear layers.
     A trainable base weight saves the input (grad_W = x^T grad). A peft LoRA layer whose adapter
     is fp32 and input is half first casts the input to fp32 and saves that copy; with fp32 input
-    it saves the input itself. Each adapter also keeps its A output (r values, fp32)."""
+    it saves the input itself. Each adapter also keeps its A output (r values, fp32).
+    LoRA dropout runs after peft's cast to the adapter dtype (fp32): torch's CPU dropout
+    (``input * bernoulli mask``) keeps the fp32 mask only when the input needs a gradient, and the
+    dropped fp32 copy for lora_A's weight gradient.
+    Under AMP (``in_bytes``: the input's dtype, fp32 from a norm, half from attention or the MLP)
+    autocast casts the input to half in every linear call (a non-leaf is never cached, so q, k and v
+    each make their own copy of an fp32 input) and the matmul saves that half copy; peft first
+    casts a half input to fp32 (a transient) and lora_A's autocast casts it back."""
     lora = [c for c in consumers if c in ctx.lora]
+    if ctx.amp:
+        inb = ctx.a if in_bytes is None else in_bytes
+        total = 0
+        if ctx.full and not saved_elsewhere:
+            total += ctx.c * width * (1 if inb == ctx.c else len(consumers))
+        for _ in lora:
+            if ctx.lora_dropout and needs_grad:
+                total += 4 * width  # the fp32 dropout mask
+            total += ctx.c * width + ctx.c * ctx.r
+        return total
     total = 0
     if not saved_elsewhere and (ctx.full or (lora and ctx.a == 4 and not ctx.lora_dropout)):
         total += ctx.a * width
     for _ in lora:
         if ctx.lora_dropout:
-            total += ctx.a * width + 4 * width  # dropout mask (input dtype on CPU) + dropped fp32 input
+            total += 4 * width + (4 * width if needs_grad else 0)  # dropped fp32 input + fp32 mask
         elif ctx.a != 4:
             total += 4 * width
         total += 4 * ctx.r
@@ -88,6 +110,10 @@ def _attention(ctx: _Ctx, fam: Family, shape: ModelShape, softcap: bool) -> int:
     if impl == "sdpa" and ctx.device == "cpu" and fam.cpu_math_attention:
         return 3 * 4 * qd + (3 if ctx.dropout else 1) * 4 * nh * s
     if impl in ("sdpa", "flash_attention_2"):
+        if ctx.amp:
+            # sdpa is on autocast's lower-precision list: it saves the half casts of q and k (fp32
+            # after rotary embeddings multiply them by the fp32 cos/sin), v and its half output
+            return ctx.c * (2 * qd + 2 * kvd) + 4 * nh + fused_qkv_retained_bytes(fam, shape, ctx.o)
         return a * qd + 2 * a * kvd + a * qd + 4 * nh + fused_qkv_retained_bytes(fam, shape, a)
     # eager: softmax output (fp32 in most families) and its cast back to the input dtype
     sm = 4 if fam.eager_softmax_fp32 else a
@@ -111,15 +137,15 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
     total = 0
     # attention block
     total += _norm(ctx, fam, h, x_needs_grad)
-    total += _linear_input(ctx, h, fam.q_proj)
+    total += _linear_input(ctx, h, fam.q_proj, needs_grad=x_needs_grad)
     if fam.qk_norm:
         kvd = shape.num_kv_heads * shape.head_dim
         total += (4 * qd + 4 * kvd + 8 * shape.num_heads + (a * (qd + kvd) if ctx.full else 0))
     total += _attention(ctx, fam, shape, softcap)
     total += _linear_input(ctx, qd, (fam.o_proj,), saved_elsewhere=not fam.attn_out_copy and
-                           ctx.attn_impl in ("sdpa", "flash_attention_2") and not softcap)
+                           ctx.attn_impl in ("sdpa", "flash_attention_2") and not softcap, in_bytes=ctx.c)
     if ctx.dropout:
-        total += a * h  # residual dropout mask
+        total += ctx.o * h  # residual dropout mask (on the output projection's output)
     # MLP block
     if fam.norms_per_layer == 4:
         total += _norm(ctx, fam, h) * 2  # post-attention and pre-feedforward norms
@@ -133,13 +159,13 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
         k = max(shape.experts_per_token, 1)
         total += 4 * shape.num_experts + k * (2 * a * h + 4 * a * i)
     elif fam.gated_mlp:
-        total += 3 * a * i  # gate output (act input), act output, up output
-        total += _linear_input(ctx, i, (fam.down_proj,))
+        total += 3 * ctx.o * i  # gate output (act input), act output, up output
+        total += _linear_input(ctx, i, (fam.down_proj,), in_bytes=ctx.o)
     else:
-        total += fam.act_saved * a * i
-        total += _linear_input(ctx, i, (fam.down_proj,))
+        total += fam.act_saved * ctx.o * i
+        total += _linear_input(ctx, i, (fam.down_proj,), in_bytes=ctx.o)
     if ctx.dropout:
-        total += a * h
+        total += ctx.o * h
     if fam.norms_per_layer == 4:
         total += _norm(ctx, fam, h)  # post-feedforward norm
     return total
@@ -149,9 +175,16 @@ def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str) -> _Ctx:
     fam, _ = family_of(shape.model_type)
     dropout = any(float(shape.features.get(k) or 0) > 0 for k in fam.dropout_attr)
     lora = frozenset() if t.method == "full" else frozenset(g.leaf for g in shape.lora_groups(t.lora.targets))
-    return _Ctx(a=residual_bytes(t), full=t.method == "full", lora=lora, r=t.lora.r,
+    a = residual_bytes(t)
+    amp = t.precision.startswith("amp")
+    c = compute_bytes(t.precision) if amp else a
+    # bitsandbytes' Linear4bit returns its output in the input's dtype (fp32 under QLoRA), and the
+    # LoRA sum (fp32 + half) promotes to fp32; a plain linear under autocast returns half
+    o = c if amp and t.method != "qlora" else a
+    return _Ctx(a=a, full=t.method == "full", lora=lora, r=t.lora.r,
                 lora_dropout=t.method != "full" and t.lora.dropout > 0, seq=seq,
-                attn_impl=t.attn_impl, device=device, dropout=dropout)
+                attn_impl=t.attn_impl, device=device, dropout=dropout, amp=amp, c=c, o=o,
+                qlora=t.method == "qlora")
 
 
 def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) -> int:
@@ -162,9 +195,49 @@ def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) 
     if ctx.dropout:
         total += ctx.a * shape.hidden_size
     total += _norm(ctx, fam, shape.hidden_size)
-    if ctx.full:
-        total += ctx.a * shape.hidden_size
+    if ctx.full:  # the head's input for its weight gradient (under AMP: autocast's half copy)
+        total += ctx.c * shape.hidden_size
     return total
+
+
+def amp_weight_cast_bytes(shape: ModelShape, ctx: _Ctx, first: bool = False, trainable_only: bool = False) -> int:
+    """Half copies of one decoder layer's weights that its autograd graph keeps under AMP.
+    torch.autocast casts every fp32 weight to half for each linear call (aten/src/ATen/autocast_mode.h
+    cached_cast; a trainable leaf's cast is also kept in autocast's cache until the autocast region
+    exits), and the matmul saves the half weight for the input's gradient whenever the input needs
+    one (and, for a trainable weight, the half input for the weight's gradient). LoRA: the frozen
+    base weight's copy and lora_A's are saved unless the input needs no gradient (the first layer's
+    input without checkpointing); lora_B's input (lora_A's output) always needs one. A 4-bit base
+    weight is dequantized by bitsandbytes, not cast (see qlora_dequant_bytes); fused expert tensors
+    are not linear calls. Not counted per token: the bytes of one layer. ``trainable_only``: the
+    copies autocast caches (trainable leaves), whatever the graph keeps."""
+    if not ctx.amp:
+        return 0
+    fam, _ = family_of(shape.model_type)
+    layers = max(shape.num_layers, 1)
+    layer_input = set(fam.q_proj) | (set(fam.up_proj) if fam.single_norm or fam.shared_norm_input else set())
+    total = 0
+    for g in shape.linears:
+        if g.experts > 1:
+            continue
+        needs_grad = ctx.full or not (first and g.leaf in layer_input)
+        per = 0
+        if ctx.full or (needs_grad and not trainable_only and not (ctx.qlora and g.quantized)):
+            per += g.in_features * g.out_features
+        if g.leaf in ctx.lora:
+            r = ctx.r * g.rank_mult
+            per += r * g.out_features + (r * g.in_features if needs_grad or trainable_only else 0)
+        total += g.count * per
+    return ctx.c * total // layers
+
+
+def amp_head_cast_bytes(shape: ModelShape, t: TrainSpec) -> int:
+    """Under AMP the output head's fp32 weight is cast to half for its matmul and saved for the
+    gradient of the head's input (which always needs one in training): alive from the head's
+    forward to its backward. QLoRA's head is fp32 after prepare_model_for_kbit_training: the same."""
+    if not t.precision.startswith("amp"):
+        return 0
+    return compute_bytes(t.precision) * shape.vocab_size * shape.hidden_size
 
 
 def activations_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
@@ -177,11 +250,32 @@ def activations_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     head = head_activation_bytes_per_token(shape, t, ctx)
     if t.grad_checkpointing:
         per_layer = shape.num_layers * ctx.a * shape.hidden_size
-        return tokens * (per_layer + head)
+        return tokens * (per_layer + head) + rope_bytes(shape, t)
     layers = layer_activation_bytes_per_token(shape, fam, ctx, first=True)
     layers += (shape.num_layers - 1) * layer_activation_bytes_per_token(shape, fam, ctx)
-    rope = 2 * ctx.a * shape.head_dim if shape.model_type != "gpt2" else 0  # cos/sin, shared by layers
-    return tokens * (layers + head + rope)
+    casts = amp_weight_cast_bytes(shape, ctx, first=True)
+    casts += (shape.num_layers - 1) * amp_weight_cast_bytes(shape, ctx)
+    return tokens * (layers + head) + rope_bytes(shape, t) + casts
+
+
+def rope_bytes(shape: ModelShape, t: TrainSpec) -> int:
+    """Rotary cos and sin, shared by all layers (saved by each layer's q*cos, k*sin; passed to every
+    checkpointed layer as arguments): (1, seq, head_dim) each in the hidden dtype -- the model
+    builds position_ids as arange(seq).unsqueeze(0), one row for the whole batch."""
+    if shape.model_type == "gpt2":
+        return 0
+    return 2 * residual_bytes(t) * shape.head_dim * t.seq_len
+
+
+def amp_cache_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """AMP with checkpointing: autocast's cache keeps the half copy of every trainable weight
+    (full: all linear weights; LoRA: A and B) from its first use to the end of the autocast region,
+    the end of the forward pass, although the checkpointed layers' graphs keep none of them.
+    (Without checkpointing the graphs hold the same copies; activations_bytes counts them.)"""
+    if not (t.grad_checkpointing and t.precision.startswith("amp")):
+        return 0
+    ctx = _ctx(shape, t, t.seq_len, device)
+    return shape.num_layers * amp_weight_cast_bytes(shape, ctx, trainable_only=True)
 
 
 def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
@@ -190,7 +284,8 @@ def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
         return 0
     fam, _ = family_of(shape.model_type)
     ctx = _ctx(shape, t, t.seq_len, device)
-    return t.micro_batch * t.seq_len * layer_activation_bytes_per_token(shape, fam, ctx)
+    return (t.micro_batch * t.seq_len * layer_activation_bytes_per_token(shape, fam, ctx)
+            + amp_weight_cast_bytes(shape, ctx))
 
 
 def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:

@@ -15,11 +15,15 @@ import math
 from advisor.activations import (  # noqa: F401  (re-exported: the estimate's parts)
     _ctx,
     activations_bytes,
+    amp_cache_bytes,
+    amp_head_cast_bytes,
+    amp_weight_cast_bytes,
     backward_workspace_bytes,
     layer_activation_bytes_per_token,
     logits_bytes,
     qlora_dequant_bytes,
     recompute_bytes,
+    rope_bytes,
 )
 from advisor.breakdown import (  # noqa: F401
     ADAM8_BLOCK,
@@ -227,6 +231,9 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     acts = activations_bytes(shape, ta, dev)
     recompute = recompute_bytes(shape, ta, dev)
     l_fwd, l_bwd = logits_bytes(shape, ta)
+    head_cast = amp_head_cast_bytes(shape, ta)  # the head's half weight, saved until its backward
+    l_fwd, l_bwd = l_fwd + head_cast, l_bwd + head_cast
+    amp_cache = amp_cache_bytes(shape, ta, dev)
     ws = backward_workspace_bytes(shape, ta)
     deq = qlora_dequant_bytes(shape, t)
     opt_tmp = optimizer_step_transient_bytes(shape, t, dev)
@@ -237,10 +244,16 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     fam, _ = family_of(shape.model_type)
     ctx = _ctx(shape, ta, t.seq_len, dev)
     tokens = t.micro_batch * t.seq_len
-    first_layer_acts = tokens * (layer_activation_bytes_per_token(shape, fam, ctx, first=True)
-                                 + (8 if ctx.full else 0))
-    # non-reentrant checkpointing: the graph holds every layer's saved input until it is dropped
-    gc_inputs = tokens * shape.num_layers * ctx.a * shape.hidden_size if t.grad_checkpointing else 0
+    # with checkpointing transformers calls enable_input_require_grads: the first layer's input
+    # needs a gradient as every other layer's does
+    first = not t.grad_checkpointing
+    first_layer_acts = (tokens * (layer_activation_bytes_per_token(shape, fam, ctx, first=first)
+                                  + (8 if ctx.full else 0))
+                        + amp_weight_cast_bytes(shape, ctx, first=first))
+    # non-reentrant checkpointing: the graph holds every layer's saved input (and the rotary
+    # cos/sin every layer receives) until it is dropped
+    gc_inputs = (tokens * shape.num_layers * ctx.a * shape.hidden_size + rope_bytes(shape, ta)
+                 if t.grad_checkpointing else 0)
     if t.method == "full":
         b = param_bytes(t.precision)
         head_grad = (shape.params_lm_head or shape.params_embedding) * b
@@ -262,7 +275,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         base["ddp_buckets"] = ddp_buckets
     bwd = {**base, "zero_buckets": zero_bucket} if zero_bucket else base
     phases = {
-        "forward_end": {**base, "activations": acts, "logits_and_loss": l_fwd, "transient": deq},
+        "forward_end": {**base, "activations": acts + amp_cache, "logits_and_loss": l_fwd, "transient": deq},
         "backward_start": {**bwd, "activations": acts, "logits_and_loss": l_bwd},
         "backward_last_layer": {**bwd, "activations": acts + recompute,
                                 "gradients": base.get("gradients", 0) + head_grad + layer_grad,
