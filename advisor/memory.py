@@ -256,10 +256,15 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
                  if t.grad_checkpointing else 0)
     if t.method == "full":
         b = param_bytes(t.precision)
-        head_grad = (shape.params_lm_head or shape.params_embedding) * b
+        # tied embeddings: the head's gradient is the token embedding's (vocab x hidden); learned
+        # position embeddings (GPT-2's wpe) get theirs only in the embedding's backward, the last
+        # op of backward, like an untied input embedding
+        tied_head = 0 if shape.params_lm_head else min(shape.vocab_size * shape.hidden_size,
+                                                        shape.params_embedding)
+        head_grad = (shape.params_lm_head or tied_head) * b
         per_layer = shape.params_total - shape.params_embedding - shape.params_lm_head
         layer_grad = (per_layer // max(shape.num_layers, 1)) * b  # incl. fused MoE experts
-        emb_grad = shape.params_embedding * b if shape.params_lm_head else 0
+        emb_grad = (shape.params_embedding - tied_head) * b
         if z >= 2:
             # FSDP (zero 3) reduce-scatters each unit's gradient from its unsharded buffer
             head_grad, emb_grad = shard(head_grad, n), shard(emb_grad, n)
