@@ -297,6 +297,33 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
     return t.micro_batch * t.seq_len * (a * i + 2 * a * shape.hidden_size)
 
 
+def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """LoRA with checkpointing: the widest moment of a layer's recomputation, the LoRA sum of its
+    last linear layer (the MLP's down projection). The recomputation runs when the layer's first
+    backward node unpacks a saved tensor, so the gradient of the layer's output waits (a*h); the
+    down projection's input is held by its caller (the MLP activation, i wide: a transient beside
+    the copy peft saves unless the input is saved itself, fp32 without dropout); its base output
+    exists (h wide); and peft's ``result + lora_B(lora_A(dropout(x))) * scaling`` (peft
+    tuners/lora/layer.py Linear.forward; bnb.py Linear4bit.forward) holds lora_B's output and its
+    scaled copy in the adapter dtype (fp32; autocast's half under AMP) when the scaled copy is made.
+    0 where the down projection has no adapter (the recomputation then stops earlier: torch's
+    non-reentrant checkpoint stops at the last saved tensor) and for full fine-tuning and MoE
+    (left to backward_workspace_bytes)."""
+    if not t.grad_checkpointing or shape.num_experts or t.method == "full":
+        return 0
+    fam, _ = family_of(shape.model_type)
+    ctx = _ctx(shape, t, t.seq_len, device)
+    if fam.down_proj not in ctx.lora:
+        return 0
+    h, i = shape.hidden_size, shape.intermediate_size
+    saved_itself = not ctx.amp and ctx.o == 4 and not ctx.lora_dropout
+    total = ctx.a * h + ctx.o * h + (0 if saved_itself else ctx.o * i)
+    if ctx.amp and ctx.o != 4:
+        total += 4 * i  # peft's fp32 cast of the half input, before autocast casts it back
+    total += 2 * (ctx.c if ctx.amp else 4) * h
+    return t.micro_batch * t.seq_len * total
+
+
 def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     """(forward peak, backward peak) of the output head and the loss.
     transformers' ForCausalLMLoss upcasts the logits to fp32 and cross_entropy keeps the fp32

@@ -23,6 +23,7 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     logits_bytes,
     qlora_dequant_bytes,
     recompute_bytes,
+    recompute_end_transient_bytes,
     rope_bytes,
 )
 from advisor.breakdown import (  # noqa: F401
@@ -271,6 +272,16 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
             layer_grad = layer_grad if z >= 3 else shard(layer_grad, n)
     if t.grad_accum > 1:
         head_grad = layer_grad = 0  # already in `accum`
+    recompute_end = recompute_end_transient_bytes(shape, ta, dev)
+    if accum:
+        first_grads = g_kept
+    elif t.method == "full":
+        first_grads = max(g_kept - layer_grad - emb_grad, 0)
+    else:
+        first_grads = g_kept - g_kept // max(shape.num_layers, 1)
+    # the embedding dropout's mask, saved when the embedding output needs a gradient (checkpointing:
+    # enable_input_require_grads; full: the embedding trains)
+    emb_dropout = tokens * ctx.a * shape.hidden_size if ctx.dropout and t.grad_checkpointing else 0
     base = {"weights": w, "lora_adapters": lora, "optimizer_states": o}
     if accum:
         base["gradients"] = accum
@@ -289,8 +300,15 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
                                  "gradients": g_kept if accum else max(g_kept - layer_grad - emb_grad, 0),
                                  "transient": ws + deq},
         "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
+        # checkpointing: the first layer recomputed up to its down projection (see
+        # recompute_end_transient_bytes); its own gradients do not exist yet (LoRA: one layer's
+        # adapters, every adapter lives in a layer)
+        "backward_recompute": {**bwd, "activations": first_layer_acts + gc_inputs + emb_dropout,
+                               "gradients": first_grads, "transient": recompute_end},
         "optimizer_step": {**base, "gradients": g_kept, "transient": opt_tmp},
     }
+    if not recompute_end:
+        del phases["backward_recompute"]
     return {k: {c: int(v) for c, v in comps.items() if v} for k, comps in phases.items()}
 
 
