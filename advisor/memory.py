@@ -214,17 +214,22 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         g_kept = shard(g, n)
     else:
         g_kept = g
-    zero3_gather = 0
+    unit = root = 0
     if z >= 3:
-        w = shard(w, n)
-        # FSDP BACKWARD_PRE / ZeRO-3 prefetch: the unit being computed and the next one are gathered
-        # unsharded (with use_orig_params the frozen base weights are in the same flat parameters)
-        if t.method == "qlora":
-            per_layer = weights_bytes(shape, t) if not fsdp_q else w
-            per_layer = (per_layer - 4 * shape.params_embedding - 4 * shape.params_lm_head) // max(shape.num_layers, 1)
+        # FSDP full shard (each decoder layer a unit, the root holding the embeddings, the head and the
+        # final norm; use_orig_params puts the frozen base weights in the same flat parameters). An
+        # unsharded unit is a buffer of its own beside the rank's shard: a layer's while it computes,
+        # and the next one's with BACKWARD_PRE prefetch in backward; the root's from the start of
+        # forward to the end of backward (FSDP does not reshard the root after forward, it is needed
+        # again first in backward). Measured on the CPU: benchmarks/fsdp_cpu.py.
+        pb = compute_bytes(t.precision) if fsdp_q else param_bytes(t.precision)
+        root = (shape.params_embedding + shape.params_lm_head) * pb
+        if fsdp_q:  # the 4-bit layers, stored in the compute dtype, with their norms
+            unit = (w - root) // max(shape.num_layers, 1)
         else:
-            per_layer = (shape.params_linear // max(shape.num_layers, 1)) * param_bytes(t.precision)
-        zero3_gather = 2 * max(per_layer, 0)
+            unit = (shape.params_linear // max(shape.num_layers, 1)) * pb
+        unit = max(unit, 0)
+        w = shard(w, n)
     ddp_buckets = 2 * 25 * MIB if n > 1 and z == 0 and t.method == "full" else 0
     # DeepSpeed ZeRO-1/2 (contiguous_gradients, its default): backward() allocates an IPG buffer of
     # reduce_bucket_size (5e8) elements in the model dtype (two with overlap_comm, off by default)
@@ -266,10 +271,12 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         per_layer = shape.params_total - shape.params_embedding - shape.params_lm_head
         layer_grad = (per_layer // max(shape.num_layers, 1)) * b  # incl. fused MoE experts
         emb_grad = (shape.params_embedding - tied_head) * b
-        if z >= 2:
-            # FSDP (zero 3) reduce-scatters each unit's gradient from its unsharded buffer
-            head_grad, emb_grad = shard(head_grad, n), shard(emb_grad, n)
-            layer_grad = layer_grad if z >= 3 else shard(layer_grad, n)
+        if z >= 3:
+            # FSDP reduce-scatters each unit's gradient from its unsharded buffer: a layer's as it
+            # finishes, the root's (head and embeddings, one flat parameter) at the end of backward
+            head_grad, emb_grad = head_grad + emb_grad, 0
+        elif z >= 2:
+            head_grad, emb_grad, layer_grad = shard(head_grad, n), shard(emb_grad, n), shard(layer_grad, n)
     if t.grad_accum > 1:
         head_grad = layer_grad = 0  # already in `accum`
     recompute_end = recompute_end_transient_bytes(shape, ta, dev)
@@ -285,25 +292,31 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     base = {"weights": w, "lora_adapters": lora, "optimizer_states": o}
     if accum:
         base["gradients"] = accum
-    if zero3_gather:
-        base["zero3_gathered_params"] = zero3_gather
     if ddp_buckets:
         base["ddp_buckets"] = ddp_buckets
     bwd = {**base, "zero_buckets": zero_bucket} if zero_bucket else base
+
+    def gathered(layers: int) -> dict[str, int]:  # FSDP's unsharded units at a moment (see above)
+        return {"zero3_gathered_params": root + layers * unit} if z >= 3 else {}
+
+    if z >= 3 and t.method == "full" and not accum:
+        # under FSDP the layers' gradients are shards as they finish; the root's stays whole until
+        # backward ends, beside the unit in backward
+        first_grads = g_kept + head_grad + layer_grad
     phases = {
-        "forward_end": {**base, "activations": acts + amp_cache, "logits_and_loss": l_fwd, "transient": deq},
-        "backward_start": {**bwd, "activations": acts, "logits_and_loss": l_bwd},
-        "backward_last_layer": {**bwd, "activations": acts + recompute,
+        "forward_end": {**base, **gathered(0), "activations": acts + amp_cache, "logits_and_loss": l_fwd,
+                        "transient": deq},
+        "backward_start": {**bwd, **gathered(1), "activations": acts, "logits_and_loss": l_bwd},
+        "backward_last_layer": {**bwd, **gathered(2), "activations": acts + recompute,
                                 "gradients": base.get("gradients", 0) + head_grad + layer_grad,
                                 "transient": ws + deq},
-        "backward_first_layer": {**bwd, "activations": first_layer_acts + gc_inputs,
-                                 "gradients": g_kept if accum else max(g_kept - layer_grad - emb_grad, 0),
-                                 "transient": ws + deq},
+        "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs,
+                                 "gradients": first_grads, "transient": ws + deq},
         "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
         # checkpointing: the first layer recomputed up to its down projection (see
         # recompute_end_transient_bytes); its own gradients do not exist yet (LoRA: one layer's
         # adapters, every adapter lives in a layer)
-        "backward_recompute": {**bwd, "activations": first_layer_acts + gc_inputs + emb_dropout,
+        "backward_recompute": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs + emb_dropout,
                                "gradients": first_grads, "transient": recompute_end},
         "optimizer_step": {**base, "gradients": g_kept, "transient": opt_tmp},
     }

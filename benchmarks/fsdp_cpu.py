@@ -1,0 +1,172 @@
+"""FSDP's per-rank memory, measured on the CPU: two gloo processes, torch's FSDP as the runner sets it.
+
+    python benchmarks/fsdp_cpu.py [--write docs/accuracy.md]     # ~2 minutes
+
+Each case trains a tiny random-weight model of a real architecture (benchmarks/tiny_models.py) in two
+processes: loaded as advisor.stack loads it for FSDP (``load_for_training(..., fsdp=True)``), wrapped by
+``FullyShardedDataParallel`` with the settings of the runner's accelerate config (FULL_SHARD,
+use_orig_params, BACKWARD_PRE; the decoder layer as the unit, and for LoRA / QLoRA
+``advisor.stack.fsdp_wrap_policy``, each adapter a unit of its own), three Trainer-style steps
+(``advisor.stack.train_step``). ``runner.memtrace`` records every allocation of each rank from before the
+model exists (one intra-op thread; gloo's collectives allocate their outputs on the calling thread);
+the last step's peak of live tensor bytes is the measurement. The estimate is tuneplan's for the same
+plan on 2 "GPUs" with ZeRO-3 (= FSDP full shard) and ``--device cpu`` (tensors only).
+
+What only a GPU adds (NCCL, the CUDA caching allocator, flash-attention) is not here; what FSDP itself
+holds per rank (the shards, the gathered units, the root's unsharded parameters, the gradients'
+reduce-scatter) is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "benchmarks" / "results" / "fsdp_cpu.json"
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# (family, method, micro-batch, seq, LoRA targets)
+CASES = (
+    ("mistral", "lora", 2, 128, QKVO), ("mistral", "lora", 4, 128, QKVO),
+    ("mistral", "qlora", 2, 128, QKVO), ("mistral", "qlora", 4, 128, QKVO),
+    ("llama", "lora", 2, 128, "all-linear"), ("llama", "qlora", 2, 128, "all-linear"),
+    ("mistral", "full", 2, 128, None), ("mistral", "full", 4, 128, None),
+)
+
+
+def spec_of(method: str, b: int, s: int, targets):
+    from advisor.spec import TrainSpec
+
+    lora = {"lora": {"r": 16, "alpha": 16, "dropout": 0.1, "targets": targets}} if method != "full" else {}
+    return TrainSpec(method=method, precision="bf16", optimizer="adamw", micro_batch=b, seq_len=s,
+                     grad_checkpointing=True, attn_impl="sdpa", **lora)
+
+
+def case_id(c) -> str:
+    family, method, b, s, targets = c
+    t = "" if targets is None else ("/all" if targets == "all-linear" else "/qkvo")
+    return f"{family}/{method}/fsdp2/b{b}s{s}{t}"
+
+
+# -- one rank (under torchrun) -------------------------------------------------------------------------
+def worker(model_dir: str, method: str, b: int, s: int, targets) -> None:
+    import functools
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from advisor.stack import fsdp_wrap_policy, load_for_training, make_batch, make_optimizer, train_step
+    from runner import memtrace
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    spec = spec_of(method, b, s, targets)
+
+    def work():
+        with memtrace.phase("load"):
+            model = load_for_training(model_dir, spec, fsdp=True)
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            policy = fsdp_wrap_policy(model) or functools.partial(
+                transformer_auto_wrap_policy, transformer_layer_cls={type(base.model.layers[0])})
+            wrapped = FSDP(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD,
+                           use_orig_params=True, backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
+                           device_id=torch.device("cpu"))
+            opt = make_optimizer(wrapped, spec.optimizer, 1e-4)
+        batch = make_batch(base.config.vocab_size, b, s, seed=rank)
+        for _ in range(3):
+            train_step(wrapped, batch, opt, spec)
+
+    trace = memtrace.measure(work)
+    last = trace.last
+    print(json.dumps({"rank": rank, "peak_bytes": last.peak_bytes, "peak_phase": last.peak_phase,
+                      "step_start_bytes": last.start_bytes, "phase_peaks": last.phase_peaks}), flush=True)
+    dist.destroy_process_group()
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure(c) -> dict:
+    from tiny_models import build_tiny, make_config
+
+    family, method, b, s, targets = c
+    model_dir = build_tiny(family)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--worker", str(model_dir), method,
+           str(b), str(s), json.dumps(targets)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    ranks = sorted((json.loads(x) for x in got.stdout.splitlines() if x.startswith("{")), key=lambda r: r["rank"])
+    if len(ranks) != 2:
+        raise SystemExit(f"{case_id(c)}: the run failed\n{got.stderr[-4000:]}")
+    return {"id": case_id(c), "family": family, "method": method, "batch": b, "seq": s, "targets": targets,
+            "config": make_config(family).to_dict(), "ranks": ranks}
+
+
+def estimate_of(row: dict) -> tuple[int, str]:
+    from advisor.memory import estimate
+    from advisor.model import count_on_meta
+    from advisor.spec import Plan
+
+    shape = count_on_meta(row["family"], row["config"])
+    t = spec_of(row["method"], row["batch"], row["seq"], row["targets"]).model_dump()
+    plan = Plan.model_validate({"training": t, "hardware": {"gpu": None, "device": "cpu", "gpus": 2, "zero": 3}})
+    bd = estimate(plan, shape)
+    return bd.peak_allocated_bytes, bd.peak_phase
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case (2 ranks, FSDP full shard) | measured peak, rank 0 / 1 | tuneplan | error (max rank) | "
+             "measured phase | tuneplan moment |", "|---|---:|---:|---:|---|---|"]
+    errs = []
+    for r in rows:
+        peaks = [x["peak_bytes"] for x in r["ranks"]]
+        ours, moment = estimate_of(r)
+        err = ours / max(peaks) - 1
+        errs.append(abs(err))
+        lines.append(f"| `{r['id']}` | {peaks[0] / 2**20:.2f} / {peaks[1] / 2**20:.2f} MiB | {ours / 2**20:.2f} MiB | "
+                     f"{100 * err:+.1f}% | {r['ranks'][0]['peak_phase']} | {moment.replace('_', ' ')} |")
+    lines += ["", f"{len(rows)} cases: mean |error| {100 * sum(errs) / len(errs):.1f}%, max {100 * max(errs):.1f}%, "
+              f"{sum(e <= 0.03 for e in errs)} within 3%. `python benchmarks/fsdp_cpu.py --write docs/accuracy.md` "
+              "re-measures and regenerates this; `--table` only recomputes the estimate."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _, _, d, m, b, s, tg = sys.argv
+        worker(d, m, int(b), int(s), json.loads(tg))
+        sys.exit(0)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--write", help="markdown file with the fsdpcpu block (docs/accuracy.md)")
+    ap.add_argument("--table", action="store_true", help="use benchmarks/results/fsdp_cpu.json, measure nothing")
+    ap.add_argument("--only", help="measure only cases whose id contains this")
+    a = ap.parse_args()
+    if a.table:
+        rows = json.loads(RESULTS.read_text())
+    else:
+        rows = [measure(c) for c in CASES if not a.only or a.only in case_id(c)]
+        if not a.only:
+            RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    md = markdown(rows)
+    print(md)
+    if a.write:
+        from docblock import write_between
+
+        write_between(a.write, "fsdpcpu", md)
