@@ -144,7 +144,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{100 * err:+.1f}% | {r['ranks'][0]['peak_phase']} | {moment.replace('_', ' ')} |")
     lines += ["", f"{len(rows)} cases: mean |error| {100 * sum(errs) / len(errs):.1f}%, max {100 * max(errs):.1f}%, "
               f"{sum(e <= 0.03 for e in errs)} within 3%. `python benchmarks/fsdp_cpu.py --write docs/accuracy.md` "
-              "re-measures and regenerates this; `--table` only recomputes the estimate."]
+              "re-measures (about 2 minutes) and regenerates this; `--table` recomputes the estimate only."]
     return "\n".join(lines)
 
 

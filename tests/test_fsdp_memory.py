@@ -32,3 +32,12 @@ def test_the_stored_measurements_are_the_cases():
     rows = json.loads(fsdp_cpu.RESULTS.read_text())
     assert [r["id"] for r in rows] == [fsdp_cpu.case_id(c) for c in fsdp_cpu.CASES]
     assert all(len(r["ranks"]) == 2 for r in rows)
+
+
+def test_docs_show_what_the_script_computes():
+    import json
+
+    md = fsdp_cpu.markdown(json.loads(fsdp_cpu.RESULTS.read_text()))
+    doc = (ROOT / "docs" / "accuracy.md").read_text()
+    block = doc.split("<!-- fsdpcpu:begin -->\n", 1)[1].split("\n<!-- fsdpcpu:end -->", 1)[0]
+    assert block == md, "run: python benchmarks/fsdp_cpu.py --table --write docs/accuracy.md"
