@@ -57,7 +57,11 @@ def case_id(c) -> str:
 
 
 # -- one rank (under torchrun) -------------------------------------------------------------------------
-def worker(model_dir: str, method: str, b: int, s: int, targets) -> None:
+def worker(model_dir: str, method: str, b: int, s: int, targets, policy: str = "stack") -> None:
+    """One rank. ``policy`` "stack": advisor.stack.fsdp_wrap_policy (what the runner sets; the decoder
+    layer for a full fine-tune); "layers": the decoder layer as the only unit, as the launch config
+    alone would wrap (FSDP refuses fp32 adapters beside bf16 weights in one unit: reported as the
+    rank's "error")."""
     import functools
 
     import torch
@@ -74,24 +78,31 @@ def worker(model_dir: str, method: str, b: int, s: int, targets) -> None:
     rank = dist.get_rank()
     spec = spec_of(method, b, s, targets)
 
+    out: dict = {"rank": rank}
+
     def work():
         with memtrace.phase("load"):
             model = load_for_training(model_dir, spec, fsdp=True)
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            policy = fsdp_wrap_policy(model) or functools.partial(
-                transformer_auto_wrap_policy, transformer_layer_cls={type(base.model.layers[0])})
-            wrapped = FSDP(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD,
+            layers = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={type(base.model.layers[0])})
+            wrap = (fsdp_wrap_policy(model) if policy == "stack" else None) or layers
+            wrapped = FSDP(model, auto_wrap_policy=wrap, sharding_strategy=ShardingStrategy.FULL_SHARD,
                            use_orig_params=True, backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
                            device_id=torch.device("cpu"))
             opt = make_optimizer(wrapped, spec.optimizer, 1e-4)
         batch = make_batch(base.config.vocab_size, b, s, seed=rank)
-        for _ in range(3):
-            train_step(wrapped, batch, opt, spec)
+        out["losses"] = [float(train_step(wrapped, batch, opt, spec)) for _ in range(3)]
+        out["frozen_grads"] = sum(p.grad is not None for p in wrapped.parameters() if not p.requires_grad)
+        out["units"] = sum(isinstance(m, FSDP) for m in wrapped.modules())
 
-    trace = memtrace.measure(work)
-    last = trace.last
-    print(json.dumps({"rank": rank, "peak_bytes": last.peak_bytes, "peak_phase": last.peak_phase,
-                      "step_start_bytes": last.start_bytes, "phase_peaks": last.phase_peaks}), flush=True)
+    try:
+        trace = memtrace.measure(work)
+    except ValueError as e:  # FSDP refused to flatten a unit
+        print(json.dumps({**out, "error": str(e)}), flush=True)
+    else:
+        last = trace.last
+        print(json.dumps({**out, "peak_bytes": last.peak_bytes, "peak_phase": last.peak_phase,
+                          "step_start_bytes": last.start_bytes, "phase_peaks": last.phase_peaks}), flush=True)
     dist.destroy_process_group()
 
 
@@ -102,14 +113,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(c) -> dict:
+def measure(c, policy: str = "stack") -> dict:
+    """Run case ``c`` in two real processes; each rank's measurement (see :func:`worker`)."""
     from tiny_models import build_tiny, make_config
 
     family, method, b, s, targets = c
     model_dir = build_tiny(family)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--worker", str(model_dir), method,
-           str(b), str(s), json.dumps(targets)]
+           str(b), str(s), json.dumps(targets), policy]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     ranks = sorted((json.loads(x) for x in got.stdout.splitlines() if x.startswith("{")), key=lambda r: r["rank"])
@@ -150,8 +162,8 @@ def markdown(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, d, m, b, s, tg = sys.argv
-        worker(d, m, int(b), int(s), json.loads(tg))
+        _, _, d, m, b, s, tg, pol = sys.argv
+        worker(d, m, int(b), int(s), json.loads(tg), pol)
         sys.exit(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", help="markdown file with the fsdpcpu block (docs/accuracy.md)")

@@ -1,0 +1,55 @@
+"""LoRA and QLoRA under FSDP, for real: two gloo processes on the CPU load the model as advisor.stack
+loads it for FSDP, wrap it with torch's FSDP and the runner's settings (FULL_SHARD, use_orig_params,
+BACKWARD_PRE, advisor.stack.fsdp_wrap_policy: each adapter a unit of its own, as transformers' Trainer
+sets it) and train (benchmarks/fsdp_cpu.py). Both ranks train, no frozen weight gets a gradient, and
+the analytic estimate for 2 GPUs with ZeRO-3 (FSDP full shard) matches each rank's peak of live tensor
+bytes: the shards, the unsharded units (the one in backward and the prefetched one) and the root's
+unsharded embeddings and head, which FSDP keeps from forward to the end of backward. With the decoder
+layer as the only unit (the launch config alone) FSDP refuses fp32 adapters beside bf16 weights.
+(accelerate's own FSDP path needs a GPU.)"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fsdp_cpu  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in fsdp_cpu.CASES if c[0] == "mistral" and c[2] == 2 and c[1] != "full"],
+                         ids=fsdp_cpu.case_id)
+def test_fsdp_rank_peak_matches_the_estimate(case):
+    row = fsdp_cpu.measure(case)
+    ours, _ = fsdp_cpu.estimate_of(row)
+    for rank in row["ranks"]:
+        assert "error" not in rank and rank["losses"][-1] < rank["losses"][0]  # it trains
+        assert rank["frozen_grads"] == 0 and rank["units"] > 2 * 2  # root, layers, every LoRA A and B
+        assert abs(ours / rank["peak_bytes"] - 1) < 0.03, (rank, ours)
+
+
+@pytest.mark.slow
+def test_the_layer_policy_alone_cannot_flatten_fp32_adapters_on_a_bf16_base():
+    row = fsdp_cpu.measure(fsdp_cpu.CASES[0], policy="layers")
+    assert all("uniform dtype" in rank["error"] for rank in row["ranks"])
+
+
+def test_the_stored_measurements_are_the_cases():
+    import json
+
+    rows = json.loads(fsdp_cpu.RESULTS.read_text())
+    assert [r["id"] for r in rows] == [fsdp_cpu.case_id(c) for c in fsdp_cpu.CASES]
+    assert all(len(r["ranks"]) == 2 for r in rows)
+
+
+def test_docs_show_what_the_script_computes():
+    import json
+
+    md = fsdp_cpu.markdown(json.loads(fsdp_cpu.RESULTS.read_text()))
+    doc = (ROOT / "docs" / "accuracy.md").read_text()
+    block = doc.split("<!-- fsdpcpu:begin -->\n", 1)[1].split("\n<!-- fsdpcpu:end -->", 1)[0]
+    assert block == md, "run: python benchmarks/fsdp_cpu.py --table --write docs/accuracy.md"
