@@ -61,6 +61,14 @@ def _start(args, cwd, hooks=""):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_for_start(run_dir, proc, timeout=120):
+    """Until the run's start event is written (the model is being loaded)."""
+    deadline = time.time() + timeout
+    while not [e for e in read_events(run_dir)[0] if e["type"] == "start"]:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+
+
 def _wait_for_step(run_dir, proc, n, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -306,10 +314,7 @@ def test_ctrl_c_while_loading_a_real_process_then_the_advice_works(tmp_path, mod
     plan = plan_file(tmp_path / "plan.yaml", model_dir, data8)
     run_dir = tmp_path / "D"
     a = _start([plan, "--run-dir", run_dir], tmp_path, hooks="load_delay=4")
-    deadline = time.time() + 120
-    while not [e for e in read_events(run_dir)[0] if e["type"] == "start"]:
-        assert time.time() < deadline and a.poll() is None, a.communicate()
-        time.sleep(0.1)
+    _wait_for_start(run_dir, a)
     a.send_signal(signal.SIGINT)
     out, err = a.communicate(timeout=120)
     assert a.returncode == 130, err
@@ -341,10 +346,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume_starts_from_step_0(tmp_
     plan = plan_file(tmp_path / "plan.yaml", model_dir, data8)
     run_dir = tmp_path / "D"
     a = _start([plan, "--run-dir", run_dir], tmp_path, hooks="load_delay=30")
-    deadline = time.time() + 120
-    while not [e for e in read_events(run_dir)[0] if e["type"] == "start"]:
-        assert time.time() < deadline and a.poll() is None, a.communicate()
-        time.sleep(0.1)
+    _wait_for_start(run_dir, a)
     a.kill()
     a.wait(30)
     out = subprocess.run([sys.executable, "-m", "runner", "--resume", str(run_dir)], cwd=tmp_path, env=_env(),
