@@ -282,6 +282,10 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     recompute_end = recompute_end_transient_bytes(shape, ta, dev)
     if accum:
         first_grads = g_kept
+    elif t.method == "full" and z >= 3:
+        # under FSDP the layers' gradients are shards as they finish; the root's stays whole until
+        # backward ends, beside the unit in backward
+        first_grads = g_kept + head_grad + layer_grad
     elif t.method == "full":
         first_grads = max(g_kept - layer_grad - emb_grad, 0)
     else:
@@ -299,10 +303,6 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     def gathered(layers: int) -> dict[str, int]:  # FSDP's unsharded units at a moment (see above)
         return {"zero3_gathered_params": root + layers * unit} if z >= 3 else {}
 
-    if z >= 3 and t.method == "full" and not accum:
-        # under FSDP the layers' gradients are shards as they finish; the root's stays whole until
-        # backward ends, beside the unit in backward
-        first_grads = g_kept + head_grad + layer_grad
     phases = {
         "forward_end": {**base, **gathered(0), "activations": acts + amp_cache, "logits_and_loss": l_fwd,
                         "transient": deq},
