@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,20 +106,16 @@ def worker(model_dir: str, method: str, b: int, s: int, targets, policy: str = "
 
 
 # -- the driver ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(c, policy: str = "stack") -> dict:
     """Run case ``c`` in two real processes; each rank's measurement (see :func:`worker`)."""
     from tiny_models import build_tiny, make_config
 
+    from runner.launch import free_port
+
     family, method, b, s, targets = c
     model_dir = build_tiny(family)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--worker", str(model_dir), method,
+           "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", str(model_dir), method,
            str(b), str(s), json.dumps(targets), policy]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

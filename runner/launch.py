@@ -93,12 +93,12 @@ def write_accelerate_config(plan: Plan, run_dir: str | Path) -> Path:
 
     path = Path(run_dir) / ACCELERATE_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    port = None if plan.hardware.nodes > 1 else _free_port()  # several nodes: the plan's main_port
+    port = None if plan.hardware.nodes > 1 else free_port()  # several nodes: the plan's main_port
     path.write_text(yaml.safe_dump(accelerate_config(plan, port), sort_keys=False))
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -5,7 +5,6 @@ optimizer state and generators, equal to an uninterrupted run."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from conftest import ROOT
 from advisor.problems import Problems
 from advisor.spec import build_plan
 from runner.demo import DEMO_DATA
+from runner.launch import free_port
 
 
 def _hw(**hw):
@@ -82,12 +82,6 @@ def model_dir(tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp("model"), DEMO_DATA)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_node_plan(tmp_path, model_dir, **run):
     from advisor.planfile import save_plan
 
@@ -96,7 +90,7 @@ def _two_node_plan(tmp_path, model_dir, **run):
         "training": {"method": "lora", "precision": "fp32", "micro_batch": 2, "seq_len": 128,
                      "grad_checkpointing": False, "learning_rate": 5e-3, "lora": {"r": 4, "alpha": 8}},
         "hardware": {"gpu": None, "device": "cpu", "gpus": 2, "nodes": 2, "main_address": "127.0.0.1",
-                     "main_port": _free_port()},
+                     "main_port": free_port()},
         "data": {"path": str(DEMO_DATA), "val_split": 0.05, "max_examples": 64},
         "run": {"output_dir": str(tmp_path / "runs"), "name": "r", "max_steps": 3, "save_every": 2,
                 "eval_every": 100, **run},
