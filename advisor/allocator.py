@@ -402,18 +402,27 @@ Event = tuple[str, object, int]  # ("alloc", key, nbytes) | ("free", key, 0) | (
 
 
 def replay(events: Iterable[Event], config: AllocatorConfig | None = None,
-           capacity: int | None = None) -> ReplayResult:
+           capacity: int | None = None, capacity_from: str | None = None) -> ReplayResult:
     """Run an allocation/free sequence through the allocator. ``("mark", name, 0)`` events record
     the peak reserved so far under that name (e.g. the end of model loading, of the first step).
     With ``capacity`` (bytes the allocator may reserve) the cache is given back when a new segment
-    would not fit, and :class:`OutOfMemory` is raised when even that is not enough."""
-    a = CachingAllocator(config, capacity)
+    would not fit, and :class:`OutOfMemory` is raised when even that is not enough. With
+    ``capacity_from`` (a mark's name) the capacity applies from that mark on, and the peaks restart
+    there (e.g. the training steps after loading)."""
+    a = CachingAllocator(config, None if capacity_from else capacity)
     marks: dict[str, int] = {}
+    waiting = capacity_from is not None
     for op, key, nbytes in events:
         if op == "alloc":
             a.malloc(key, nbytes)
         elif op == "free":
             a.free(key)
         elif op == "mark":
+            if waiting and key == capacity_from:
+                waiting = False
+                a.peak_reserved, a.peak_allocated, a.peak_requested = a.reserved, a.allocated, a.requested
+                a.capacity = capacity
+                if capacity is not None and a.reserved > capacity:
+                    raise OutOfMemory(f"{a.reserved} bytes reserved at {key!r}, over {capacity}")
             marks[str(key)] = a.peak_reserved
     return a.result(marks)

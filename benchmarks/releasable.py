@@ -60,20 +60,10 @@ def events_of(plan: dict) -> list:
 
 
 def run(events: list, capacity: int | None):
-    from advisor.allocator import AllocatorConfig, CachingAllocator, OutOfMemory
+    """The replay with ``capacity`` from the end of loading on (advisor.allocator.replay)."""
+    from advisor.allocator import replay
 
-    a = CachingAllocator(AllocatorConfig())
-    for op, key, n in events:
-        if op == "alloc":
-            a.malloc(key, n)
-        elif op == "free":
-            a.free(key)
-        elif op == "mark" and key == "loaded" and a.capacity is None:
-            a.peak_reserved, a.peak_allocated = a.reserved, a.allocated  # the steps' peaks from here
-            a.capacity = capacity
-            if capacity is not None and a.reserved > capacity:
-                raise OutOfMemory("loading alone")
-    return a
+    return replay(events, capacity=capacity, capacity_from="loaded")
 
 
 def floor_bytes(events: list, resolution: int = 32 * MIB) -> tuple[int, int, int]:
@@ -82,7 +72,7 @@ def floor_bytes(events: list, resolution: int = 32 * MIB) -> tuple[int, int, int
     from advisor.allocator import OutOfMemory
 
     free = run(events, None)
-    alloc, reserve = free.peak_allocated, free.peak_reserved
+    alloc, reserve = free.peak_allocated_bytes, free.peak_reserved_bytes
     lo, hi = alloc, reserve  # hi completes
     while hi - lo > resolution:
         mid = (lo + hi) // 2
