@@ -536,8 +536,7 @@ class Recipe:
         }
 
     def cleanup(self) -> None:
-        if self.monitor is not None:
-            self.monitor.stop()
+        self._stop_sampling()
         self._close_process_group()
         if self.events is not None:
             self.events.close()
@@ -578,6 +577,7 @@ class Recipe:
             except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no checkpoint of this step
                 self.log("stopped at once (a second Ctrl-C): this step is not saved")
                 status, code = "interrupted", EXIT_INTERRUPTED
+            self._stop_sampling()
             rep = self.report(status)
             if self.is_main:
                 from runner.report import write_json
@@ -595,9 +595,16 @@ class Recipe:
             _restore_signal_handlers(previous)
             self.cleanup()
 
+    def _stop_sampling(self) -> None:
+        """No memory event after this: the run's last event is its end or its error."""
+        if self.monitor is not None:
+            self.monitor.stop()
+
     def _record_error(self, e: BaseException) -> None:
         from runner.data import DataError
         from runner.report import write_json
+
+        self._stop_sampling()
 
         if _is_oom(e):
             kind = "oom"

@@ -137,3 +137,17 @@ def test_data_check_shows_the_longest_example_and_warns(model_dir, one_long, cap
     assert longest["line"] == 41 and longest["tokens"] > 128 and "longer than" in longest["warning"]
     assert main(["data", "check", str(one_long), "--model", str(model_dir), "--seq", "128"]) == 0
     assert "longest example: line 41" in capsys.readouterr().out
+
+
+def test_the_error_is_the_last_event_even_with_the_monitor_sampling_fast(model_dir, one_long, tmp_path):
+    """The memory monitor is stopped before the run writes its error (or end): a sample a moment later
+    used to land after it (seen in CI: the last event was "memory")."""
+    from runner.recipe import Recipe
+
+    plan = _plan(model_dir, one_long, tmp_path / "a", fail_fast=False)
+    r = Recipe(plan, tmp_path / "a" / "r", log=lambda m: None, hooks=Hooks(oom_above_tokens=400),
+               monitor_interval=0.001)
+    assert r.run() == 1
+    events, _ = read_events(tmp_path / "a" / "r")
+    assert [e for e in events if e["type"] == "memory"]  # it did sample
+    assert events[-1]["type"] == "error" and events[-1]["kind"] == "oom"
