@@ -34,6 +34,16 @@ $(SKY_STAMP):
 	@$(PYTHON) -m venv $(SKY_VENV) && $(SKY_VENV)/bin/python -m pip install -q "$(SKYPILOT)" \
 		&& touch $(SKY_STAMP) || echo "could not install SkyPilot: the sky.Task loader tests will skip"
 
+# An older stack beside the project's, for benchmarks/stack_cpu.py --measure only (the stack of the
+# fms-acceleration GPU tables): transformers 4.48.1, peft 0.13.2, accelerate 1.0.1 on the same CPU torch.
+TF4_VENV ?= .venv-tf4
+$(TF4_VENV)/.installed:
+	$(PYTHON) -m venv $(TF4_VENV) && $(TF4_VENV)/bin/python -m pip install -q "$(TORCH_CPU)" transformers==4.48.1 \
+		peft==0.13.2 accelerate==1.0.1 bitsandbytes pydantic pyyaml rich psutil huggingface_hub nvidia-ml-py \
+		&& touch $(TF4_VENV)/.installed
+
+.venv-tf4: $(TF4_VENV)/.installed
+
 # The main job: the app, opening on the default plan (Llama-3.1-8B, QLoRA, one 24 GiB RTX 4090).
 # ARGS passes arguments through, e.g. make run ARGS="estimate --model gpt2 --json".
 run: $(STAMP)
@@ -50,4 +60,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_estimate.py
 
 clean:
-	rm -rf $(VENV) $(SKY_VENV) .pytest_cache
+	rm -rf $(VENV) $(SKY_VENV) $(TF4_VENV) .pytest_cache

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from advisor.breakdown import compute_bytes, param_bytes, residual_bytes
 from advisor.families import Family, family_of
 from advisor.model import ModelShape
+from advisor.software import shifted_logits_copy
 from advisor.spec import TrainSpec
 
 
@@ -329,7 +330,8 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     transformers' ForCausalLMLoss upcasts the logits to fp32 and cross_entropy keeps the fp32
     log-softmax. Forward peak: logits (head dtype) + fp32 copy + fp32 log-softmax.
     Backward peak: log-softmax + its incoming gradient + its outgoing gradient, all fp32.
-    Final-logit softcapping (gemma2) adds the saved tanh output and two temporaries."""
+    transformers 4.46-4.48 also copy the shifted fp32 logits in the forward.
+    Final-logit softcapping (gemma2) adds one logits-sized tensor forward, its head-dtype gradient backward."""
     fam, _ = family_of(shape.model_type)
     tokens = t.micro_batch * t.seq_len
     v = shape.vocab_size
@@ -340,7 +342,13 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
         head = 4 if t.method == "qlora" else param_bytes(t.precision)
     softcap = bool(fam.logit_softcap_attr and shape.features.get(fam.logit_softcap_attr))
     upcast = 4 if head != 4 else 0
-    fwd = head + upcast + 4 + (2 * head if softcap else 0)
+    # transformers 4.46-4.48: the contiguous fp32 copy of the shifted logits (advisor/software.py); with
+    # one sequence the shifted slice is contiguous already and .contiguous() copies nothing
+    shifted = 4 if shifted_logits_copy(t.transformers) and t.micro_batch > 1 else 0
+    # softcapping (logits / cap, tanh, * cap): the saved tanh output and the capped logits, the head's
+    # own output freed by the division (measured: the forward peak is one head-sized tensor above
+    # the plain loss, on both stacks)
+    fwd = head + upcast + shifted + 4 + (head if softcap else 0)
     bwd = 3 * 4 + (head if softcap else 0)
     return tokens * v * fwd, tokens * v * bwd
 

@@ -149,10 +149,13 @@ def reserved_terms(peak: int, persistent: int, step: int, *, gpu: str | None, gp
     return Reserved({k: int(v) for k, v in over.items() if v}, int(band(arch) * total), model)
 
 
-def modelled_stack() -> dict[str, str]:
+def modelled_stack(transformers: str | None = None) -> dict[str, str]:
     """The versions of the stack the estimate models: those installed here (importlib.metadata;
-    no import of the packages themselves), or 'not installed'."""
+    no import of the packages themselves), or 'not installed'; ``transformers``: the plan's
+    training.transformers, named instead of the installed release when their rules differ."""
     from importlib import metadata
+
+    from advisor.software import same_rules
 
     out = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
@@ -160,4 +163,7 @@ def modelled_stack() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    here = out["transformers"]
+    if transformers and (here == "not installed" or not same_rules(transformers, here)):
+        out["transformers"] = f"{transformers} (training.transformers; {here} installed)"
     return out

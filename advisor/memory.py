@@ -44,6 +44,7 @@ from advisor.families import family_of
 from advisor.gpu_memory import attention_workspace_bytes
 from advisor.inference import estimate_inference, kv_cache_bytes  # noqa: F401
 from advisor.model import ModelShape
+from advisor.software import layout
 from advisor.spec import Hardware, Plan, TrainSpec
 
 
@@ -70,7 +71,7 @@ def lora_adapter_bytes(shape: ModelShape, t: TrainSpec) -> int:
 def trainable_params(shape: ModelShape, t: TrainSpec) -> int:
     if t.method == "full":
         return shape.params_total
-    return shape.lora_params(t.lora.targets, t.lora.r)
+    return layout(shape, t.transformers).lora_params(t.lora.targets, t.lora.r)
 
 
 def trainable_bytes_per_param(t: TrainSpec) -> int:
@@ -181,7 +182,8 @@ def moe_qlora_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str | None:
             f"{kept / GIB:.1f} GiB of expert weights{per}, where 4-bit experts would take "
             f"{nf4 / GIB:.1f} GiB. What fits instead: LoRA in bf16 (all weights {bf16 / GIB:.1f} GiB per GPU "
             f"over {max(hw.gpus, 1)} GPU{'s' if hw.gpus > 1 else ''}; add GPUs with --zero 3 to shard them), or "
-            "QLoRA on a stack that quantizes experts (transformers 4.x keeps one nn.Linear per expert)")
+            "QLoRA on a stack that quantizes experts (transformers 4.x keeps one nn.Linear per expert: "
+            "estimate that with --transformers 4.57)")
 
 
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
@@ -191,6 +193,7 @@ def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
 
 def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, dict[str, int]]:
     """Live components at each candidate moment of a steady-state step, per GPU."""
+    shape = layout(shape, t.transformers)
     dev = hw.device
     n = hw.gpus if hw.gpus > 1 else 1
     z = hw.zero if n > 1 else 0
@@ -226,8 +229,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         root = (shape.params_embedding + shape.params_lm_head) * pb
         if fsdp_q:  # the 4-bit layers, stored in the compute dtype, with their norms
             unit = (w - root) // max(shape.num_layers, 1)
-        else:
-            unit = (shape.params_linear // max(shape.num_layers, 1)) * pb
+        else:  # a decoder layer's parameters: its linears, norms and (MoE) fused expert tensors
+            unit = ((shape.params_total - root // pb) // max(shape.num_layers, 1)) * pb
         unit = max(unit, 0)
         w = shard(w, n)
     ddp_buckets = 2 * 25 * MIB if n > 1 and z == 0 and t.method == "full" else 0
@@ -326,6 +329,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
 
 
 def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdown:
+    shape = layout(shape, t.transformers)  # per-expert linears on transformers 4.x (advisor/software.py)
     phases = training_phases(shape, t, hw)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=lambda k: totals[k])

@@ -209,12 +209,12 @@ def limit_line(lim) -> Text:
     return line
 
 
-def stack_line(stack: dict[str, str] | None = None) -> str:
-    """'torch 2.13.0 · transformers 5.23.0 · peft ... ': the stack the estimate models."""
+def stack_line(stack: dict[str, str] | None = None, plan=None) -> str:
+    """'torch 2.13.0 · transformers 5.23.0 · peft ... ': the stack the estimate models (of ``plan``)."""
     if stack is None:
         from advisor.service import modelled_stack
 
-        stack = modelled_stack()
+        stack = modelled_stack(plan)
     return " · ".join(f"{k} {v}" for k, v in stack.items())
 
 
@@ -254,7 +254,7 @@ def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
             con.print(line)
     if res.time is not None:
         con.print(f"[dim]assumed: {res.time.assumptions}[/]")
-    con.print(f"[dim]modelled: {res.breakdown.reserved_model}; stack {stack_line()}[/]")
+    con.print(f"[dim]modelled: {res.breakdown.reserved_model}; stack {stack_line(plan=res.plan)}[/]")
     for n in res.notes:
         con.print(f"[dim]note: {n}[/]")
 

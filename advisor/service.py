@@ -92,6 +92,10 @@ def build(data: dict[str, Any]) -> PlanContext:
             problems.append(Problem(why, "training.precision"))
     if problems:
         raise Problems(problems)
+    if plan.task == "training":  # the model as the plan's transformers release builds it (MoE: per-expert on 4.x)
+        from advisor.software import layout
+
+        shape = layout(shape, plan.training.transformers)
     return PlanContext(plan, shape, gpu)
 
 
@@ -167,7 +171,7 @@ class EstimateResult:
             "peak_reserved_bytes": bd.peak_reserved_bytes,
             "peak_reserved_high_bytes": bd.peak_reserved_high_bytes,
             "reserved_model": bd.reserved_model,
-            "stack": modelled_stack(),
+            "stack": modelled_stack(self.plan),
             "notes": self.notes,
         }
         if self.gpu is not None and self.verdict is not None:
@@ -184,11 +188,12 @@ class EstimateResult:
         return out
 
 
-def modelled_stack() -> dict[str, str]:
-    """The versions of torch / transformers / peft / bitsandbytes / accelerate the estimate models."""
+def modelled_stack(plan: Plan | None = None) -> dict[str, str]:
+    """The versions of torch / transformers / peft / bitsandbytes / accelerate the estimate models
+    (transformers: the plan's training.transformers where its rules differ from the installed one)."""
     from advisor.gpu_memory import modelled_stack as stack
 
-    return stack()
+    return stack(plan.training.transformers if plan is not None and plan.task == "training" else None)
 
 
 def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:

@@ -98,6 +98,33 @@ class TrainSpec(_Strict):
     double_quant: bool = Field(True, description="QLoRA: quantize the 4-bit blocks' absmax constants too "
                                "(saves about 0.37 bits per parameter).")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    transformers: str = Field("5", min_length=1, max_length=32, description="transformers release the run "
+                              "uses: 5 (tuneplan's own stack) or 4.46-4.57. On 4.46-4.48 the loss keeps one more "
+                              "fp32 copy of the logits; on 4.x mixture-of-experts layers are one nn.Linear per "
+                              "expert, which QLoRA quantizes (advisor/software.py).")
+
+    @field_validator("transformers", mode="before")
+    @classmethod
+    def _version_number(cls, v):
+        # YAML and overrides read 4.48 and 5 as numbers; 4.50 would arrive as 4.5, so a number with one
+        # decimal digit is refused rather than guessed
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return v
+        text = repr(v)
+        if isinstance(v, float) and int(v) == 4 and len(text.split(".")[1]) < 2:
+            raise ValueError(f"write the version in quotes (\"{v:.2f}\" or \"{text}\"): as a number {text} "
+                             "may have lost a trailing zero")
+        return text
+
+    @field_validator("transformers")
+    @classmethod
+    def _transformers(cls, v: str) -> str:
+        from advisor.software import problem
+
+        why = problem(v)
+        if why:
+            raise ValueError(why)
+        return v.strip()
 
 
 class InferSpec(_Strict):

@@ -38,6 +38,7 @@ CASES = (
     ("mistral", "qlora", 2, 128, QKVO), ("mistral", "qlora", 4, 128, QKVO),
     ("llama", "lora", 2, 128, "all-linear"), ("llama", "qlora", 2, 128, "all-linear"),
     ("mistral", "full", 2, 128, None), ("mistral", "full", 4, 128, None),
+    ("mixtral", "lora", 2, 128, QKVO),  # a unit holds the layer's fused expert tensors too
 )
 
 

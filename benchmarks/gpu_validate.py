@@ -14,7 +14,8 @@ AdamW, bf16 weights, LoRA r 16 / alpha 16 / dropout 0.1 on q, k, v, o.
 
 These rows were never used to fit anything: no constant or formula of advisor/ was chosen by looking
 at them. The script only measures. Each row becomes the plan that matches it (FSDP FULL_SHARD as
-ZeRO-3 with 2 GPUs, and at 1 GPU as no sharding, as gpu_fit.py does), estimated through the service
+ZeRO-3 with 2 GPUs, and at 1 GPU as no sharding, as gpu_fit.py does; ``training.transformers`` the rows'
+4.48, advisor/software.py), estimated through the service
 (advisor.service.build + estimate, analytic mode) and judged by the one verdict (advisor.policy) on an
 A100-80GB: predicted max_memory_allocated (peak_allocated_bytes), expected nvidia-smi peak
 (peak_reserved_bytes) with its p90 (peak_reserved_high_bytes), and fits / tight / oom. A published run
@@ -55,6 +56,7 @@ PROFILES = {"mistralai/Mistral-7B-v0.1": "mistralai/Mistral-7B-v0.1",
             "NousResearch/Llama-2-70b-hf": "meta-llama/Llama-2-70b-hf"}
 LEFT_OUT = {"bigcode/gpt_bigcode-santacoder": "gpt_bigcode, no bundled profile"}
 LORA = {"r": 16, "alpha": 16, "dropout": 0.1}
+TRANSFORMERS = "4.48"  # refs/requirements.txt: transformers 4.48.1 (training.transformers, advisor/software.py)
 
 # refs/a100_80gb.csv at 876e2ed, plain-stack rows of the three models, in the file's order:
 # (model_name_or_path, framework_config, peft_method, num_gpus, per_device_train_batch_size, target_modules,
@@ -142,19 +144,24 @@ def rows() -> list[dict]:
 def plan_data(row: dict) -> dict:
     """The plan of one published run (the settings stated in the docstring)."""
     t = {"method": row["method"], "precision": "bf16", "optimizer": "adamw", "micro_batch": row["batch"],
-         "seq_len": 4096, "grad_accum": 1, "grad_checkpointing": True, "attn_impl": "flash_attention_2"}
+         "seq_len": 4096, "grad_accum": 1, "grad_checkpointing": True, "attn_impl": "flash_attention_2",
+         "transformers": TRANSFORMERS}
     if row["targets"]:
         t["lora"] = {**LORA, "targets": row["targets"]}
     hw = {"gpu": GPU, "gpus": row["gpus"], "zero": 3 if row["gpus"] > 1 else 0, "device": "cuda"}
     return {"model": {"ref": row["profile"]}, "training": t, "hardware": hw}
 
 
-def predict(rs: list[dict]) -> list[dict]:
+def predict(rs: list[dict], transformers: str | None = None) -> list[dict]:
+    """``transformers``: estimate as that release instead of the rows' own (for the contrast)."""
     from advisor import service
 
     out = []
     for r in rs:
-        res = service.estimate(service.build(plan_data(r)))
+        data = plan_data(r)
+        if transformers:
+            data["training"]["transformers"] = transformers
+        res = service.estimate(service.build(data))
         out.append({**r, "ours_alloc": res.peak_allocated_bytes, "ours_nvidia": res.peak_reserved_bytes,
                     "ours_high": res.peak_reserved_high_bytes, "verdict": res.status,
                     "agrees": res.verdict.fits == (not r["oom"])})
@@ -194,11 +201,20 @@ def _mib(b: float) -> str:
     return f"{b / MIB:,.0f} MiB"
 
 
-def markdown(rs: list[dict]) -> str:
+def contrast_line(s: dict) -> str:
+    """The same summary with the default rules (transformers 5), as the table stood before it named the stack."""
+    p = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    return (f"Estimated as transformers 5 (the default) instead of the rows' {TRANSFORMERS}: allocated median "
+            f"{p(s['alloc_median'])}, nvidia-smi {p(s['nvidia_median'])} (max {p(s['nvidia_max'])}), fit/OOM "
+            f"agrees in {s['agree']} of {s['rows']}.")
+
+
+def markdown(rs: list[dict], as5: list[dict] | None = None) -> str:
     lines = [f"Source: fms-acceleration `{CSV_PATH}` (commit {COMMIT}), framework_config `none` and "
              "`baseline-peft-bnb`, on the stack of `refs/requirements.txt` beside it (torch 2.4.1, "
              "transformers 4.48.1, peft 0.13.2, bitsandbytes 0.43.3, accelerate 1.0.1). tuneplan's estimate "
-             "(`--mode analytic`, FSDP full shard as ZeRO-3 on 2 GPUs, unsharded on 1) with its verdict on an "
+             f"(`--mode analytic --transformers {TRANSFORMERS}`, FSDP full shard as ZeRO-3 on 2 GPUs, "
+             "unsharded on 1) with its verdict on an "
              "A100-80GB. `python benchmarks/gpu_validate.py --write docs/accuracy.md` regenerates this; "
              "the santacoder rows are left out (gpt_bigcode, no bundled profile).", "",
              "| A100-80GB, b x 4096 tokens | published allocated | tuneplan allocated | error | "
@@ -217,6 +233,8 @@ def markdown(rs: list[dict]) -> str:
         lines.append(f"| {name} | {pa} | {_mib(r['ours_alloc'])} | {ea} | {_mib(r['nvidia'])} | "
                      f"{_mib(r['ours_nvidia'])} ({_mib(r['ours_high'])}) | {en} | {pub} | {verdict} |")
     lines += ["", summary_line(summary(rs))]
+    if as5:
+        lines += ["", contrast_line(summary(as5))]
     return "\n".join(lines)
 
 
@@ -244,7 +262,7 @@ if __name__ == "__main__":
     mirrored = published_from_mirror()
     if mirrored is not None and mirrored != PUBLISHED:
         raise SystemExit(f"PUBLISHED differs from {CSV_PATH} in {MIRROR}: update it from the file")
-    md = markdown(predict(rows()))
+    md = markdown(predict(rows()), predict(rows(), "5"))
     print(md)
     if a.write:
         ensure_block(a.write)

@@ -108,6 +108,12 @@ def preflight(plan, plan_path: Path | None, force: bool = False, log=print, *, r
     problems: list = []
     if plan.task != "training":
         problems.append("task is inference; `tuneplan run` fine-tunes (set task: training)")
+    from advisor.software import installed, mismatch
+
+    why = plan.task == "training" and mismatch(plan.training.transformers, "`tuneplan run`")
+    if why:
+        problems.append(Problem(f"{why}: the live memory would not match the estimate", "training.transformers",
+                                f"set it to the installed release (override training.transformers={installed()})"))
     plan, found = _data_problems(plan, plan_path)
     problems += found
     plan, found = _model_problems(plan, log)

@@ -252,3 +252,12 @@ def test_demo_refuses_a_bad_out_before_building(tmp_path, capsys):
         assert needle in err and "Traceback" not in err
     assert (tmp_path / "project" / "plan.yaml").read_text() == "model:\n  ref: mine\n"
     assert not (tmp_path / "d").exists()
+
+
+def test_a_plan_for_another_transformers_release_is_refused(tmp_path, model_dir, capsys):
+    # the live memory follows the installed release, not the plan's training.transformers
+    p = plan_file(tmp_path, model_dir)
+    assert main(["run", p, "training.transformers=4.48"]) == 2
+    err = capsys.readouterr().err
+    assert "training.transformers" in err and "installed" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was created

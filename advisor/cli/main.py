@@ -39,6 +39,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-targets", help="all-linear or a comma list such as q_proj,v_proj")
     p.add_argument("--attn", dest="attn_impl", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--transformers", metavar="VERSION", help="transformers release the run uses: 5 (default) or "
+                   "4.46-4.57 (the loss and MoE layers differ; see docs/memory-model.md)")
     p.add_argument("--weight-quant", choices=["none", "int8", "nf4"], help="inference weight storage")
     p.add_argument("--prompt-len", type=int, help="inference: prompt tokens (default: the whole --seq)")
     p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
@@ -60,6 +62,7 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     put(training, "grad_accum", a.grad_accum)
     put(training, "grad_checkpointing", a.grad_checkpointing)
     put(training, "attn_impl", a.attn_impl)
+    put(training, "transformers", getattr(a, "transformers", None))
     put(lora, "r", a.lora_r)
     put(lora, "alpha", a.lora_alpha)
     put(lora, "dropout", a.lora_dropout)

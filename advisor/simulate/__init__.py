@@ -110,6 +110,12 @@ def _check_supported(plan: Plan, shape: ModelShape) -> None:
         raise SimulateError(f"{shape.name}: no config.json to build the architecture from")
     if plan.hardware.gpus > 1:
         raise SimulateError("simulate covers one device; use --mode analytic for multi-GPU sharding")
+    if plan.task == "training":
+        from advisor.software import mismatch
+
+        why = mismatch(plan.training.transformers, "simulate")
+        if why:
+            raise SimulateError(f"{why}; use --mode analytic, which models {plan.training.transformers}")
 
 
 def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,

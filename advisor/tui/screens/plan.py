@@ -204,7 +204,7 @@ class PlanScreen(Screen):
             line.append_text(badge(r.status))
             room = r.verdict.headroom_bytes
             line.append(f" {'headroom' if room >= 0 else 'short by'} {gib(abs(room))} GiB")
-        line.append(f"\nmodelled: {r.breakdown.reserved_model} · {present.stack_line()}", style="dim")
+        line.append(f"\nmodelled: {r.breakdown.reserved_model} · {present.stack_line(plan=r.plan)}", style="dim")
         for note in r.notes:
             line.append(f"\nnote: {note}", style="dim")
         head.update(line)

@@ -1,0 +1,117 @@
+"""Which transformers release the run uses, and what that changes in memory (``training.transformers``).
+
+tuneplan runs and is calibrated on transformers 5 (the runner's own stack); many published runs and
+many users' machines are on 4.x. Two differences decide memory, each read from transformers' source
+and measured on the CPU on both stacks (benchmarks/stack_cpu.py, docs/accuracy.md):
+
+* The loss. ``ForCausalLMLoss`` (transformers/loss/loss_utils.py, 4.46-4.48) upcasts the logits to
+  fp32 and then makes a contiguous fp32 copy of the shifted logits (``logits[..., :-1, :].contiguous()``)
+  before the cross-entropy; from 4.49 on it shifts the labels instead (``nn.functional.pad(labels, (0, 1))``).
+  So on 4.46-4.48 the forward holds one more fp32 copy of the logits: 4 bytes per token and vocabulary
+  entry (:func:`shifted_logits_copy`).
+* Mixture-of-experts layers. 4.x keeps one ``nn.Linear`` per expert (Mixtral's ``w1``/``w3``/``w2`` in an
+  ``nn.ModuleList``), which bitsandbytes quantizes and peft adapts one by one; transformers 5 fuses the
+  experts into 3-D tensors (``gate_up_proj``, ``down_proj``), which bitsandbytes leaves unquantized
+  (bitsandbytes issue #1849). :func:`layout` turns the fused groups that the shape counts on the installed
+  transformers 5 back into the 4.x per-expert linears.
+
+Releases before 4.46 computed the loss inside each model's forward (and kept fp32 logits in the output):
+not modelled, refused with a message. Pure: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+DEFAULT = "5"
+OLDEST = (4, 46)
+SUPPORTED = "5 (the default, what `tuneplan run` uses) or 4.46 to 4.57"
+
+# model types whose 4.x code keeps an nn.ModuleList of per-expert MLPs (names of their linears:
+# gate / up / down); others (gpt-oss, granitemoe) had fused expert parameters already in 4.x
+PER_EXPERT_LINEARS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                      "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+                      "olmoe": ("gate_proj", "up_proj", "down_proj"),
+                      "phimoe": ("w1", "w3", "w2")}
+
+
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '4.48', '4.48.1' or '5'."""
+    m = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?(?:\.\d+)?(?:[.-]?\w+)?\s*", str(version))
+    if not m:
+        raise ValueError(f"{version!r} is not a transformers version; use {SUPPORTED}")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def problem(version: str) -> str | None:
+    """Why this release is not modelled, or None."""
+    try:
+        major, minor = release(version)
+    except ValueError as e:
+        return str(e)
+    if major >= 6 or (major, minor) < OLDEST:
+        older = (" (earlier releases compute the loss inside each model's forward and keep fp32 logits in "
+                 "the output, which tuneplan does not model)") if major < 5 else ""
+        return f"transformers {version} is not modelled{older}; use {SUPPORTED}"
+    return None
+
+
+def shifted_logits_copy(version: str) -> bool:
+    """4.46-4.48: the loss copies the shifted fp32 logits (one more fp32 logits tensor in the forward)."""
+    return release(version) < (4, 49)
+
+
+def fuses_experts(version: str) -> bool:
+    """transformers 5 fuses MoE experts into 3-D tensors; 4.x keeps one nn.Linear per expert."""
+    return release(version) >= (5, 0)
+
+
+def same_rules(a: str, b: str) -> bool:
+    """Whether two releases get the same memory rules here."""
+    return (shifted_logits_copy(a), fuses_experts(a)) == (shifted_logits_copy(b), fuses_experts(b))
+
+
+def layout(shape, version: str):
+    """The shape as ``version`` builds the model: on 4.x the fused expert tensors (and the router) become
+    per-expert nn.Linear layers, quantized under QLoRA and adapted one by one by LoRA. Unchanged on 5
+    and for models without fused experts."""
+    names = PER_EXPERT_LINEARS.get(shape.model_type)
+    if fuses_experts(version) or not names or not any(g.experts > 1 for g in shape.linears):
+        return shape
+    gate, up, down = names
+    out = []
+    for g in shape.linears:
+        base = g.path.rsplit(".", 1)[0]
+        if g.experts > 1 and g.leaf == "gate_up_proj":  # (experts, 2 x inter, hidden): gate and up
+            for leaf in (gate, up):
+                out.append(replace(g, path=f"{base}.*.{leaf}", out_features=g.out_features // 2,
+                                   count=g.count * g.experts, experts=1, rank_mult=1, quantized=True))
+        elif g.experts > 1:  # down_proj: (experts, hidden, inter)
+            out.append(replace(g, path=f"{base}.*.{down}", count=g.count * g.experts, experts=1, rank_mult=1,
+                               quantized=True))
+        elif not g.quantized and g.path.endswith((".gate", ".router")):  # the router: an nn.Linear on 4.x
+            out.append(replace(g, quantized=True))
+        else:
+            out.append(g)
+    return replace(shape, linears=tuple(out))
+
+
+def installed() -> str | None:
+    """The transformers version installed here (package metadata; nothing is imported), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def mismatch(version: str, what: str) -> str | None:
+    """Why ``what`` (a step that runs the installed transformers) cannot follow a plan made for ``version``,
+    or None when the installed release gets the same memory rules."""
+    here = installed()
+    if here is None or problem(here) or same_rules(version, here):
+        return None
+    return (f"the plan models transformers {version} (training.transformers) but {what} runs the installed "
+            f"transformers {here}, whose memory differs")
