@@ -232,6 +232,27 @@ def amp_weight_cast_bytes(shape: ModelShape, ctx: _Ctx, first: bool = False, tra
     return ctx.c * total // layers
 
 
+def merged_expert_bytes(shape: ModelShape, ctx: _Ctx) -> int:
+    """LoRA on fused expert tensors (transformers 5): peft's ParamWrapper parametrizes the 3-D weight
+    as W + scaling * B @ A, so each forward materializes the merged weight of every adapted expert
+    tensor, and the grouped matmul saves it for the input's gradient: one layer's expert weights in
+    the weights' dtype, per layer, and the factors A and B cast from fp32 to that dtype for the
+    product (none when the weights are fp32). Measured on the CPU: the saved tensors of a Mixtral layer."""
+    layers = max(shape.num_layers, 1)
+    total = 0
+    for g in shape.linears:
+        if g.experts > 1 and g.leaf in ctx.lora:
+            total += g.count * g.experts * g.in_features * g.out_features
+            if ctx.a != 4:
+                total += g.count * ctx.r * g.rank_mult * (g.in_features + g.out_features)
+    return total * ctx.a // layers
+
+
+def layer_weight_bytes(shape: ModelShape, ctx: _Ctx, first: bool = False) -> int:
+    """Weight-sized tensors one decoder layer's graph keeps: AMP's half casts and LoRA's merged experts."""
+    return amp_weight_cast_bytes(shape, ctx, first=first) + merged_expert_bytes(shape, ctx)
+
+
 def amp_head_cast_bytes(shape: ModelShape, t: TrainSpec) -> int:
     """Under AMP the output head's fp32 weight is cast to half for its matmul and saved for the
     gradient of the head's input (which always needs one in training): alive from the head's
@@ -254,8 +275,8 @@ def activations_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
         return tokens * (per_layer + head) + rope_bytes(shape, t)
     layers = layer_activation_bytes_per_token(shape, fam, ctx, first=True)
     layers += (shape.num_layers - 1) * layer_activation_bytes_per_token(shape, fam, ctx)
-    casts = amp_weight_cast_bytes(shape, ctx, first=True)
-    casts += (shape.num_layers - 1) * amp_weight_cast_bytes(shape, ctx)
+    casts = layer_weight_bytes(shape, ctx, first=True)
+    casts += (shape.num_layers - 1) * layer_weight_bytes(shape, ctx)
     return tokens * (layers + head) + rope_bytes(shape, t) + casts
 
 
@@ -286,7 +307,7 @@ def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     fam, _ = family_of(shape.model_type)
     ctx = _ctx(shape, t, t.seq_len, device)
     return (t.micro_batch * t.seq_len * layer_activation_bytes_per_token(shape, fam, ctx)
-            + amp_weight_cast_bytes(shape, ctx))
+            + layer_weight_bytes(shape, ctx))
 
 
 def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:

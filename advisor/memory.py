@@ -20,7 +20,9 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     amp_weight_cast_bytes,
     backward_workspace_bytes,
     layer_activation_bytes_per_token,
+    layer_weight_bytes,
     logits_bytes,
+    merged_expert_bytes,
     qlora_dequant_bytes,
     recompute_bytes,
     recompute_end_transient_bytes,
@@ -186,6 +188,21 @@ def moe_qlora_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str | None:
             "estimate that with --transformers 4.57)")
 
 
+def moe_lora_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str | None:
+    """Plain words for LoRA on fused expert tensors (transformers 5): each layer's merged expert
+    weights are materialized and kept for backward (activations.merged_expert_bytes)."""
+    if t.method == "full":
+        return None
+    per_layer = merged_expert_bytes(shape, _ctx(shape, t, t.seq_len, hw.device))
+    if not per_layer:
+        return None
+    kept = (f"{per_layer / GIB:.1f} GiB for the layer in backward (checkpointing on)" if t.grad_checkpointing else
+            f"{per_layer * shape.num_layers / GIB:.1f} GiB for all {shape.num_layers} layers (checkpointing off)")
+    return (f"LoRA on the fused expert tensors: peft adds B @ A to each layer's expert weights in every forward and "
+            f"the merged weights stay for backward: {kept}; LoRA targets without the experts "
+            "(e.g. --lora-targets q_proj,k_proj,v_proj,o_proj) avoid it")
+
+
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
@@ -258,7 +275,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     first = not t.grad_checkpointing
     first_layer_acts = (tokens * (layer_activation_bytes_per_token(shape, fam, ctx, first=first)
                                   + (8 if ctx.full else 0))
-                        + amp_weight_cast_bytes(shape, ctx, first=first))
+                        + layer_weight_bytes(shape, ctx, first=first))
     # non-reentrant checkpointing: the graph holds every layer's saved input (and the rotary
     # cos/sin every layer receives) until it is dropped
     gc_inputs = (tokens * shape.num_layers * ctx.a * shape.hidden_size + rope_bytes(shape, ta)
@@ -341,6 +358,9 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdow
     moe = moe_qlora_note(shape, t, hw)
     if moe:
         notes.append(moe)
+    merged = moe_lora_note(shape, t, hw)
+    if merged:
+        notes.append(merged)
     if fsdp_qlora(t, hw):
         notes.append("QLoRA sharded over GPUs (FSDP / ZeRO-3): the 4-bit weights are stored in the compute dtype "
                      "(bnb_4bit_quant_storage) and sharded; embeddings, norms and the residual stream stay in the "

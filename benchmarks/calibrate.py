@@ -61,14 +61,17 @@ from runner import memtrace  # noqa: E402
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "measured_cpu.json"
 
 
-def T(family, batch=2, seq=128, impl="default", layers=None, **spec) -> dict:
-    """A training case; ``layers``: a deeper tiny model than the family's 2 layers."""
+def T(family, batch=2, seq=128, impl="default", layers=None, inter=None, **spec) -> dict:
+    """A training case; ``layers``: a deeper tiny model than the family's 2 layers; ``inter``: a wider MLP
+    (intermediate_size) than the family's."""
     spec.setdefault("grad_checkpointing", False)
     spec.setdefault("attn_impl", "sdpa")
     c = {"family": family, "task": "training", "batch": batch, "seq": seq, "impl": impl,
          "spec": TrainSpec(micro_batch=batch, seq_len=seq, **spec)}
     if layers:
         c["overrides"] = {"n_layer" if family == "gpt2" else "num_hidden_layers": layers}
+    if inter:
+        c.setdefault("overrides", {})["intermediate_size"] = inter
     return c
 
 
@@ -156,6 +159,15 @@ def full_matrix() -> list[dict]:
         cases.append(T(fam, 2, 256, layers=6, method="full", precision="fp32", optimizer="sgd"))
         cases.append(T(fam, 2, 128, layers=6, method="lora", precision="bf16", optimizer="adamw",
                        grad_checkpointing=True))
+    # H. beyond the grid: wide experts (intermediate 8 x hidden; Mixtral's is 3.5 x, the tiny one's 2 x)
+    for gc_ in (False, True):
+        cases.append(T("mixtral", 2, 256, inter=1024, method="lora", precision="bf16", optimizer="adamw",
+                       grad_checkpointing=gc_))
+    cases.append(T("mixtral", 2, 256, inter=1024, method="qlora", precision="bf16", optimizer="adamw",
+                   grad_checkpointing=True))
+    cases.append(T("mixtral", 2, 256, inter=1024, method="full", precision="fp32", optimizer="sgd",
+                   grad_checkpointing=True))
+    cases.append(T("mixtral", 2, 256, inter=1024, layers=3, method="lora", precision="bf16", optimizer="adamw"))
     # I. inference: generate with KV cache
     for fam in ("llama", "mistral", "qwen2", "gemma2", "gpt2", "mixtral"):
         for prec in ("bf16", "fp32"):
@@ -186,8 +198,11 @@ def case_id(c: dict) -> str:
     extra = []
     if c.get("impl", "default") != "default":
         extra.append(c["impl"])
-    if c.get("overrides"):
-        extra.append(f"L{next(iter(c['overrides'].values()))}")
+    ov = c.get("overrides") or {}
+    if "num_hidden_layers" in ov or "n_layer" in ov:
+        extra.append(f"L{ov.get('num_hidden_layers', ov.get('n_layer'))}")
+    if "intermediate_size" in ov:
+        extra.append(f"i{ov['intermediate_size']}")
     if s.lora.r != 16 or s.lora.targets != "all-linear" or s.lora.dropout:
         extra.append(f"r{s.lora.r}-{'all' if s.lora.targets == 'all-linear' else '+'.join(s.lora.targets)}"
                      f"-d{s.lora.dropout}")
