@@ -59,6 +59,13 @@ class Verdict:
         return self.need_bytes > self.capacity_bytes and self.status != "oom"
 
     @property
+    def on_card_bytes(self) -> int:
+        """What nvidia-smi is expected to show on this card: the expected peak, or, when only the
+        allocator's cache would outgrow the card, the card's memory (it fills the card, frees its cache
+        and retries; the reserve cannot grow past the card)."""
+        return self.capacity_bytes if self.cache_limited else self.need_bytes
+
+    @property
     def fits(self) -> bool:
         """Launchable: 'fits' or 'tight' (tight may still run out on an unlucky step)."""
         return self.status != "oom"
@@ -75,7 +82,7 @@ class Verdict:
         return {"status": self.status, "fits": self.fits, "memory_bytes": self.capacity_bytes,
                 "need_bytes": self.need_bytes, "need_high_bytes": self.high_bytes,
                 "need_floor_bytes": self.floor_bytes, "headroom_bytes": self.headroom_bytes,
-                "cache_limited": self.cache_limited}
+                "cache_limited": self.cache_limited, "on_card_bytes": self.on_card_bytes}
 
 
 def fit_verdict(need: int, capacity: int, high: int | None = None, floor: int | None = None) -> Verdict:

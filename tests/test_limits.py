@@ -122,3 +122,16 @@ def test_bad_input_messages():
     with pytest.raises(Problems) as e:
         max_batch(inference, shape, g)
     assert e.value.items[0].field == "task"
+
+
+def test_on_card_expectation_never_passes_the_card():
+    from advisor.policy import fit_verdict
+
+    gib = 1024**3
+    cached = fit_verdict(98 * gib, 80 * gib, 102 * gib, floor=70 * gib)  # only the cache is over the card
+    assert cached.status == "tight" and cached.cache_limited and cached.on_card_bytes == 80 * gib
+    assert cached.as_json()["on_card_bytes"] == 80 * gib
+    plain = fit_verdict(60 * gib, 80 * gib, 63 * gib, floor=50 * gib)
+    assert not plain.cache_limited and plain.on_card_bytes == 60 * gib
+    oom = fit_verdict(98 * gib, 80 * gib, floor=85 * gib)
+    assert oom.status == "oom" and oom.on_card_bytes == 98 * gib  # what it would need
