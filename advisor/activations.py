@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from advisor.breakdown import compute_bytes, param_bytes, residual_bytes
 from advisor.families import Family, family_of
 from advisor.model import ModelShape
-from advisor.software import shifted_logits_copy
+from advisor.software import PER_EXPERT_LINEARS, shifted_logits_copy
 from advisor.spec import TrainSpec
 
 
@@ -158,7 +158,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
         total += _linear_input(ctx, h, fam.up_proj)
     if fam.moe:
         k = max(shape.experts_per_token, 1)
-        total += 4 * shape.num_experts + k * (2 * a * h + 4 * a * i)
+        total += 4 * shape.num_experts + k * expert_bytes_per_token(ctx, shape)
     elif fam.gated_mlp:
         total += 3 * ctx.o * i  # gate output (act input), act output, up output
         total += _linear_input(ctx, i, (fam.down_proj,), in_bytes=ctx.o)
@@ -170,6 +170,24 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
     if fam.norms_per_layer == 4:
         total += _norm(ctx, fam, h)  # post-feedforward norm
     return total
+
+
+def expert_bytes_per_token(ctx: _Ctx, shape: ModelShape) -> int:
+    """What one routed expert keeps for one token (saved_tensors_hooks on Mixtral, both layouts): the
+    gate and up outputs and the activation (3 x i), the expert's output and the fp32 routing weight
+    for their product (h + 4 bytes), and each matmul's input where a weight gradient needs it. transformers 5's grouped
+    matmuls on fused 3-D tensors save their input only when the weight needs a gradient (full
+    fine-tuning, or LoRA on the experts, whose merged weight does); transformers 4.x's per-expert
+    nn.Linear layers keep what any linear keeps (_linear_input: LoRA's fp32 input copies)."""
+    h, i, a = shape.hidden_size, shape.intermediate_size, ctx.a
+    if any(g.experts > 1 for g in shape.linears):
+        up_in = a * h if ctx.full or "gate_up_proj" in ctx.lora else 0
+        down_in = a * i if ctx.full or "down_proj" in ctx.lora else 0
+    else:
+        gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
+        up_in = _linear_input(ctx, h, (gate, up))
+        down_in = _linear_input(ctx, i, (down,))
+    return up_in + 3 * a * i + down_in + a * h + 4  # + the fp32 routing weight the product saves
 
 
 def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str) -> _Ctx:
@@ -316,6 +334,15 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
     checkpointing, where this moment is the peak; see docs/accuracy.md)."""
     a = residual_bytes(t)
     i = shape.intermediate_size * (max(shape.experts_per_token, 1) if shape.num_experts else 1)
+    fused = [g for g in shape.linears if g.experts > 1]
+    lora = {g.leaf for g in shape.lora_groups(t.lora.targets)} if t.method != "full" else set()
+    if fused and t.method != "full" and not any(g.leaf in lora for g in fused):
+        # transformers 5's frozen fused experts: all routed tokens go through one grouped matmul, and the
+        # backward of the gate/up split concatenates the two halves' gradients (aten::cat of 2 x i beside
+        # them): the rise in backward measured on a frozen Mixtral block is 2.9 tensors of width i per
+        # routed token. With trainable experts (full, LoRA on the experts) the matmuls' saved inputs,
+        # freed by then, make the room: the generic term measures within 1% there.
+        i *= 3
     return t.micro_batch * t.seq_len * (a * i + 2 * a * shape.hidden_size)
 
 

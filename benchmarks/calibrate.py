@@ -168,6 +168,11 @@ def full_matrix() -> list[dict]:
     cases.append(T("mixtral", 2, 256, inter=1024, method="full", precision="fp32", optimizer="sgd",
                    grad_checkpointing=True))
     cases.append(T("mixtral", 2, 256, inter=1024, layers=3, method="lora", precision="bf16", optimizer="adamw"))
+    # frozen experts (attention-only LoRA, as most published MoE runs): the grouped matmuls save no input
+    for m in ("lora", "qlora"):
+        for gc_ in (False, True):
+            cases.append(T("mixtral", 2, 256, inter=1024, method=m, precision="bf16", optimizer="adamw",
+                           grad_checkpointing=gc_, lora=LoraSpec(targets=["q_proj", "k_proj", "v_proj", "o_proj"])))
     # I. inference: generate with KV cache
     for fam in ("llama", "mistral", "qwen2", "gemma2", "gpt2", "mixtral"):
         for prec in ("bf16", "fp32"):

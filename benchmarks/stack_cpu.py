@@ -45,6 +45,8 @@ OUT = ROOT / "benchmarks" / "results" / "measured_cpu_tf4.json"
 def cases() -> list[dict]:
     from calibrate import T
 
+    from advisor.spec import LoraSpec
+
     out = []
     for fam in ("llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral"):
         out.append(T(fam, method="full", precision="bf16", optimizer="adamw"))
@@ -58,6 +60,14 @@ def cases() -> list[dict]:
     out.append(T("llama", method="qlora", precision="amp-bf16", optimizer="adamw", grad_checkpointing=True))
     out.append(T("llama", method="lora", precision="fp32", optimizer="adamw"))
     out.append(T("mixtral", 2, 256, method="qlora", precision="bf16", optimizer="adamw", grad_checkpointing=True))
+    # wide experts (intermediate 8 x hidden), all-linear and attention-only LoRA (the fms Mixtral runs)
+    qkvo = LoraSpec(targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    for m in ("lora", "qlora"):
+        out.append(T("mixtral", 2, 256, inter=1024, method=m, precision="bf16", optimizer="adamw",
+                     grad_checkpointing=True))
+        for gc_ in (False, True):
+            out.append(T("mixtral", 2, 256, inter=1024, method=m, precision="bf16", optimizer="adamw",
+                         grad_checkpointing=gc_, lora=qkvo))
     return out
 
 

@@ -187,6 +187,37 @@ def test_lora_on_fused_experts_saves_the_merged_weights():
     assert sum(saved.values()) == shape.num_layers * merged_expert_bytes(shape, ctx) > 0
 
 
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,k_proj,v_proj,o_proj"])
+def test_fused_experts_save_their_inputs_only_for_a_weight_gradient(targets):
+    """transformers 5's grouped matmuls: the routed tokens' tensors a Mixtral layer saves are the gate/up
+    output, the activation and the expert output (for the routing weight), plus the matmul inputs only
+    where the expert weights need a gradient (here: LoRA on the experts)."""
+    from advisor.activations import expert_bytes_per_token
+
+    shape = count_on_meta("mixtral", TINY["mixtral"])
+    t = _spec("lora", "bf16", lora=LoraSpec(r=8, targets=targets))
+    base = build("mixtral", dtype=torch.bfloat16)
+    import peft
+
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets.split(",")
+                                                      if "," in targets else targets))
+    routed = B * S * shape.experts_per_token
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        if x.dim() == 2 and x.shape[0] == routed and st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return x
+
+    ids = torch.randint(0, shape.vocab_size, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(input_ids=ids)
+    ctx = _ctx(shape, t, S, "cpu")
+    assert sum(saved.values()) == shape.num_layers * routed * expert_bytes_per_token(ctx, shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # The calibration cases these rules fixed (real steps, the profiler)
 # ---------------------------------------------------------------------------------------------
