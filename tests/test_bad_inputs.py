@@ -106,6 +106,12 @@ CASES = [
     ("estimate --model ./missing-dir", "no such file or directory: ./missing-dir"),
     ("estimate --model ~/no/such/model", "no such file or directory"),
     ("estimate --model lamma-8b", "unknown model 'lamma-8b'"),
+    # the transformers release (advisor/software.py)
+    ("estimate --model gpt2 --seq 128 --transformers 4.30", "transformers 4.30 is not modelled"),
+    ("estimate --model gpt2 --seq 128 --transformers latest", "'latest' is not a transformers version"),
+    ("estimate --model gpt2 --seq 128 --transformers 4.48 --mode simulate --device cpu",
+     "simulate runs the installed transformers"),
+    ("run {w}/plan.yaml training.transformers=4.5", "write the version in quotes"),
     # plan files (advisor/planfile.py)
     ("estimate --plan {w}/empty.yaml", "is empty"),
     ("estimate --plan {w}/comments.yaml", "is empty"),

@@ -104,3 +104,21 @@ def test_json_names_the_modelled_release():
     assert res.as_json()["stack"]["transformers"].startswith("4.48 (training.transformers;")
     res = service.estimate(service.build({"model": {"ref": "gpt2"}, "training": {"seq_len": 128}}))
     assert "training.transformers" not in res.as_json()["stack"]["transformers"]
+
+
+def test_cli_flag_reaches_the_plan_and_the_json(capsys):
+    import json
+
+    from advisor.cli.main import main
+
+    assert main(["estimate", "--model", "mistralai/Mistral-7B-v0.1", "--method", "lora", "--batch", "2",
+                 "--seq", "1024", "--transformers", "4.48", "--json"]) == 0
+    old = json.loads(capsys.readouterr().out)
+    assert old["plan"]["training"]["transformers"] == "4.48"
+    assert main(["estimate", "--model", "mistralai/Mistral-7B-v0.1", "--method", "lora", "--batch", "2",
+                 "--seq", "1024", "--json"]) == 0
+    new = json.loads(capsys.readouterr().out)
+    assert new["plan"]["training"]["transformers"] == "5"
+    # the shifted fp32 logits: 4 bytes x vocabulary x tokens more, on the forward side
+    grew = old["phases"]["forward_end"] - new["phases"]["forward_end"]
+    assert grew == 4 * 32000 * 2 * 1024
