@@ -122,3 +122,17 @@ def test_cli_flag_reaches_the_plan_and_the_json(capsys):
     # the shifted fp32 logits: 4 bytes x vocabulary x tokens more, on the forward side
     grew = old["phases"]["forward_end"] - new["phases"]["forward_end"]
     assert grew == 4 * 32000 * 2 * 1024
+
+
+def test_recommend_follows_the_release(capsys):
+    import json
+
+    from advisor.cli.main import main
+
+    args = ["recommend", "--model", "mistralai/Mixtral-8x7B-v0.1", "--gpu", "a100-80gb", "--methods", "qlora", "--json"]
+    assert main(args) == 0
+    five = json.loads(capsys.readouterr().out)["choice"]
+    assert main(args + ["--transformers", "4.57"]) == 0
+    four = json.loads(capsys.readouterr().out)["choice"]
+    # 4-bit experts on 4.x: one card holds what needs two on transformers 5 (fused experts stay bf16)
+    assert five["num_gpus"] > 1 and four["num_gpus"] == 1

@@ -36,6 +36,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="comma list of methods to consider (default full,lora,qlora)")
     r.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adamw")
     r.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    r.add_argument("--transformers", metavar="VERSION", help="transformers release the run will use: 5 (default) "
+                   "or 4.46-4.57 (a mixture of experts is quantized by QLoRA on 4.x)")
     r.add_argument("--serving", action="store_true", help="also size serving (inference) on the GPU")
     r.add_argument("--device", choices=["cuda"], default="cuda", help="recommendations are for GPUs")
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -84,6 +86,7 @@ def _inputs(a: argparse.Namespace):
         raise Problems([*problems, *e.items]) from None
     training: dict[str, Any] = {"seq_len": a.seq if a.seq is not None else service.default_seq(shape)}
     put(training, "optimizer", a.optimizer)
+    put(training, "transformers", a.transformers)
     if a.lora_r is not None:
         training["lora"] = {"r": a.lora_r}
     model = {"ref": a.model, "trust_remote_code": a.trust_remote_code}
