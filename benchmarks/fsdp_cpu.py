@@ -15,6 +15,12 @@ plan on 2 "GPUs" with ZeRO-3 (= FSDP full shard) and ``--device cpu`` (tensors o
 What only a GPU adds (NCCL, the CUDA caching allocator, flash-attention) is not here; what FSDP itself
 holds per rank (the shards, the gathered units, the root's unsharded parameters, the gradients'
 reduce-scatter) is.
+
+    .venv-tf4/bin/python benchmarks/fsdp_cpu.py [--write docs/accuracy.md]   # the same on transformers 4.48
+
+runs the Mistral LoRA / QLoRA cases on the stack of the fms-acceleration GPU tables (the side environment
+of benchmarks/stack_cpu.py, whose shims it applies) into results/fsdp_cpu_tf4.json and the ``fsdpcpu4``
+block, estimated with ``training.transformers`` of that release; ``--table --tf4`` recomputes it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESULTS = ROOT / "benchmarks" / "results" / "fsdp_cpu.json"
+RESULTS4 = ROOT / "benchmarks" / "results" / "fsdp_cpu_tf4.json"
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # (family, method, micro-batch, seq, LoRA targets)
 CASES = (
@@ -40,6 +47,7 @@ CASES = (
     ("mistral", "full", 2, 128, None), ("mistral", "full", 4, 128, None),
     ("mixtral", "lora", 2, 128, QKVO),  # a unit holds the layer's fused expert tensors too
 )
+CASES4 = CASES[:4]  # on transformers 4.x: Mistral LoRA / QLoRA, as the fms-acceleration 2-GPU rows
 
 
 def spec_of(method: str, b: int, s: int, targets):
@@ -123,8 +131,12 @@ def measure(c, policy: str = "stack") -> dict:
     ranks = sorted((json.loads(x) for x in got.stdout.splitlines() if x.startswith("{")), key=lambda r: r["rank"])
     if len(ranks) != 2:
         raise SystemExit(f"{case_id(c)}: the run failed\n{got.stderr[-4000:]}")
+    import transformers
+
+    release = ".".join(transformers.__version__.split(".")[:2])
     return {"id": case_id(c), "family": family, "method": method, "batch": b, "seq": s, "targets": targets,
-            "config": make_config(family).to_dict(), "ranks": ranks}
+            "config": make_config(family).to_dict(), "ranks": ranks,
+            **({"transformers": release} if int(release.split(".")[0]) < 5 else {})}
 
 
 def estimate_of(row: dict) -> tuple[int, str]:
@@ -134,12 +146,13 @@ def estimate_of(row: dict) -> tuple[int, str]:
 
     shape = count_on_meta(row["family"], row["config"])
     t = spec_of(row["method"], row["batch"], row["seq"], row["targets"]).model_dump()
+    t["transformers"] = row.get("transformers", "5")
     plan = Plan.model_validate({"training": t, "hardware": {"gpu": None, "device": "cpu", "gpus": 2, "zero": 3}})
     bd = estimate(plan, shape)
     return bd.peak_allocated_bytes, bd.peak_phase
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], four: bool = False) -> str:
     lines = ["| case (2 ranks, FSDP full shard) | measured peak, rank 0 / 1 | tuneplan | error (max rank) | "
              "measured phase | tuneplan moment |", "|---|---:|---:|---:|---|---|"]
     errs = []
@@ -151,30 +164,44 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| `{r['id']}` | {peaks[0] / 2**20:.2f} / {peaks[1] / 2**20:.2f} MiB | {ours / 2**20:.2f} MiB | "
                      f"{100 * err:+.1f}% | {r['ranks'][0]['peak_phase']} | {moment.replace('_', ' ')} |")
     lines += ["", f"{len(rows)} cases: mean |error| {100 * sum(errs) / len(errs):.1f}%, max {100 * max(errs):.1f}%, "
-              f"{sum(e <= 0.03 for e in errs)} within 3%. `python benchmarks/fsdp_cpu.py --write docs/accuracy.md` "
-              "re-measures (about 2 minutes) and regenerates this; `--table` recomputes the estimate only."]
+              f"{sum(e <= 0.03 for e in errs)} within 3%. "
+              + ("Measured on transformers 4.48.1 (`.venv-tf4/bin/python benchmarks/fsdp_cpu.py --write "
+                 "docs/accuracy.md`), estimated with `training.transformers: \"4.48\"`; `--table --tf4` "
+                 "recomputes the estimate only." if four else
+                 "`python benchmarks/fsdp_cpu.py --write docs/accuracy.md` re-measures (about 2 minutes) and "
+                 "regenerates this; `--table` recomputes the estimate only.")]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    from importlib import metadata
+
+    four = int(metadata.version("transformers").split(".")[0]) < 5
+    if four:  # the side environment with transformers 4.x (make .venv-tf4)
+        import stack_cpu
+
+        stack_cpu.shim_transformers4()
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _, _, d, m, b, s, tg, pol = sys.argv
         worker(d, m, int(b), int(s), json.loads(tg), pol)
         sys.exit(0)
     ap = argparse.ArgumentParser()
-    ap.add_argument("--write", help="markdown file with the fsdpcpu block (docs/accuracy.md)")
+    ap.add_argument("--write", help="markdown file with the fsdpcpu (fsdpcpu4) block (docs/accuracy.md)")
     ap.add_argument("--table", action="store_true", help="use benchmarks/results/fsdp_cpu.json, measure nothing")
+    ap.add_argument("--tf4", action="store_true", help="with --table: the transformers 4.x results")
     ap.add_argument("--only", help="measure only cases whose id contains this")
     a = ap.parse_args()
+    four = four or a.tf4
+    results, block = (RESULTS4, "fsdpcpu4") if four else (RESULTS, "fsdpcpu")
     if a.table:
-        rows = json.loads(RESULTS.read_text())
+        rows = json.loads(results.read_text())
     else:
-        rows = [measure(c) for c in CASES if not a.only or a.only in case_id(c)]
+        rows = [measure(c) for c in (CASES4 if four else CASES) if not a.only or a.only in case_id(c)]
         if not a.only:
-            RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
-    md = markdown(rows)
+            results.write_text(json.dumps(rows, indent=1) + "\n")
+    md = markdown(rows, four)
     print(md)
     if a.write:
         from docblock import write_between
 
-        write_between(a.write, "fsdpcpu", md)
+        write_between(a.write, block, md)

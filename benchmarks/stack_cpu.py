@@ -80,33 +80,36 @@ def _rename_dtype(f):
     return g
 
 
-def measure(steps: int) -> int:
-    """Run the cases on the installed transformers 4.x; write OUT."""
-    import gc
-    import time
-
+def shim_transformers4() -> None:
+    """What the 4.x release needs to run this project's harness, in this process only: ``torch_dtype=``
+    where the harness passes ``dtype=``, no bitsandbytes backend check (4.48's predates bitsandbytes'
+    CPU backend and calls .discard on a frozenset: the check only, not the quantization), and the
+    tiny models in a cache directory of the release's own (saved by it: Mixtral's experts are
+    per-expert linears on disk, as in a 4.x checkpoint)."""
     import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        raise SystemExit(f"--measure is for a transformers 4.x environment (make .venv-tf4); this one has "
-                         f"{transformers.__version__}")
-    from transformers import modeling_utils
+    from transformers import integrations, modeling_utils
     from transformers.models.auto import auto_factory
 
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        raise SystemExit(f"this is for a transformers 4.x environment (make .venv-tf4); this one has "
+                         f"{transformers.__version__}")
     auto = auto_factory._BaseAutoModelClass
     auto.from_config = classmethod(_rename_dtype(auto.from_config.__func__))
     auto.from_pretrained = classmethod(_rename_dtype(auto.from_pretrained.__func__))
     pre = modeling_utils.PreTrainedModel
     pre.from_pretrained = classmethod(_rename_dtype(pre.from_pretrained.__func__))
-
-    # 4.48's bitsandbytes backend check predates bitsandbytes' CPU backend (it calls .discard on a
-    # frozenset): the check only, not the quantization, which is bitsandbytes' own
-    from transformers import integrations
-
     integrations.validate_bnb_backend_availability = lambda **_: True
     import tiny_models
 
     tiny_models.DEFAULT_CACHE = ROOT / ".tuneplan-cache" / f"tiny-tf{transformers.__version__}"
+
+
+def measure(steps: int) -> int:
+    """Run the cases on the installed transformers 4.x; write OUT."""
+    import gc
+    import time
+
+    shim_transformers4()
     import calibrate
     import torch
 

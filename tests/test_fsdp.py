@@ -53,3 +53,15 @@ def test_docs_show_what_the_script_computes():
     doc = (ROOT / "docs" / "accuracy.md").read_text()
     block = doc.split("<!-- fsdpcpu:begin -->\n", 1)[1].split("\n<!-- fsdpcpu:end -->", 1)[0]
     assert block == md, "run: python benchmarks/fsdp_cpu.py --table --write docs/accuracy.md"
+
+
+def test_docs_show_the_transformers4_fsdp_table():
+    import json
+
+    rows = json.loads(fsdp_cpu.RESULTS4.read_text())
+    assert {r.get("transformers") for r in rows} == {"4.48"}
+    assert [r["id"] for r in rows] == [fsdp_cpu.case_id(c) for c in fsdp_cpu.CASES4]
+    md = fsdp_cpu.markdown(rows, four=True)
+    doc = (ROOT / "docs" / "accuracy.md").read_text()
+    block = doc.split("<!-- fsdpcpu4:begin -->\n", 1)[1].split("\n<!-- fsdpcpu4:end -->", 1)[0]
+    assert block == md, "run: python benchmarks/fsdp_cpu.py --table --tf4 --write docs/accuracy.md"
