@@ -21,7 +21,12 @@ FORM_DEFAULTS: dict[str, Any] = {
     "model": "meta-llama/Llama-3.1-8B", "gpu": "rtx-4090", "gpus": "1", "zero": "0", "task": "training",
     "method": "qlora", "precision": "bf16", "optimizer": "adamw", "batch": "1", "seq": "2048", "accum": "1",
     "ckpt": True, "lora_r": "16", "lora_alpha": "16", "lora_targets": "all-linear", "weight_quant": "none",
+    "transformers": "5",
 }
+# the form's choice of transformers release: one per set of memory rules (advisor/software.py); a loaded
+# plan's own release string is offered beside them
+TRANSFORMERS_CHOICES = [("transformers 5", "5"), ("transformers 4.49-4.57", "4.57"),
+                        ("transformers 4.46-4.48", "4.48")]
 
 NO_GPU = "none"  # the GPU select's "no GPU" choice (plan.hardware.gpu = None)
 
@@ -33,7 +38,7 @@ LOC_FIELD = {
     "inference.batch": "batch", "training.seq_len": "seq", "inference.seq_len": "seq",
     "training.grad_accum": "accum", "training.grad_checkpointing": "ckpt", "training.lora.r": "lora_r",
     "training.lora.alpha": "lora_alpha", "training.lora.targets": "lora_targets",
-    "inference.weight_quant": "weight_quant",
+    "inference.weight_quant": "weight_quant", "training.transformers": "transformers",
 }
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
@@ -49,6 +54,7 @@ def form_from_plan(plan: Plan) -> dict[str, Any]:
         "batch": str(i.batch if inf else t.micro_batch), "seq": str(i.seq_len if inf else t.seq_len),
         "accum": str(t.grad_accum), "ckpt": t.grad_checkpointing, "lora_r": str(t.lora.r),
         "lora_alpha": f"{t.lora.alpha:g}", "lora_targets": targets, "weight_quant": i.weight_quant,
+        "transformers": t.transformers,
     }
 
 
@@ -62,7 +68,7 @@ def plan_dict(form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[
     d["task"] = form["task"]
     tr = d.setdefault("training", {})
     tr.update({"method": form["method"], "optimizer": form["optimizer"], "grad_accum": form["accum"],
-               "grad_checkpointing": bool(form["ckpt"])})
+               "grad_checkpointing": bool(form["ckpt"]), "transformers": form.get("transformers") or "5"})
     tr.setdefault("lora", {}).update({"r": form["lora_r"], "alpha": form["lora_alpha"],
                                       "targets": form["lora_targets"]})
     inf = d.setdefault("inference", {})

@@ -334,3 +334,23 @@ async def test_enter_resolves_a_hub_id_in_a_worker_and_flags_a_failure(monkeypat
         await app.workers.wait_for_complete()
         await settle(pilot)
         assert "unknown model" in app.screen.query_one("#field-model").error
+
+
+@pytest.mark.asyncio
+async def test_the_transformers_release_is_a_choice_on_the_form(tmp_path):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await type_into(pilot, "#model", "mistralai/Mixtral-8x7B-v0.1")
+        five = app.evaluation.result.as_json()
+        assert any("#1849" in n for n in five["notes"])  # QLoRA on fused experts: the note
+        app.screen.query_one("#transformers").value = "4.57"
+        await settle(pilot)
+        four = app.evaluation.result.as_json()
+        assert four == expected(model="mistralai/Mixtral-8x7B-v0.1", transformers="4.57")
+        assert four["peak_allocated_bytes"] < five["peak_allocated_bytes"] / 3  # 4-bit experts
+        assert "4.57 (training.transformers" in plain(app.screen.query_one("#headline"))
+        path = app.save_plan(str(tmp_path / "plan.yaml"))
+    from advisor.planfile import load_plan
+
+    assert load_plan(path).training.transformers == "4.57"

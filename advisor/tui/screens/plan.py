@@ -14,7 +14,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, Select, Static
 
 from advisor import present
-from advisor.forms import NO_GPU, Evaluation, fetch_model
+from advisor.forms import NO_GPU, TRANSFORMERS_CHOICES, Evaluation, fetch_model
 from advisor.policy import GIB, gib
 from advisor.present import money
 from advisor.tui.widgets.field import Field
@@ -22,7 +22,8 @@ from advisor.tui.widgets.membar import MemoryBar
 from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, short_gpu
 
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
-TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets")
+TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets", "transformers")
+SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
 
 
@@ -70,6 +71,12 @@ class PlanScreen(Screen):
                 yield Field("grad accum", Input(f["accum"], id="accum", type="integer", compact=True), "accum")
                 yield Field("checkpoint", Checkbox("recompute in backward", bool(f["ckpt"]), id="ckpt",
                                                    compact=True), "ckpt")
+                releases = list(TRANSFORMERS_CHOICES)
+                if f["transformers"] not in {v for _, v in releases}:  # a loaded plan's own release
+                    releases.append((f"transformers {f['transformers']}", f["transformers"]))
+                yield Field("stack", _select("transformers", releases, f["transformers"]), "transformers",
+                            "The transformers release the run uses: the loss and mixture-of-experts layers "
+                            "differ (tuneplan run uses 5).")
                 yield Label("LoRA", classes="section")
                 yield Field("rank r", Input(f["lora_r"], id="lora_r", type="integer", compact=True), "lora_r")
                 yield Field("alpha", Input(f["lora_alpha"], id="lora_alpha", type="number", compact=True),
@@ -99,7 +106,7 @@ class PlanScreen(Screen):
         form = dict(self.app.form)
         for name in INPUTS:
             form[name] = self.query_one(f"#{name}", Input).value
-        for name in ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant"):
+        for name in SELECTS:
             form[name] = self.query_one(f"#{name}", Select).value
         form["ckpt"] = self.query_one("#ckpt", Checkbox).value
         return form
@@ -108,7 +115,7 @@ class PlanScreen(Screen):
         """Put a loaded plan into the widgets (their change events then re-estimate)."""
         for name in INPUTS:
             self.query_one(f"#{name}", Input).value = str(form[name])
-        for name in ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant"):
+        for name in SELECTS:
             sel = self.query_one(f"#{name}", Select)
             try:
                 sel.value = form[name]
