@@ -106,11 +106,15 @@ def worker(model_dir: str, method: str, b: int, s: int, targets, policy: str = "
     try:
         trace = memtrace.measure(work)
     except ValueError as e:  # FSDP refused to flatten a unit
-        print(json.dumps({**out, "error": str(e)}), flush=True)
+        report = {**out, "error": str(e)}
     else:
         last = trace.last
-        print(json.dumps({**out, "peak_bytes": last.peak_bytes, "peak_phase": last.peak_phase,
-                          "step_start_bytes": last.start_bytes, "phase_peaks": last.phase_peaks}), flush=True)
+        report = {**out, "peak_bytes": last.peak_bytes, "peak_phase": last.peak_phase,
+                  "step_start_bytes": last.start_bytes, "phase_peaks": last.phase_peaks}
+    # one write of the whole line: both ranks share the driver's stdout pipe, and print() writes the text
+    # and its newline separately, so two ranks' lines could interleave (seen once in CI); a single write
+    # under PIPE_BUF (4 KiB) is atomic
+    os.write(1, (json.dumps(report) + "\n").encode())
     dist.destroy_process_group()
 
 
