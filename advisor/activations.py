@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from advisor.breakdown import compute_bytes, param_bytes, residual_bytes
 from advisor.families import Family, family_of
 from advisor.model import ModelShape
-from advisor.software import PER_EXPERT_LINEARS, shifted_logits_copy
+from advisor.software import PER_EXPERT_LINEARS, shifted_logits_copy, softcap_refuses_sdpa
 from advisor.spec import TrainSpec
 
 
@@ -33,6 +33,7 @@ class _Ctx:
     c: int = 0  # bytes of what autocast's matmuls and sdpa produce (AMP: half); == a otherwise
     o: int = 0  # bytes of a linear layer's output (AMP: half, QLoRA's bitsandbytes: the input's fp32)
     qlora: bool = False  # the base linears are 4-bit
+    softcap_eager: bool = True  # attention soft-capping turns a request for sdpa into eager (transformers 5)
 
 
 def _linear_input(ctx: _Ctx, width: int, consumers: tuple[str, ...], saved_elsewhere: bool = False,
@@ -106,7 +107,7 @@ def _attention(ctx: _Ctx, fam: Family, shape: ModelShape, softcap: bool) -> int:
     a, s, nh = ctx.a, ctx.seq, shape.num_heads
     qd, kvd = nh * shape.head_dim, shape.num_kv_heads * shape.head_dim
     impl = ctx.attn_impl
-    if softcap and impl == "sdpa":
+    if softcap and impl == "sdpa" and ctx.softcap_eager:
         impl = "eager"
     if impl == "sdpa" and ctx.device == "cpu" and fam.cpu_math_attention:
         return 3 * 4 * qd + (3 if ctx.dropout else 1) * 4 * nh * s
@@ -159,6 +160,10 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
     if fam.moe:
         k = max(shape.experts_per_token, 1)
         total += 4 * shape.num_experts + k * expert_bytes_per_token(ctx, shape)
+        if not any(g.experts > 1 for g in shape.linears):
+            # 4.x: the router is an nn.Linear, which LoRA on all linear layers adapts like any other
+            routers = tuple(g.leaf for g in shape.linears if g.path.endswith((".gate", ".router")))
+            total += _linear_input(ctx, h, routers)
     elif fam.gated_mlp:
         total += 3 * ctx.o * i  # gate output (act input), act output, up output
         total += _linear_input(ctx, i, (fam.down_proj,), in_bytes=ctx.o)
@@ -186,7 +191,9 @@ def expert_bytes_per_token(ctx: _Ctx, shape: ModelShape) -> int:
     else:
         gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
         up_in = _linear_input(ctx, h, (gate, up))
-        down_in = _linear_input(ctx, i, (down,))
+        # 4.x's loop adds each expert's weighted output into the layer's output with index_add_, whose
+        # backward saves its source (IndexAddBackward0._saved_source, a second h-wide tensor per routed token)
+        down_in = _linear_input(ctx, i, (down,)) + a * h
     return up_in + 3 * a * i + down_in + a * h + 4  # + the fp32 routing weight the product saves
 
 
@@ -203,7 +210,7 @@ def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str) -> _Ctx:
     return _Ctx(a=a, full=t.method == "full", lora=lora, r=t.lora.r,
                 lora_dropout=t.method != "full" and t.lora.dropout > 0, seq=seq,
                 attn_impl=t.attn_impl, device=device, dropout=dropout, amp=amp, c=c, o=o,
-                qlora=t.method == "qlora")
+                qlora=t.method == "qlora", softcap_eager=softcap_refuses_sdpa(t.transformers))
 
 
 def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) -> int:
@@ -343,6 +350,23 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
         # routed token. With trainable experts (full, LoRA on the experts) the matmuls' saved inputs,
         # freed by then, make the room: the generic term measures within 1% there.
         i *= 3
+    elif shape.num_experts and not fused:
+        # transformers 4.x's loop over per-expert nn.Linear layers: autograd runs the experts' backward one
+        # at a time, so what is in flight is one expert's share of the tokens (tokens x k / E routed to it),
+        # measured on a Mixtral block (4 and 8 experts, i from 512 to 4096, the rise in backward over the
+        # saved tensors): 3 x i minus the 2 x h its saved output and index_add_ source give back with frozen
+        # experts, 2 x i with LoRA on them; beside it the gradient of the layer's output (h per token)
+        tokens = t.micro_batch * t.seq_len
+        share = tokens * max(shape.experts_per_token, 1) // max(shape.num_experts, 1)
+        h = shape.hidden_size
+        gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
+        if t.method == "full":  # trainable experts: the down projection's saved input is freed by then
+            width = 2 * shape.intermediate_size - 2 * h
+        elif {gate, up, down} & lora:
+            width = 2 * shape.intermediate_size
+        else:
+            width = 3 * shape.intermediate_size - 2 * h
+        return share * a * width + tokens * a * h
     return t.micro_batch * t.seq_len * (a * i + 2 * a * shape.hidden_size)
 
 
@@ -358,8 +382,10 @@ def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) 
     0 where the down projection has no adapter (the recomputation then stops earlier: torch's
     non-reentrant checkpoint stops at the last saved tensor) and for full fine-tuning and MoE
     (left to backward_workspace_bytes)."""
-    if not t.grad_checkpointing or shape.num_experts or t.method == "full":
+    if not t.grad_checkpointing or t.method == "full":
         return 0
+    if shape.num_experts:
+        return _per_expert_recompute_end_bytes(shape, t, device)
     fam, _ = family_of(shape.model_type)
     ctx = _ctx(shape, t, t.seq_len, device)
     if fam.down_proj not in ctx.lora:
@@ -371,6 +397,29 @@ def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) 
         total += 4 * i  # peft's fp32 cast of the half input, before autocast casts it back
     total += 2 * (ctx.c if ctx.amp else 4) * h
     return t.micro_batch * t.seq_len * total
+
+
+def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """transformers 4.x's per-expert loop with LoRA on the experts' gate or up projection: the widest moment
+    of a layer's recomputation is the last expert's up projection, whose LoRA sum is i wide (measured on a
+    Mixtral layer, the live set at the peak): its base output (o x i) and, in the adapter dtype, lora_B's
+    scaled output, the base output's upcast copy and their sum (3 x i), for that expert's share of the tokens,
+    less what the expert saves after it (the up output for the product, the down projection's input, its
+    output and index_add_ source, the routing weight). Beside it the gradient of the layer's output and the
+    layer's output accumulator (index_add_'s target), h wide for every token. 0 on transformers 5 (fused
+    experts: left to backward_workspace_bytes) and without an adapter on the gate or up projection."""
+    if any(g.experts > 1 for g in shape.linears):
+        return 0
+    ctx = _ctx(shape, t, t.seq_len, device)
+    gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
+    if not {gate, up} & ctx.lora:
+        return 0
+    h, i, a = shape.hidden_size, shape.intermediate_size, ctx.a
+    tokens = t.micro_batch * t.seq_len
+    share = tokens * max(shape.experts_per_token, 1) // max(shape.num_experts, 1)
+    adapter = ctx.c if ctx.amp else 4
+    after = a * i + _linear_input(ctx, i, (down,)) + 2 * a * h + 4
+    return tokens * 2 * a * h + share * max(ctx.o * i + 3 * adapter * i - after, 0)
 
 
 def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:

@@ -67,9 +67,21 @@ def fuses_experts(version: str) -> bool:
     return release(version) >= (5, 0)
 
 
+def softcap_refuses_sdpa(version: str) -> bool:
+    """transformers 5 marks Gemma 2 (attention logit soft-capping) as not supporting sdpa
+    (``Gemma2PreTrainedModel._supports_sdpa = False``, checked in 5.24), so a request for sdpa loads eager
+    attention; 4.48 has ``_supports_sdpa = True`` and runs sdpa as asked, without the attention soft-capping
+    (checked in 4.48.1; the 4.x releases in between are assumed to do the same)."""
+    return release(version) >= (5, 0)
+
+
+def _rules(v: str) -> tuple[bool, ...]:
+    return shifted_logits_copy(v), fuses_experts(v), softcap_refuses_sdpa(v)
+
+
 def same_rules(a: str, b: str) -> bool:
     """Whether two releases get the same memory rules here."""
-    return (shifted_logits_copy(a), fuses_experts(a)) == (shifted_logits_copy(b), fuses_experts(b))
+    return _rules(a) == _rules(b)
 
 
 def layout(shape, version: str):
