@@ -344,12 +344,21 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
     fused = [g for g in shape.linears if g.experts > 1]
     lora = {g.leaf for g in shape.lora_groups(t.lora.targets)} if t.method != "full" else set()
     if fused and t.method != "full" and not any(g.leaf in lora for g in fused):
-        # transformers 5's frozen fused experts: all routed tokens go through one grouped matmul, and the
-        # backward of the gate/up split concatenates the two halves' gradients (aten::cat of 2 x i beside
-        # them): the rise in backward measured on a frozen Mixtral block is 2.9 tensors of width i per
-        # routed token. With trainable experts (full, LoRA on the experts) the matmuls' saved inputs,
-        # freed by then, make the room: the generic term measures within 1% there.
-        i *= 3
+        # transformers 5's frozen fused experts: all routed tokens go through one grouped matmul; at the
+        # peak, the product's backward, the down projection's input gradient and the gradients of the
+        # activation and the up half (3 x i per routed token) are in flight, and the expert output and the
+        # combine's saved h-wide tensors are given back (2 x h), as in 4.x's loop below (the live tensors of
+        # a measured Mixtral step; the rise first measured on a block was 2.9 x i at i = 8 x hidden). With
+        # LoRA on the experts the matmuls' saved inputs, freed by then, make the room: the generic term
+        # measures within 1% there.
+        i = (3 * shape.intermediate_size - 2 * shape.hidden_size) * max(shape.experts_per_token, 1)
+    elif fused and t.method == "full":
+        # full fine-tuning of fused experts: the down projection's grouped matmul has given back its saved
+        # input by the time the product's backward makes the gradients of the activation and of the up half,
+        # beside the down projection's input gradient: 2 x i per routed token in flight beyond the saved
+        # tensors at the peak (the live tensors of a measured Mixtral step, i = 8 x hidden), less 2 x h as in
+        # 4.x's per-expert backward below (at i = 2 x hidden the generic i measures within 0.2%)
+        i = (2 * shape.intermediate_size - 2 * shape.hidden_size) * max(shape.experts_per_token, 1)
     elif shape.num_experts and not fused:
         # transformers 4.x's loop over per-expert nn.Linear layers: autograd runs the experts' backward one
         # at a time, so what is in flight is one expert's share of the tokens (tokens x k / E routed to it),

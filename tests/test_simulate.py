@@ -120,6 +120,22 @@ def test_inference_matches_measurement():
     assert b.components.get("kv_cache", 0) > 0 or b.peak_phase == "prefill"
 
 
+@pytest.mark.parametrize("family,batch", [("falcon", 2), ("llama", 4)])
+def test_prefill_of_almost_the_whole_sequence(family, batch):
+    """The prompt all but a few tokens: the prefill is the peak. Falcon's single key/value head sends
+    sdpa to the math kernel (its boolean mask made additive, _safe_softmax's -inf mask); at batch 4
+    generate's per-sequence position ids make per-sequence rotary cos / sin. Both were missed once
+    (-9.4% and -2.0%)."""
+    from advisor.simulate import simulate
+
+    spec = InferSpec(batch=batch, seq_len=256, precision="bf16", prompt_len=252)
+    b = simulate(_cpu("inference", inference=spec), _shape(family))
+    measured = _measure_inference(family, spec)
+    ratio = b.peak_allocated_bytes / measured
+    assert b.peak_phase == "prefill"
+    assert abs(ratio - 1) <= 0.01, f"simulated {b.peak_allocated_bytes} vs measured {measured} ({ratio - 1:+.2%})"
+
+
 @pytest.mark.parametrize("spec", [
     _T(method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True),
     _T(method="full", precision="fp32", optimizer="adamw"),

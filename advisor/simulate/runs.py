@@ -217,8 +217,15 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                 input_ids, mask = batch["input_ids"], batch["attention_mask"]
                 unfinished = torch.ones(s.batch, dtype=torch.long)
                 kw: dict = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+                # generate makes position ids from the mask, one row per sequence
+                # (GenerationMixin._prepare_position_ids_for_generation), so the rotary cos / sin are per
+                # sequence too, and it grows them by one position after every forward
+                pos = None
+                if "position_ids" in _forward_params(model):
+                    pos = mask.long().cumsum(-1) - 1
+                    pos = pos.masked_fill(mask == 0, 0)
                 out = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                            **kw)
+                            **kw, **({"position_ids": pos} if pos is not None else {}))
                 _tag_cache(tracker, cache)
                 say(0.4, "prefill done")
                 produced = 0
@@ -247,12 +254,18 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                             _tag_cache(tracker, cache)
                             input_ids = torch.zeros(s.batch, s.seq_len - 1, dtype=torch.long)
                             mask = torch.ones(s.batch, s.seq_len - 1, dtype=torch.long)
+                            if pos is not None:
+                                pos = torch.zeros(s.batch, s.seq_len - 1, dtype=torch.long)
                             produced = new - 1
                         step_ids = input_ids[:, -1:]
+                        step_pos = {"position_ids": pos[..., -1:].clone()} if pos is not None else {}
                         out = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache,
-                                    use_cache=True, **kw)
+                                    use_cache=True, **kw, **step_pos)
+                        del step_pos
                         _tag_cache(tracker, cache)
                     mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                    if pos is not None:
+                        pos = torch.cat([pos, torch.arange(1, dtype=pos.dtype).view(1, -1) + pos[..., -1:] + 1], dim=-1)
                     logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
                     # generate_step forces the full length with min_new_tokens, and generate then
                     # also sets min_length = min_new_tokens + prompt (_prepare_generated_length):

@@ -76,6 +76,7 @@ def _make_tracker():
     local_scalar = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
     softmax_int = torch.ops.aten.softmax.int
+    safe_softmax = torch.ops.aten._safe_softmax.default
 
     def _sdpa_math_path(args, kwargs) -> bool:
         # sdp_utils check_batch_size_and_num_heads_dense: a fused kernel (flash, efficient, the CPU
@@ -166,6 +167,21 @@ def _make_tracker():
                 # temporaries (fp32 copies of q, k and v, the scaled q and k, the score matrices,
                 # the broadcast k and v that matmul copies out) live below this mode when sdpa
                 # runs as one op; run its composite kernel here so that every one is counted
+                # sdpa itself first turns a boolean mask into an additive one in the query's dtype
+                # (attention.cpp convert_boolean_attn_mask: where(mask, 0, -inf)), a tensor of the mask's
+                # broadcast shape that the math kernel then adds to its scores
+                args, kwargs = list(args), dict(kwargs)
+                pos = 3 if len(args) > 3 else None
+                mask = args[3] if pos is not None else kwargs.get("attn_mask")
+                if mask is not None and mask.dtype == torch.bool:
+                    with self:
+                        zero = torch.ops.aten.scalar_tensor.default(0.0, dtype=args[0].dtype)
+                        ninf = torch.ops.aten.scalar_tensor.default(float("-inf"), dtype=args[0].dtype)
+                        mask = torch.ops.aten.where.self(mask, zero, ninf)
+                    if pos is not None:
+                        args[3] = mask
+                    else:
+                        kwargs["attn_mask"] = mask
                 self.math_depth += 1
                 try:
                     with self:
@@ -179,6 +195,24 @@ def _make_tracker():
                 # softmax.int casts its input first (a copy), then runs _softmax beside it
                 with self:
                     return func.decompose(*args, **kwargs)
+            if func is safe_softmax:
+                # the math attention's softmax (aten/src/ATen/native/SoftMax.cpp, _safe_softmax): softmax,
+                # then a bool mask of the -inf scores and its all() over each row, and the fully masked rows
+                # zeroed in place (profiled: no other allocation); as one op on fake tensors only its output
+                # would be counted, the torch._decomp version makes two more full-size tensors
+                x, dim = args[0], args[1]
+                dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+                depth, self.math_depth = self.math_depth, 0  # these four run as kernels of their own
+                try:
+                    with self:
+                        out = torch.ops.aten.softmax.int(x, dim, dtype)
+                        masked = torch.ops.aten.isneginf.default(x)
+                        rows = torch.ops.aten.all.dim(masked, dim, True)
+                        torch.ops.aten.masked_fill_.Scalar(out, rows, 0.0)
+                        del masked, rows
+                finally:
+                    self.math_depth = depth
+                return out
             if self.math_depth and func not in local_scalar:
                 # inside the math kernel, composite ops (matmul, _safe_softmax) run their own
                 # kernels op by op too, as they do under the real dispatcher
