@@ -150,14 +150,12 @@ class _Timeline:
 
 def _chrome_events(prof) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]]]:
     """As :func:`_events`, from the profiler's Chrome trace (which names each block's address), leaving out
-    the blocks a ``c10d::`` collective allocates itself. gloo copies a collective's input
-    (``_reduce_scatter_base_`` clones it) and its work object holds the copy; the work object is dropped by
-    whichever thread lets go last, gloo's worker or the caller, sometimes only at a later collective, and
-    a free on gloo's thread is not recorded at all (the profiler's memory events are thread-local).
-    Measured on two-rank FSDP steps of a tiny Mistral: identical runs differed by 0.2 to 3.4 MB, always
-    such copies. NCCL, which GPU runs use, allocates nothing from PyTorch's allocator inside a collective,
-    so what the estimate models is the count without them; the buffers FSDP itself passes to the
-    collectives are allocated outside them and counted."""
+    the blocks a ``c10d::`` collective allocates itself: gloo's copies of a collective's input
+    (``_reduce_scatter_base_`` clones it), held by its work object, which gloo's worker thread or the caller
+    drops, whichever lets go last, sometimes only after a later collective, and a free on gloo's thread is
+    not recorded at all (the profiler's memory events are thread-local). NCCL, which GPU runs use, works
+    on the tensors it is given and makes no such copy. The tensors the caller itself passes to a
+    collective share the race; benchmarks/fsdp_cpu.py makes the caller let go of them last."""
     import json
     import tempfile
 
@@ -233,8 +231,8 @@ def measure(fn: Callable[[], Any], collectives: bool = False) -> Trace:
     weight is allocated, see the module doc) and run its steps inside
     ``record_function("tuneplan:step")`` ranges, as :func:`advisor.stack.train_step` does.
     ``Trace.result`` is what ``fn`` returned; keep it small (it is alive at the end).
-    ``collectives``: ``fn`` runs torch.distributed collectives on gloo; a block one of them allocates and
-    the trace never frees is counted as freed when it returns (see :func:`_chrome_events`).
+    ``collectives``: ``fn`` runs torch.distributed collectives on gloo; the blocks they allocate
+    themselves are left out (see :func:`_chrome_events`).
     """
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False,

@@ -167,9 +167,9 @@ def _make_tracker():
                 # temporaries (fp32 copies of q, k and v, the scaled q and k, the score matrices,
                 # the broadcast k and v that matmul copies out) live below this mode when sdpa
                 # runs as one op; run its composite kernel here so that every one is counted
-                # sdpa itself first turns a boolean mask into an additive one in the query's dtype
-                # (attention.cpp convert_boolean_attn_mask: where(mask, 0, -inf)), a tensor of the mask's
-                # broadcast shape that the math kernel then adds to its scores
+                # sdpa itself first turns a boolean mask into an additive one in the query's dtype (profiled:
+                # a where() inside scaled_dot_product_attention, before the math kernel), a tensor of the
+                # mask's broadcast shape that the math kernel then adds to its scores
                 args, kwargs = list(args), dict(kwargs)
                 pos = 3 if len(args) > 3 else None
                 mask = args[3] if pos is not None else kwargs.get("attn_mask")
@@ -196,10 +196,10 @@ def _make_tracker():
                 with self:
                     return func.decompose(*args, **kwargs)
             if func is safe_softmax:
-                # the math attention's softmax (aten/src/ATen/native/SoftMax.cpp, _safe_softmax): softmax,
-                # then a bool mask of the -inf scores and its all() over each row, and the fully masked rows
-                # zeroed in place (profiled: no other allocation); as one op on fake tensors only its output
-                # would be counted, the torch._decomp version makes two more full-size tensors
+                # the math attention's softmax, as its C++ kernel runs (profiled: softmax, a bool mask of the
+                # -inf scores, its all() over each row, and no other allocation: the fully masked rows are
+                # zeroed in place); as one op on fake tensors only its output would be counted, and the
+                # torch._decomp version makes two more full-size tensors
                 x, dim = args[0], args[1]
                 dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
                 depth, self.math_depth = self.math_depth, 0  # these four run as kernels of their own
