@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from advisor.breakdown import compute_bytes, param_bytes, residual_bytes
 from advisor.families import Family, family_of
 from advisor.model import ModelShape
-from advisor.software import PER_EXPERT_LINEARS, shifted_logits_copy, softcap_refuses_sdpa
+from advisor.software import expert_leaves, has_fused_experts, shifted_logits_copy, softcap_refuses_sdpa
 from advisor.spec import TrainSpec
 
 
@@ -160,7 +160,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
     if fam.moe:
         k = max(shape.experts_per_token, 1)
         total += 4 * shape.num_experts + k * expert_bytes_per_token(ctx, shape)
-        if not any(g.experts > 1 for g in shape.linears):
+        if not has_fused_experts(shape):
             # 4.x: the router is an nn.Linear, which LoRA on all linear layers adapts like any other
             routers = tuple(g.leaf for g in shape.linears if g.path.endswith((".gate", ".router")))
             total += _linear_input(ctx, h, routers)
@@ -185,11 +185,11 @@ def expert_bytes_per_token(ctx: _Ctx, shape: ModelShape) -> int:
     fine-tuning, or LoRA on the experts, whose merged weight does); transformers 4.x's per-expert
     nn.Linear layers keep what any linear keeps (_linear_input: LoRA's fp32 input copies)."""
     h, i, a = shape.hidden_size, shape.intermediate_size, ctx.a
-    if any(g.experts > 1 for g in shape.linears):
+    if has_fused_experts(shape):
         up_in = a * h if ctx.full or "gate_up_proj" in ctx.lora else 0
         down_in = a * i if ctx.full or "down_proj" in ctx.lora else 0
     else:
-        gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = expert_leaves(shape.model_type)
         up_in = _linear_input(ctx, h, (gate, up))
         # 4.x's loop adds each expert's weighted output into the layer's output with index_add_, whose
         # backward saves its source (IndexAddBackward0._saved_source, a second h-wide tensor per routed token)
@@ -341,7 +341,7 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
     checkpointing, where this moment is the peak; see docs/accuracy.md)."""
     a = residual_bytes(t)
     i = shape.intermediate_size * (max(shape.experts_per_token, 1) if shape.num_experts else 1)
-    fused = [g for g in shape.linears if g.experts > 1]
+    fused = [g for g in shape.linears if g.experts > 1]  # has_fused_experts, and which ones LoRA adapts
     lora = {g.leaf for g in shape.lora_groups(t.lora.targets)} if t.method != "full" else set()
     if fused and t.method != "full" and not any(g.leaf in lora for g in fused):
         # transformers 5's frozen fused experts: all routed tokens go through one grouped matmul; at the
@@ -366,9 +366,9 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
         # saved tensors): 3 x i minus the 2 x h its saved output and index_add_ source give back with frozen
         # experts, 2 x i with LoRA on them; beside it the gradient of the layer's output (h per token)
         tokens = t.micro_batch * t.seq_len
-        share = tokens * max(shape.experts_per_token, 1) // max(shape.num_experts, 1)
+        share = _expert_share(shape, tokens)
         h = shape.hidden_size
-        gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = expert_leaves(shape.model_type)
         if t.method == "full":  # trainable experts: the down projection's saved input is freed by then
             width = 2 * shape.intermediate_size - 2 * h
         elif {gate, up, down} & lora:
@@ -408,6 +408,11 @@ def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) 
     return t.micro_batch * t.seq_len * total
 
 
+def _expert_share(shape: ModelShape, tokens: int) -> int:
+    """One expert's share of the routed tokens (tokens x k / E): what 4.x's per-expert loop holds at once."""
+    return tokens * max(shape.experts_per_token, 1) // max(shape.num_experts, 1)
+
+
 def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     """transformers 4.x's per-expert loop with LoRA on the experts' gate or up projection: the widest moment
     of a layer's recomputation is the last expert's up projection, whose LoRA sum is i wide (measured on a
@@ -417,15 +422,15 @@ def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str
     output and index_add_ source, the routing weight). Beside it the gradient of the layer's output and the
     layer's output accumulator (index_add_'s target), h wide for every token. 0 on transformers 5 (fused
     experts: left to backward_workspace_bytes) and without an adapter on the gate or up projection."""
-    if any(g.experts > 1 for g in shape.linears):
+    if has_fused_experts(shape):
         return 0
     ctx = _ctx(shape, t, t.seq_len, device)
-    gate, up, down = PER_EXPERT_LINEARS.get(shape.model_type, ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = expert_leaves(shape.model_type)
     if not {gate, up} & ctx.lora:
         return 0
     h, i, a = shape.hidden_size, shape.intermediate_size, ctx.a
     tokens = t.micro_batch * t.seq_len
-    share = tokens * max(shape.experts_per_token, 1) // max(shape.num_experts, 1)
+    share = _expert_share(shape, tokens)
     adapter = ctx.c if ctx.amp else 4
     after = a * i + _linear_input(ctx, i, (down,)) + 2 * a * h + 4
     return tokens * 2 * a * h + share * max(ctx.o * i + 3 * adapter * i - after, 0)

@@ -36,6 +36,16 @@ PER_EXPERT_LINEARS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", 
                       "phimoe": ("w1", "w3", "w2")}
 
 
+def has_fused_experts(shape) -> bool:
+    """The shape counts transformers 5's fused 3-D expert tensors (:func:`layout` has not unfused them)."""
+    return any(g.experts > 1 for g in shape.linears)
+
+
+def expert_leaves(model_type: str) -> tuple[str, str, str]:
+    """Names of a per-expert MLP's gate / up / down linears on 4.x."""
+    return PER_EXPERT_LINEARS.get(model_type, ("gate_proj", "up_proj", "down_proj"))
+
+
 def release(version: str) -> tuple[int, int]:
     """(major, minor) of a version string such as '4.48', '4.48.1' or '5'."""
     m = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?(?:\.\d+)?(?:[.-]?\w+)?\s*", str(version))
@@ -89,7 +99,7 @@ def layout(shape, version: str):
     per-expert nn.Linear layers, quantized under QLoRA and adapted one by one by LoRA. Unchanged on 5
     and for models without fused experts."""
     names = PER_EXPERT_LINEARS.get(shape.model_type)
-    if fuses_experts(version) or not names or not any(g.experts > 1 for g in shape.linears):
+    if fuses_experts(version) or not names or not has_fused_experts(shape):
         return shape
     gate, up, down = names
     out = []

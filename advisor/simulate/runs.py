@@ -216,12 +216,13 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                 cache = DynamicCache(config=model.config)
                 input_ids, mask = batch["input_ids"], batch["attention_mask"]
                 unfinished = torch.ones(s.batch, dtype=torch.long)
-                kw: dict = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+                accepts = _forward_params(model)
+                kw: dict = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
                 # generate makes position ids from the mask, one row per sequence
                 # (GenerationMixin._prepare_position_ids_for_generation), so the rotary cos / sin are per
                 # sequence too, and it grows them by one position after every forward
                 pos = None
-                if "position_ids" in _forward_params(model):
+                if "position_ids" in accepts:
                     pos = mask.long().cumsum(-1) - 1
                     pos = pos.masked_fill(mask == 0, 0)
                 out = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
