@@ -108,7 +108,7 @@ def _events(prof) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]]]:
             if e.device_type() == torch.autograd.DeviceType.CPU:
                 mem.append((e.start_ns(), i, e.nbytes()))
         elif name.startswith(PREFIX):
-            ranges.append((name, e.start_ns(), e.end_ns()))
+            ranges.append((name, e.start_ns(), e.start_ns() + e.duration_ns()))  # end_ns() is newer than torch 2.4
     mem.sort()  # by time, ties kept in recording order
     ranges.sort(key=lambda r: r[1])
     return [(t, n) for t, _, n in mem], ranges
