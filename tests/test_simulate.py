@@ -88,6 +88,8 @@ TRAIN_CASES = {
                                        grad_checkpointing=True)),
     "llama-qlora-bf16-gc": ("llama", _T(method="qlora", precision="bf16", optimizer="adamw",
                                         grad_checkpointing=True)),
+    # GPT-2's Conv1D layers load into bitsandbytes Linear4bit: peft must see their features, not the packed weight
+    "gpt2-qlora-bf16-gc": ("gpt2", _T(method="qlora", precision="bf16", optimizer="adamw", grad_checkpointing=True)),
     "gpt2-full-bf16-sgd-eager": ("gpt2", _T(method="full", precision="bf16", optimizer="sgd", attn_impl="eager")),
     "qwen2-lora-amp-bf16": ("qwen2", _T(method="lora", precision="amp-bf16", optimizer="adamw")),
 }

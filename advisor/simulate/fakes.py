@@ -171,6 +171,10 @@ def _quantize_nf4(model, shape: ModelShape, compute_dtype, double_quant: bool) -
 
         mod.forward = types.MethodType(forward, mod)
         mod.in_features, mod.out_features = in_f, out_f
+        if type(mod).__name__ == "Conv1D":
+            # transformers loads a Conv1D (GPT-2) into a bitsandbytes Linear4bit, weight transposed; peft then
+            # reads in/out features from the layer, not from a Conv1D's (packed) weight shape
+            mod.__class__ = torch.nn.Linear
         mods.append(mod)
     return mods
 
