@@ -1,6 +1,7 @@
 """How each screen looks (pytest-textual-snapshot). Update with `pytest tests/test_tui_snapshots.py --snapshot-update`.
 
-The watch screen is pinned to fixed NVML answers (no GPU here, and live memory differs on every run).
+The watch screen is pinned to fixed NVML answers (no GPU here, and live memory differs on every run), and
+the stack line to fixed versions (a fresh install may resolve a newer accelerate or peft).
 """
 
 import pytest
@@ -10,6 +11,17 @@ pytest.importorskip("pytest_textual_snapshot")
 from advisor.tui.app import make_app
 
 SIZE = (160, 48)
+STACK = {"torch": "2.13.0+cpu", "transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
+         "accelerate": "1.15.0"}
+
+
+@pytest.fixture(autouse=True)
+def _fixed_stack_versions(monkeypatch):
+    """The screens name the installed releases of the stack (advisor.gpu_memory.modelled_stack): pin them."""
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: STACK.get(name) or real(name))
 
 
 async def _steady(pilot):
