@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from advisor.breakdown import compute_bytes, param_bytes, residual_bytes
 from advisor.families import Family, family_of
 from advisor.model import ModelShape
-from advisor.software import expert_leaves, has_fused_experts, shifted_logits_copy, softcap_refuses_sdpa
+from advisor.software import (
+    expert_leaves,
+    has_fused_experts,
+    masks_only_when_padded,
+    shifted_logits_copy,
+    softcap_refuses_sdpa,
+)
 from advisor.spec import TrainSpec
 
 
@@ -34,6 +40,8 @@ class _Ctx:
     o: int = 0  # bytes of a linear layer's output (AMP: half, QLoRA's bitsandbytes: the input's fp32)
     qlora: bool = False  # the base linears are 4-bit
     softcap_eager: bool = True  # attention soft-capping turns a request for sdpa into eager (transformers 5)
+    kv_full: bool = False  # sdpa keeps k and v repeated to every query head (repeat_kv, see _ctx)
+    mask: int = 0  # bytes per token of the additive mask each layer's sdpa keeps (padded batches, see _ctx)
 
 
 def _linear_input(ctx: _Ctx, width: int, consumers: tuple[str, ...], saved_elsewhere: bool = False,
@@ -106,6 +114,8 @@ def _attention(ctx: _Ctx, fam: Family, shape: ModelShape, softcap: bool) -> int:
     fp32 nh x s probabilities (x3 with dropout: probabilities, mask, dropped probabilities)."""
     a, s, nh = ctx.a, ctx.seq, shape.num_heads
     qd, kvd = nh * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    if ctx.kv_full:
+        kvd = qd
     impl = ctx.attn_impl
     if softcap and impl == "sdpa" and ctx.softcap_eager:
         impl = "eager"
@@ -115,8 +125,8 @@ def _attention(ctx: _Ctx, fam: Family, shape: ModelShape, softcap: bool) -> int:
         if ctx.amp:
             # sdpa is on autocast's lower-precision list: it saves the half casts of q and k (fp32
             # after rotary embeddings multiply them by the fp32 cos/sin), v and its half output
-            return ctx.c * (2 * qd + 2 * kvd) + 4 * nh + fused_qkv_retained_bytes(fam, shape, ctx.o)
-        return a * qd + 2 * a * kvd + a * qd + 4 * nh + fused_qkv_retained_bytes(fam, shape, a)
+            return ctx.c * (2 * qd + 2 * kvd) + 4 * nh + fused_qkv_retained_bytes(fam, shape, ctx.o) + ctx.mask
+        return a * qd + 2 * a * kvd + a * qd + 4 * nh + fused_qkv_retained_bytes(fam, shape, a) + ctx.mask
     # eager: softmax output (fp32 in most families) and its cast back to the input dtype
     sm = 4 if fam.eager_softmax_fp32 else a
     total = 3 * a * qd + sm * nh * s + (a * nh * s if a != sm else 0)
@@ -197,7 +207,7 @@ def expert_bytes_per_token(ctx: _Ctx, shape: ModelShape) -> int:
     return up_in + 3 * a * i + down_in + a * h + 4  # + the fp32 routing weight the product saves
 
 
-def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str) -> _Ctx:
+def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str, padded: bool = False) -> _Ctx:
     fam, _ = family_of(shape.model_type)
     dropout = any(float(shape.features.get(k) or 0) > 0 for k in fam.dropout_attr)
     lora = frozenset() if t.method == "full" else frozenset(g.leaf for g in shape.lora_groups(t.lora.targets))
@@ -207,10 +217,59 @@ def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str) -> _Ctx:
     # bitsandbytes' Linear4bit returns its output in the input's dtype (fp32 under QLoRA), and the
     # LoRA sum (fp32 + half) promotes to fp32; a plain linear under autocast returns half
     o = c if amp and t.method != "qlora" else a
+    kv_full, mask = _sdpa_mask_terms(shape, fam, t, seq, device, padded, c if amp else a)
     return _Ctx(a=a, full=t.method == "full", lora=lora, r=t.lora.r,
                 lora_dropout=t.method != "full" and t.lora.dropout > 0, seq=seq,
                 attn_impl=t.attn_impl, device=device, dropout=dropout, amp=amp, c=c, o=o,
-                qlora=t.method == "qlora", softcap_eager=softcap_refuses_sdpa(t.transformers))
+                qlora=t.method == "qlora", softcap_eager=softcap_refuses_sdpa(t.transformers),
+                kv_full=kv_full, mask=mask)
+
+
+def _runs_sdpa(shape: ModelShape, fam: Family, t: TrainSpec, device: str) -> bool:
+    """Whether the layers run transformers' sdpa integration (not eager, flash-attention or the CPU math
+    path of the families that pass their own mask)."""
+    softcap = bool(fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr))
+    if t.attn_impl != "sdpa" or (softcap and softcap_refuses_sdpa(t.transformers)):
+        return False
+    return not (device == "cpu" and fam.cpu_math_attention)
+
+
+def _sdpa_mask_terms(shape: ModelShape, fam: Family, t: TrainSpec, seq: int, device: str, padded: bool,
+                     qb: int) -> tuple[bool, int]:
+    """What an attention mask changes in each layer's sdpa call: (k and v kept for every query head,
+    bytes per token of the mask the layer keeps).
+
+    transformers 5 passes sdpa no mask for unpadded causal batches (masking_utils skips it) and then asks
+    for grouped-query attention (``enable_gqa``); a padded batch gets a boolean (batch, 1, seq, seq) mask,
+    and with a mask ``use_gqa_in_sdpa`` says no, so ``repeat_kv`` copies k and v to every query head (a
+    view when there is one key/value head: the expand of a size-1 dim reshapes without a copy), and
+    ``at::scaled_dot_product_attention`` converts the boolean mask to an additive one in the query's
+    dtype on every call (``convert_boolean_attn_mask``), which the kernel's backward keeps: seq x query
+    bytes per token per layer. transformers 4.x hands sdpa a float mask built once per forward (kept once,
+    :func:`padding_kept_bytes`) and calls ``repeat_kv`` padded or not, so padding changes nothing else
+    there (the 4.x table's unpadded measurements hold that copy already). Measured on the CPU
+    (benchmarks/padding_cpu.py); the CUDA kernels get the same tensors (the efficient-attention kernel
+    keeps its ``attn_bias`` for backward)."""
+    if not _runs_sdpa(shape, fam, t, device):
+        return False, 0
+    if not (padded and masks_only_when_padded(t.transformers)):
+        return False, 0
+    return 1 < shape.num_kv_heads < shape.num_heads, seq * qb
+
+
+def padding_kept_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """A padded batch's mask that stays for the whole step, beside what each layer keeps (:func:`_ctx`):
+    transformers 5 with checkpointing passes its boolean (batch, 1, seq, seq) mask to every checkpointed
+    layer, which keeps it for the recomputation (1 byte per element); transformers 4.x builds one float
+    mask in the embeddings' dtype (``min_dtype`` where masked) that every layer's sdpa keeps, with or
+    without checkpointing. Call only for padded batches."""
+    fam, _ = family_of(shape.model_type)
+    if not _runs_sdpa(shape, fam, t, device):
+        return 0
+    elems = t.micro_batch * t.seq_len * t.seq_len
+    if masks_only_when_padded(t.transformers):
+        return elems if t.grad_checkpointing else 0
+    return elems * residual_bytes(t)
 
 
 def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) -> int:
@@ -287,12 +346,12 @@ def amp_head_cast_bytes(shape: ModelShape, t: TrainSpec) -> int:
     return compute_bytes(t.precision) * shape.vocab_size * shape.hidden_size
 
 
-def activations_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+def activations_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: bool = False) -> int:
     """Everything autograd keeps at the end of the forward pass (logits counted separately).
     With gradient checkpointing each layer keeps only its input (the hidden state, a*h per
     token); one layer's full set is rebuilt during its backward (see recompute_bytes)."""
     tokens = t.micro_batch * t.seq_len
-    ctx = _ctx(shape, t, t.seq_len, device)
+    ctx = _ctx(shape, t, t.seq_len, device, padded)
     fam, _ = family_of(shape.model_type)
     head = head_activation_bytes_per_token(shape, t, ctx)
     if t.grad_checkpointing:
@@ -325,12 +384,12 @@ def amp_cache_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     return shape.num_layers * amp_weight_cast_bytes(shape, ctx, trainable_only=True)
 
 
-def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: bool = False) -> int:
     """With checkpointing: one layer's activations, rebuilt during its backward."""
     if not t.grad_checkpointing:
         return 0
     fam, _ = family_of(shape.model_type)
-    ctx = _ctx(shape, t, t.seq_len, device)
+    ctx = _ctx(shape, t, t.seq_len, device, padded)
     return (t.micro_batch * t.seq_len * layer_activation_bytes_per_token(shape, fam, ctx)
             + layer_weight_bytes(shape, ctx))
 
@@ -397,15 +456,51 @@ def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) 
         return _per_expert_recompute_end_bytes(shape, t, device)
     fam, _ = family_of(shape.model_type)
     ctx = _ctx(shape, t, t.seq_len, device)
-    if fam.down_proj not in ctx.lora:
-        return 0
     h, i = shape.hidden_size, shape.intermediate_size
+    adapter = ctx.c if ctx.amp else 4
+    # earlier in the recomputation the up projection's LoRA sum (up_sum_per_token), beside the gradient
+    # of the layer's output
+    up_sum = ctx.a * h + up_sum_per_token(shape, fam, ctx)
+    if fam.down_proj not in ctx.lora:
+        return t.micro_batch * t.seq_len * up_sum
     saved_itself = not ctx.amp and ctx.o == 4 and not ctx.lora_dropout
     total = ctx.a * h + ctx.o * h + (0 if saved_itself else ctx.o * i)
     if ctx.amp and ctx.o != 4:
         total += 4 * i  # peft's fp32 cast of the half input, before autocast casts it back
-    total += 2 * (ctx.c if ctx.amp else 4) * h
-    return t.micro_batch * t.seq_len * total
+    total += 2 * adapter * h
+    return t.micro_batch * t.seq_len * max(total, up_sum)
+
+
+def up_sum_per_token(shape: ModelShape, fam: Family, ctx: _Ctx) -> int:
+    """LoRA on a dense gated MLP's gate or up projection: the LoRA sum is i wide -- the base output and, in
+    the adapter dtype, lora_B's scaled output, the base output's upcast copy (CPU, _sum_copies) and their
+    sum -- less what the
+    layer saves after it (the up output, the down projection's input). The widest moment of a layer's
+    forward when the MLP is wider than the rest (the live set at the peak of measured Llama steps with a
+    small vocabulary, where the loss no longer dominates; as _per_expert_recompute_end_bytes for 4.x's
+    experts). 0 without such an adapter."""
+    if not (fam.gated_mlp and not fam.moe and set(fam.up_proj) & ctx.lora):
+        return 0
+    i = shape.intermediate_size
+    adapter = ctx.c if ctx.amp else 4
+    after = ctx.o * i + _linear_input(ctx, i, (fam.down_proj,))
+    return max(ctx.o * i + _sum_copies(ctx) * adapter * i - after, 0)
+
+
+def _sum_copies(ctx: _Ctx) -> int:
+    """Adapter-dtype tensors at peft's ``result + lora_B(...) * scaling`` when the result is half: lora_B's
+    scaled output and the sum, and on the CPU the half result's upcast copy (TensorIterator promotes a
+    CPU operand of another dtype through a temporary; CUDA kernels cast as they load)."""
+    return 3 if ctx.device == "cpu" else 2
+
+
+def forward_up_sum_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: bool = False) -> int:
+    """Without checkpointing: the last layer's up-projection LoRA sum in the forward (up_sum_per_token),
+    when every layer's activations but the last one's tail exist already."""
+    if t.grad_checkpointing or t.method == "full" or shape.num_experts:
+        return 0
+    fam, _ = family_of(shape.model_type)
+    return t.micro_batch * t.seq_len * up_sum_per_token(shape, fam, _ctx(shape, t, t.seq_len, device, padded))
 
 
 def _expert_share(shape: ModelShape, tokens: int) -> int:
@@ -417,7 +512,8 @@ def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str
     """transformers 4.x's per-expert loop with LoRA on the experts' gate or up projection: the widest moment
     of a layer's recomputation is the last expert's up projection, whose LoRA sum is i wide (measured on a
     Mixtral layer, the live set at the peak): its base output (o x i) and, in the adapter dtype, lora_B's
-    scaled output, the base output's upcast copy and their sum (3 x i), for that expert's share of the tokens,
+    scaled output, the base output's upcast copy (CPU only, _sum_copies) and their sum (3 x i), for that
+    expert's share of the tokens,
     less what the expert saves after it (the up output for the product, the down projection's input, its
     output and index_add_ source, the routing weight). Beside it the gradient of the layer's output and the
     layer's output accumulator (index_add_'s target), h wide for every token. 0 on transformers 5 (fused
@@ -433,7 +529,7 @@ def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str
     share = _expert_share(shape, tokens)
     adapter = ctx.c if ctx.amp else 4
     after = a * i + _linear_input(ctx, i, (down,)) + 2 * a * h + 4
-    return tokens * 2 * a * h + share * max(ctx.o * i + 3 * adapter * i - after, 0)
+    return tokens * 2 * a * h + share * max(ctx.o * i + _sum_copies(ctx) * adapter * i - after, 0)
 
 
 def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:

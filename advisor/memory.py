@@ -19,10 +19,12 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     amp_head_cast_bytes,
     amp_weight_cast_bytes,
     backward_workspace_bytes,
+    forward_up_sum_bytes,
     layer_activation_bytes_per_token,
     layer_weight_bytes,
     logits_bytes,
     merged_expert_bytes,
+    padding_kept_bytes,
     qlora_dequant_bytes,
     recompute_bytes,
     recompute_end_transient_bytes,
@@ -47,7 +49,7 @@ from advisor.gpu_memory import attention_workspace_bytes
 from advisor.inference import estimate_inference, kv_cache_bytes  # noqa: F401
 from advisor.model import ModelShape
 from advisor.software import layout
-from advisor.spec import Hardware, Plan, TrainSpec
+from advisor.spec import Hardware, Plan, TrainSpec, padded_batches
 
 
 def weights_bytes(shape: ModelShape, t: TrainSpec) -> int:
@@ -208,8 +210,9 @@ def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
 
 
-def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, dict[str, int]]:
-    """Live components at each candidate moment of a steady-state step, per GPU."""
+def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool = False) -> dict[str, dict[str, int]]:
+    """Live components at each candidate moment of a steady-state step, per GPU. ``padded``: the batches
+    carry padding (spec.padded_batches), so sdpa attention gets a mask."""
     shape = layout(shape, t.transformers)
     dev = hw.device
     n = hw.gpus if hw.gpus > 1 else 1
@@ -254,8 +257,10 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     # DeepSpeed ZeRO-1/2 (contiguous_gradients, its default): backward() allocates an IPG buffer of
     # reduce_bucket_size (5e8) elements in the model dtype (two with overlap_comm, off by default)
     zero_bucket = DS_REDUCE_BUCKET * param_bytes(t.precision) if n > 1 and z in (1, 2) else 0
-    acts = activations_bytes(shape, ta, dev)
-    recompute = recompute_bytes(shape, ta, dev)
+    # a padded batch's mask, kept from the forward to the first layer's backward (checkpointing: to the end)
+    mask = padding_kept_bytes(shape, ta, dev) if padded else 0
+    acts = activations_bytes(shape, ta, dev, padded) + mask
+    recompute = recompute_bytes(shape, ta, dev, padded)
     l_fwd, l_bwd = logits_bytes(shape, ta)
     head_cast = amp_head_cast_bytes(shape, ta)  # the head's half weight, saved until its backward
     l_fwd, l_bwd = l_fwd + head_cast, l_bwd + head_cast
@@ -268,7 +273,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     accum = g_kept if t.grad_accum > 1 else 0  # grads from earlier micro-batches stay until the step
     head_grad = layer_grad = emb_grad = 0
     fam, _ = family_of(shape.model_type)
-    ctx = _ctx(shape, ta, t.seq_len, dev)
+    ctx = _ctx(shape, ta, t.seq_len, dev, padded)
     tokens = t.micro_batch * t.seq_len
     # with checkpointing transformers calls enable_input_require_grads: the first layer's input
     # needs a gradient as every other layer's does
@@ -280,6 +285,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     # cos/sin every layer receives) until it is dropped
     gc_inputs = (tokens * shape.num_layers * ctx.a * shape.hidden_size + rope_bytes(shape, ta)
                  if t.grad_checkpointing else 0)
+    first_layer_acts += mask if not t.grad_checkpointing else 0  # (with checkpointing: in gc_inputs)
+    gc_inputs += mask if t.grad_checkpointing else 0
     if t.method == "full":
         b = param_bytes(t.precision)
         # tied embeddings: the head's gradient is the token embedding's (vocab x hidden); learned
@@ -323,13 +330,20 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
     def gathered(layers: int) -> dict[str, int]:  # FSDP's unsharded units at a moment (see above)
         return {"zero3_gathered_params": root + layers * unit} if z >= 3 else {}
 
+    up_sum = forward_up_sum_bytes(shape, ta, dev, padded)
     phases = {
+        # no checkpointing: the last layer's up-projection LoRA sum (see forward_up_sum_bytes)
+        "forward_last_layer": {**base, **gathered(1), "activations": acts, "transient": up_sum},
         "forward_end": {**base, **gathered(0), "activations": acts + amp_cache, "logits_and_loss": l_fwd,
                         "transient": deq},
         "backward_start": {**bwd, **gathered(1), "activations": acts, "logits_and_loss": l_bwd},
         "backward_last_layer": {**bwd, **gathered(2), "activations": acts + recompute,
                                 "gradients": base.get("gradients", 0) + head_grad + layer_grad,
                                 "transient": ws + deq},
+        # checkpointing: the last layer (the first in backward) recomputed up to its widest moment, every
+        # other layer's checkpoint still held (see recompute_end_transient_bytes)
+        "backward_last_recompute": {**bwd, **gathered(1), "activations": acts + recompute,
+                                    "gradients": base.get("gradients", 0), "transient": recompute_end},
         "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs,
                                  "gradients": first_grads, "transient": ws + deq},
         "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
@@ -341,13 +355,15 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware) -> dict[str, 
         "optimizer_step": {**base, "gradients": g_kept, "transient": opt_tmp},
     }
     if not recompute_end:
-        del phases["backward_recompute"]
+        del phases["backward_recompute"], phases["backward_last_recompute"]
+    if not up_sum:
+        del phases["forward_last_layer"]
     return {k: {c: int(v) for c, v in comps.items() if v} for k, comps in phases.items()}
 
 
-def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdown:
+def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool = False) -> Breakdown:
     shape = layout(shape, t.transformers)  # per-expert linears on transformers 4.x (advisor/software.py)
-    phases = training_phases(shape, t, hw)
+    phases = training_phases(shape, t, hw, padded)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
     comps = phases[peak]
@@ -365,6 +381,9 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware) -> Breakdow
         notes.append("QLoRA sharded over GPUs (FSDP / ZeRO-3): the 4-bit weights are stored in the compute dtype "
                      "(bnb_4bit_quant_storage) and sharded; embeddings, norms and the residual stream stay in the "
                      "compute dtype (no prepare_model_for_kbit_training fp32 casts)")
+    pad = padding_note(shape, t, hw, padded, totals[peak])
+    if pad:
+        notes.append(pad)
     if fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr) and t.attn_impl == "sdpa":
         notes.append("attention softcapping needs eager or flash attention (sdpa cannot); estimated as eager")
     persist = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
@@ -379,5 +398,22 @@ def estimate(plan: Plan, shape: ModelShape) -> Breakdown:
     """The analytic estimate for a validated plan."""
     if plan.task == "inference":
         return estimate_inference(shape, plan.inference, plan.hardware, plan.training.attn_impl)
-    return estimate_training(shape, plan.training, plan.hardware)
+    return estimate_training(shape, plan.training, plan.hardware, padded_batches(plan))
+
+
+def padding_note(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool, peak: int) -> str | None:
+    """What padding costs at the peak, in words, for a padded plan whose attention pays for it."""
+    if not padded:
+        return None
+    if t.attn_impl == "flash_attention_2":
+        return ("batches are padded (micro_batch > 1 or data.pad_to=seq_len): flash-attention's unpadding "
+                "(varlen) path is not modelled; estimated as unpadded (data.padded=false, --no-padded, "
+                "for data packed to exactly seq_len tokens)")
+    unpadded = max(sum(v.values()) for v in training_phases(layout(shape, t.transformers), t, hw).values())
+    extra = peak - unpadded
+    if extra <= 0:
+        return None
+    return (f"batches are padded (micro_batch > 1 or data.pad_to=seq_len), so sdpa attention gets a mask: "
+            f"+{extra / 2**20:,.0f} MiB at the peak (for data packed to exactly seq_len tokens: "
+            f"data.padded=false, --no-padded)")
 

@@ -191,6 +191,7 @@ class _Fit:
     peak: int
     next_peak: int | None  # the next micro-batch up, which did not fit or was only tight (None: target reached)
     status: str = "fits"
+    next_status: str = ""  # that micro-batch's verdict; "cache": tight because only the allocator's cache is over
 
 
 def verdict(plan: Plan, shape: ModelShape, gpu: Gpu) -> Verdict:
@@ -211,7 +212,9 @@ def _largest_fit(shape, base, method, precision, gc, n, z, target, gpu) -> tuple
             first_peak = v.need_bytes
         for f in (best, tight):  # the next micro-batch up, whatever its verdict
             if f is not None and f.mb * 2 == mb:
-                f.next_peak = v.need_bytes
+                f.next_peak, f.next_status = v.need_bytes, v.status
+                if v.cache_limited:
+                    f.next_status = "cache"
         if v.status == "oom":
             break
         if v.status == "fits":
@@ -277,7 +280,10 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
         mb_txt = f"micro-batch {fit.mb} x grad-accum {fit.accum}" + (f" x {n} GPUs" if n > 1 else "") + \
             f" = effective batch {eff}"
         if fit.next_peak is not None:
-            mb_txt += f"; micro-batch {fit.mb * 2} would need {gib(fit.next_peak)}"
+            why = {"tight": "tight: over 90% of the card or its high end over it",
+                   "cache": "tight: only the allocator's cache is over the card",
+                   "oom": "out of memory"}.get(fit.next_status, fit.next_status)
+            mb_txt += f"; micro-batch {fit.mb * 2} would need {gib(fit.next_peak)} ({why})"
         if fit.status == "tight":
             mb_txt += " (no micro-batch stays under the line)"
         reasons.append(mb_txt)
@@ -409,7 +415,8 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
          f"over {TIGHT_SHARE:.0%} of it or its high end over the card; fits is preferred over tight"),
         ("time: advisor.throughput's step-time model (GEMM roofline, attention, memory-bound work, QLoRA "
          f"dequantization, communication), calibrated on A100 runs of the plain stack; range {lo:.2f}-{hi:.2f}x"),
-        "sequences packed to seq_len (padding not counted)",
+        ("memory: a batch of several sequences is padded (sdpa gets an attention mask; data.padded=false for "
+         "data packed to exactly seq_len tokens); time: every sequence counts seq_len tokens"),
         "FSDP full shard is estimated as ZeRO-3",
         f"tokens = {examples:,} examples x {avg_tokens:,} tokens x {epochs:g} epochs = {tokens:,.0f}",
     ]

@@ -85,8 +85,16 @@ def softcap_refuses_sdpa(version: str) -> bool:
     return release(version) >= (5, 0)
 
 
+def masks_only_when_padded(version: str) -> bool:
+    """transformers 5 (masking_utils) gives sdpa no mask for an unpadded causal batch and then uses sdpa's
+    grouped-query attention; a padded batch gets a boolean mask and k, v repeated to every head. 4.x
+    (checked in 4.48.1) always repeats k and v (``repeat_kv`` in its sdpa integration) and builds one
+    float mask per forward for a padded batch (``_prepare_4d_causal_attention_mask_with_cache_position``)."""
+    return release(version) >= (5, 0)
+
+
 def _rules(v: str) -> tuple[bool, ...]:
-    return shifted_logits_copy(v), fuses_experts(v), softcap_refuses_sdpa(v)
+    return shifted_logits_copy(v), fuses_experts(v), softcap_refuses_sdpa(v), masks_only_when_padded(v)
 
 
 def same_rules(a: str, b: str) -> bool:

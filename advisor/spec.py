@@ -220,6 +220,21 @@ class DataSpec(_Strict):
     pad_to: Literal["longest", "seq_len"] = Field("longest", description="Batch padding: longest pads each "
                                                   "batch to its longest example (faster); seq_len always pads "
                                                   "to training.seq_len (memory is then what the plan predicts).")
+    padded: bool | None = Field(None, description="Whether batches carry padding, which gives sdpa attention a "
+                                "mask (memory: docs/memory-model.md). Unset: padded when micro_batch > 1 or "
+                                "pad_to=seq_len; false for data whose every sequence is exactly seq_len tokens.")
+
+
+def padded_batches(plan: Plan) -> bool:
+    """Whether the plan's training batches carry padding tokens (and so an attention mask).
+
+    The runner right-pads each batch to its longest example (or to seq_len), packing included: its
+    packs are at most seq_len long. So a batch of several sequences, or any batch padded to seq_len,
+    has padding unless the data says every sequence is exactly seq_len tokens (data.padded=false)."""
+    d = plan.data
+    if d.padded is not None:
+        return d.padded
+    return plan.training.micro_batch > 1 or d.pad_to == "seq_len"
 
 
 class RunSpec(_Strict):

@@ -326,7 +326,8 @@ def assumptions_line(plan: Plan, gpu: Gpu) -> str:
     return (f"{t.precision} on {gpu.name} ({where}); {CALIBRATION['U_MAX']:.0%} of the tensor peak in large "
             f"GEMMs, {BW_EFF:.0%} of memory bandwidth; "
             f"{'checkpointing on' if t.grad_checkpointing else 'no checkpointing'}, {t.attn_impl} attention; "
-            f"sequences packed to seq_len; range {lo:.2f}-{hi:.2f}x from the calibration residuals")
+            f"every sequence seq_len tokens (padding computed as tokens); "
+            f"range {lo:.2f}-{hi:.2f}x from the calibration residuals")
 
 
 def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens: int, epochs: float) -> JobTime:

@@ -39,7 +39,9 @@ def plan_for(case: dict) -> Plan:
     if case["task"] == "inference":
         spec = dict(case["spec"], prompt_len=case.get("prompt_len"))
         return Plan.model_validate({"task": "inference", "inference": spec, "hardware": hw})
-    return Plan.model_validate({"task": "training", "training": case["spec"], "hardware": hw})
+    # the harness trains full-length batches (advisor.stack.make_batch): no padding
+    return Plan.model_validate({"task": "training", "training": case["spec"], "hardware": hw,
+                                "data": {"padded": False}})
 
 
 def simulate_bytes(case: dict, fresh: bool = False) -> int | None:

@@ -190,7 +190,8 @@ def estimate_of(row: dict) -> tuple[int, str]:
     shape = count_on_meta(row["family"], row["config"])
     t = spec_of(row["method"], row["batch"], row["seq"], row["targets"]).model_dump()
     t["transformers"] = row.get("transformers", "5")
-    plan = Plan.model_validate({"training": t, "hardware": {"gpu": None, "device": "cpu", "gpus": 2, "zero": 3}})
+    plan = Plan.model_validate({"training": t, "hardware": {"gpu": None, "device": "cpu", "gpus": 2, "zero": 3},
+                                "data": {"padded": False}})  # full-length batches
     bd = estimate(plan, shape)
     return bd.peak_allocated_bytes, bd.peak_phase
 

@@ -76,7 +76,8 @@ def plan_of(row: dict) -> Plan:
     if row["targets"]:
         t["lora"] = {"r": 16, "alpha": 16, "dropout": 0.1, "targets": row["targets"]}
     hw = {"gpu": A100, "gpus": row["gpus"], "zero": 3 if row["gpus"] > 1 else 0, "device": "cuda"}
-    return Plan.model_validate({"model": {"ref": GRANITE}, "training": t, "hardware": hw})
+    # packed to exactly 4096 tokens (TRL's packing): no padding
+    return Plan.model_validate({"model": {"ref": GRANITE}, "training": t, "hardware": hw, "data": {"padded": False}})
 
 
 def step_bytes(row: dict) -> int:

@@ -111,7 +111,8 @@ def predict(c: dict, cfg: dict, device: str, gpu_name: str | None, simulate: boo
     from advisor.spec import Plan
 
     plan = Plan.model_validate({"task": "training", "training": train_spec(c).model_dump(),
-                                "hardware": {"gpu": gpu_name, "device": device}})
+                                "hardware": {"gpu": gpu_name, "device": device},
+                                "data": {"padded": False}})  # stack.make_batch: full-length batches
     shape = count_on_meta(c["family"], cfg)
     bd = estimate(plan, shape)
     out = {"allocated": bd.peak_allocated_bytes, "reserved": bd.peak_reserved_bytes,

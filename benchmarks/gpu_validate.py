@@ -149,7 +149,8 @@ def plan_data(row: dict) -> dict:
     if row["targets"]:
         t["lora"] = {**LORA, "targets": row["targets"]}
     hw = {"gpu": GPU, "gpus": row["gpus"], "zero": 3 if row["gpus"] > 1 else 0, "device": "cuda"}
-    return {"model": {"ref": row["profile"]}, "training": t, "hardware": hw}
+    # packed to exactly 4096 tokens (the harness's packing): no padding
+    return {"model": {"ref": row["profile"]}, "training": t, "hardware": hw, "data": {"padded": False}}
 
 
 def predict(rs: list[dict], transformers: str | None = None) -> list[dict]:

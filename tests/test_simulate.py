@@ -72,6 +72,10 @@ def _measure_inference(family: str, spec: InferSpec) -> int:
 
 
 def _cpu(task: str, **kw) -> Plan:
+    """A CPU plan; training batches are the full-length unpadded ones make_batch builds (tests/test_padding.py
+    has the padded ones)."""
+    if task == "training":
+        kw.setdefault("data", {"padded": False})
     return Plan(task=task, hardware={"device": "cpu", "gpu": None}, **kw)
 
 

@@ -41,6 +41,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", dest="attn_impl", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--transformers", metavar="VERSION", help="transformers release the run uses: 5 (default) or "
                    "4.46-4.57 (the loss and MoE layers differ; see docs/memory-model.md)")
+    _bool_flag(p, "padded", None, "batches carry padding, which gives sdpa a mask (default: when --batch > 1); "
+               "--no-padded for data packed to exactly --seq tokens")
     p.add_argument("--weight-quant", choices=["none", "int8", "nf4"], help="inference weight storage")
     p.add_argument("--prompt-len", type=int, help="inference: prompt tokens (default: the whole --seq)")
     p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
@@ -85,7 +87,10 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     put(hardware, "zero", a.zero)
     model = {"ref": a.model, "trust_remote_code": a.trust_remote_code}
     put(model, "revision", a.revision)
-    return {"model": model, "task": a.task, "training": training, "inference": inference, "hardware": hardware}
+    data: dict[str, Any] = {}
+    put(data, "padded", getattr(a, "padded", None))
+    return {"model": model, "task": a.task, "training": training, "inference": inference, "hardware": hardware,
+            **({"data": data} if data else {})}
 
 
 def _simulate_with_progress(ctx, job=None):
@@ -118,8 +123,8 @@ def plan_data(a: argparse.Namespace) -> dict[str, Any]:
         if a.model:
             base["model"]["ref"] = a.model
         flags = plan_dict_from_args(a)
-        for section in ("training", "inference", "hardware"):
-            base[section].update({k: v for k, v in flags[section].items()
+        for section in ("training", "inference", "hardware", "data"):
+            base[section].update({k: v for k, v in flags.get(section, {}).items()
                                   if v is not None and k not in ("device", "gpu")})
         if a.gpu:
             base["hardware"]["gpu"] = a.gpu

@@ -18,7 +18,7 @@ from advisor.simulate.fakes import (
     _quantize_nf4,
 )
 from advisor.simulate.tracker import _hooks, _make_tracker, _RealMasks, _Rec, _Result, replay_reserved
-from advisor.spec import Plan
+from advisor.spec import Plan, padded_batches
 
 # ------------------------------------------------------------------------------------------
 # training
@@ -78,7 +78,7 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
 
     t = plan.training
     config = _config_with_layers(shape.config, n_layers)
-    tracker = _make_tracker()
+    tracker = _make_tracker(cpu=plan.hardware.device == "cpu")
     vocab = shape.vocab_size
     tokens = t.micro_batch * t.seq_len
     notes: list[str] = []
@@ -89,7 +89,7 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
 
     depth = _num_layers(config, shape)
     _preimport(_hf_config(config), plan)
-    with _RealMasks(), FakeTensorMode(allow_non_fake_inputs=False), tracker:
+    with _RealMasks() as masks, FakeTensorMode(allow_non_fake_inputs=False), tracker:
         say(0.0, f"building {shape.name} ({depth} layers) on fake tensors")
         model, attn_used = _build_training(plan, shape, config)
         if attn_used != t.attn_impl:
@@ -103,6 +103,9 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
             tracker.tag(b, "weights")
         for v in batch.values():
             tracker.tag(v, "inputs")
+        # a padded batch (spec.padded_batches): fake tensors hold no values to find the padding in, so
+        # masking_utils is told to build the mask a padded batch gets (see _RealMasks)
+        masks.padded = padded_batches(plan)
         head = model.get_output_embeddings()
         handles = _hooks(model, tracker, head)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -177,7 +180,7 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
     dtype = dtypes[s.precision]
     prompt = s.prompt_len or s.seq_len
     new = s.seq_len - prompt
-    tracker = _make_tracker()
+    tracker = _make_tracker(cpu=plan.hardware.device == "cpu")
     notes: list[str] = []
     _preimport(_hf_config(shape.config), plan)
 

@@ -68,7 +68,9 @@ def replay_reserved(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> dict
     return out
 
 
-def _make_tracker():
+def _make_tracker(cpu: bool = False):
+    """``cpu``: the plan runs on the CPU, whose elementwise kernels promote an operand of another dtype
+    through a temporary (below)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -77,6 +79,20 @@ def _make_tracker():
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
     softmax_int = torch.ops.aten.softmax.int
     safe_softmax = torch.ops.aten._safe_softmax.default
+    promoting = {torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor,
+                 torch.ops.aten.div.Tensor}
+
+    def _cpu_promoted(func, args):
+        # TensorIterator on the CPU promotes an input of another dtype by a temporary copy in the common dtype
+        # (compute_types, CPU only: CUDA kernels cast as they load); e.g. peft's half base output + fp32
+        # LoRA output. Fake kernels skip it, so the copy is made here, alive while the op runs
+        if func not in promoting or len(args) < 2:
+            return []
+        ts = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.dim() > 0]
+        if len(ts) != 2 or ts[0].dtype == ts[1].dtype or not all(t.dtype.is_floating_point for t in ts):
+            return []
+        common = torch.promote_types(ts[0].dtype, ts[1].dtype)
+        return [t for t in ts if t.dtype != common]
 
     def _sdpa_math_path(args, kwargs) -> bool:
         # sdp_utils check_batch_size_and_num_heads_dense: a fused kernel (flash, efficient, the CPU
@@ -220,11 +236,19 @@ def _make_tracker():
                     out = func.decompose(*args, **kwargs)
                 if out is not NotImplemented:
                     return out
+            temps = []
+            if cpu:
+                with self:
+                    common = None
+                    for x in _cpu_promoted(func, args):
+                        common = common or torch.promote_types(args[0].dtype, args[1].dtype)
+                        temps.append(torch.ops.aten._to_copy.default(x, dtype=common))
             out = func(*args, **kwargs)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.register(t)
             self._bump()
+            del temps
             return out
 
         def components_at(self, seq: int, classify) -> dict[str, int]:
@@ -242,7 +266,13 @@ class _RealMasks:
     """transformers' masking code refuses to read a fake tensor's values (``is_tracing`` is true
     for fake tensors) and then always materializes the attention mask. The runner's all-ones mask
     lets the real run skip it (sdpa ``is_causal``); so, while simulating, masking_utils sees fake
-    tensors as ordinary ones and the tracker answers that the mask is all ones."""
+    tensors as ordinary ones and the tracker answers that the mask is all ones.
+
+    ``padded``: the batch carries padding (spec.padded_batches). The all-ones answer would let sdpa skip
+    the mask, so masking_utils' sdpa mask is built as for a padded batch (``allow_is_causal_skip`` off:
+    the boolean (batch, 1, seq, seq) mask, made inside the forward as in the real run)."""
+
+    padded = False
 
     def __enter__(self):
         import torch
@@ -270,9 +300,19 @@ class _RealMasks:
             return import_utils.is_tracing(None) or (tensor is not None and import_utils.is_torch_fx_proxy(tensor))
 
         masking_utils.is_tracing = is_tracing
+        self.mapping = masking_utils.AttentionMaskInterface._global_mapping
+        self.orig_sdpa = sdpa_mask = self.mapping["sdpa"]
+
+        def padded_sdpa_mask(*args, **kwargs):
+            if self.padded:
+                kwargs["allow_is_causal_skip"] = False
+            return sdpa_mask(*args, **kwargs)
+
+        self.mapping["sdpa"] = padded_sdpa_mask
         return self
 
     def __exit__(self, *exc):
+        self.mapping["sdpa"] = self.orig_sdpa
         self.mod.is_tracing = self.orig
         self.utils.swap_tensors = self.orig_swap
         return False
