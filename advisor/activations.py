@@ -246,13 +246,17 @@ def _sdpa_mask_terms(shape: ModelShape, fam: Family, t: TrainSpec, seq: int, dev
     ``at::scaled_dot_product_attention`` converts the boolean mask to an additive one in the query's
     dtype on every call (``convert_boolean_attn_mask``), which the kernel's backward keeps: seq x query
     bytes per token per layer. transformers 4.x hands sdpa a float mask built once per forward (kept once,
-    :func:`padding_kept_bytes`) and calls ``repeat_kv`` padded or not, so padding changes nothing else
-    there (the 4.x table's unpadded measurements hold that copy already). Measured on the CPU
+    :func:`padding_kept_bytes`) and calls ``repeat_kv`` padded or not and makes k and v contiguous (4.48.1's
+    sdpa_attention_forward: a copy from one key/value head too), so its layers keep k and v for every query
+    head either way. Measured on the CPU
     (benchmarks/padding_cpu.py); the CUDA kernels get the same tensors (the efficient-attention kernel
     keeps its ``attn_bias`` for backward)."""
     if not _runs_sdpa(shape, fam, t, device):
         return False, 0
-    if not (padded and masks_only_when_padded(t.transformers)):
+    if not masks_only_when_padded(t.transformers):
+        # 4.x makes the repeated k and v contiguous before sdpa: a copy also from one key/value head
+        return shape.num_kv_heads < shape.num_heads, 0
+    if not padded:
         return False, 0
     return 1 < shape.num_kv_heads < shape.num_heads, seq * qb
 
@@ -270,6 +274,17 @@ def padding_kept_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     if masks_only_when_padded(t.transformers):
         return elems if t.grad_checkpointing else 0
     return elems * residual_bytes(t)
+
+
+def padding_forward_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """transformers 5 without checkpointing: the padded batch's boolean (batch, 1, seq, seq) mask lives while
+    the decoder's layers run (the model builds it before them and drops it when its forward returns, before
+    the head), so the moments inside the forward hold it (1 byte per element). With checkpointing it is in
+    :func:`padding_kept_bytes`. Call only for padded batches."""
+    fam, _ = family_of(shape.model_type)
+    if t.grad_checkpointing or not masks_only_when_padded(t.transformers) or not _runs_sdpa(shape, fam, t, device):
+        return 0
+    return t.micro_batch * t.seq_len * t.seq_len
 
 
 def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) -> int:
@@ -474,17 +489,27 @@ def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) 
 def up_sum_per_token(shape: ModelShape, fam: Family, ctx: _Ctx) -> int:
     """LoRA on a dense gated MLP's gate or up projection: the LoRA sum is i wide -- the base output and, in
     the adapter dtype, lora_B's scaled output, the base output's upcast copy (CPU, _sum_copies) and their
-    sum -- less what the
-    layer saves after it (the up output, the down projection's input). The widest moment of a layer's
+    sum -- and the layer's residual stream (_mlp_stream_per_token), less what the layer saves after it (the
+    up output, the down projection's input). The widest moment of a layer's
     forward when the MLP is wider than the rest (the live set at the peak of measured Llama steps with a
     small vocabulary, where the loss no longer dominates; as _per_expert_recompute_end_bytes for 4.x's
     experts). 0 without such an adapter."""
     if not (fam.gated_mlp and not fam.moe and set(fam.up_proj) & ctx.lora):
         return 0
-    i = shape.intermediate_size
+    h, i = shape.hidden_size, shape.intermediate_size
     adapter = ctx.c if ctx.amp else 4
     after = ctx.o * i + _linear_input(ctx, i, (fam.down_proj,))
-    return max(ctx.o * i + _sum_copies(ctx) * adapter * i - after, 0)
+    return max(ctx.o * i + _sum_copies(ctx) * adapter * i + _mlp_stream_per_token(ctx, h) - after, 0)
+
+
+def _mlp_stream_per_token(ctx: _Ctx, h: int) -> int:
+    """What the decoder layer's forward holds while its MLP runs, beyond what autograd saves: the residual
+    (the hidden state after attention, added back after the MLP) and the MLP norm's output, the gate and up
+    projections' input, unless LoRA saves that tensor itself (fp32 input to fp32 adapters, no dropout;
+    else peft saves its own fp32 copy and the frozen base saves nothing). Seen in simulate's live set at
+    the peak of small-vocabulary Llama steps."""
+    saved_itself = not ctx.amp and ctx.a == 4 and not ctx.lora_dropout
+    return ctx.a * h + (0 if saved_itself else ctx.a * h)
 
 
 def _sum_copies(ctx: _Ctx) -> int:

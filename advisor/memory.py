@@ -24,6 +24,7 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     layer_weight_bytes,
     logits_bytes,
     merged_expert_bytes,
+    padding_forward_bytes,
     padding_kept_bytes,
     qlora_dequant_bytes,
     recompute_bytes,
@@ -331,6 +332,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         return {"zero3_gathered_params": root + layers * unit} if z >= 3 else {}
 
     up_sum = forward_up_sum_bytes(shape, ta, dev, padded)
+    if up_sum and padded:
+        up_sum += padding_forward_bytes(shape, ta, dev)  # the boolean mask, alive while the layers run
     phases = {
         # no checkpointing: the last layer's up-projection LoRA sum (see forward_up_sum_bytes)
         "forward_last_layer": {**base, **gathered(1), "activations": acts, "transient": up_sum},

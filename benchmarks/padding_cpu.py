@@ -60,6 +60,13 @@ def cases(release: str = "5") -> list[dict]:
         c = T("llama", 2, 512, method="lora", grad_checkpointing=gc_, **bf)
         c["overrides"] = {"vocab_size": 256}
         out.append(c)
+    # measured after the MLP-stream and forward-mask terms were read off simulate's live set for the two
+    # cases above: other shapes and families with a small vocabulary, validation only
+    for fam, b, s, gc_, vocab in (("llama", 4, 256, False, 256), ("mistral", 2, 512, False, 256),
+                                  ("qwen2", 2, 512, True, 512)):
+        c = T(fam, b, s, method="lora", grad_checkpointing=gc_, **bf)
+        c["overrides"] = {"vocab_size": vocab}
+        out.append(c)
     # the demo's plan (runner/demo.py): QLoRA fp32 on all linear layers, batch 4 x 128, no checkpointing
     from advisor.spec import LoraSpec
 

@@ -15,9 +15,9 @@ import padding_cpu  # noqa: E402
 
 from advisor.spec import build_plan, padded_batches  # noqa: E402
 
-# a small vocabulary at 512 tokens: the peak leaves the loss for the layers (see docs/accuracy.md, "Padded
-# batches"); there the estimate is short by 3.6-5.7% padded or not, the mask's own cost is right
-OFF_GRID = "/v256"
+# a small vocabulary at 512 tokens: the peak leaves the loss for the layers' forward and recomputation
+# (docs/accuracy.md, "Padding"); on transformers 4.48 the estimate stays short there by 2-3.2%
+SMALL_VOCAB = ("/v256", "/v512")
 
 
 @pytest.mark.parametrize("training, data, padded", [
@@ -49,7 +49,8 @@ def test_every_stored_padded_measurement(name):
     for r in data["cases"]:
         row = padding_cpu.compare(r)
         err = row["ours"] / row["measured"] - 1
-        assert abs(err) <= (0.06 if OFF_GRID in r["id"] else 0.03), row
+        small_vocab_4x = name.endswith("_tf4.json") and r["id"].endswith(SMALL_VOCAB)
+        assert abs(err) <= (0.04 if small_vocab_4x else 0.03), row
 
 
 def test_the_note_says_what_padding_costs_and_how_to_say_there_is_none():
