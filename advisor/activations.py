@@ -267,13 +267,17 @@ def padding_kept_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     layer, which keeps it for the recomputation (1 byte per element); transformers 4.x builds one float
     mask in the embeddings' dtype (``min_dtype`` where masked) that every layer's sdpa keeps, with or
     without checkpointing. Call only for padded batches."""
-    fam, _ = family_of(shape.model_type)
-    if not _runs_sdpa(shape, fam, t, device):
-        return 0
-    elems = t.micro_batch * t.seq_len * t.seq_len
+    elems = _mask_elems(shape, t, device)
     if masks_only_when_padded(t.transformers):
         return elems if t.grad_checkpointing else 0
     return elems * residual_bytes(t)
+
+
+def _mask_elems(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """Elements of a padded batch's (batch, 1, seq, seq) mask where the layers run transformers' sdpa
+    integration (:func:`_runs_sdpa`), else 0: the other paths hold their masks in the unpadded count."""
+    fam, _ = family_of(shape.model_type)
+    return t.micro_batch * t.seq_len * t.seq_len if _runs_sdpa(shape, fam, t, device) else 0
 
 
 def padding_forward_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
@@ -281,10 +285,9 @@ def padding_forward_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
     the decoder's layers run (the model builds it before them and drops it when its forward returns, before
     the head), so the moments inside the forward hold it (1 byte per element). With checkpointing it is in
     :func:`padding_kept_bytes`. Call only for padded batches."""
-    fam, _ = family_of(shape.model_type)
-    if t.grad_checkpointing or not masks_only_when_padded(t.transformers) or not _runs_sdpa(shape, fam, t, device):
+    if t.grad_checkpointing or not masks_only_when_padded(t.transformers):
         return 0
-    return t.micro_batch * t.seq_len * t.seq_len
+    return _mask_elems(shape, t, device)
 
 
 def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) -> int:

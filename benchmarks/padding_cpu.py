@@ -10,7 +10,10 @@ attention mask then changes what sdpa keeps (advisor/activations.py ``_sdpa_mask
 first sequence is full length and whose others end in a quarter of padding (the shape of the runner's
 longest batch: the fail-fast batch) and records the profiler's peak of live tensor bytes in the last
 step (runner.memtrace). The estimate is the same plan with padding (``data.padded: true``); the
-unpadded estimate is shown for the contrast. Calibration data: these are this machine's measurements.
+unpadded estimate is shown for the contrast. These are this machine's measurements; the padding terms
+are counted from the source, not fitted. The two Llama rows with a 256 vocabulary at 2 x 512 told the
+in-flight residual stream and forward mask apart (calibration for those terms); the three small-vocabulary
+rows after them were measured only after those terms were in (validation; docs/accuracy.md, "Padding").
 """
 
 from __future__ import annotations

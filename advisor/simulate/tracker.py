@@ -85,14 +85,15 @@ def _make_tracker(cpu: bool = False):
     def _cpu_promoted(func, args):
         # TensorIterator on the CPU promotes an input of another dtype by a temporary copy in the common dtype
         # (compute_types, CPU only: CUDA kernels cast as they load); e.g. peft's half base output + fp32
-        # LoRA output. Fake kernels skip it, so the copy is made here, alive while the op runs
+        # LoRA output. Fake kernels skip it, so the copy is made here, alive while the op runs.
+        # Returns (the inputs that get a copy, the common dtype)
         if func not in promoting or len(args) < 2:
-            return []
+            return [], None
         ts = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.dim() > 0]
         if len(ts) != 2 or ts[0].dtype == ts[1].dtype or not all(t.dtype.is_floating_point for t in ts):
-            return []
+            return [], None
         common = torch.promote_types(ts[0].dtype, ts[1].dtype)
-        return [t for t in ts if t.dtype != common]
+        return [t for t in ts if t.dtype != common], common
 
     def _sdpa_math_path(args, kwargs) -> bool:
         # sdp_utils check_batch_size_and_num_heads_dense: a fused kernel (flash, efficient, the CPU
@@ -238,11 +239,9 @@ def _make_tracker(cpu: bool = False):
                     return out
             temps = []
             if cpu:
+                promoted, common = _cpu_promoted(func, args)
                 with self:
-                    common = None
-                    for x in _cpu_promoted(func, args):
-                        common = common or torch.promote_types(args[0].dtype, args[1].dtype)
-                        temps.append(torch.ops.aten._to_copy.default(x, dtype=common))
+                    temps = [torch.ops.aten._to_copy.default(x, dtype=common) for x in promoted]
             out = func(*args, **kwargs)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
