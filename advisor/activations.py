@@ -443,16 +443,7 @@ def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
         # saved tensors): 3 x i minus the 2 x h its saved output and index_add_ source give back with frozen
         # experts, 2 x i with LoRA on them; beside it the gradient of the layer's output (h per token)
         tokens = t.micro_batch * t.seq_len
-        share = _expert_share(shape, tokens)
-        h = shape.hidden_size
-        gate, up, down = expert_leaves(shape.model_type)
-        if t.method == "full":  # trainable experts: the down projection's saved input is freed by then
-            width = 2 * shape.intermediate_size - 2 * h
-        elif {gate, up, down} & lora:
-            width = 2 * shape.intermediate_size
-        else:
-            width = 3 * shape.intermediate_size - 2 * h
-        return share * a * width + tokens * a * h
+        return _expert_share(shape, tokens) * a * _per_expert_width(shape, t, lora) + tokens * a * shape.hidden_size
     return t.micro_batch * t.seq_len * (a * i + 2 * a * shape.hidden_size)
 
 
@@ -529,6 +520,58 @@ def forward_up_sum_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: b
         return 0
     fam, _ = family_of(shape.model_type)
     return t.micro_batch * t.seq_len * up_sum_per_token(shape, fam, _ctx(shape, t, t.seq_len, device, padded))
+
+
+def _per_expert_width(shape: ModelShape, t: TrainSpec, lora: set[str]) -> int:
+    """What 4.x's per-expert backward holds in flight per routed token at its widest moment, the product's
+    backward (the gradients of the product, the activation and the up half), in elements; see
+    backward_workspace_bytes."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    if t.method == "full":  # trainable experts: the down projection's saved input is freed by then
+        return 2 * i - 2 * h
+    if set(expert_leaves(shape.model_type)) & lora:
+        return 2 * i
+    return 3 * i - 2 * h
+
+
+def per_expert_dequant_bytes(shape: ModelShape, t: TrainSpec) -> int:
+    """QLoRA on transformers 4.x's per-expert linears: what the dequantized weight adds to the layer's widest
+    backward moment. bitsandbytes dequantizes an expert's down projection for its input gradient and frees it
+    before the product's backward, the widest moment (backward_workspace_bytes); so the dequantized weight
+    is beside only the down projection's input gradient (i wide, the expert's h-wide saved tensors already
+    given back), and it decides the peak only where it is wider than the rest of the product's backward:
+    max(0, dequantized - share x (width - i)). Measured on a 4.x Mixtral layer (the live tensors at the
+    peak: no dequantized weight among them). ``qlora_dequant_bytes`` everywhere else."""
+    deq = qlora_dequant_bytes(shape, t)
+    if not deq or not shape.num_experts or has_fused_experts(shape):
+        return deq
+    lora = {g.leaf for g in shape.lora_groups(t.lora.targets)}
+    share = _expert_share(shape, t.micro_batch * t.seq_len)
+    rest = share * residual_bytes(t) * (_per_expert_width(shape, t, lora) - shape.intermediate_size)
+    return max(deq - rest, 0)
+
+
+def per_expert_full_backward(shape: ModelShape, t: TrainSpec, device: str, padded: bool = False) -> tuple[int, int]:
+    """Full fine-tuning on transformers 4.x's per-expert linears: (the layer's gradients, the saved
+    activations already given back) at the layer's widest backward moment. The experts' backward runs one
+    expert at a time, before the attention's: at expert p (in the order autograd runs them) the experts done
+    have made their weight gradients (3 x h x i each) and freed what they saved (share x
+    expert_bytes_per_token), so the live set moves linearly with p and is widest at the first expert when
+    an expert saves more than its gradients weigh (small hidden sizes, long batches) and at the last one
+    otherwise; beside it the running expert's down-projection gradient, made before the product's backward.
+    The layer's other gradients (attention, router, norms) come later. Measured on a 4.x Mixtral step (the
+    gradients alive at the peak: the head's, the later layers' and one expert's down projection).
+    (0, 0) on transformers 5 (fused experts: the generic layer gradient) and for other methods."""
+    if t.method != "full" or not shape.num_experts or has_fused_experts(shape):
+        return 0, 0
+    ctx = _ctx(shape, t, t.seq_len, device, padded)
+    e = shape.num_experts
+    g_expert = 3 * shape.hidden_size * shape.intermediate_size * param_bytes(t.precision)
+    saved = _expert_share(shape, t.micro_batch * t.seq_len) * expert_bytes_per_token(ctx, shape)
+    g_down = g_expert // 3
+    if g_expert > saved:
+        return g_down + (e - 1) * g_expert, (e - 1) * saved
+    return g_down, 0
 
 
 def _expert_share(shape: ModelShape, tokens: int) -> int:

@@ -26,6 +26,8 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     merged_expert_bytes,
     padding_forward_bytes,
     padding_kept_bytes,
+    per_expert_dequant_bytes,
+    per_expert_full_backward,
     qlora_dequant_bytes,
     recompute_bytes,
     recompute_end_transient_bytes,
@@ -268,6 +270,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     amp_cache = amp_cache_bytes(shape, ta, dev)
     ws = backward_workspace_bytes(shape, ta)
     deq = qlora_dequant_bytes(shape, t)
+    deq_bwd = per_expert_dequant_bytes(shape, t)  # 4.x's per-expert backward: freed before its widest moment
     opt_tmp = optimizer_step_transient_bytes(shape, t, dev)
     if z >= 1:
         opt_tmp = shard(opt_tmp, n)
@@ -305,9 +308,14 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
             head_grad, emb_grad = head_grad + emb_grad, 0
         elif z >= 2:
             head_grad, emb_grad, layer_grad = shard(head_grad, n), shard(emb_grad, n), shard(layer_grad, n)
+    # 4.x's per-expert linears: the layer's gradients and given-back experts' activations at its widest
+    # backward moment (per_expert_full_backward); whole gradients only (sharded ones: the generic term)
+    expert_grad, expert_freed = per_expert_full_backward(shape, ta, dev, padded) if z < 2 else (0, 0)
     if t.grad_accum > 1:
         head_grad = layer_grad = 0  # already in `accum`
+        expert_grad = expert_freed = 0  # every gradient exists already: the first expert is the widest
     recompute_end = recompute_end_transient_bytes(shape, ta, dev)
+    last_layer_grad = expert_grad or layer_grad
     if accum:
         first_grads = g_kept
     elif t.method == "full" and z >= 3:
@@ -315,7 +323,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         # backward ends, beside the unit in backward
         first_grads = g_kept + head_grad + layer_grad
     elif t.method == "full":
-        first_grads = max(g_kept - layer_grad - emb_grad, 0)
+        first_grads = max(g_kept - layer_grad - emb_grad, 0) + expert_grad
     else:
         first_grads = g_kept - g_kept // max(shape.num_layers, 1)
     # the embedding dropout's mask, saved when the embedding output needs a gradient (checkpointing:
@@ -340,15 +348,15 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         "forward_end": {**base, **gathered(0), "activations": acts + amp_cache, "logits_and_loss": l_fwd,
                         "transient": deq},
         "backward_start": {**bwd, **gathered(1), "activations": acts, "logits_and_loss": l_bwd},
-        "backward_last_layer": {**bwd, **gathered(2), "activations": acts + recompute,
-                                "gradients": base.get("gradients", 0) + head_grad + layer_grad,
-                                "transient": ws + deq},
+        "backward_last_layer": {**bwd, **gathered(2), "activations": acts + recompute - expert_freed,
+                                "gradients": base.get("gradients", 0) + head_grad + last_layer_grad,
+                                "transient": ws + deq_bwd},
         # checkpointing: the last layer (the first in backward) recomputed up to its widest moment, every
         # other layer's checkpoint still held (see recompute_end_transient_bytes)
         "backward_last_recompute": {**bwd, **gathered(1), "activations": acts + recompute,
                                     "gradients": base.get("gradients", 0), "transient": recompute_end},
-        "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs,
-                                 "gradients": first_grads, "transient": ws + deq},
+        "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs - expert_freed,
+                                 "gradients": first_grads, "transient": ws + deq_bwd},
         "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
         # checkpointing: the first layer recomputed up to its down projection (see
         # recompute_end_transient_bytes); its own gradients do not exist yet (LoRA: one layer's
