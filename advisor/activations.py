@@ -587,20 +587,32 @@ def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str
     expert's share of the tokens,
     less what the expert saves after it (the up output for the product, the down projection's input, its
     output and index_add_ source, the routing weight). Beside it the gradient of the layer's output and the
-    layer's output accumulator (index_add_'s target), h wide for every token. 0 on transformers 5 (fused
-    experts: left to backward_workspace_bytes) and without an adapter on the gate or up projection."""
+    layer's output accumulator (index_add_'s target), h wide for every token.
+    QLoRA: later, at the last expert's down projection, bitsandbytes' dequantized weight (the whole expert
+    weight, in the compute dtype) beside the expert's input rows, the product (the projection's input), its
+    cast to the compute dtype and the matmul's output, less the expert's output, index_add_ source and
+    routing weight, not made yet (read off the live tensors of a Mixtral layer with few tokens per expert,
+    where this moment is the step's peak, the dequantized block alive at the profiler's peak); the wider of
+    the two moments.
+    0 on transformers 5 (fused experts: left to backward_workspace_bytes) and without an adapter on the gate
+    or up projection and without 4-bit experts."""
     if has_fused_experts(shape):
         return 0
     ctx = _ctx(shape, t, t.seq_len, device)
     gate, up, down = expert_leaves(shape.model_type)
-    if not {gate, up} & ctx.lora:
-        return 0
     h, i, a = shape.hidden_size, shape.intermediate_size, ctx.a
     tokens = t.micro_batch * t.seq_len
     share = _expert_share(shape, tokens)
+    deq = qlora_dequant_bytes(shape, t)
+    at_down = 0
+    if deq:
+        cast = ctx.c * i if a != ctx.c else 0
+        at_down = deq + share * max(a * h + a * i + cast + ctx.c * h - 2 * a * h - 4, 0)
+    if not {gate, up} & ctx.lora:
+        return tokens * 2 * a * h + at_down if at_down else 0
     adapter = ctx.c if ctx.amp else 4
     after = a * i + _linear_input(ctx, i, (down,)) + 2 * a * h + 4
-    return tokens * 2 * a * h + share * max(ctx.o * i + _sum_copies(ctx) * adapter * i - after, 0)
+    return tokens * 2 * a * h + max(share * max(ctx.o * i + _sum_copies(ctx) * adapter * i - after, 0), at_down)
 
 
 def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:

@@ -208,6 +208,8 @@ def case_id(c: dict) -> str:
         extra.append(f"L{ov.get('num_hidden_layers', ov.get('n_layer'))}")
     if "intermediate_size" in ov:
         extra.append(f"i{ov['intermediate_size']}")
+    if "num_local_experts" in ov:
+        extra.append(f"E{ov['num_local_experts']}")
     if s.lora.r != 16 or s.lora.targets != "all-linear" or s.lora.dropout:
         extra.append(f"r{s.lora.r}-{'all' if s.lora.targets == 'all-linear' else '+'.join(s.lora.targets)}"
                      f"-d{s.lora.dropout}")
