@@ -45,7 +45,7 @@ def plan_for(case: dict) -> Plan:
 
 
 def simulate_bytes(case: dict, fresh: bool = False) -> int | None:
-    """The simulate estimator for the same plan, or None where it declines (MoE, ...).
+    """The simulate estimator for the same plan, or None where it declines (LLM.int8, an fp8 cache, ...).
     A failure after many simulations in one process is retried in a fresh process (the
     simulation patches process-wide state; the CLI runs one per process)."""
     from advisor.simulate import SimulateError, simulate
@@ -108,7 +108,7 @@ def summary(rows: list[dict]) -> str:
     lines = [_stats("analytic", [r["error"] for r in rows])]
     sims = [r["sim_error"] for r in rows if r["sim_error"] is not None]
     if sims:
-        lines.append(_stats("simulate", sims) + " (simulate declines MoE models)")
+        lines.append(_stats("simulate", sims))
     return "\n\n".join(lines)
 
 

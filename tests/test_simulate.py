@@ -96,6 +96,13 @@ TRAIN_CASES = {
     "gpt2-qlora-bf16-gc": ("gpt2", _T(method="qlora", precision="bf16", optimizer="adamw", grad_checkpointing=True)),
     "gpt2-full-bf16-sgd-eager": ("gpt2", _T(method="full", precision="bf16", optimizer="sgd", attn_impl="eager")),
     "qwen2-lora-amp-bf16": ("qwen2", _T(method="lora", precision="amp-bf16", optimizer="adamw")),
+    # mixtures of experts: transformers 5's grouped experts have the same shapes whatever the router picks;
+    # QLoRA leaves the experts unquantized in fp32 (advisor/simulate/experts.py: fp32 grouped_mm on fakes)
+    "mixtral-lora-bf16-gc": ("mixtral", _T(method="lora", precision="bf16", optimizer="adamw",
+                                           grad_checkpointing=True)),
+    "mixtral-qlora-bf16-nogc-attention": ("mixtral", _T(method="qlora", precision="bf16", optimizer="adamw",
+                                                        lora=LoraSpec(targets="q_proj,k_proj,v_proj,o_proj"))),
+    "mixtral-full-fp32-sgd": ("mixtral", _T(method="full", precision="fp32", optimizer="sgd")),
 }
 
 
@@ -197,11 +204,48 @@ def test_breakdown_and_progress():
     assert all(0.0 <= f <= 1.0 for f, _ in seen)
 
 
-def test_moe_is_refused():
-    from advisor.simulate import SimulateError, simulate
+def test_moe_is_refused_where_experts_loop_over_the_routed_tokens(monkeypatch):
+    """A transformers without grouped experts picks tokens per expert by value: fake tensors cannot."""
+    from advisor.simulate import SimulateError, experts, simulate
 
+    monkeypatch.setattr(experts, "routing_independent", lambda: False)
     with pytest.raises(SimulateError, match="mixture of experts"):
         simulate(_cpu("training", training=_T(method="lora")), _shape("mixtral"))
+
+
+@pytest.mark.parametrize("b_trainable", [False, True])
+def test_fake_grouped_mm_keeps_what_the_real_op_keeps(b_trainable):
+    """The fp32 stand-in for grouped_mm on fake tensors saves for backward exactly what torch's own op saves
+    on real tensors, and allocates the same gradients."""
+    import torch
+
+    from advisor.simulate.experts import _fake_grouped_mm_function
+
+    def run(fn):
+        a = torch.randn(64, 32, requires_grad=True)
+        b = torch.randn(4, 32, 48, requires_grad=b_trainable)
+        offs = torch.tensor([16, 32, 48, 64], dtype=torch.int32)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            y = fn(a, b, offs)
+        y.backward(torch.ones_like(y))  # a contiguous gradient (sum()'s is stride 0)
+        return y.shape, sorted(tuple(s) for s in saved if s.numel() > 4), a.grad.shape, \
+            b.grad.shape if b.grad is not None else None
+
+    real = run(lambda a, b, offs: torch.nn.functional.grouped_mm(a, b, offs=offs))
+    fake = run(_fake_grouped_mm_function().apply)
+    assert fake == real
+
+
+def test_grouped_experts_patch_is_undone():
+    from transformers.integrations import moe
+
+    from advisor.simulate.experts import GroupedExperts
+
+    before = moe._grouped_mm
+    with GroupedExperts():
+        assert moe._grouped_mm is not before
+    assert moe._grouped_mm is before
 
 
 def test_import_is_light():

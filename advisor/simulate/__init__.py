@@ -104,8 +104,12 @@ def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
 
 def _check_supported(plan: Plan, shape: ModelShape) -> None:
     if shape.num_experts:
-        raise SimulateError(f"{shape.name} is a mixture of experts: its token routing depends on the data, "
-                            "which fake tensors do not have; use --mode analytic")
+        from advisor.simulate.experts import routing_independent
+
+        if not routing_independent():
+            raise SimulateError(f"{shape.name} is a mixture of experts and this transformers loops over the "
+                                "experts the router picked, which depends on the data fake tensors do not "
+                                "have; use --mode analytic")
     if not shape.config:
         raise SimulateError(f"{shape.name}: no config.json to build the architecture from")
     if plan.hardware.gpus > 1:

@@ -6,6 +6,7 @@ import math
 
 from advisor.model import ModelShape
 from advisor.simulate.common import DECODE_STEPS_FULL, INFER_PHASES, TRAIN_PHASES, Progress, SimulateError
+from advisor.simulate.experts import GroupedExperts
 from advisor.simulate.fakes import (
     _config_with_layers,
     _from_config,
@@ -89,7 +90,7 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
 
     depth = _num_layers(config, shape)
     _preimport(_hf_config(config), plan)
-    with _RealMasks() as masks, FakeTensorMode(allow_non_fake_inputs=False), tracker:
+    with _RealMasks() as masks, GroupedExperts(), FakeTensorMode(allow_non_fake_inputs=False), tracker:
         say(0.0, f"building {shape.name} ({depth} layers) on fake tensors")
         model, attn_used = _build_training(plan, shape, config)
         if attn_used != t.attn_impl:
@@ -188,7 +189,7 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
         if progress:
             progress(frac, msg)
 
-    with _RealMasks(), FakeTensorMode(), tracker:
+    with _RealMasks(), GroupedExperts(), FakeTensorMode(), tracker:
         say(0.05, f"building {shape.name} on fake tensors")
         model, attn_used = _from_config(_hf_config(shape.config), dtype, "sdpa")
         if s.weight_quant == "nf4":
