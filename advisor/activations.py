@@ -609,7 +609,7 @@ def _per_expert_recompute_end_bytes(shape: ModelShape, t: TrainSpec, device: str
         cast = ctx.c * i if a != ctx.c else 0
         at_down = deq + share * max(a * h + a * i + cast + ctx.c * h - 2 * a * h - 4, 0)
     if not {gate, up} & ctx.lora:
-        return tokens * 2 * a * h + at_down if at_down else 0
+        return (tokens * 2 * a * h + at_down) if at_down else 0
     adapter = ctx.c if ctx.amp else 4
     after = a * i + _linear_input(ctx, i, (down,)) + 2 * a * h + 4
     return tokens * 2 * a * h + max(share * max(ctx.o * i + _sum_copies(ctx) * adapter * i - after, 0), at_down)

@@ -9,7 +9,7 @@ One gap: torch's meta kernel for ``grouped_mm`` accepts bf16 only, while the CPU
 fp32 (full fine-tuning in fp32; QLoRA's unquantized experts, which peft casts to fp32). For those,
 :class:`_FakeGroupedMM` allocates what the native op allocates: its output, and for backward it
 keeps only what the native autograd keeps (the weight when the input needs a gradient, the input
-when the weight does; checked on the real op in tests/test_simulate_moe.py). Its values are not a
+when the weight does; checked on the real op in tests/test_simulate.py). Its values are not a
 product, so it is only installed inside a simulation.
 """
 
@@ -57,8 +57,7 @@ class GroupedExperts:
         from transformers.integrations import moe
 
         self.moe, self.orig = moe, moe._grouped_mm
-        fake = _fake_grouped_mm_function()
-        orig = self.orig
+        fake, orig = _fake_grouped_mm_function(), moe._grouped_mm
 
         def grouped_mm(input, weight, offs):
             if weight.dtype == torch.bfloat16:
