@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from advisor.breakdown import compute_bytes, param_bytes, shard
 from advisor.memory import (
     fsdp_qlora,
+    fsdp_qlora_weights,
     logits_bytes,
     lora_adapter_bytes,
     optimizer_states_bytes,
@@ -172,7 +173,8 @@ def loading(plan: Plan, shape: ModelShape) -> Moment:
         # meta device, accelerate's cpu_ram_efficient_loading); each GPU then receives its shard only
         n = _n(plan)
         host = max(tensors, checkpoint_file_bytes(plan, shape))  # the read itself goes through the page cache
-        gpu = -(-(end + lora) // n)
+        replicated = fsdp_qlora_weights(shape, t)[1] if fsdp_qlora(t, plan.hardware) else 0
+        gpu = shard(end - replicated + lora, n) + replicated  # the 4-bit quant state: whole on every rank
         return _moment(plan, gpu, gpu, host, what + "; under FSDP rank 0 loads on the host and each GPU "
                        "receives its shard (host: the model on rank 0, or the checkpoint read if larger)")
     # host (measured on the CPU): the tensors themselves (the stack's copies; the file mapping is dropped
@@ -195,13 +197,14 @@ def _persistent(plan: Plan, shape: ModelShape) -> int:
     """Weights (as trained), adapters and optimizer states per GPU between steps."""
     t, n = plan.training, _n(plan)
     w = weights_bytes(shape, t)
+    replicated = 0
     if fsdp_qlora(t, plan.hardware):
-        w = _quantized_bytes(shape, t) + compute_bytes(t.precision) * _rest(shape)
+        w, replicated = fsdp_qlora_weights(shape, t)
     o = optimizer_states_bytes(shape, t)
     if n > 1 and plan.hardware.zero >= 1:
         o = shard(o, n)
     if _sharded(plan):
-        w = shard(w, n)
+        w = shard(w, n) + replicated
     return w + lora_adapter_bytes(shape, t) + o
 
 

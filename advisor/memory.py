@@ -213,6 +213,21 @@ def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
 
 
+def fsdp_qlora_weights(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
+    """QLoRA under FSDP / ZeRO-3: (bytes in the flat parameters, bytes every rank holds whole).
+    The flat parameters are the packed 4-bit values (stored in the compute dtype) and every other
+    parameter in the compute dtype; they are sharded. The 4-bit quant state (absmax, the nested
+    absmax and code book of double quantization) is an attribute of bitsandbytes' ``Params4bit``,
+    not a parameter or buffer: FSDP flattens and shards only parameters, and each rank dequantizes
+    the gathered weight of a whole layer with that layer's whole quant state, so every rank keeps
+    all of it (the published fms-acceleration 2-GPU QLoRA rows' memory before training shows it:
+    docs/accuracy.md)."""
+    mats = [(g.count, g.in_features * g.out_features) for g in shape.linears if g.quantized]
+    packed = sum(k * ((numel + 1) // 2) for k, numel in mats)
+    state = sum(k * nf4_bytes(numel, t.double_quant) for k, numel in mats) - packed
+    return packed + compute_bytes(t.precision) * (shape.params_total - shape.params_quantized), state
+
+
 def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool = False) -> dict[str, dict[str, int]]:
     """Live components at each candidate moment of a steady-state step, per GPU. ``padded``: the batches
     carry padding (spec.padded_batches), so sdpa attention gets a mask."""
@@ -223,13 +238,12 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     w = weights_bytes(shape, t)
     fsdp_q = fsdp_qlora(t, hw)
     ta = t
+    replicated = 0
     if fsdp_q:
         # QLoRA under FSDP: the 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage)
         # so FSDP can flatten and shard them, and prepare_model_for_kbit_training is not used: the
         # other parameters and the residual stream stay in the compute dtype -- activations as LoRA's
-        quant = sum(g.count * nf4_bytes(g.in_features * g.out_features, t.double_quant)
-                    for g in shape.linears if g.quantized)
-        w = quant + compute_bytes(t.precision) * (shape.params_total - shape.params_quantized)
+        w, replicated = fsdp_qlora_weights(shape, t)
         ta = t.model_copy(update={"method": "lora"})
     lora = lora_adapter_bytes(shape, t)
     g = gradients_bytes(shape, t)
@@ -255,7 +269,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         else:  # a decoder layer's parameters: its linears, norms and (MoE) fused expert tensors
             unit = ((shape.params_total - root // pb) // max(shape.num_layers, 1)) * pb
         unit = max(unit, 0)
-        w = shard(w, n)
+        w = shard(w, n) + replicated
     ddp_buckets = 2 * 25 * MIB if n > 1 and z == 0 and t.method == "full" else 0
     # DeepSpeed ZeRO-1/2 (contiguous_gradients, its default): backward() allocates an IPG buffer of
     # reduce_bucket_size (5e8) elements in the model dtype (two with overlap_comm, off by default)

@@ -103,6 +103,7 @@ def worker(model_dir: str, method: str, b: int, s: int, targets, policy: str = "
         out["losses"] = [float(train_step(wrapped, batch, opt, spec)) for _ in range(3)]
         out["frozen_grads"] = sum(p.grad is not None for p in wrapped.parameters() if not p.requires_grad)
         out["units"] = sum(isinstance(m, FSDP) for m in wrapped.modules())
+        out["quant_state_bytes"] = quant_state_bytes(wrapped)
 
     try:
         trace = memtrace.measure(work, collectives=True)  # gloo frees some blocks on its own threads
@@ -117,6 +118,24 @@ def worker(model_dir: str, method: str, b: int, s: int, targets, policy: str = "
     # under PIPE_BUF (4 KiB) is atomic
     os.write(1, (json.dumps(report) + "\n").encode())
     dist.destroy_process_group()
+
+
+def quant_state_bytes(model) -> int:
+    """Bytes of the distinct bitsandbytes 4-bit quant-state tensors (absmax, nested absmax, code book)
+    this process holds: each 4-bit layer keeps its state on the module (``Linear4bit.quant_state``),
+    whatever FSDP made of its weight."""
+    import torch
+
+    seen: dict[int, int] = {}
+    for mod in model.modules():
+        qs = getattr(mod, "quant_state", None) or getattr(getattr(mod, "weight", None), "quant_state", None)
+        while qs is not None:
+            for t in (getattr(qs, "absmax", None), getattr(qs, "code", None)):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+            qs = getattr(qs, "state2", None)
+    return sum(seen.values())
 
 
 def _caller_outlives_gloo(dist) -> None:

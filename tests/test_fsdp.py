@@ -33,6 +33,27 @@ def test_fsdp_rank_peak_matches_the_estimate(case):
 
 
 @pytest.mark.slow
+def test_every_rank_keeps_the_whole_4bit_quant_state():
+    """FSDP shards parameters only; bitsandbytes' quant state (absmax, nested absmax, code book) is an
+    attribute of the 4-bit layer, so each rank holds all of it: as much as the unsharded model, and what
+    the estimate keeps whole per GPU (advisor.memory.fsdp_qlora_weights)."""
+    from tiny_models import build_tiny
+
+    from advisor.memory import fsdp_qlora_weights
+    from advisor.model import count_on_meta
+    from advisor.stack import load_for_training
+
+    case = next(c for c in fsdp_cpu.CASES if c[1] == "qlora")
+    row = fsdp_cpu.measure(case)
+    spec = fsdp_cpu.spec_of(*case[1:])
+    whole = fsdp_cpu.quant_state_bytes(load_for_training(build_tiny(case[0]), spec, fsdp=True))
+    _, replicated = fsdp_qlora_weights(count_on_meta(row["family"], row["config"]), spec)
+    assert whole > 0
+    assert [rank["quant_state_bytes"] for rank in row["ranks"]] == [whole, whole]
+    assert abs(replicated / whole - 1) < 0.02, (replicated, whole)
+
+
+@pytest.mark.slow
 def test_full_fine_tune_measures_the_same_every_run():
     """gloo's worker thread once let go of a collective's tensors last, on a thread the profiler does not
     see: identical full fine-tuning runs differed by whole gradient buffers (10.54 to 11.66 MiB). With the
