@@ -99,3 +99,37 @@ def test_docs_show_the_transformers4_fsdp_table():
     doc = (ROOT / "docs" / "accuracy.md").read_text()
     block = doc.split("<!-- fsdpcpu4:begin -->\n", 1)[1].split("\n<!-- fsdpcpu4:end -->", 1)[0]
     assert block == md, "run: python benchmarks/fsdp_cpu.py --table --tf4 --write docs/accuracy.md"
+
+
+@pytest.mark.slow
+def test_full_shard_on_one_rank_costs_nothing_more_per_sequence_on_the_cpu():
+    """benchmarks/fsdp_one_device.py lifts torch's clamp of FULL_SHARD to NO_SHARD at world size 1, so
+    that a single GPU can show what FULL_SHARD's own machinery holds per token. Its CPU path: the clamp is
+    really lifted (FSDP reports FULL_SHARD, and the unsharded buffers beside the shards cost more), the
+    step is the same math (the same losses, to rounding), and one more sequence costs exactly what it costs under
+    NO_SHARD."""
+    import fsdp_one_device as one
+
+    rows = [one.measure(c, "cpu") for c in one.cases("cpu") if c[0] == "lora"]
+    assert {(r["asked"], r["strategy"]) for r in rows} == {("no_shard", "NO_SHARD"), ("full_shard", "FULL_SHARD")}
+    by = {(r["asked"], r["batch"]): r for r in rows}
+    for b in (1, 2):
+        assert by[("full_shard", b)]["losses"] == pytest.approx(by[("no_shard", b)]["losses"], rel=1e-4)
+        assert by[("full_shard", b)]["peak_bytes"] > by[("no_shard", b)]["peak_bytes"]
+        assert by[("no_shard", b)]["losses"][-1] < by[("no_shard", b)]["losses"][0]
+    sl = one.slopes(rows)
+    assert abs(sl[("lora", "full_shard")] / sl[("lora", "no_shard")] - 1) < 0.01, sl
+
+
+def test_docs_show_the_one_device_table():
+    import json
+
+    import fsdp_one_device as one
+
+    rows = json.loads(one.results_path("cpu").read_text())
+    doc = (ROOT / "docs" / "accuracy.md").read_text()
+    block = doc.split("<!-- fsdpone:begin -->\n", 1)[1].split("\n<!-- fsdpone:end -->", 1)[0]
+    hint = "run: python benchmarks/fsdp_one_device.py --device cpu --table --write docs/accuracy.md"
+    assert block == one.markdown(rows, "cpu"), hint
+    sl = one.slopes(rows)
+    assert all(sl[(m, "full_shard")] == sl[(m, "no_shard")] for m in ("lora", "qlora")), sl
