@@ -220,8 +220,8 @@ def fsdp_qlora_weights(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     absmax and code book of double quantization) is an attribute of bitsandbytes' ``Params4bit``,
     not a parameter or buffer: FSDP flattens and shards only parameters, and each rank dequantizes
     the gathered weight of a whole layer with that layer's whole quant state, so every rank keeps
-    all of it (the published fms-acceleration 2-GPU QLoRA rows' memory before training shows it:
-    docs/accuracy.md)."""
+    all of it (measured on the CPU with real FSDP: tests/test_fsdp.py; the memory the published
+    fms-acceleration 2-GPU QLoRA rows hold after training agrees with it: docs/accuracy.md)."""
     mats = [(g.count, g.in_features * g.out_features) for g in shape.linears if g.quantized]
     packed = sum(k * ((numel + 1) // 2) for k, numel in mats)
     state = sum(k * nf4_bytes(numel, t.double_quant) for k, numel in mats) - packed
