@@ -140,11 +140,10 @@ def load_parts(plan: Plan, shape: ModelShape) -> dict[str, int]:
         # CPU (measured): the tensors are views of one block per file, then advisor.stack._own_storage
         # copies each while the block lives; a GPU load copies tensor by tensor to the device
         return {"from_pretrained": 2 * w if cpu else w, "end": w}
-    quant = _quantized_bytes(shape, t)
     if fsdp_qlora(t, plan.hardware):
-        cb = compute_bytes(t.precision)
-        end = quant + cb * _rest(shape)
-        return {"quantize": end + cb * _largest_quantized(shape), "end": end}
+        end = sum(fsdp_qlora_weights(shape, t))  # the flat parameters and the quant state
+        return {"quantize": end + compute_bytes(t.precision) * _largest_quantized(shape), "end": end}
+    quant = _quantized_bytes(shape, t)
     rest_ld = ld * _rest(shape)
     if cpu:
         # CPU (measured): the whole file is one block; its unquantized views are copied while it lives

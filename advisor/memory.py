@@ -406,8 +406,9 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
         state = fsdp_qlora_weights(layout(shape, t.transformers), t)[1]
         notes.append("QLoRA sharded over GPUs (FSDP / ZeRO-3): the 4-bit weights are stored in the compute dtype "
                      "(bnb_4bit_quant_storage) and sharded, but their quant state (absmax constants, "
-                     f"{state / GIB:.2f} GiB) is not a parameter and stays whole on every GPU; embeddings, norms "
-                     "and the residual stream stay in the compute dtype (no prepare_model_for_kbit_training fp32 casts)")
+                     f"{state / GIB:.2f} GiB) is not a parameter and stays whole on every GPU; embeddings, "
+                     "norms and the residual stream stay in the compute dtype (no prepare_model_for_kbit_training "
+                     "fp32 casts)")
     pad = padding_note(shape, t, hw, padded, totals[peak])
     if pad:
         notes.append(pad)

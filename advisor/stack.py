@@ -451,6 +451,20 @@ def _storage_bytes(t: torch.Tensor) -> tuple[int, int]:
     return st.data_ptr(), st.nbytes()
 
 
+def quant_state_storages(qs) -> dict[int, int]:
+    """The storages (data pointer -> bytes) of a bitsandbytes 4-bit quant state: absmax and code,
+    and those of its nested state (double quantization); {} for None."""
+    out: dict[int, int] = {}
+    while qs is not None:
+        for t in (getattr(qs, "absmax", None), getattr(qs, "code", None)):
+            if isinstance(t, torch.Tensor):
+                ptr, n = _storage_bytes(t)
+                if ptr:
+                    out[ptr] = n
+        qs = getattr(qs, "state2", None)
+    return out
+
+
 def weight_bytes(model) -> dict[str, int]:
     """Bytes held by the model's parameters and buffers (distinct storages), by dtype, plus
     bitsandbytes 4-bit quant-state tensors (absmax, nested absmax, code) under "quant_state"."""
@@ -461,20 +475,8 @@ def weight_bytes(model) -> dict[str, int]:
             seen[ptr] = (n, str(t.dtype).removeprefix("torch."))
     qs_seen: dict[int, int] = {}
     for p in model.parameters():
-        qs = getattr(p, "quant_state", None)
-        if qs is None:
-            continue
-        stack = [qs]
-        while stack:
-            s = stack.pop()
-            for attr in ("absmax", "code"):
-                t = getattr(s, attr, None)
-                if isinstance(t, torch.Tensor):
-                    ptr, n = _storage_bytes(t)
-                    if ptr and ptr not in seen:
-                        qs_seen[ptr] = n
-            if getattr(s, "state2", None) is not None:
-                stack.append(s.state2)
+        qs_seen.update((ptr, n) for ptr, n in quant_state_storages(getattr(p, "quant_state", None)).items()
+                       if ptr not in seen)
     out: dict[str, int] = {}
     for n, dt in seen.values():
         out[dt] = out.get(dt, 0) + n

@@ -124,17 +124,12 @@ def quant_state_bytes(model) -> int:
     """Bytes of the distinct bitsandbytes 4-bit quant-state tensors (absmax, nested absmax, code book)
     this process holds: each 4-bit layer keeps its state on the module (``Linear4bit.quant_state``),
     whatever FSDP made of its weight."""
-    import torch
+    from advisor.stack import quant_state_storages
 
     seen: dict[int, int] = {}
     for mod in model.modules():
-        qs = getattr(mod, "quant_state", None) or getattr(getattr(mod, "weight", None), "quant_state", None)
-        while qs is not None:
-            for t in (getattr(qs, "absmax", None), getattr(qs, "code", None)):
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    seen[st.data_ptr()] = st.nbytes()
-            qs = getattr(qs, "state2", None)
+        seen.update(quant_state_storages(getattr(mod, "quant_state", None)
+                                         or getattr(getattr(mod, "weight", None), "quant_state", None)))
     return sum(seen.values())
 
 

@@ -77,6 +77,7 @@ def worker(model_dir: str, method: str, b: int, s: int, strategy: str, device: s
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     from advisor.stack import fsdp_wrap_policy, load_for_training, make_batch, make_optimizer, train_step
+    from runner import memtrace
 
     cuda = device == "cuda"
     if cuda:
@@ -90,8 +91,6 @@ def worker(model_dir: str, method: str, b: int, s: int, strategy: str, device: s
     out: dict = {}
 
     def work():
-        from runner import memtrace
-
         with memtrace.phase("load"):
             model = load_for_training(model_dir, spec, fsdp=True)
             base = model.get_base_model()
@@ -124,8 +123,6 @@ def worker(model_dir: str, method: str, b: int, s: int, strategy: str, device: s
     if cuda:
         work()
     else:
-        from runner import memtrace
-
         out["peak_bytes"] = memtrace.measure(work, collectives=True).last.peak_bytes
     os.write(1, (json.dumps(out) + "\n").encode())
     dist.destroy_process_group()
