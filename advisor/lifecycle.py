@@ -25,7 +25,7 @@ benchmarks/lifecycle.py, table in docs/accuracy.md):
 * ``checkpoint`` -- ``runner.checkpoint.write_checkpoint``: ``save_pretrained`` + ``torch.save``
   of the optimizer state, copied to the host; under FSDP / ZeRO-3 ``accelerator.get_state_dict``
   gathers the FULL_STATE_DICT of the whole model on rank 0's host.
-* ``merge_export`` -- ``runner.recipe._merge_export``: ``from_pretrained`` with no device map, i.e.
+* ``merge_export`` -- ``runner.saving.merge_export``: ``from_pretrained`` with no device map, i.e.
   **on the CPU**: the base in the compute dtype in host RAM, the adapters (fp32), one layer's
   delta weight and its temporaries; the GPU keeps only what the optimizer holds.
 
@@ -248,7 +248,7 @@ def checkpoint(plan: Plan, shape: ModelShape) -> Moment:
 
 
 def merge_parts(plan: Plan, shape: ModelShape) -> dict[str, int]:
-    """Host bytes of runner.recipe._merge_export: ``base`` (compute dtype), ``adapters`` (fp32, peft's
+    """Host bytes of runner.saving.merge_export: ``base`` (compute dtype), ``adapters`` (fp32, peft's
     autocast_adapter_dtype), ``delta`` (one layer's B @ A and its temporaries; peft computes it in
     fp32 on the CPU for half weights). save_pretrained adds no host copy (measured: with glibc's mmap
     threshold fixed, the peak RSS growth is these tensors)."""
@@ -262,7 +262,7 @@ def merge_parts(plan: Plan, shape: ModelShape) -> dict[str, int]:
 
 
 def merge_export(plan: Plan, shape: ModelShape) -> Moment | None:
-    """runner.recipe._merge_export runs on the CPU (from_pretrained without a device map); None when
+    """runner.saving.merge_export runs on the CPU (from_pretrained without a device map); None when
     the plan does not merge. The GPU keeps the optimizer's tensors (the model is deleted, the
     optimizer still referenced) -- below every earlier moment."""
     t = plan.training

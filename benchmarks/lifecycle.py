@@ -11,7 +11,7 @@ runner.memtrace.measure (every CPU allocation and free) in a fresh process:
   ``tuneplan:prepare`` around peft's prepare_model_for_kbit_training (its peak is device-independent);
 * evaluation: one training step (the optimizer states exist), then advisor.stack.eval_loss on the
   plan's micro-batch inside ``tuneplan:eval``;
-* merge export: runner.recipe._merge_export's calls (from_pretrained on the CPU in the compute dtype,
+* merge export: runner.saving.merge_export's calls (from_pretrained on the CPU in the compute dtype,
   PeftModel.from_pretrained, merge_and_unload, save_pretrained), inside ``tuneplan:merge``.
 
 Host RAM: the process RSS (anonymous and file-backed, /proc/self/status) before and after loading
@@ -87,7 +87,7 @@ def _reset_peak_rss() -> None:
 
 
 def measure_merge(model_dir: str, adapter_dir: str, precision: str = "bf16") -> dict:
-    """runner.recipe._merge_export's calls in a fresh process: tensors (memtrace) and peak RSS growth."""
+    """runner.saving.merge_export's calls in a fresh process: tensors (memtrace) and peak RSS growth."""
     os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import peft

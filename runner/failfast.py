@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from runner.exits import is_oom
+
 
 @dataclass(frozen=True)
 class Longest:
@@ -149,7 +151,7 @@ def check_longest_batch(recipe) -> dict | None:
         seconds, with_states = probe(recipe.model, batch, t.precision, accelerator.backward if accelerator else None,
                                      recipe.optimizer)
     except Exception as e:
-        if _is_oom(torch, e):
+        if is_oom(e):
             raise torch.OutOfMemoryError(f"the longest batch, {longest.words()}, does not fit (checked before the "
                                          f"first step): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                          ) from None
@@ -197,12 +199,6 @@ def check_shared_run_dir(recipe) -> None:
 def _dist_type(accelerator) -> str:
     t = accelerator.state.distributed_type
     return str(getattr(t, "value", t))
-
-
-def _is_oom(torch, e: BaseException) -> bool:
-    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 def data_check_longest(examples: list, seq_len: int) -> dict:

@@ -23,31 +23,21 @@ wrapped by accelerate (DDP, FSDP or DeepSpeed as the generated config says).
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import random
-import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from advisor.problems import Problems
 from advisor.spec import Plan
-from runner.checkpoint import CheckpointError
+from runner import exits, saving
 from runner.events import EventWriter, clean_number
 from runner.hooks import Hooks
 from runner.modeldir import ModelLoadError
-
-EXIT_INTERRUPTED = 130
-EXIT_FAILED = 1
-
-
-class RunStopped(Exception):
-    pass
 
 
 class Recipe:
@@ -127,7 +117,7 @@ class Recipe:
             self.hooks.before_load(self)
         self._setup_model()
         if self.resumed_from:
-            self._load_checkpoint(Path(self.resumed_from))
+            saving.load_checkpoint(self, Path(self.resumed_from))
         if self.is_main and self.resume:  # with this command's overrides (more steps...), now that they work
             self._save_plan()
         from runner.failfast import check_longest_batch
@@ -225,7 +215,7 @@ class Recipe:
                                            trust_remote_code=self.plan.model.trust_remote_code,
                                            fsdp=self.accelerator is not None and self._dist_type() == "FSDP")
         except Exception as e:  # noqa: BLE001 - damaged weights, a config transformers rejects, a missing library
-            if _is_oom(e):
+            if exits.is_oom(e):
                 raise
             raise ModelLoadError(f"cannot load {self.model_dir} for {t.method} training: "
                                  f"{type(e).__name__}: {e}".splitlines()[0]) from None
@@ -322,7 +312,7 @@ class Recipe:
         tokens_session = 0
         while self.step < self.total_steps:
             if self._should_stop():
-                raise RunStopped(self.stop_requested or "SIGTERM")
+                raise exits.RunStopped(self.stop_requested or "SIGTERM")
             micro = [self._micro_batch(self.position + i) for i in range(t.grad_accum)]
             tokens = int(sum(int(b["attention_mask"].sum()) for b in micro)) * self.world
             if hooks.before_step:
@@ -360,7 +350,7 @@ class Recipe:
             if self.data.val and (self.step % plan.run.eval_every == 0 or last):
                 self.evaluate()
             if self.step % plan.run.save_every == 0 and not last:
-                self.save_checkpoint()
+                saving.save_checkpoint(self)
             if hooks.after_step:
                 hooks.after_step(self)
         return "completed"
@@ -403,101 +393,6 @@ class Recipe:
         if self.progress:
             self.progress({"type": "eval", "step": self.step, "val_loss": self.val_loss})
         return self.val_loss
-
-    # --- checkpoints ----------------------------------------------------------------------
-
-    def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
-
-    def save_checkpoint(self) -> Path | None:
-        """checkpoints/step-N (runner.checkpoint: written whole, then renamed)."""
-        from runner.checkpoint import adopt_rank_states, identity, write_checkpoint, write_rank_state
-
-        state = None
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-            if self.step > 0:
-                state = self.accelerator.get_state_dict(self.model)  # a collective under FSDP/ZeRO-3
-                if not self.is_main:  # every process's own optimizer state and generators
-                    write_rank_state(self.run_dir, self.step, self.rank, self.optimizer)
-            self.accelerator.wait_for_everyone()
-        if not self.is_main or self.step == 0:
-            return None
-        t = self.plan.training
-        info = {"position": self.position, "batches_per_epoch": self.batches_per_epoch,
-                "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "total_steps": self.total_steps,
-                "first_loss": self.first_loss, "val_loss": self.val_loss, "history": self.history[-200:],
-                "world_size": self.world, "identity": identity(self.plan.model_dump(mode="json"))}
-        final = write_checkpoint(self.run_dir, self.step, model=self._unwrapped(), optimizer=self.optimizer,
-                                 scheduler=self.scheduler, state=info, keep=self.plan.run.keep_checkpoints,
-                                 weights_name="adapter" if self.is_peft else "model", state_dict=state,
-                                 before_rename=adopt_rank_states(self.run_dir, self.step, self.world)
-                                 if self.world > 1 else None)
-        self.events.emit("checkpoint", step=self.step, path=str(final.resolve()))
-        return final
-
-    def _load_checkpoint(self, ck: Path) -> None:
-        from runner.checkpoint import load_checkpoint
-
-        st = load_checkpoint(ck, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                             is_peft=self.is_peft, device=self.device, rank=self.rank,
-                             world=self.world)
-        if st.get("world_size", 1) != self.world:
-            self.notes.append(f"resumed with {self.world} processes from a checkpoint written by "
-                              f"{st.get('world_size')}; the data order differs from an uninterrupted run")
-        self.step, self.position = st["step"], st["position"]
-        old_mb, old_bpe = st.get("micro_batch"), st.get("batches_per_epoch")
-        mb = self.plan.training.micro_batch
-        if old_mb and old_bpe and old_mb != mb:
-            # the same examples consumed, counted in the new micro-batches (exact when mb divides old_mb)
-            epoch, k = divmod(self.position, old_bpe)
-            self.position = epoch * self.batches_per_epoch + (k * old_mb) // mb
-            self.notes.append(f"resumed with training.micro_batch={mb} from a checkpoint trained with {old_mb}")
-        self.first_loss, self.val_loss = st.get("first_loss"), st.get("val_loss")
-        self.history = st.get("history", [])
-
-    # --- cleanup --------------------------------------------------------------------------
-
-    def save_final(self) -> None:
-        import shutil
-
-        state = None
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-            state = self.accelerator.get_state_dict(self.model)
-        if not self.is_main:
-            return
-        model = self._unwrapped()
-        out = self.run_dir / ("adapter" if self.is_peft else "model")
-        tmp = self.run_dir / f".tmp-{out.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp, state_dict=state)
-        self.tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        if self.plan.run.merge_export and self.is_peft:
-            self._merge_export(out)
-
-    def _merge_export(self, adapter_dir: Path) -> None:
-        """Reload the base in the compute dtype (not 4-bit: merging into NF4 would round the
-        update away), merge the adapter, save to merged/."""
-        import gc
-
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        from advisor.stack import compute_dtype
-
-        del self.model
-        gc.collect()
-        base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=compute_dtype(self.plan.training.precision),
-                                                    trust_remote_code=self.plan.model.trust_remote_code)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        merged.save_pretrained(self.run_dir / "merged")
-        self.tokenizer.save_pretrained(self.run_dir / "merged")
-        self.model = None
 
     def measured(self) -> dict[str, Any]:
         from runner.report import measured_memory
@@ -564,19 +459,19 @@ class Recipe:
         The exit code; Problems (nothing written) when the run directory is not this run's to write."""
         self.tokens_session, self.train_seconds = 0, 0.0
         self.take_run_dir()
-        previous = _install_signal_handlers(self)
+        previous = exits.install_signal_handlers(self)
         try:
             try:
                 self.setup()
                 status = self.train()
-                self.save_final()
+                saving.save_final(self)
                 code = 0
-            except RunStopped:
-                self.save_checkpoint()
-                status, code = "interrupted", EXIT_INTERRUPTED
+            except exits.RunStopped:
+                saving.save_checkpoint(self)
+                status, code = "interrupted", exits.EXIT_INTERRUPTED
             except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no checkpoint of this step
                 self.log("stopped at once (a second Ctrl-C): this step is not saved")
-                status, code = "interrupted", EXIT_INTERRUPTED
+                status, code = "interrupted", exits.EXIT_INTERRUPTED
             self._stop_sampling()
             rep = self.report(status)
             if self.is_main:
@@ -589,78 +484,16 @@ class Recipe:
             self.final_report = rep
             return code
         except BaseException as e:  # noqa: BLE001 - every failure leaves an error event
-            self._record_error(e)
-            return EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_FAILED
+            exits.record_error(self, e)
+            return exits.EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else exits.EXIT_FAILED
         finally:
-            _restore_signal_handlers(previous)
+            exits.restore_signal_handlers(previous)
             self.cleanup()
 
     def _stop_sampling(self) -> None:
         """No memory event after this: the run's last event is its end or its error."""
         if self.monitor is not None:
             self.monitor.stop()
-
-    def _record_error(self, e: BaseException) -> None:
-        from runner.data import DataError
-        from runner.report import write_json
-
-        self._stop_sampling()
-
-        if _is_oom(e):
-            kind = "oom"
-        elif isinstance(e, DataError):
-            kind = "data"
-        elif isinstance(e, (ModelLoadError, CheckpointError)):
-            kind = "model"
-        elif isinstance(e, Problems):
-            kind = "plan"
-        elif isinstance(e, KeyboardInterrupt):
-            kind = "interrupted"
-        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kind = "disk"
-        else:
-            kind = "runtime"
-        if isinstance(e, (DataError, Problems)):
-            message = "; ".join(e.problems)
-        elif kind == "interrupted":
-            message = "stopped at once (a second Ctrl-C) while the run was starting or saving"
-        elif kind == "disk":
-            message = (f"no space left on the device{f' writing {e.filename}' if e.filename else ''}; free some "
-                       "(older checkpoints go with a smaller run.keep_checkpoints), then resume")
-        else:
-            message = (str(e).splitlines() or [""])[0] or type(e).__name__
-        measured = self.measured() if kind == "oom" else None
-        peak = None
-        if measured:
-            peak = measured["torch_peak_allocated"] or measured["nvml_peak"] or measured["rss_peak"]
-        suggestion = None
-        if kind == "oom":
-            try:
-                from runner.launch import next_plan
-                from runner.rundir import retry_command
-
-                suggestion = retry_command(self.run_dir,
-                                           next_plan(self.plan, self.run_dir, getattr(self, "shape", None), peak))
-            except Exception as err:  # noqa: BLE001 - the advice must never hide the error itself
-                suggestion = {"command": None, "changes": {}, "note": f"no suggestion: {err}"}
-        self.error = {"kind": kind, "message": message, "measured_peak": peak, "suggestion": suggestion,
-                      "next": self.next_step("failed")}
-        try:  # best effort: the disk may be full, and the error itself must still reach the user
-            if self.events is None:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.events = EventWriter(self.run_dir)
-            self.events.emit("error", **self.error)
-            if kind == "runtime":
-                (self.run_dir / "traceback.txt").write_text("".join(traceback.format_exception(e)))
-        except OSError:
-            pass
-        try:
-            rep = self.report("failed")
-            rep["error"] = self.error
-            if self.is_main:
-                write_json(self.run_dir / "report.json", rep)
-        except Exception:  # noqa: BLE001 - a report that cannot be written must not hide the error
-            pass
 
 
 def _preimport(method: str) -> None:
@@ -669,36 +502,3 @@ def _preimport(method: str) -> None:
 
     if method == "qlora":
         import bitsandbytes  # noqa: F401
-
-
-def _is_oom(e: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower() and "cuda" in str(e).lower()
-
-
-def _install_signal_handlers(recipe: Recipe):
-    """SIGTERM and SIGINT ask the loop to stop after the current step (it then checkpoints)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        if recipe.stop_requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        recipe.stop_requested = signal.Signals(signum).name
-        recipe.log(f"{recipe.stop_requested}: finishing this step, then saving a checkpoint "
-                   "(again to stop at once)")
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in previous:
-        signal.signal(s, handler)
-    return previous
-
-
-def _restore_signal_handlers(previous) -> None:
-    if previous:
-        for s, h in previous.items():
-            signal.signal(s, h)

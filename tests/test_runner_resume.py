@@ -88,8 +88,10 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, model_dir):
 
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path, model_dir):
-    """DDP over gloo on two CPU processes (torchrun under the hood; see runner.launch)."""
-    plan = _plan_file(tmp_path, model_dir, hardware={"gpus": 2}, run={"max_steps": 3, "save_every": 2})
+    """DDP over gloo on two CPU processes (torchrun under the hood; see runner.launch), merged at the
+    end by rank 0 (runner.saving.merge_export, with accelerate holding the training model)."""
+    plan = _plan_file(tmp_path, model_dir, hardware={"gpus": 2},
+                      run={"max_steps": 3, "save_every": 2, "merge_export": True})
     out = subprocess.run([sys.executable, "-m", "runner", str(plan)], cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -99,3 +101,4 @@ def test_two_process_cpu_run(tmp_path, model_dir):
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
     assert events[-1]["status"] == "completed"
     assert (run_dir / "checkpoints" / "step-2" / "adapter").is_dir() and (run_dir / "adapter").is_dir()
+    assert (run_dir / "merged" / "config.json").is_file()
