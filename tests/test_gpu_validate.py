@@ -56,3 +56,22 @@ def test_doc_shows_what_the_script_computes_now(predicted):
     gpu = text.index("## GPU memory")
     assert gpu < text.index("<!-- gpu:end -->") < text.index(gv.HEADING) < text.index("<!-- gpuval:begin -->") \
         < text.index(gv.NEXT)
+
+
+def test_the_known_error_note_says_what_the_rows_show(predicted):
+    """advisor.gpu_memory's validation note (what a user planning such a run is told) quotes these rows:
+    the dense 2-GPU LoRA / QLoRA tensor shortfall and the mixture of experts' nvidia-smi shortfall."""
+    from advisor import gpu_memory as g
+
+    sharded = [r for r in predicted if r["gpus"] == 2 and r["method"] != "full" and not r["oom"]]
+    moe = [r for r in sharded if "Mixtral" in r["model"]]
+    dense = [r for r in sharded if r not in moe]
+    short = [1 - r["ours_alloc"] / r["allocated"] for r in dense]
+    assert (round(min(short), 2), round(max(short), 2)) == g.SHARDED_ADAPTER_TENSOR_SHORT
+    assert round(max(1 - r["ours_nvidia"] / r["nvidia"] for r in moe), 2) == g.SHARDED_MOE_NVSMI_SHORT
+    note = g.validation_note("qlora", False, 2, 3, "cuda")
+    assert "6%-19%" in note and "docs/accuracy.md" in note
+    assert "20%" in g.validation_note("lora", True, 2, 3, "cuda")
+    assert g.validation_note("qlora", False, 1, 0, "cuda") is None  # one GPU: the rows agree
+    assert g.validation_note("full", False, 2, 3, "cuda") is None
+    assert g.validation_note("lora", False, 2, 3, "cpu") is None

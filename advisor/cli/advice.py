@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from advisor.cli.common import put
+from advisor.cli.common import add_model_arguments, put, take_model
 from advisor.problems import Problem, Problems
 from advisor.service import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_SEQ
 from advisor.spec import METHODS, OPTIMIZERS
@@ -20,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("recommend", help="method, GPU, batch, time and cost for a fine-tune",
                        description="Choose method (full/LoRA/QLoRA), GPU and count, micro-batch and "
                        "checkpointing; estimate hours and dollars. Without --gpu, ranks every priced GPU.")
-    r.add_argument("--model", required=True, help="bundled profile, local config.json or model dir, or hub id")
+    add_model_arguments(r)
     r.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, t4 (default: rank all priced GPUs)")
     r.add_argument("--gpus", type=int, help="fix the number of GPUs (default: 1, more only when one cannot hold it)")
     r.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
@@ -65,6 +65,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _inputs(a: argparse.Namespace):
     """Validate flags, resolve model and GPU; every problem reported together."""
     from advisor import service
+
+    take_model(a)
+    if not a.model:
+        raise Problems(Problem("no model given", "model.ref", "name it: `tuneplan recommend MODEL` or --model MODEL "
+                               "(a bundled profile, a config.json, a model directory or a hub id)"))
 
     problems: list[Problem] = service.job_problems(a.examples, a.avg_tokens, a.epochs, a.batch, a.budget, a.gpus)
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())

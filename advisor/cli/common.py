@@ -74,6 +74,24 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     return args
 
 
+MODEL_HELP = "bundled profile, local config.json or model dir, or hub id"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, as ``--model REF`` (the CLI contract) or as the first word after the command."""
+    p.add_argument("model_ref", nargs="?", metavar="MODEL", help=f"the model ({MODEL_HELP}); same as --model")
+    p.add_argument("--model", help=MODEL_HELP)
+
+
+def take_model(a: argparse.Namespace) -> None:
+    """``a.model`` from ``--model`` or the positional MODEL; both, and different, is a mistake."""
+    pos = getattr(a, "model_ref", None)
+    if pos and a.model and pos != a.model:
+        raise Problems(Problem(f"two models given: {pos} and --model {a.model}", "model.ref",
+                               "give the model once, as the first word or with --model"))
+    a.model = a.model or pos
+
+
 def put(d: dict[str, Any], key: str, val: Any) -> None:
     if val is not None:
         d[key] = val

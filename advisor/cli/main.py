@@ -12,7 +12,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from advisor.cli.common import EXIT_USER_ERROR, parse_with_overrides, put, report_problems  # noqa: F401
+from advisor.cli.common import (  # noqa: F401
+    EXIT_USER_ERROR,
+    add_model_arguments,
+    parse_with_overrides,
+    put,
+    report_problems,
+    take_model,
+)
 from advisor.job import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
 from advisor.problems import Problems, UserError
 from advisor.spec import OPTIMIZERS, PRECISIONS
@@ -25,7 +32,7 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the CLI contract (DESIGN.md); None means 'the plan's default'."""
-    p.add_argument("--model", help="bundled profile, local config.json or model dir, or hub id")
+    add_model_arguments(p)
     p.add_argument("--task", choices=["training", "inference"], default="training")
     p.add_argument("--method", choices=["full", "lora", "qlora"], help="default: qlora")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16")
@@ -112,6 +119,7 @@ def _simulate_with_progress(ctx, job=None):
 
 def plan_data(a: argparse.Namespace) -> dict[str, Any]:
     """The plan as a dict: from --plan FILE (flags given on the command line override it) or flags."""
+    take_model(a)
     if getattr(a, "plan", None):
         from advisor.planfile import load_plan
         from advisor.spec import SpecError
@@ -130,8 +138,8 @@ def plan_data(a: argparse.Namespace) -> dict[str, Any]:
             base["hardware"]["gpu"] = a.gpu
         return base
     if not a.model:
-        raise UserError("--model is required (a bundled profile, a config.json, a model directory or a hub id), "
-                        "or give --plan FILE")
+        raise UserError("name the model: `tuneplan estimate MODEL` or --model MODEL (a bundled profile, a "
+                        "config.json, a model directory or a hub id), or give --plan FILE")
     return plan_dict_from_args(a)
 
 
