@@ -106,3 +106,18 @@ def test_json_errors_are_a_list_of_typed_problems(capsys):
     fields = {p["field"] for p in out["problems"]}
     assert fields == {"training.micro_batch", "model.ref"}
     assert all(p["message"] for p in out["problems"])
+
+
+def test_the_model_as_the_first_word(capsys):
+    """`tuneplan estimate MODEL` and `recommend MODEL` as a new user types them; --model is the same."""
+    code, out, _ = run(capsys, "estimate", "meta-llama/Llama-3.2-1B", "--json")
+    code2, out2, _ = run(capsys, "estimate", "--model", "meta-llama/Llama-3.2-1B", "--json")
+    assert code == code2 == 0 and json.loads(out) == json.loads(out2)
+    code, _, err = run(capsys, "estimate", "meta-llama/Llama-3.2-1B", "--model", "Qwen/Qwen2.5-0.5B")
+    assert code == 2 and "two models given" in err and "Traceback" not in err
+    code, _, err = run(capsys, "estimate")
+    assert code == 2 and "tuneplan estimate MODEL" in err
+    code, _, err = run(capsys, "recommend")
+    assert code == 2 and "tuneplan recommend MODEL" in err and "Traceback" not in err
+    code, out, _ = run(capsys, "recommend", "meta-llama/Llama-3.2-1B", "--gpu", "a100-80gb", "--json")
+    assert code == 0 and json.loads(out)
