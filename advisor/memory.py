@@ -48,7 +48,7 @@ from advisor.breakdown import (  # noqa: F401
     shard,
 )
 from advisor.families import family_of
-from advisor.gpu_memory import attention_workspace_bytes, validation_note
+from advisor.gpu_memory import attention_workspace_bytes
 from advisor.inference import estimate_inference, kv_cache_bytes  # noqa: F401
 from advisor.model import ModelShape
 from advisor.software import layout
@@ -412,9 +412,6 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
     pad = padding_note(shape, t, hw, padded, totals[peak])
     if pad:
         notes.append(pad)
-    evidence = validation_note(t.method, bool(shape.num_experts), hw.gpus, hw.zero, hw.device)
-    if evidence:
-        notes.append(evidence)
     if fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr) and t.attn_impl == "sdpa":
         notes.append("attention softcapping needs eager or flash attention (sdpa cannot); estimated as eager")
     persist = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))

@@ -226,6 +226,12 @@ def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float
     res = EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
                          verdict_for(bd, ctx.gpu), plan_notes(ctx.plan), job=job)
     if ctx.plan.task == "training":
+        from advisor.gpu_memory import validation_note
+
+        hw = ctx.plan.hardware
+        known = validation_note(ctx.plan.training.method, bool(ctx.shape.num_experts), hw.gpus, hw.zero, hw.device)
+        if known:  # either mode: what published runs of this kind showed
+            res.plan_notes.append(known)
         run_moments(res)
     if job is not None:
         res.time, res.time_note = job_time(ctx, job)

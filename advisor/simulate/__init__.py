@@ -53,7 +53,7 @@ from advisor.spec import Plan
 # ------------------------------------------------------------------------------------------
 
 def _breakdown(res: _Result, plan: Plan, shape: ModelShape, notes: list[str]) -> Breakdown:
-    from advisor.gpu_memory import attention_workspace_bytes, validation_note
+    from advisor.gpu_memory import attention_workspace_bytes
 
     phases = dict(res.phases)
     peak = max(phases, key=lambda k: phases[k])
@@ -73,10 +73,6 @@ def _breakdown(res: _Result, plan: Plan, shape: ModelShape, notes: list[str]) ->
         loaded = res.reserved.get("default@loaded")
         extra.append(f"allocator replay: max reserved {replayed / 2**30:.2f} GiB of tensors (loading alone "
                      f"{(loaded or 0) / 2**30:.2f} GiB); with expandable_segments:True {(exp or 0) / 2**30:.2f} GiB")
-    hw = plan.hardware
-    evidence = validation_note(t.method, bool(shape.num_experts), hw.gpus, hw.zero, hw.device) if training else None
-    if evidence:
-        extra.append(evidence)
     return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()}, notes=notes + extra,
                      **gpu_terms(phases[peak], comps, plan.hardware, training=training, attention=attn,
                                  replayed_reserved=replayed))
