@@ -109,7 +109,7 @@ def record_error(recipe, e: BaseException) -> None:
     since the disk may be full and the error itself must still reach the user."""
     from runner.report import write_json
 
-    recipe._stop_sampling()
+    recipe.stop_sampling()
     kind, message = classify(e)
     peak = None
     if kind == "oom":

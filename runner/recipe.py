@@ -431,7 +431,7 @@ class Recipe:
         }
 
     def cleanup(self) -> None:
-        self._stop_sampling()
+        self.stop_sampling()
         self._close_process_group()
         if self.events is not None:
             self.events.close()
@@ -472,7 +472,7 @@ class Recipe:
             except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no checkpoint of this step
                 self.log("stopped at once (a second Ctrl-C): this step is not saved")
                 status, code = "interrupted", exits.EXIT_INTERRUPTED
-            self._stop_sampling()
+            self.stop_sampling()
             rep = self.report(status)
             if self.is_main:
                 from runner.report import write_json
@@ -490,7 +490,7 @@ class Recipe:
             exits.restore_signal_handlers(previous)
             self.cleanup()
 
-    def _stop_sampling(self) -> None:
+    def stop_sampling(self) -> None:
         """No memory event after this: the run's last event is its end or its error."""
         if self.monitor is not None:
             self.monitor.stop()
