@@ -27,12 +27,20 @@ class RunStopped(Exception):
     """A stop was requested (SIGTERM, Ctrl-C): the loop ends after this step and checkpoints."""
 
 
+# What allocators say when they fail: CUDA's and other backends' ("out of memory"), torch's CPU
+# allocator (c10 alloc_cpu.cpp: "DefaultCPUAllocator: can't allocate memory" / "not enough memory")
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_oom(e: BaseException) -> bool:
-    """torch's OutOfMemoryError, or an allocator's RuntimeError that says so (older torch, other backends)."""
+    """Out of memory on the GPU or the host: torch's OutOfMemoryError, an allocator's RuntimeError that
+    says so (the CPU allocator, older torch, other backends), or Python's MemoryError."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS)
 
 
 def install_signal_handlers(recipe):

@@ -167,3 +167,23 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(model_dir, data8, tmp_p
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(b) == 6
     assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_a_real_cpu_allocation_failure_is_an_oom_with_a_next_plan(model_dir, data8, tmp_path):
+    """The CPU allocator's own failure (torch.empty of 2**62 bytes: "DefaultCPUAllocator: can't allocate
+    memory") before step 2 is reported as out of memory, with a smaller plan, not as a runtime error."""
+    from runner.hooks import Hooks
+
+    def allocate_too_much(r):
+        if r.step + 1 == 2:
+            r.torch.empty(2**62, dtype=r.torch.uint8)
+
+    plan = make_plan(model_dir, data8, tmp_path, "full", steps=4, training={"micro_batch": 4, "grad_accum": 2})
+    r, code = run(plan, tmp_path / "r", hooks=Hooks(before_step=allocate_too_much))
+    assert code == 1
+    events, _ = read_events(tmp_path / "r")
+    err = events[-1]
+    assert err["type"] == "error" and err["kind"] == "oom", err
+    assert "allocate memory" in err["message"] and err["measured_peak"] > 0
+    assert err["suggestion"]["command"].startswith("tuneplan run ")
+    assert not (tmp_path / "r" / "traceback.txt").exists()  # an expected failure, not a bug
