@@ -403,6 +403,11 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
         choice.reasons = _choice_reasons(choice, options, shape, examples, methods, gpu is None,
                                          budget_usd) + choice.reasons
         order = {id(o): i for i, o in enumerate(sorted(fitting, key=lambda o: _choice_key(o, ranks, min_gpus)))}
+        from advisor.gpu_memory import validation_note
+
+        known = validation_note(choice.method, bool(shape.num_experts), choice.num_gpus, choice.zero, "cuda")
+        if known:  # the choice is of a kind where published runs found the estimate short
+            notes.append(known)
     else:
         order = {}
         where = f"one {gpu.name}" if gpu is not None and gpus in (None, 1) else "the GPUs considered"

@@ -139,6 +139,16 @@ def test_forced_full_70b_takes_several_h100s_with_zero3():
     check_promises(half, LLAMA70)
 
 
+def test_a_sharded_lora_choice_carries_the_known_error_of_published_runs():
+    """LoRA of a 70B on H100s is sharded (ZeRO-3 / FSDP): the advice says what published 2-GPU runs of
+    that kind showed (advisor.gpu_memory.validation_note); one-GPU QLoRA and full fine-tuning do not."""
+    sharded = advise(LLAMA70, "H100 SXM", methods=("lora",))
+    assert sharded.choice.num_gpus > 1 and sharded.choice.zero == 3
+    assert any(n.startswith("known error:") and "6%-19%" in n for n in sharded.notes)
+    for adv in (advise(LLAMA70, "H100 SXM", gpus=1), advise(LLAMA70, "H100 SXM", methods=("full",))):
+        assert not any(n.startswith("known error:") for n in adv.notes)
+
+
 def test_fixed_gpu_count_is_respected():
     adv = advise(LLAMA8, "RTX 4090", gpus=4)
     assert {o.num_gpus for o in adv.options} == {4}
