@@ -187,3 +187,29 @@ def test_a_real_cpu_allocation_failure_is_an_oom_with_a_next_plan(model_dir, dat
     assert "allocate memory" in err["message"] and err["measured_peak"] > 0
     assert err["suggestion"]["command"].startswith("tuneplan run ")
     assert not (tmp_path / "r" / "traceback.txt").exists()  # an expected failure, not a bug
+
+
+def test_the_merge_runs_without_the_training_model(model_dir, data8, tmp_path, monkeypatch):
+    """merge_export reloads the base on the host; the training model must be gone by then (it was kept
+    alive by a local of save_final, so a merge needed the training model's memory as well as its own,
+    which advisor.lifecycle's merge moment does not count)."""
+    import gc
+    import weakref
+
+    import peft
+
+    from runner.hooks import Hooks
+
+    held, alive = {}, []
+    real = peft.PeftModel.from_pretrained
+
+    def spy(*a, **k):
+        gc.collect()
+        alive.append(held["model"]() is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", spy)
+    plan = make_plan(model_dir, data8, tmp_path, "lora", steps=2, run={"merge_export": True})
+    r, code = run(plan, tmp_path / "r", hooks=Hooks(after_step=lambda r: held.update(model=weakref.ref(r.model))))
+    assert code == 0, getattr(r, "error", None)
+    assert alive == [False] and (tmp_path / "r" / "merged" / "config.json").is_file()
