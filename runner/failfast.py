@@ -137,7 +137,7 @@ def check_longest_batch(recipe) -> dict | None:
         check_shared_run_dir(recipe)
     if not recipe.plan.run.fail_fast:
         return None
-    if accelerator is not None and _dist_type(accelerator) == "DEEPSPEED":
+    if accelerator is not None and dist_type(accelerator) == "DEEPSPEED":
         recipe.notes.append("fail-fast probe skipped under DeepSpeed (its backward steps the engine)")
         return None
     plan = recipe.plan
@@ -196,7 +196,8 @@ def check_shared_run_dir(recipe) -> None:
                                "with SkyPilot the bucket `tuneplan cloud` mounts at /tuneplan-runs"))
 
 
-def _dist_type(accelerator) -> str:
+def dist_type(accelerator) -> str:
+    """accelerate's distributed type as its plain value ('FSDP', 'DEEPSPEED', 'MULTI_GPU', 'NO')."""
     t = accelerator.state.distributed_type
     return str(getattr(t, "value", t))
 

@@ -36,6 +36,7 @@ from advisor.problems import Problems
 from advisor.spec import Plan
 from runner import exits, saving
 from runner.events import EventWriter, clean_number
+from runner.failfast import dist_type
 from runner.hooks import Hooks
 from runner.modeldir import ModelLoadError
 
@@ -249,7 +250,7 @@ class Recipe:
         set_seed(seed)
 
     def _dist_type(self) -> str:
-        return str(getattr(self.accelerator.state.distributed_type, "value", self.accelerator.state.distributed_type))
+        return dist_type(self.accelerator)
 
     def _device_words(self) -> str:
         torch = self.torch
