@@ -1,11 +1,14 @@
 """Resolve a model reference to a ModelShape: dimensions and exact parameter counts.
 
-A reference is a bundled profile name, a local config.json, a local model directory, or a hub
-id (config.json only). Parameter counts come from building the real transformers architecture
-on the meta device (no weights, no memory) and counting, as accelerate's ``estimate-memory``
-does. Shapes are cached by the config's hash: bundled profiles ship theirs in
-``profiles/shapes/``, everything else is cached under the user cache directory, so a repeated
-estimate never imports torch.
+A reference is a bundled profile name (or a known architecture-identical variant of one), a local
+config.json, a local model directory, or a hub id (config.json only). The config is read as
+transformers reads it: through the model type's own config class, with that class's defaults for
+every field the file leaves out (a multimodal model's text_config names only what differs from
+them), and the language model's sub-config of a multimodal wrapper. Parameter counts come from
+building the real transformers architecture on the meta device (no weights, no memory) and
+counting, as accelerate's ``estimate-memory`` does. Shapes are cached by the config's hash:
+bundled profiles ship theirs in ``profiles/shapes/``, everything else is cached under the user
+cache directory, so a repeated estimate never imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -14,29 +17,43 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-# an installed wheel carries profiles/ as advisor/profiles (pyproject.toml); a checkout has it at the top
-PROFILES_DIR = _HERE / "profiles" if (_HERE / "profiles").is_dir() else _HERE.parent / "profiles"
-MODELS_DIR = PROFILES_DIR / "models"
-SHAPES_DIR = PROFILES_DIR / "shapes"
-SHAPE_VERSION = 6  # bump when ModelShape gains fields; stale cache entries are recomputed
+from advisor.catalog import (  # noqa: F401 - re-exported: the profiles' home and look-ups live in catalog
+    MODELS_DIR,
+    PROFILES_DIR,
+    SHAPES_DIR,
+    bundled_lookup,
+    bundled_profiles,
+    closest_profiles,
+    family,
+    variant_lookup,
+)
+
+SHAPE_VERSION = 7  # bump when ModelShape gains fields; stale cache entries are recomputed
 # Config values (with the architecture's defaults filled in) that change what training keeps.
 FEATURE_KEYS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
                 "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")
 
-# Config fields every causal LM needs, under the names the families use for them.
+# The sizes every causal LM has, under the names the families spell them with in config.json
+# (transformers maps most through the config class's attribute_map: MPT's n_layers, GPT-2's n_embd).
 _ALIASES = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "num_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
     "vocab_size": ("vocab_size",),
 }
+# PreTrainedConfig's own fields: not part of the architecture, left out of ModelShape.text_config.
+_GENERIC_KEYS = frozenset({"_name_or_path", "architectures", "chunk_size_feed_forward", "id2label",
+                           "is_encoder_decoder", "label2id", "output_attentions", "output_hidden_states",
+                           "problem_type", "return_dict", "transformers_version"})
 
 
 class ModelError(ValueError):
@@ -72,7 +89,11 @@ class LinearGroup:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Everything the estimators need about an architecture, counted from the real model."""
+    """Everything the estimators need about an architecture, counted from the real model.
+
+    The dimensions are the language model's: for a multimodal wrapper (Gemma 3 4B-27B) its
+    text_config. The parameter counts are of everything ``AutoModelForCausalLM`` loads for the
+    config, which for such a wrapper includes the vision tower (a causal-LM fine-tune loads it)."""
 
     name: str
     model_type: str
@@ -97,7 +118,12 @@ class ModelShape:
     params_other: int  # norms, fused expert tensors, router, anything else (kept in compute dtype)
     linears: tuple[LinearGroup, ...] = field(default_factory=tuple)
     features: dict = field(default_factory=dict)  # FEATURE_KEYS as the built config has them
-    config: dict = field(default_factory=dict, compare=False, repr=False)
+    # the language model's config as transformers resolved it (class defaults filled in, the
+    # text_config of a multimodal wrapper), JSON values; PreTrainedConfig's generic fields left out
+    text_config: dict = field(default_factory=dict, compare=False, repr=False)
+    params_language: int = 0  # the parameters of the language model alone (= params_total unless multimodal)
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json as written
+    note: str = field(default="", compare=False)  # how the reference was resolved, when it is worth saying
     version: int = SHAPE_VERSION
 
     def __post_init__(self) -> None:
@@ -143,52 +169,35 @@ class ModelShape:
 
 # --- references --------------------------------------------------------------------------
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-@lru_cache(maxsize=1)
-def bundled_profiles() -> dict[str, Path]:
-    """Hub id ('org/name') -> bundled config.json copy."""
-    out = {}
-    for p in sorted(MODELS_DIR.glob("*.json")):
-        out[p.stem.replace("--", "/", 1)] = p
-    return out
-
-
 def _bundled_lookup(ref: str) -> str | None:
-    profiles = bundled_profiles()
-    if ref in profiles:
-        return ref
-    key = _norm(ref)
-    for hub_id in profiles:
-        if key in (_norm(hub_id), _norm(hub_id.split("/", 1)[-1])):
-            return hub_id
-    return None
+    """The bundled hub id a reference names (kept for advisor.forms)."""
+    return bundled_lookup(ref)
 
 
-def closest_profiles(ref: str, n: int = 5) -> list[str]:
-    names = list(bundled_profiles())
-    short = {_norm(h.split("/", 1)[-1]): h for h in names}
-    hits = difflib.get_close_matches(_norm(ref.split("/")[-1]), list(short), n=n, cutoff=0.4)
-    found = [short[h] for h in hits]
-    # substring matches ("llama" -> every Llama) after the fuzzy ones
-    for h in names:
-        if len(found) >= n:
-            break
-        if _norm(ref.split("/")[-1]) in _norm(h) and h not in found:
-            found.append(h)
-    return found[:n]
+def _how_to_fix(ref: str) -> str:
+    near = closest_profiles(ref)
+    if near:
+        kin = f" Bundled profiles of the same family ({family(ref)}): {', '.join(near)}."
+    else:
+        kin = " No bundled profile is of its family."
+    return (f" Offline, pass its config.json or its downloaded model folder instead: "
+            f"`--model ./path/config.json` (or `--model ./path/to/model`).{kin} "
+            "See `tuneplan profiles` for the full list.")
 
 
 def _unknown(ref: str, why: str) -> ModelError:
-    near = closest_profiles(ref)
-    hint = f" Closest bundled profiles: {', '.join(near)}." if near else ""
-    return ModelError(f"unknown model {ref!r}: {why}.{hint} See `tuneplan profiles` for the full list.")
+    return ModelError(f"unknown model {ref!r}: {why}.{_how_to_fix(ref)}")
 
 
-def load_config(ref: str, revision: str | None = None) -> tuple[str, dict]:
-    """Find the config.json for a reference; returns (display name, config dict)."""
+@dataclass(frozen=True)
+class _Found:
+    name: str  # what the shape is called
+    config: dict
+    profile: str | None = None  # the bundled profile whose shipped shape applies
+    note: str = ""
+
+
+def _locate(ref: str, revision: str | None = None) -> _Found:
     path = Path(ref).expanduser()
     if not path.exists() and ref.startswith((".", "/", "~")):
         raise ModelError(f"no such file or directory: {ref} (a local path; a hub id looks like org/name)")
@@ -197,31 +206,65 @@ def load_config(ref: str, revision: str | None = None) -> tuple[str, dict]:
         if not cfg_path.is_file():
             raise ModelError(f"{path} is a directory without a config.json; point --model at a model "
                              "directory saved with save_pretrained, or at a config.json file.")
-        return str(path), _read_json(cfg_path)
+        return _Found(str(path), read_config(cfg_path))
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise ModelError(f"no such file: {path}")
-        return str(path), _read_json(path)
-    hub_id = _bundled_lookup(ref)
+        return _Found(str(path), read_config(path))
+    hub_id = bundled_lookup(ref)
     if hub_id is not None:
-        return hub_id, _read_json(bundled_profiles()[hub_id])
+        return _Found(hub_id, read_config(bundled_profiles()[hub_id]), hub_id)
+    var = variant_lookup(ref)
+    if var is not None and var.profile in bundled_profiles():
+        note = (f"{var.hub_id} is not bundled; it has the architecture of the bundled {var.profile} "
+                f"({var.why}), whose shape is used")
+        return _Found(var.hub_id, read_config(bundled_profiles()[var.profile]), var.profile, note)
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref):
-        return ref, _hub_config(ref, revision)
+        return _Found(ref, _hub_config(ref, revision))
     raise _unknown(ref, "not a bundled profile, a local file or directory, or a hub id (org/name)")
 
 
-def _read_json(path: Path) -> dict:
+def load_config(ref: str, revision: str | None = None) -> tuple[str, dict]:
+    """Find the config.json for a reference; returns (display name, config dict as written)."""
+    found = _locate(ref, revision)
+    return found.name, found.config
+
+
+_FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _decode_special_floats(obj):
+    """transformers 5 writes a float JSON cannot spell as {"__float__": "Infinity"}; its reader turns
+    that back into the float (configuration_utils._decode_special_floats), and so does this one.
+    Bare Infinity / NaN (transformers 4's json.dumps) Python's json module reads as floats already."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[obj["__float__"]]
+        return {k: _decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_special_floats(v) for v in obj]
+    return obj
+
+
+def read_config(path: Path) -> dict:
+    """A config.json as transformers reads it: Python's json module (Infinity and NaN allowed),
+    special-float tags decoded; one clear ModelError when it is not a JSON object."""
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ModelError(f"{path} is not UTF-8 text (byte {e.start}); a config.json is UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except RecursionError:
+        raise ModelError(f"{path} is nested too deeply to be a model config") from None
     except OSError as e:
         raise ModelError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path} must hold a JSON object (a model config), not {type(data).__name__}")
-    return data
+    return _decode_special_floats(data)
+
+
+_read_json = read_config  # the old name
 
 
 def _offline() -> bool:
@@ -259,7 +302,7 @@ def _hub_config(repo_id: str, revision: str | None) -> dict:
         raise _unknown(repo_id, "the hub cannot be reached (offline) and its config.json is not cached") from None
     except Exception as e:  # network errors of all kinds
         raise _unknown(repo_id, f"the hub could not be reached ({type(e).__name__})") from None
-    return _read_json(Path(path))
+    return read_config(Path(path))
 
 
 # --- shapes ------------------------------------------------------------------------------
@@ -278,121 +321,226 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _first(config: dict, key: str) -> int | None:
-    for name in _ALIASES[key]:
-        if _is_int(config.get(name)):
-            return config[name]
-    text = config.get("text_config")
-    if isinstance(text, dict):
-        for name in _ALIASES[key]:
-            if _is_int(text.get(name)):
-                return text[name]
+# Far above any real model (the largest have ~200 layers, hidden sizes ~30k, vocabularies ~1M, a few
+# hundred experts): a config beyond these is a typo, and building it on the meta device would take forever.
+_LIMITS = {"hidden_size": 1_000_000, "num_hidden_layers": 10_000, "num_attention_heads": 100_000,
+           "vocab_size": 100_000_000, "num_key_value_heads": 100_000, "num_kv_heads": 100_000,
+           "intermediate_size": 10_000_000, "head_dim": 100_000, "num_local_experts": 100_000,
+           "num_experts": 100_000, "n_routed_experts": 100_000, "num_experts_per_tok": 100_000,
+           "max_position_embeddings": 10**9}
+_SIZE_FIELDS = ("num_key_value_heads", "num_kv_heads", "intermediate_size", "head_dim", "max_position_embeddings",
+                "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")
+
+
+def _limit(std: str) -> int:
+    return _LIMITS.get(std, 10**9)
+
+
+def _size_problem(name: str, std: str, v: object, zero_ok: bool = False) -> str | None:
+    """What is wrong with one stated size (None when nothing is)."""
+    if not _is_int(v):
+        return f"'{name}' must be an integer (got {json.dumps(v, default=str)[:40]})"
+    if v < 0 or (v == 0 and not zero_ok):
+        return f"'{name}' must be {'non-negative' if zero_ok else 'positive'} (got {v})"
+    if v > _limit(std):
+        return f"'{name}' is {v}, beyond any real model (at most {_limit(std):,})"
     return None
 
 
-# Far above any real model (the largest have ~200 layers, hidden sizes ~30k, vocabularies ~1M, a few
-# hundred experts): a config beyond these is a typo, and building it on the meta device would take forever.
-_LIMITS = {"hidden_size": 1_000_000, "num_layers": 10_000, "num_heads": 100_000, "vocab_size": 100_000_000,
-           "num_key_value_heads": 100_000, "num_kv_heads": 100_000, "intermediate_size": 10_000_000,
-           "head_dim": 100_000, "num_local_experts": 100_000, "num_experts": 100_000, "num_experts_per_tok": 100_000}
+def _sections(config: dict) -> list[dict]:
+    """The config and the sub-config of its language model, where a multimodal wrapper has one."""
+    text = config.get("text_config")
+    return [config, text] if isinstance(text, dict) else [config]
 
 
 def check_config(config: dict, where: str) -> None:
-    """Say which required field is missing or wrong before transformers fails obscurely."""
+    """The sizes a config.json states, checked before transformers sees them (it would fail
+    obscurely, or build for ever): integers, positive, below any real model's. What the file leaves
+    out is transformers' to fill in (resolve_config); this never asks for a field."""
     problems = []
     if not isinstance(config.get("model_type"), str) or not config.get("model_type"):
         problems.append("'model_type' is missing (which architecture: llama, mistral, qwen2, gpt2...)")
-    for key, names in _ALIASES.items():
-        v = _first(config, key)
-        if v is None:
-            problems.append(f"'{names[0]}' is missing or not an integer")
-        elif v <= 0:
-            problems.append(f"'{names[0]}' must be positive (got {v})")
-        elif v > _LIMITS[key]:
-            problems.append(f"'{names[0]}' is {v}, beyond any real model (at most {_LIMITS[key]:,})")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    heads = _first(config, "num_heads")
-    for name in ("num_key_value_heads", "num_kv_heads", "intermediate_size", "head_dim", "max_position_embeddings",
-                 "num_local_experts", "num_experts", "num_experts_per_tok"):
-        v = text.get(name, config.get(name))
-        if v is None:
-            continue
-        if not _is_int(v):
-            problems.append(f"'{name}' must be an integer (got {json.dumps(v, default=str)[:40]})")
-        elif v <= 0 and not (name.startswith("num_experts") or name == "num_local_experts"):
-            problems.append(f"'{name}' must be positive (got {v})")
-        elif v < 0:
-            problems.append(f"'{name}' must not be negative (got {v})")
-        elif v > _LIMITS.get(name, 10**9):
-            problems.append(f"'{name}' is {v}, beyond any real model (at most {_LIMITS.get(name, 10**9):,})")
-        elif name in ("num_key_value_heads", "num_kv_heads") and heads and heads > 0 and heads % v:
-            problems.append(f"'{name}' ({v}) must divide the number of attention heads ({heads}): each "
-                            "key/value head serves an equal group of query heads")
+    for section in _sections(config):
+        for std, names in _ALIASES.items():
+            for name in names:
+                v = section.get(name)
+                if v is None:
+                    continue
+                if not _is_int(v):
+                    got = json.dumps(v, default=str)[:40]
+                    problems.append(f"'{name}' is missing or not an integer (got {got})")
+                elif (p := _size_problem(name, std, v)) is not None:
+                    problems.append(p)
+        for name in _SIZE_FIELDS:
+            v = section.get(name)
+            if v is None or isinstance(v, list):  # a per-layer list is some families' way: transformers judges it
+                continue
+            zero_ok = name in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")
+            if (p := _size_problem(name, name, v, zero_ok)) is not None:
+                problems.append(p)
+    if problems:
+        raise ConfigError(f"malformed config {where}: " + "; ".join(dict.fromkeys(problems)))
+
+
+def _stated(section: dict, std: str, cfg_cls) -> bool:
+    names = set(_ALIASES.get(std, (std,))) | {getattr(cfg_cls, "attribute_map", {}).get(std, std)}
+    return any(section.get(n) is not None for n in names)
+
+
+def _family_name(text_cfg, std: str) -> str:
+    """A size's name as this family's config.json spells it (MPT: n_layers; GPT-2: n_embd)."""
+    return getattr(type(text_cfg), "attribute_map", {}).get(std, std)
+
+
+def resolve_config(config: dict, where: str, trust_remote_code: bool = False):
+    """config.json -> (transformers config, its language model's config), as from_pretrained reads
+    it: the model type's own config class fills in every field the file leaves out. A multimodal
+    wrapper (gemma3) gives its text_config as the language model. One ConfigError when it cannot."""
+    check_config(config, where)
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    cfg_dict = copy.deepcopy(config)  # transformers normalizes nested fields (rope) in place
+    model_type = cfg_dict.pop("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if "auto_map" in config and not trust_remote_code:
+            raise ModelError(f"model_type {model_type!r} needs custom code from its repository; pass "
+                             "--trust-remote-code only if you trust it") from None
+        near = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(near)}." if near else ""
+        raise ConfigError(f"transformers {transformers.__version__} does not know model_type "
+                          f"{model_type[:60]!r}.{hint}") from None
+    try:
+        cfg = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
+        text = cfg.get_text_config(decoder=True)
+    except Exception as e:  # noqa: BLE001 - transformers' validators raise many kinds; all mean a bad config
+        raise ConfigError(f"config for {model_type!r} is not valid: {_last_line(e)}") from None
+    problems = []
+    if text is cfg:
+        raw_text: dict | None = config
+    else:  # the wrapper's sub-config that holds the language model (gemma3: text_config)
+        key = next((k for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is text), "text_config")
+        raw_text = config.get(key) if isinstance(config.get(key), dict) else None
+        if raw_text is None:
+            problems.append(f"'{key}' is missing: a {model_type} config holds its language model there")
+    for std in _ALIASES:
+        if not hasattr(text, std):
+            continue  # not part of this architecture (a state-space model has no attention heads)
+        name = _family_name(text, std)
+        v = getattr(text, std)
+        # Every config.json save_pretrained writes states these (to_diff_dict keeps all fields the
+        # base PreTrainedConfig lacks); only a wrapper's text_config leaves its class defaults out.
+        # A text-only file without one is hand-made, and the class default would be a guess.
+        if text is cfg and not _stated(config, std, type(text)):
+            problems.append(f"'{name}' is missing (transformers' {type(text).__name__} default, {v!r}, "
+                            "would be a guess; a config.json saved by transformers states it)")
+        elif (p := _size_problem(name, std, v)) is not None:
+            problems.append(p)
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None)
+    if _is_int(heads) and _is_int(kv) and heads > 0 and kv > 0 and heads % kv:
+        problems.append(f"'num_key_value_heads' ({kv}) must divide the number of attention heads ({heads}): each "
+                        "key/value head serves an equal group of query heads")
     if problems:
         raise ConfigError(f"malformed config {where}: " + "; ".join(problems))
+    return cfg, text
 
 
-@lru_cache(maxsize=64)
-def _resolve_cached(ref: str, revision: str | None, trust_remote_code: bool) -> ModelShape:
-    name, config = load_config(ref, revision)
-    check_config(config, f"for {name}")
-    digest = config_sha256(config)
-    for candidate in (SHAPES_DIR / f"{name.replace('/', '--')}.json", _cache_dir() / f"{digest}.json"):
+def count_notice(name: str) -> str:
+    """What a caller shows while a new config is counted (build on the meta device, ~10 s)."""
+    return (f"counting the parameters of {name} on the meta device (a config not seen before: "
+            "about 10-15 s, once; cached after)")
+
+
+def _cached_shape(found: _Found, digest: str) -> ModelShape | None:
+    candidates = [_cache_dir() / f"{digest}.json"]
+    if found.profile is not None:
+        candidates.insert(0, SHAPES_DIR / f"{found.profile.replace('/', '--')}.json")
+    for candidate in candidates:
         if candidate.is_file():
             try:
                 data = json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, json.JSONDecodeError, RecursionError):
                 continue
             if data.get("config_sha256") == digest and data.get("version") == SHAPE_VERSION:
-                data["config"] = config
-                data["name"] = name
-                return ModelShape.from_json(data)
-    shape = count_on_meta(name, config, trust_remote_code=trust_remote_code)
+                data["config"] = found.config
+                data["name"] = found.name
+                data["note"] = found.note
+                try:
+                    return ModelShape.from_json(data)
+                except (TypeError, AssertionError):
+                    continue  # a damaged cache entry only costs a recount
+    return None
+
+
+def _resolve_uncached(ref: str, revision: str | None, trust_remote_code: bool,
+                      on_count: Callable[[str], None] | None) -> ModelShape:
+    found = _locate(ref, revision)
+    check_config(found.config, f"for {found.name}")
+    digest = config_sha256(found.config)
+    shape = _cached_shape(found, digest)
+    if shape is not None:
+        return shape
+    if on_count is not None:
+        on_count(count_notice(found.name))
+    shape = count_on_meta(found.name, found.config, trust_remote_code=trust_remote_code)
     try:
         path = _cache_dir() / f"{digest}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: v for k, v in shape.to_json().items() if k != "config"}))
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_shape_record(shape)))
         tmp.replace(path)
     except OSError:
         pass  # a read-only cache only costs speed
+    if found.note:
+        shape = _with(shape, note=found.note)
     return shape
 
 
-def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
-    """Reference -> ModelShape (cached in memory and on disk)."""
-    return _resolve_cached(ref, revision, trust_remote_code)
+def _with(shape: ModelShape, **changes) -> ModelShape:
+    from dataclasses import replace
+
+    return replace(shape, **changes)
 
 
-def build_meta_model(config: dict, trust_remote_code: bool = False):
+_MEMO: OrderedDict[tuple, ModelShape] = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+
+
+def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = False,
+            on_count: Callable[[str], None] | None = None) -> ModelShape:
+    """Reference -> ModelShape (cached in memory and on disk).
+
+    ``on_count(notice)`` is called once, before the only slow step: a config whose shape is in no
+    cache is built on the meta device and counted (10-15 s, imports torch). It is not called when
+    the shape comes from a bundled profile, the disk cache or memory."""
+    key = (ref, revision, bool(trust_remote_code))
+    with _MEMO_LOCK:
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            return _MEMO[key]
+    shape = _resolve_uncached(ref, revision, trust_remote_code, on_count)
+    with _MEMO_LOCK:
+        _MEMO[key] = shape
+        while len(_MEMO) > 64:
+            _MEMO.popitem(last=False)
+    return shape
+
+
+def build_meta_model(config: dict, trust_remote_code: bool = False, where: str = "for this config"):
     """The real transformers causal-LM architecture on the meta device (no memory used)."""
     import torch
     import transformers
 
-    cfg_dict = copy.deepcopy(config)  # transformers normalizes nested fields (rope) in place
-    model_type = cfg_dict.pop("model_type")
-    known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
-    if model_type not in known:
-        if "auto_map" in config and not trust_remote_code:
-            raise ModelError(f"model_type {model_type!r} needs custom code from its repository; pass "
-                             "--trust-remote-code only if you trust it") from None
-        if not trust_remote_code:
-            near = difflib.get_close_matches(model_type, list(known), n=5, cutoff=0.5)
-            hint = f" Close names: {', '.join(near)}." if near else ""
-            raise ConfigError(f"transformers {transformers.__version__} does not know model_type "
-                              f"{model_type[:60]!r}.{hint}") from None
-    try:
-        cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
-    except Exception as e:  # noqa: BLE001 - transformers' validators raise many kinds; all mean a bad config
-        raise ConfigError(f"config for {model_type!r} is not valid: {_last_line(e)}") from None
+    cfg, _ = resolve_config(config, where, trust_remote_code)
     with torch.device("meta"):
         try:
             model = transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
         except ValueError as e:
-            raise ModelError(f"{model_type!r} is not a causal language model transformers can build: "
+            raise ModelError(f"{cfg.model_type!r} is not a causal language model transformers can build: "
                              f"{_last_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - a field transformers accepted but cannot build from
-            raise ConfigError(f"cannot build {model_type!r} from this config: {type(e).__name__}: "
+            raise ConfigError(f"cannot build {cfg.model_type!r} from this config: {type(e).__name__}: "
                               f"{_last_line(e)}") from None
     return model
 
@@ -421,12 +569,27 @@ def moe_groups(mod_name: str, module, groups: dict) -> None:
             groups[key] = groups.get(key, 0) + 1
 
 
+def _json_safe(d: dict) -> dict:
+    """Plain JSON values (tuples as lists, dtypes and other objects as text; inf and nan stay floats)."""
+    return json.loads(json.dumps(d, default=str))
+
+
+def _language_params(model) -> int:
+    """Parameters of the language model alone: everything but a multimodal wrapper's vision or
+    audio tower and its projector (transformers names them *_tower / multi_modal_projector)."""
+    other = sum(p.numel() for n, p in model.named_parameters()
+                if re.search(r"(^|\.)(vision_tower|audio_tower|vision_model|multi_modal_projector|"
+                             r"embed_vision|embed_audio)(\.|$)", n))
+    return sum(p.numel() for p in model.parameters()) - other
+
+
 def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> ModelShape:
-    """Build on the meta device and count every parameter by the kind of module that owns it."""
+    """Build on the meta device and count every parameter by the kind of module that owns it.
+    The dimensions come from the language model's config as transformers resolved it."""
     import torch
 
     digest = config_sha256(config)
-    model = build_meta_model(config, trust_remote_code)
+    model = build_meta_model(config, trust_remote_code, where=f"for {name}")
     try:
         from transformers.pytorch_utils import Conv1D
         linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D)
@@ -471,64 +634,83 @@ def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> M
     total = sum(p.numel() for p in model.parameters())
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    hidden = _first(config, "hidden_size") or 0
-    heads = _first(config, "num_heads") or 1
-    kv = getattr(text_cfg, "num_key_value_heads", None) or getattr(text_cfg, "num_kv_heads", None)
-    if getattr(text_cfg, "multi_query", False) and not getattr(text_cfg, "new_decoder_architecture", False):
+    text = cfg.get_text_config(decoder=True)
+
+    def first(*names: str, default=None):
+        for n in names:
+            v = getattr(text, n, None)
+            if v is not None and not isinstance(v, bool):
+                return v
+        return default
+
+    hidden = int(first("hidden_size", default=0))
+    heads = int(first("num_attention_heads", default=0))
+    kv = first("num_key_value_heads", "num_kv_heads")
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
         kv = 1
-    head_dim = getattr(text_cfg, "head_dim", None) or hidden // heads
-    inter = (getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None)
-             or getattr(text_cfg, "ffn_hidden_size", None) or 4 * hidden)
-    act = (getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "hidden_activation", None)
-           or getattr(text_cfg, "activation_function", None) or getattr(text_cfg, "activation", None) or "gelu")
-    experts = getattr(text_cfg, "num_local_experts", None) or getattr(text_cfg, "num_experts", None) or 0
-    topk = getattr(text_cfg, "num_experts_per_tok", None) or (1 if experts else 0)
-    max_pos = (getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None))
+    head_dim = first("head_dim") or (hidden // heads if heads else 0)
+    inter = first("intermediate_size", "n_inner", "ffn_hidden_size") or 4 * hidden
+    if not _is_int(inter):  # a per-layer list (some families): the widest layer
+        inter = max(inter) if isinstance(inter, (list, tuple)) and inter else 4 * hidden
+    act = first("hidden_act", "hidden_activation", "activation_function", "activation", default="gelu")
+    experts = first("num_local_experts", "num_experts", "n_routed_experts", default=0)
+    topk = first("num_experts_per_tok", "experts_per_token") or (1 if experts else 0)
+    max_pos = first("max_position_embeddings", "n_positions", "max_seq_len")
     linears = tuple(LinearGroup(key[0], key[1], key[2], key[3], c, *key[4:])
                     for key, c in sorted(groups.items()))
+    text_config = _json_safe({k: v for k, v in text.to_dict().items() if k not in _GENERIC_KEYS})
     return ModelShape(
         name=name,
         model_type=cfg.model_type,
         architecture=type(model).__name__,
         config_sha256=digest,
         hidden_size=hidden,
-        num_layers=_first(config, "num_layers") or 0,
+        num_layers=int(first("num_hidden_layers", default=0)),
         num_heads=heads,
         num_kv_heads=int(kv or heads),
         head_dim=int(head_dim),
         intermediate_size=int(inter),
-        vocab_size=_first(config, "vocab_size") or 0,
-        max_position=int(max_pos) if max_pos else None,
+        vocab_size=int(first("vocab_size", default=0)),
+        max_position=int(max_pos) if _is_int(max_pos) and max_pos > 0 else None,
         tie_word_embeddings=bool(tied),
         hidden_act=str(act),
-        num_experts=int(experts),
-        experts_per_token=int(topk),
+        num_experts=int(experts) if _is_int(experts) else 0,
+        experts_per_token=int(topk) if _is_int(topk) else 0,
         params_total=total,
         params_embedding=counts["embedding"],
         params_lm_head=counts["lm_head"],
         params_linear=counts["linear"],
         params_other=counts["other"],
         linears=linears,
-        features={k: getattr(text_cfg, k) for k in FEATURE_KEYS
-                  if isinstance(getattr(text_cfg, k, None), (int, float))},
+        features={k: getattr(text, k) for k in FEATURE_KEYS
+                  if isinstance(getattr(text, k, None), (int, float)) and not isinstance(getattr(text, k), bool)},
+        text_config=text_config,
+        params_language=_language_params(model),
         config=config,
     )
 
 
-def write_bundled_shapes() -> list[str]:
-    """Count every bundled profile on the meta device and store its shape in profiles/shapes/."""
+def _shape_record(shape: ModelShape) -> dict:
+    """What a shape file holds: the shape without the config.json it came from or its note."""
+    return {k: v for k, v in shape.to_json().items() if k not in ("config", "note")}
+
+
+def write_bundled_shapes(names: list[str] | None = None) -> list[str]:
+    """Count bundled profiles (all, or the hub ids named) on the meta device and store their
+    shapes in profiles/shapes/."""
     SHAPES_DIR.mkdir(exist_ok=True)
     written = []
     for name, path in bundled_profiles().items():
-        config = _read_json(path)
-        shape = count_on_meta(name, config)
-        data = {k: v for k, v in shape.to_json().items() if k != "config"}
-        (SHAPES_DIR / f"{path.stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+        if names and name not in names:
+            continue
+        shape = count_on_meta(name, read_config(path))
+        (SHAPES_DIR / f"{path.stem}.json").write_text(json.dumps(_shape_record(shape), indent=1) + "\n")
         written.append(f"{name}: {shape.params_total:,}")
     return written
 
 
-if __name__ == "__main__":  # python -m advisor.model: regenerate profiles/shapes/
-    for line in write_bundled_shapes():
-        print(line)
+if __name__ == "__main__":  # python -m advisor.model [HUB_ID ...]: regenerate profiles/shapes/
+    import sys
+
+    for line in write_bundled_shapes(sys.argv[1:] or None):
+        print(line, flush=True)
