@@ -126,19 +126,31 @@ def size_billions(name: str) -> float | None:
     return None
 
 
+_GENERATION = re.compile(r"(llama|qwen|gemma|phi|olmo|granite|smollm|falcon|mixtral|mistral)[-_ ]?"
+                         r"(\d+(?:\.\d+)?)(?=$|[-_ ])")
+
+
+def generation(name: str) -> str | None:
+    """The family word with its version ('Qwen2.5-7B' -> 'qwen2.5', 'Llama-3.1-8B' -> 'llama3.1'), if named."""
+    m = _GENERATION.search(name.split("/")[-1].lower())
+    return m.group(1) + m.group(2) if m else None
+
+
 def closest_profiles(ref: str, n: int = 3) -> list[str]:
-    """Bundled profiles of the reference's family, nearest in size first (then in spelling);
-    none when its name names no family we ship."""
+    """Bundled profiles of the reference's family: the same generation first (Qwen3 before
+    Qwen2.5), then the nearest in size, then in spelling; none when its name names no family we ship."""
     fam = family(ref)
     if fam is None:
         return []
     pool = [h for h in bundled_profiles() if family(h) == fam]
     want = size_billions(ref.split("/")[-1])
+    gen = generation(ref)
     short = norm(ref.split("/")[-1])
 
-    def rank(hub_id: str) -> tuple[float, float]:
+    def rank(hub_id: str) -> tuple[bool, float, float]:
         have = size_billions(hub_id.split("/")[-1])
         gap = abs(math.log(want / have)) if want and have else math.inf
-        return gap, -difflib.SequenceMatcher(None, short, norm(hub_id.split("/")[-1])).ratio()
+        other_gen = gen is not None and generation(hub_id) != gen
+        return other_gen, gap, -difflib.SequenceMatcher(None, short, norm(hub_id.split("/")[-1])).ratio()
 
     return sorted(pool, key=rank)[:n]

@@ -175,14 +175,13 @@ def _bundled_lookup(ref: str) -> str | None:
 
 
 def _how_to_fix(ref: str) -> str:
+    """The fix for a model tuneplan cannot find (its own config.json), and the bundled profiles of
+    its family, if any: never a profile of another family (gpt-oss is not GPT-2)."""
     near = closest_profiles(ref)
-    if near:
-        kin = f" Bundled profiles of the same family ({family(ref)}): {', '.join(near)}."
-    else:
-        kin = " No bundled profile is of its family."
-    return (f" Offline, pass its config.json or its downloaded model folder instead: "
-            f"`--model ./path/config.json` (or `--model ./path/to/model`).{kin} "
-            "See `tuneplan profiles` for the full list.")
+    kin = (f" Bundled {family(ref)}-family profiles: {', '.join(near)}." if near
+           else " No bundled profile is of its family.")
+    return (" To estimate it offline, pass its config.json or downloaded model folder: "
+            f"`--model ./path/config.json`.{kin} All of them: `tuneplan profiles`.")
 
 
 def _unknown(ref: str, why: str) -> ModelError:
@@ -294,12 +293,14 @@ def _hub_config(repo_id: str, revision: str | None) -> dict:
         raise _unknown(repo_id, "no such repository on the hub (or it is private)") from None
     except RevisionNotFoundError:
         raise ModelError(f"{repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first, or a network failure reads as "no file"
+        if _offline():
+            raise _unknown(repo_id, "the hub is off (HF_HUB_OFFLINE=1) and its config.json is not cached") from None
+        raise _unknown(repo_id, "the hub cannot be reached (offline) and its config.json is not cached") from None
     except EntryNotFoundError:
         if _offline():
             raise _unknown(repo_id, "the hub is off (HF_HUB_OFFLINE=1) and its config.json is not cached") from None
         raise ModelError(f"{repo_id} has no config.json on the hub") from None
-    except LocalEntryNotFoundError:
-        raise _unknown(repo_id, "the hub cannot be reached (offline) and its config.json is not cached") from None
     except Exception as e:  # network errors of all kinds
         raise _unknown(repo_id, f"the hub could not be reached ({type(e).__name__})") from None
     return read_config(Path(path))
