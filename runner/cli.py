@@ -50,6 +50,9 @@ def add_commands(subparsers) -> None:
     m.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=cmd_demo)
+    from runner.after_cli import add_commands as add_after_commands  # chat, eval, export: after a run
+
+    add_after_commands(subparsers)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
