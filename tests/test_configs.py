@@ -140,3 +140,59 @@ def test_not_json_is_a_model_error(tmp_path):
     path.write_text("{" * 100_000)
     with pytest.raises(ModelError, match="nested too deeply|not valid JSON"):
         resolve(str(path))
+
+
+# Tiny configs of the new families (random weights): the meta-device count equals the real model's, and
+# the LoRA parameters the shape predicts for all-linear equal what peft adds (gpt-oss: attention only,
+# its fused experts and router are not reached; Qwen3-MoE / DeepSeek-V2: router and experts too).
+NEW_FAMILIES = {
+    "gemma3": {"model_type": "gemma3", "mm_tokens_per_image": 4,
+               "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "head_dim": 16, "vocab_size": 300},
+               "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14}},
+    "gpt_oss": {"model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                  "vocab_size": 300, "num_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v2": {"model_type": "deepseek_v2", "hidden_size": 64, "intermediate_size": 128,
+                    "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "vocab_size": 300, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": None,
+                    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
+    "mpt": {"model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 300, "max_seq_len": 128},
+    "smollm3": {"model_type": "smollm3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "pad_token_id": 0},
+    "olmo2": {"model_type": "olmo2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 300},
+    "granite": {"model_type": "granite", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "pad_token_id": 0},
+    "falcon_h1": {"model_type": "falcon_h1", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+                  "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8,
+                  "mamba_n_groups": 1, "mamba_chunk_size": 16},
+}
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_meta_count_and_lora_equal_the_real_model_and_peft(family):
+    import peft
+    import transformers
+
+    from advisor.model import count_on_meta, resolve_config
+
+    config = NEW_FAMILIES[family]
+    shape = count_on_meta(family, config)
+    cfg, _ = resolve_config(config, family)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert shape.params_total == sum(p.numel() for p in model.parameters())
+    if family == "falcon_h1":  # peft refuses all-linear on its Mamba mixer (out_proj, conv1d): nothing to compare
+        with pytest.raises(ValueError, match="incompatible with Mamba"):
+            peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        return
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert shape.lora_params("all-linear", 8) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
