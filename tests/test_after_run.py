@@ -335,3 +335,41 @@ def test_export_refuses_with_one_message(case, needle, trained, tmp_path, capsys
     assert not (trained / "adapter" / "x").exists()
     if case == "not_empty":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# --- a full fine-tune: model/ instead of adapter/, the base loaded beside it ----------------------------
+
+@pytest.mark.slow
+def test_full_fine_tune_chat_eval_export(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from advisor.spec import build_plan
+    from runner.recipe import Recipe
+
+    model_dir = trained.parent.parent / "model"
+    plan = build_plan({
+        "model": {"ref": str(model_dir)},
+        "training": {"method": "full", "precision": "fp32", "micro_batch": 8, "seq_len": 128,
+                     "grad_checkpointing": False, "learning_rate": 1e-3},
+        "hardware": {"gpu": None, "device": "cpu"},
+        "data": {"path": str(DEMO_DATA), "val_split": 0.1},
+        "run": {"output_dir": str(tmp_path), "name": "full", "max_steps": 12, "warmup_steps": 2,
+                "eval_every": 12, "save_every": 100}})
+    run_dir = tmp_path / "full"
+    recipe = Recipe(plan, run_dir, log=lambda m: None)
+    assert recipe.run() == 0, getattr(recipe, "error", None)
+    assert (run_dir / "model" / "model.safetensors").is_file() and not (run_dir / "adapter").exists()
+
+    assert main(["chat", str(run_dir), "--prompt", QUESTION, "--compare", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "base> " in out and "tuned> " in out
+    assert main(["eval", str(run_dir), "--samples", "1", "--max-new-tokens", "4", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["weights"] == "model/" and ev["tuned"]["loss"] < ev["base"]["loss"] - 0.3
+    assert ev["tuned"]["loss"] == pytest.approx(recipe.val_loss, abs=1e-4)
+    out_dir = tmp_path / "full-export"
+    assert main(["export", str(run_dir), "--out", str(out_dir), "--dtype", "bf16"]) == 0
+    got = AutoModelForCausalLM.from_pretrained(out_dir)
+    want = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values(), strict=True))
