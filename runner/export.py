@@ -69,6 +69,9 @@ class ExportPlan:
                + ", ".join(f"{k} {_size(v)}" for k, v in self.ram_parts.items() if v) + ") and "
                f"{_size(self.disk_bytes)} of disk ({_size(self.disk_free)} free)",
                f"takes about {_duration(self.seconds)} (a rough guide: disk and CPU speed decide)"]
+        if self.ram_bytes > 0.85 * self.ram_free:
+            out.append("RAM is tight: measured up to 14% above this estimate when the base is stored in a wider "
+                       "dtype than --dtype (benchmarks/bench_export.py); close other programs first")
         return out
 
 
