@@ -26,6 +26,7 @@ from dataclasses import replace
 
 DEFAULT = "5"
 OLDEST = (4, 46)
+NEWEST_4X = (4, 57)  # the last 4.x release (4.57, 2025); 5.0 followed
 SUPPORTED = "5 (the default, what `tuneplan run` uses) or 4.46 to 4.57"
 
 # model types whose 4.x code keeps an nn.ModuleList of per-expert MLPs (names of their linears:
@@ -60,9 +61,10 @@ def problem(version: str) -> str | None:
         major, minor = release(version)
     except ValueError as e:
         return str(e)
-    if major >= 6 or (major, minor) < OLDEST:
+    if major >= 6 or (major, minor) < OLDEST or (major == 4 and (major, minor) > NEWEST_4X):
         older = (" (earlier releases compute the loss inside each model's forward and keep fp32 logits in "
-                 "the output, which tuneplan does not model)") if major < 5 else ""
+                 "the output, which tuneplan does not model)") if (major, minor) < OLDEST else \
+            (" (there is no such 4.x release: 4.57 was the last)" if major == 4 else "")
         return f"transformers {version} is not modelled{older}; use {SUPPORTED}"
     return None
 

@@ -9,7 +9,7 @@ shape (LoRA rank above the hidden size, a sequence longer than the model's maxim
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,8 +39,38 @@ class SpecError(Problems):
     """A user mistake in the plan: every problem found (typed, with its plan field), each with its fix."""
 
 
+# C0 and C1 control characters and the Unicode line breaks: none belongs in a name, a reference or a
+# path, and a newline in one would end a comment or a line of a script written from the plan.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _numeric(annotation) -> bool:
+    """Whether a field's type is a number (int, float, a Literal of numbers), alone or with None."""
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    return any(_numeric(a) for a in args)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors; numbers must be finite (no .inf, .nan) and never true/false; strings
+    hold no control characters."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_values(cls, v, info):
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(v, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError("must be a number, not true/false")
+        for text in (v if isinstance(v, list) else [v]):
+            if isinstance(text, str) and _CONTROL.search(text):
+                raise ValueError("holds a control character (a line break, tab or escape); names, references and "
+                                 "paths must be one plain line")
+        return v
 
 
 class ModelRef(_Strict):
@@ -249,7 +279,8 @@ class RunSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
     eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps.")
     save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
-    seed: int = Field(42, description="Random seed (data split, shuffling, adapter init).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed (data split, shuffling, adapter init); "
+                      "0 to 2^32 - 1, as numpy takes it.")
     merge_export: bool = Field(False, description="Also save the base model with the adapter merged in.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints (older ones are "
                                   "deleted after a new one is written).")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,8 +314,17 @@ def _sky_name(name: str) -> str:
     return ("tuneplan-" + s)[:60].rstrip("-")
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """Text for a comment line of a script or task: every control character (a line break above all,
+    which would end the comment and start a command) shown as '?'."""
+    return _UNPRINTABLE.sub("?", str(text))
+
+
 def _comment(lines: list[str]) -> str:
-    return "".join(f"# {line}\n" for line in lines)
+    return "".join(f"# {one_line(line)}\n" for line in lines)
 
 
 def render_sky(plan: Plan, plan_path: str | Path, bucket: str | None = None, out: str | None = None) -> str:
@@ -322,7 +332,7 @@ def render_sky(plan: Plan, plan_path: str | Path, bucket: str | None = None, out
 
     task, head = sky_task(plan, plan_path, bucket)
     if out:
-        head = [h.replace("FILE", str(out)) if h.startswith("Next:") else h for h in head]
+        head = [h.replace("FILE", shlex.quote(str(out))) if h.startswith("Next:") else h for h in head]
     class Dumper(yaml.SafeDumper):
         pass
 

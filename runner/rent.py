@@ -75,7 +75,11 @@ def cmd_cloud(a: argparse.Namespace) -> int:
     if out == "-":
         sys.stdout.write(text)
         return 0
-    Path(out).write_text(text)
+    try:
+        Path(out).write_text(text)
+    except OSError as e:
+        raise Problems(Problem(f"cannot write {out}: {e.strerror or e}", None,
+                               "give -o a file in a folder you can write (or -o - to print it)")) from None
     print(f"wrote {out}")
     for line in text.splitlines():
         if line.startswith(("# Estimated cost", "# Next:")) or line.startswith("# ") and " node" in line[:12]:

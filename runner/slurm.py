@@ -8,6 +8,7 @@ the plan, the data, a local model and the run directory keep their absolute path
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def render_sbatch(plan: Plan, plan_path: str | Path, partition: str | None = Non
                   out: str | None = None) -> str:
     """The sbatch script's text. Raises advisor.problems.Problems (the same checks as the SkyPilot
     task: a GPU plan, a training task, data and model that exist here)."""
-    from runner.cloud import _safe, checked, run_name
+    from runner.cloud import _comment, _safe, checked, run_name
 
     problems = []
     try:
@@ -30,8 +31,10 @@ def render_sbatch(plan: Plan, plan_path: str | Path, partition: str | None = Non
     if partition is not None and not _safe_word(partition):
         problems.append(Problem(f"partition {partition!r} is not a Slurm partition name", None,
                                 "letters, digits, - and _ only"))
-    if time is not None and not all(c.isdigit() or c in ":-" for c in time):
-        problems.append(Problem(f"time limit {time!r} is not a Slurm time", None, "e.g. 12:00:00 or 2-00:00:00"))
+    if time is not None and not _SLURM_TIME.fullmatch(time):
+        problems.append(Problem(f"time limit {time!r} is not a Slurm time", None,
+                                "MINUTES, HOURS:MINUTES:SECONDS or DAYS-HOURS[:MINUTES[:SECONDS]], e.g. 12:00:00 or "
+                                "2-00:00:00"))
     if problems:
         raise Problems(problems)
     name = run_name(plan)
@@ -46,10 +49,11 @@ def render_sbatch(plan: Plan, plan_path: str | Path, partition: str | None = Non
     inner += ' hardware.node_rank="$SLURM_NODEID" hardware.main_address="$MAIN_ADDR"'
     lines = [
         "#!/bin/bash",
-        f"# Slurm batch script written by `tuneplan cloud {plan_path} --target slurm` (the plan: {plan.model.ref}, "
-        f"{plan.training.method}, {lay.gpus} x {lay.gpu_name}, ZeRO {plan.hardware.zero})",
-        f"# {lay.nodes} node{'s' if lay.nodes > 1 else ''} x {lay.per_node} GPUs; add the GPU type your site names "
-        f"({lay.gpu_name}) to --gpus-per-node, e.g. --gpus-per-node=TYPE:{lay.per_node}, if it has several",
+        _comment([f"Slurm batch script written by `tuneplan cloud {plan_path} --target slurm` (the plan: "
+                  f"{plan.model.ref}, {plan.training.method}, {lay.gpus} x {lay.gpu_name}, ZeRO {plan.hardware.zero})",
+                  f"{lay.nodes} node{'s' if lay.nodes > 1 else ''} x {lay.per_node} GPUs; add the GPU type your site "
+                  f"names ({lay.gpu_name}) to --gpus-per-node, e.g. --gpus-per-node=TYPE:{lay.per_node}, if it has "
+                  "several"]).rstrip("\n"),
         f"#SBATCH --job-name={_safe(name)[:64]}",
         f"#SBATCH --nodes={lay.nodes}",
         "#SBATCH --ntasks-per-node=1",
@@ -73,7 +77,8 @@ def render_sbatch(plan: Plan, plan_path: str | Path, partition: str | None = Non
         "export MAIN_ADDR",
         f"srun --nodes={lay.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}",
         "",
-        f"# Next: sbatch {out or 'FILE'}; progress: tail -f {run_dir}/events.jsonl",
+        _comment([f"Next: sbatch {shlex.quote(str(out)) if out else 'FILE'}; progress: tail -f "
+                  f"{shlex.quote(str(run_dir / 'events.jsonl'))}"]).rstrip("\n"),
     ]
     return "\n".join(lines) + "\n"
 
@@ -89,6 +94,11 @@ def _local_overrides(plan: Plan, plan_file: Path) -> list[str]:
     if plan.model.ref.startswith((".", "~")) or (ref.exists() and not ref.is_absolute()):
         out.append(f"model.ref={ref.resolve()}")
     return out
+
+
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds (sbatch(1))
+_SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
 
 
 def _safe_word(s: str) -> bool:

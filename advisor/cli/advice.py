@@ -77,7 +77,7 @@ def _inputs(a: argparse.Namespace):
     if bad or not methods:
         problems.append(Problem(f"unknown {', '.join(bad) or '(empty)'}", "job.methods",
                                 f"use a comma list of {', '.join(METHODS)}"))
-    if a.save:
+    if a.save is not None:
         problems += save_problems(a.save)
     gpu = None
     if a.gpu is not None:
@@ -112,11 +112,17 @@ def save_problems(path: str) -> list[Problem]:
     """--save PLAN must name a file that can be written (checked before the search, so nothing is lost)."""
     from pathlib import Path
 
+    if not path.strip():
+        return [Problem("needs a file name", "job.save", "e.g. --save plan.yaml")]
     p = Path(path).expanduser()
-    if p.is_dir():
-        return [Problem(f"{path} is a directory", "job.save", f"name a file, e.g. {Path(path) / 'plan.yaml'}")]
-    if not p.parent.is_dir():
-        return [Problem(f"the folder {p.parent} does not exist", "job.save", "create it first, or save elsewhere")]
+    try:
+        if p.is_dir():
+            return [Problem(f"{path} is a directory", "job.save", f"name a file, e.g. {Path(path) / 'plan.yaml'}")]
+        if not p.parent.is_dir():
+            return [Problem(f"the folder {p.parent} does not exist", "job.save", "create it first, or save elsewhere")]
+    except OSError as e:  # a name longer than the file system allows, a path through a file
+        return [Problem(f"cannot save to {path[:80]}{'...' if len(path) > 80 else ''}: {e.strerror}", "job.save",
+                        "give a shorter file name in a folder that exists")]
     return []
 
 
@@ -137,7 +143,7 @@ def cmd_recommend(a: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print_advice(adv, serving)
-    if a.save:
+    if a.save is not None:
         if adv.choice is None:
             print(f"tuneplan: nothing fits, so no plan was written to {a.save}", file=sys.stderr)
         else:

@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     except BrokenPipeError:  # `tuneplan ... | head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # a path given on the command line that the system refuses (too long, not writable...)
+        name = str(e.filename or "")
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        print(f"tuneplan: cannot use {shown or 'a file'}: {e.strerror or e}; check the path "
+              "(and that its folder exists and can be written)", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
