@@ -7,12 +7,12 @@ Secrets never go in a plan: there is no token field, and keys that look like one
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from advisor.problems import Problem
 from advisor.spec import Plan, SpecError, build_plan
 
 SECRET_WORDS = ("token", "password", "secret", "api_key")
@@ -60,18 +60,13 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
                          f"{path / 'plan.yaml'}"])
     if path.exists() and not path.is_file():
         raise SpecError([f"cannot save the plan to {path}: it is not a regular file (a device or a pipe)"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from advisor.safefile import write_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(dump_plan(plan), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, dump_plan(plan))
     except OSError as e:
         raise SpecError([f"cannot save the plan to {path}: {e.strerror or e}"]) from None
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
     return path
 
 
@@ -106,8 +101,28 @@ def parse_plan(text: str, where: str = "plan") -> Plan:
     return build_plan(data)
 
 
-def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
+def load_plan(path: str | Path, trust_remote_code: bool = False) -> Plan:
+    """The plan in ``path``, validated. A plan that allows custom model code (model.trust_remote_code:
+    true) is refused unless the command itself consents (``trust_remote_code``, the --trust-remote-code
+    flag): plans are shared, and a file alone must never make tuneplan run code. With consent the
+    plan's flag is set."""
+    return consent(_read_plan(Path(path)), trust_remote_code, f"plan {path}")
+
+
+def consent(plan: Plan, trust_remote_code: bool, where: str = "the plan") -> Plan:
+    """The plan with model.trust_remote_code as the command decides it: refused (SpecError) when the plan
+    asks for custom code without the command's consent, set when the command consents."""
+    if plan.model.trust_remote_code and not trust_remote_code:
+        raise SpecError([Problem(f"{where} allows custom model code (model.trust_remote_code: true), which runs "
+                                 "with your permissions when the model loads", "model.trust_remote_code",
+                                 "if you trust that model's code, consent on the command with --trust-remote-code; "
+                                 "otherwise set model.trust_remote_code: false")])
+    if trust_remote_code and not plan.model.trust_remote_code:
+        plan = plan.model_copy(update={"model": plan.model.model_copy(update={"trust_remote_code": True})})
+    return plan
+
+
+def _read_plan(path: Path) -> Plan:
     if path.exists() and not path.is_file() and not path.is_dir():  # a device or a pipe: reading may never end
         raise SpecError([f"plan {path} is not a regular file; give a YAML plan file"])
     try:

@@ -64,6 +64,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the command (and accelerate config) and exit")
     p.add_argument("--force", action="store_true", help="run even when the advisor says the plan does not fit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (lines on stderr instead)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="consent to run the model repository's own Python code (a plan's "
+                   "model.trust_remote_code: true is refused without it)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process under accelerate launch
 
 
@@ -82,10 +85,12 @@ def cmd_run(a: argparse.Namespace, hooks=None) -> int:
 
     plan, plan_path, run_dir, overrides = inputs(a)
     log = _stderr
+    trust = plan.model.trust_remote_code  # consented with --trust-remote-code (preflight.inputs)
     if not a.worker:  # the run directory is checked again under its lock when the run starts
-        plan = preflight(plan, plan_path, a.force, log, run_dir=run_dir, resume=bool(a.resume))
+        plan = preflight(plan, plan_path, a.force, log, run_dir=run_dir, resume=bool(a.resume), here=not a.dry_run)
     if a.dry_run:
-        cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, a.force)
+        cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, a.force,
+                            trust_remote_code=trust)
         print(format_command(cmd))
         if uses_accelerate_config(plan):
             import yaml
@@ -95,23 +100,31 @@ def cmd_run(a: argparse.Namespace, hooks=None) -> int:
         print(f"\n# run directory: {run_dir}")
         return 0
     if is_distributed(plan) and not a.worker:
-        import subprocess
-
-        from runner.launch import write_accelerate_config
+        from runner.launch import launch_and_wait, write_accelerate_config
 
         run_dir.mkdir(parents=True, exist_ok=True)
         if uses_accelerate_config(plan):
             write_accelerate_config(plan, run_dir)
-        cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, True)
+        from runner.exits import outcome_code
+
+        cmd = build_command(None if a.resume else plan_path, run_dir, a.resume, overrides, True,
+                            trust_remote_code=trust)
         log(f"launching: {format_command(cmd)}")
-        return subprocess.call(cmd)
-    return run_in_process(plan, run_dir, resume=bool(a.resume), progress=not a.no_progress, hooks=hooks)
+        events = run_dir / "events.jsonl"
+        since = events.stat().st_size if events.is_file() else 0
+        return outcome_code(run_dir, launch_and_wait(cmd, log), since)
+    return run_in_process(plan, run_dir, resume=bool(a.resume), progress=not a.no_progress, hooks=hooks,
+                          under_launcher=a.worker)
 
 
 def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = True,
-                   command: list[str] | None = None, hooks=None) -> int:
+                   command: list[str] | None = None, hooks=None, under_launcher: bool = False) -> int:
     """Run the recipe here with a progress bar; print the report (or the error) at the end.
-    ``hooks``: runner.recipe.Hooks (tests)."""
+    ``hooks``: runner.recipe.Hooks (tests). ``under_launcher``: one of several processes started by
+    accelerate launch / torchrun; an outcome every process reaches together (interrupted, a mistake in
+    the data or plan) exits 0 so the launcher prints no failure of its own: `tuneplan run` reads the
+    outcome from the run directory (runner.launch.outcome_code)."""
+    from runner.exits import EXIT_INTERRUPTED
     from runner.recipe import Recipe
 
     command = command or [sys.argv[0].rsplit("/", 1)[-1], *sys.argv[1:]]
@@ -121,16 +134,29 @@ def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = T
         recipe = Recipe(plan, run_dir, resume=resume, command=command, progress=bar.update if worker else None,
                         log=bar.log, hooks=hooks)
         code = recipe.run()
-    if not worker:
-        return code
     err = getattr(recipe, "error", None)
+    # one machine: `tuneplan run` reads the outcome from the run directory. Several: every process keeps its
+    # failure code (another node's tuneplan cannot see rank 0's events, and a node whose processes all
+    # exit 0 waits at torchrun's exit barrier for the nodes that failed)
+    together = plan.hardware.nodes == 1 and (
+        code == EXIT_INTERRUPTED or (err is not None and err["kind"] in ("data", "plan")))
+    if not worker:
+        return 0 if under_launcher and together else code
     if err:
         _print_error(err, run_dir)
+        if under_launcher and together:
+            if err["kind"] != "interrupted":
+                from advisor.cli.common import report_user_error
+
+                report_user_error(_user_error(err["message"].split("; ")))
+            return 0
         if err["kind"] in ("data", "model", "plan"):
-            raise _user_error(err["message"].split("; ") if err["kind"] in ("data", "plan") else err["message"])
+            lines = err["message"].split("; ") if err["kind"] in ("data", "plan") else [err["message"]]
+            nxt = err.get("next") if err["kind"] == "model" else None
+            raise _user_error(lines + ([f"then: {nxt['what']}: {nxt['command']}"] if nxt else []))
         return code
     print_report(recipe.final_report)
-    return code
+    return 0 if under_launcher and together else code
 
 
 # --- data check ----------------------------------------------------------------------------------

@@ -37,12 +37,13 @@ class _Progress:
 
     def update(self, ev: dict) -> None:
         if ev.get("type") == "eval":
-            self.log(f"step {ev['step']}: validation loss {ev['val_loss']:.4f}")
+            self.log(f"step {ev['step']}: validation loss {_num(ev.get('val_loss'), '.4f')}")
             return
         total = ev.get("total_steps") or self.total
         mem = ev.get("memory") or {}
         used = mem.get("torch_peak") or mem.get("rss")
-        info = (f"loss {ev['loss']:.4f} lr {ev['lr']:.1e} {ev['tokens_per_s'] or 0:,.0f} tok/s "
+        loss = ev.get("loss")
+        info = (f"loss {_num(loss, '.4f')} lr {_num(ev.get('lr'), '.1e')} {ev.get('tokens_per_s') or 0:,.0f} tok/s "
                 f"{'peak' if mem.get('torch_peak') else 'rss'} {used / GIB:.2f} GiB" if used else "")
         if self.bar is not None:
             if self.task is None:
@@ -62,6 +63,11 @@ class _Progress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
+
+
+def _num(v, spec: str) -> str:
+    """A number for the console: 'nan' for the null that a non-finite value becomes in an event."""
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "nan"
 
 
 def _gib(b: int | None) -> str:
@@ -104,11 +110,13 @@ def _print_error(err: dict, run_dir: Path) -> None:
         return  # raised as a UserError by the caller
     what = {"oom": "out of memory", "interrupted": "interrupted", "disk": "the disk is full"}.get(kind,
                                                                                                "the run failed")
-    print(f"tuneplan: {what}: {err['message']}", file=sys.stderr)
+    print(f"tuneplan: {err['message'] if kind == 'diverged' else f'{what}: ' + err['message']}", file=sys.stderr)
     if err.get("measured_peak"):
         print(f"  measured peak before the failure: {_gib(err['measured_peak'])}", file=sys.stderr)
     s = err.get("suggestion") or {}
-    if s.get("command"):
+    if kind == "diverged" and s.get("command"):
+        print(f"  {s['what']}:\n    {s['command']}", file=sys.stderr)
+    elif s.get("command"):
         changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items())
         print(f"  the advisor's next plan ({changes}) would fit:\n    {s['command']}", file=sys.stderr)
     elif s.get("note"):

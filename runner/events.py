@@ -32,8 +32,13 @@ class EventWriter:
         self._lock = threading.Lock()
         self._fh = None
         if enabled:
+            from advisor.safefile import open_append
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self._fh = open_append(self.path)  # never through a link (closed in close())
+            if _ends_mid_line(self.path):  # a killed writer's half line: end it, so our first event stands alone
+                self._fh.write("\n")
+                self._fh.flush()
 
     def emit(self, type: str, **fields: Any) -> dict:
         event = {"type": type, "time": time.time(), **fields}
@@ -62,6 +67,18 @@ class EventWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def _jsonable(x: Any) -> Any:

@@ -28,11 +28,11 @@ from advisor.spec import Plan
 ACCELERATE_CONFIG = "accelerate_config.yaml"
 
 
-def _load(plan_path: str | Path, overrides=()) -> Plan:
-    from advisor.planfile import apply_overrides, load_plan
+def _load(plan_path: str | Path, overrides=(), trust_remote_code: bool = False) -> Plan:
+    from advisor.planfile import apply_overrides, consent, load_plan
 
-    plan = load_plan(plan_path)
-    return apply_overrides(plan, list(overrides)) if overrides else plan
+    plan = load_plan(plan_path, trust_remote_code)
+    return consent(apply_overrides(plan, list(overrides)), trust_remote_code) if overrides else plan
 
 
 def resolve_run_dir(plan: Plan) -> Path:
@@ -91,11 +91,12 @@ def accelerate_config(plan: Plan, port: int | None = None) -> dict[str, Any]:
 def write_accelerate_config(plan: Plan, run_dir: str | Path) -> Path:
     import yaml
 
+    from advisor.safefile import write_atomic
+
     path = Path(run_dir) / ACCELERATE_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
     port = None if plan.hardware.nodes > 1 else free_port()  # several nodes: the plan's main_port
-    path.write_text(yaml.safe_dump(accelerate_config(plan, port), sort_keys=False))
-    return path
+    return write_atomic(path, yaml.safe_dump(accelerate_config(plan, port), sort_keys=False))
 
 
 def free_port() -> int:
@@ -105,7 +106,8 @@ def free_port() -> int:
 
 
 def build_command(plan_path: str | Path | None, run_dir: str | Path | None = None, resume: str | Path | None = None,
-                  overrides=(), force: bool = False, python: str | None = None) -> list[str]:
+                  overrides=(), force: bool = False, python: str | None = None,
+                  trust_remote_code: bool = False) -> list[str]:
     """The argument list that runs the plan: ``python -m runner PLAN k=v --run-dir DIR`` on one
     device, ``python -m accelerate.commands.launch --config_file DIR/accelerate_config.yaml -m runner
     ... --worker`` on several. With ``resume`` the plan is the run directory's plan.yaml."""
@@ -113,17 +115,19 @@ def build_command(plan_path: str | Path | None, run_dir: str | Path | None = Non
     overrides = list(overrides)
     if resume is not None:
         run_dir = Path(resume)
-        plan = _load(run_dir / "plan.yaml", overrides)
+        plan = _load(run_dir / "plan.yaml", overrides, trust_remote_code)
         args = ["--resume", str(run_dir)]
     else:
         if plan_path is None:
             raise ValueError("give a plan file or resume=RUN_DIR")
-        plan = _load(plan_path, overrides)
+        plan = _load(plan_path, overrides, trust_remote_code)
         run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(plan)
         args = [str(plan_path), "--run-dir", str(run_dir)]
     args += overrides
     if force:
         args.append("--force")
+    if trust_remote_code:
+        args.append("--trust-remote-code")
     if not is_distributed(plan):
         return [python, "-m", "runner", *args]
     return [python, "-m", *launcher_args(plan, run_dir), "-m", "runner", *args, "--worker"]
@@ -221,13 +225,78 @@ def start_run(plan_path: str | Path | None, run_dir: str | Path | None = None, r
     if uses_accelerate_config(plan):
         write_accelerate_config(plan, run_dir)
     log_path = run_dir / "run.log" if capture else None
-    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed by RunHandle.wait)
+    log = None
+    if log_path:  # never through a link (closed by RunHandle.wait)
+        from advisor.safefile import open_nofollow
+
+        log = os.fdopen(open_nofollow(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
     full_env = {**os.environ, **(env or {}), "TUNEPLAN_NO_PROGRESS": "1"}
     root = str(Path(__file__).resolve().parent.parent)
     full_env["PYTHONPATH"] = root + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(cmd, stdout=log or None, stderr=subprocess.STDOUT if log else None, env=full_env,
                             start_new_session=False)
     return RunHandle(run_dir, proc, cmd, log_path, log)
+
+
+# --- several processes: launch, forward signals, report -----------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _workers(proc: subprocess.Popen) -> list:
+    """The launcher's descendants (the training processes), not the launcher itself."""
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def forward_stop(proc: subprocess.Popen, signum: int) -> None:
+    """A stop signal for a run under a launcher reaches every training process directly: each finishes
+    its step, the checkpoint is saved together, and they end. The launcher (torchrun's agent) is not
+    signalled: it would stop the workers itself and kill them 30 s later, mid-checkpoint. Before the
+    workers exist the launcher itself stops."""
+    targets = _workers(proc)
+    if not targets:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        return
+    for p in targets:
+        try:
+            p.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        except Exception:  # noqa: BLE001 - a worker that has just ended
+            pass
+
+
+def launch_and_wait(cmd: list[str], log=None) -> int:
+    """Run ``cmd`` (accelerate launch or torchrun, from an argument list) in a session of its own and wait;
+    the launcher's exit code (runner.exits.outcome_code turns it into the run's). SIGTERM, SIGINT and
+    SIGHUP sent to this process (also as PID 1 in a container, where signals without a handler are
+    dropped) are forwarded to the training processes (:func:`forward_stop`)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, start_new_session=True)  # the terminal's Ctrl-C reaches this process only
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            if log:
+                log(f"{signal.Signals(signum).name}: asking every process to finish its step and save a checkpoint")
+            forward_stop(proc, signum)
+
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+                continue
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return rc
 
 
 # --- the next plan after an out-of-memory error ------------------------------------------------

@@ -15,7 +15,7 @@ from advisor.problems import Problem, Problems
 
 def inputs(a: argparse.Namespace):
     """(plan, plan_path, run_dir, overrides) from `tuneplan run`'s arguments, or Problems."""
-    from advisor.planfile import apply_overrides, load_plan
+    from advisor.planfile import apply_overrides, consent, load_plan
     from runner.rundir import default_run_dir
 
     overrides = list(a.overrides or [])
@@ -35,9 +35,10 @@ def inputs(a: argparse.Namespace):
             raise Problems(f"{run_dir} is not a run directory (no plan.yaml)")
     elif not plan_path:
         raise Problems("give a plan file: tuneplan run PLAN.yaml [key=value ...] (or --resume RUN_DIR)")
-    plan = load_plan(plan_path)  # SpecError is Problems: every mistake, with its plan field
-    if overrides:
-        plan = apply_overrides(plan, overrides)
+    trust = bool(getattr(a, "trust_remote_code", False))
+    plan = load_plan(plan_path, trust)  # SpecError is Problems: every mistake, with its plan field
+    if overrides:  # an override cannot consent to custom code either: only --trust-remote-code does
+        plan = consent(apply_overrides(plan, overrides), trust, "the override model.trust_remote_code=true")
     if not a.resume:
         run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(plan)
     return plan, Path(plan_path), run_dir, overrides
@@ -102,9 +103,11 @@ def _model_problems(plan, log) -> tuple[object, list]:
 
 
 def preflight(plan, plan_path: Path | None, force: bool = False, log=print, *, run_dir: Path | None = None,
-              resume: bool = False):
+              resume: bool = False, here: bool = True):
     """Check what can be checked before loading anything big; every problem at once.
-    Returns the plan with the data path and a local model path made absolute."""
+    Returns the plan with the data path and a local model path made absolute. ``here``: the run starts
+    on this machine (False for --dry-run, which prepares the command for another: no GPU needed here,
+    and the processes per node are not this machine's cores)."""
     problems: list = []
     if plan.task != "training":
         problems.append("task is inference; `tuneplan run` fine-tunes (set task: training)")
@@ -125,12 +128,22 @@ def preflight(plan, plan_path: Path | None, force: bool = False, log=print, *, r
             check(run_dir, plan, resume=resume)
         except Problems as e:
             problems += e.items
+    if plan.hardware.device == "cpu" and here:
+        import os
+
+        per_node, cores = plan.hardware.gpus // plan.hardware.nodes, os.cpu_count() or 1
+        if per_node > cores:
+            problems.append(Problem(f"hardware.gpus={plan.hardware.gpus} on the CPU starts {per_node} training "
+                                    f"processes on this machine, which has {cores} cores", "hardware.gpus",
+                                    f"use at most {cores} processes per machine"))
     if problems:
         raise Problems(problems)
-    if plan.model.trust_remote_code:
-        log(f"notice: model.trust_remote_code is true: the Python code in {plan.model.ref} runs with your "
-            "permissions while the model loads; set it to false unless you trust that code")
-    if plan.hardware.device == "cuda":
+    if plan.model.trust_remote_code:  # consented with --trust-remote-code (planfile.consent)
+        log(f"notice: --trust-remote-code: the Python code in {plan.model.ref} runs with your permissions while "
+            "the model loads")
+    if plan.hardware.device == "cuda" and not here:
+        fit_check(plan, force, log)
+    elif plan.hardware.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():

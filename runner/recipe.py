@@ -59,6 +59,7 @@ class Recipe:
         self.tensor_peak_cpu: int | None = None  # CPU: live tensor bytes of one profiled step
         self.stop_requested: str | None = None
         self.step = 0
+        self.saved_step: int | None = None  # the step the newest checkpoint holds (never saved twice)
         self.position = 0  # micro-batches consumed (per process), the data position
         self.history: list[dict] = []
         self.val_loss: float | None = None
@@ -87,12 +88,18 @@ class Recipe:
             return
         self.lock = rundir.RunLock.acquire(self.run_dir, self.command)
         try:
+            links = rundir.links_in(self.run_dir)
+            if links:  # before anything below touches the directory
+                raise Problems(rundir.link_problem(self.run_dir, links))
+            removed, promoted = clean_partial(self.run_dir)
             st = rundir.check(self.run_dir, self.plan, resume=self.resume)
         except Problems:
             self.lock.release()
             raise
-        for d in clean_partial(self.run_dir):
+        for d in removed:
             self.notes.append(f"removed the half-written checkpoint {d.name} of a run that died while saving")
+        for d in promoted:
+            self.notes.append(f"completed {d.name}: a run died while renaming it into place; its copy was whole")
         if self.resume and st.checkpoint is None:
             self.log(f"{self.run_dir} has no checkpoint yet (the run stopped before its first): starting from step 0")
             self.resume = False
@@ -184,6 +191,10 @@ class Recipe:
         except Exception as e:  # noqa: BLE001 - any failure here means the directory's tokenizer is unusable
             raise ModelLoadError(f"cannot load the tokenizer from {self.model_dir}: {e}".splitlines()[0]) from None
         if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:
+                raise ModelLoadError(f"the tokenizer in {self.model_dir} has neither a padding nor an end-of-sequence "
+                                     "token, so batches cannot be padded and examples cannot be ended; set "
+                                     "\"eos_token\" (and \"pad_token\") in its tokenizer_config.json")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.data = prepare(plan.data, self.tokenizer, t.seq_len, plan.run.seed)
         for w in self.data.warnings:
@@ -214,29 +225,30 @@ class Recipe:
         try:
             self.model = load_for_training(self.model_dir, t, device=self.device,
                                            trust_remote_code=self.plan.model.trust_remote_code,
-                                           fsdp=self.accelerator is not None and self._dist_type() == "FSDP")
+                                           fsdp=self.accelerator is not None and self.dist_type() == "FSDP")
         except Exception as e:  # noqa: BLE001 - damaged weights, a config transformers rejects, a missing library
             if exits.is_oom(e):
                 raise
             raise ModelLoadError(f"cannot load {self.model_dir} for {t.method} training: "
                                  f"{type(e).__name__}: {e}".splitlines()[0]) from None
         self.is_peft = t.method in ("lora", "qlora")
+        self._check_vocabulary()
         for mod in self.model.modules():
             # bitsandbytes (CPU, AVX512-BF16 machines) repacks a 4-bit weight into a CPU-only layout the
             # first time it runs in eval mode, and that repacking fails for dimensions that are not a
             # multiple of 128 (seen: 128 x 352). Training never takes that path; keep evaluation on it too.
             if hasattr(mod, "support_avx512bf16_for_cpu"):
                 mod.support_avx512bf16_for_cpu = False
-        if self.accelerator is not None and self._dist_type() == "FSDP":
+        if self.accelerator is not None and self.dist_type() == "FSDP":
             from advisor.stack import fsdp_wrap_policy
 
             policy = fsdp_wrap_policy(self.model)  # LoRA: the adapters are units of their own (fp32)
             if policy is not None:
                 self.accelerator.state.fsdp_plugin.auto_wrap_policy = policy
-        if self.accelerator is not None and self._dist_type() != "DEEPSPEED":
+        if self.accelerator is not None and self.dist_type() != "DEEPSPEED":
             self.model = self.accelerator.prepare(self.model)
         self.optimizer = make_optimizer(self.model, t.optimizer, t.learning_rate)
-        if self.accelerator is not None and self._dist_type() == "DEEPSPEED":
+        if self.accelerator is not None and self.dist_type() == "DEEPSPEED":
             # no dataloader goes through accelerate, so tell DeepSpeed the micro-batch itself
             self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.micro_batch
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -244,12 +256,24 @@ class Recipe:
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.plan.run.warmup_steps,
                                        num_training_steps=self.total_steps)
 
+    def _check_vocabulary(self) -> None:
+        """Every token id of the data has a row in the model's embedding (a tokenizer larger than the
+        model's vocabulary fails later inside the forward with an index error)."""
+        emb = self.model.get_input_embeddings()
+        rows = getattr(emb, "num_embeddings", None)
+        top = max((max(ex.input_ids) for ex in [*self.data.train, *self.data.val] if ex.input_ids), default=-1)
+        if rows is not None and top >= rows:
+            raise ModelLoadError(f"the data holds token id {top}, but the model's embedding has {rows} rows: the "
+                                 f"tokenizer in {self.model_dir} ({len(self.tokenizer)} tokens) does not belong to "
+                                 "this model; use the model's own tokenizer, or resize the model's embeddings to "
+                                 "the tokenizer (model.resize_token_embeddings) and save it")
+
     def _seed(self, seed: int) -> None:
         from transformers import set_seed
 
         set_seed(seed)
 
-    def _dist_type(self) -> str:
+    def dist_type(self) -> str:
         return dist_type(self.accelerator)
 
     def _device_words(self) -> str:
@@ -305,9 +329,9 @@ class Recipe:
         backward = clip = None
         if self.accelerator is not None:
             backward = self.accelerator.backward
-            if self._dist_type() == "FSDP":
+            if self.dist_type() == "FSDP":
                 clip = self.accelerator.clip_grad_norm_
-            elif self._dist_type() == "DEEPSPEED":
+            elif self.dist_type() == "DEEPSPEED":
                 clip = lambda params, max_norm: None  # noqa: E731 - the engine clips (gradient_clipping)
         session_start_step, t0, cpu0 = self.step, time.time(), time.process_time()
         tokens_session = 0
@@ -347,6 +371,7 @@ class Recipe:
             self.train_cpu_seconds = time.process_time() - cpu0
             if self.progress:
                 self.progress(ev)
+            self._check_finite(loss_v, stats.get("grad_norm"))
             last = self.step == self.total_steps
             if self.data.val and (self.step % plan.run.eval_every == 0 or last):
                 self.evaluate()
@@ -355,6 +380,22 @@ class Recipe:
             if hooks.after_step:
                 hooks.after_step(self)
         return "completed"
+
+    def _check_finite(self, loss: float, grad_norm: float | None) -> None:
+        """A loss that is not a finite number, or (without amp-fp16's loss scaler, which skips such steps
+        itself) a gradient norm that is not: the weights of this step are not to be trusted, so the run
+        stops before it saves them (exits.LossDiverged; the same on every process: both are global)."""
+        scaled = self.plan.training.precision == "amp-fp16"
+        if not math.isfinite(loss) or (grad_norm is not None and not scaled and not math.isfinite(grad_norm)):
+            raise exits.LossDiverged(self.step, loss, grad_norm)
+
+    def weights_finite(self) -> bool:
+        """Every trainable weight is a finite number (on every process: a collective under several)."""
+        torch = self.torch
+        bad = any(not bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad and p.numel())
+        if self.accelerator is None:
+            return not bad
+        return self._mean_across(1.0 if bad else 0.0) == 0.0
 
     def _profile_this_step(self) -> bool:
         """On the CPU (one process) the second step of this session is measured exactly (runner.profiling)."""

@@ -9,7 +9,6 @@ half a report.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +66,7 @@ def loss_summary(first: float | None, history: list[dict], val: float | None) ->
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Replace ``path`` atomically (a temporary file beside it, then os.replace)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Replace ``path`` atomically and durably, never through a link (advisor.safefile.write_atomic)."""
+    from advisor.safefile import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2, default=str))

@@ -18,13 +18,17 @@ without anyone deleting anything. Where the file system has no flock, the PID is
 A run directory must not contain, or be inside, the model directory it trains from (saving
 ``model/`` or ``checkpoints/`` would overwrite it), and a directory that is not a run's (no
 ``events.jsonl``) but holds files a run writes (``plan.yaml``, ``model/``, ``adapter/``...) is
-refused rather than overwritten.
+refused rather than overwritten. Nothing is written through a symbolic link: a run directory whose
+run-written names (:data:`WRITTEN`) are links, or with a link anywhere under ``checkpoints/`` or
+``attempts/``, is refused before anything is loaded (:func:`link_problems`), and the files written in
+place are opened with ``O_NOFOLLOW`` (:mod:`advisor.safefile`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import time
@@ -42,6 +46,12 @@ ATTEMPTS = "attempts"
 RUN_NAMES = ("plan.yaml", REPORT_FILE, "checkpoints", "adapter", "model", "merged", "traceback.txt")
 # What one attempt leaves that a restart moves aside (the checkpoints folder holds no checkpoint then).
 ATTEMPT_FILES = (EVENTS_FILE, REPORT_FILE, "traceback.txt")
+# Every name a run (or `tuneplan eval` / `export` after it) writes directly in its directory: none may
+# be a symbolic link, or the write would land wherever the link points.
+WRITTEN = (LOCK_FILE, EVENTS_FILE, *RUN_NAMES, ATTEMPTS, "accelerate_config.yaml", "run.log", "eval.json",
+           ".tmp-adapter", ".tmp-model", ".tmp-merged", ".old-adapter", ".old-model", ".old-merged")
+# Folders a run fills and deletes in: no link anywhere below them.
+WRITTEN_TREES = ("checkpoints", ATTEMPTS)
 
 
 def default_run_name(plan) -> str:
@@ -107,9 +117,13 @@ class RunLock:
 
         run_dir = Path(run_dir)
         path = run_dir / LOCK_FILE
+        from advisor.safefile import LinkRefused, open_nofollow
+
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except LinkRefused:
+            raise Problems(link_problem(run_dir, [LOCK_FILE])) from None
         except OSError as e:
             raise Problems(Problem(f"cannot write the run directory {run_dir}: {e.strerror or e}", None,
                                    "give a --run-dir (or run.output_dir) you can write")) from None
@@ -149,11 +163,13 @@ def holder(run_dir: str | Path) -> dict[str, Any] | None:
     """The live owner of ``run_dir``'s lock ({} when unknown), or None when nobody (or this process) holds it."""
     import fcntl
 
+    from advisor.safefile import open_nofollow
+
     path = Path(run_dir) / LOCK_FILE
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_nofollow(path, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -198,7 +214,9 @@ def inspect(run_dir: str | Path) -> RunDirState:
         return st
     if not d.is_dir():
         return st
-    st.is_run = (d / EVENTS_FILE).is_file()
+    # a run wrote here: its events, or an earlier attempt moved aside (a restart killed midway leaves
+    # attempts/ with the events and the rest of that attempt's files still here)
+    st.is_run = (d / EVENTS_FILE).is_file() or (d / ATTEMPTS).is_dir()
     st.owner = holder(d)
     ck = latest_checkpoint(d)
     if ck is not None:
@@ -213,6 +231,35 @@ def inspect(run_dir: str | Path) -> RunDirState:
         if st.checkpoint_step is None or rep["steps"] >= st.checkpoint_step:
             st.finished_steps = rep["steps"]
     return st
+
+
+def links_in(run_dir: str | Path) -> list[str]:
+    """The run-written names in ``run_dir`` that are symbolic links, and any link under checkpoints/ or
+    attempts/ (relative paths); also checkpoints/ when it resolves outside the run directory."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    found = [n for n in WRITTEN if os.path.islink(d / n)]
+    for tree in WRITTEN_TREES:
+        root = d / tree
+        if root.is_symlink() or not root.is_dir():
+            continue
+        if not _inside(root.resolve(), d.resolve()):
+            found.append(tree)
+            continue
+        for here, dirs, files in os.walk(root, followlinks=False):
+            for name in dirs + files:
+                p = Path(here) / name
+                if p.is_symlink():
+                    found.append(str(p.relative_to(d)))
+    return found
+
+
+def link_problem(run_dir: Path, names: list[str]) -> Problem:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return Problem(f"run directory {run_dir} has symbolic links where a run writes its own files ({shown}); "
+                   "tuneplan never writes through a link (it would change files outside the run directory)", None,
+                   f"remove the links (rm {shlex.quote(str(Path(run_dir) / names[0]))}) or choose another --run-dir")
 
 
 def _unwritable(d: Path) -> str | None:
@@ -247,6 +294,9 @@ def check(run_dir: str | Path, plan, *, resume: bool) -> RunDirState:
     if st.is_file:
         raise Problems(Problem(f"run directory {d} is a file", None, "give a directory (it is created if missing)"))
     problems: list[Problem] = []
+    links = links_in(d)
+    if links:
+        problems.append(link_problem(d, links))
     why = _unwritable(d)
     if why:
         problems.append(Problem(f"cannot write the run directory {d}: {why}", None,
@@ -338,8 +388,6 @@ RESUMABLE_CHANGES = {"training.grad_checkpointing", "training.micro_batch", "tra
 def next_command(run_dir: Path) -> dict[str, str] | None:
     """What to type after a run stopped: resume where a checkpoint exists, else start the same run
     again from step 0 (both accepted by :func:`check`). None without a plan.yaml there."""
-    import shlex
-
     from runner.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)

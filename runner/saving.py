@@ -9,8 +9,6 @@ calls these) and rank 0 writes; each rank's own optimizer state and generators g
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 
@@ -22,6 +20,14 @@ def save_checkpoint(recipe) -> Path | None:
     """checkpoints/step-N; its path on rank 0, None elsewhere and before the first step."""
     from runner.checkpoint import adopt_rank_states, identity, write_checkpoint, write_rank_state
 
+    if recipe.step == recipe.saved_step:  # this step is in a checkpoint already (every rank knows it)
+        return None
+    if recipe.step > 0 and not recipe.plan.run.max_grad_norm and not recipe.weights_finite():
+        # without clipping no gradient norm is computed: a step can leave non-finite weights behind a
+        # finite loss; they are never saved as "the last good checkpoint"
+        from runner.exits import LossDiverged
+
+        raise LossDiverged(recipe.step, None, what="the weights are no longer finite numbers")
     state = None
     acc = recipe.accelerator
     if acc is not None:
@@ -31,6 +37,8 @@ def save_checkpoint(recipe) -> Path | None:
             if not recipe.is_main:  # every process's own optimizer state and generators
                 write_rank_state(recipe.run_dir, recipe.step, recipe.rank, recipe.optimizer)
         acc.wait_for_everyone()
+    if recipe.step > 0:
+        recipe.saved_step = recipe.step
     if not recipe.is_main or recipe.step == 0:
         return None
     t = recipe.plan.training
@@ -53,7 +61,11 @@ def load_checkpoint(recipe, ck: Path) -> None:
     from runner.checkpoint import load_checkpoint as load
 
     st = load(ck, model=unwrapped(recipe), optimizer=recipe.optimizer, scheduler=recipe.scheduler,
-              is_peft=recipe.is_peft, device=recipe.device, rank=recipe.rank, world=recipe.world)
+              is_peft=recipe.is_peft, device=recipe.device, rank=recipe.rank, world=recipe.world,
+              stateful=recipe.plan.training.optimizer != "sgd",
+              sharded=recipe.accelerator is not None and recipe.dist_type() in ("FSDP", "DEEPSPEED"))
+    recipe.saved_step = st["step"]
+    _take_learning_rate(recipe)
     if st.get("world_size", 1) != recipe.world:
         recipe.notes.append(f"resumed with {recipe.world} processes from a checkpoint written by "
                             f"{st.get('world_size')}; the data order differs from an uninterrupted run")
@@ -69,8 +81,31 @@ def load_checkpoint(recipe, ck: Path) -> None:
     recipe.history = st.get("history", [])
 
 
+def _take_learning_rate(recipe) -> None:
+    """A resume with another training.learning_rate (the advice after a diverged loss): the schedule
+    restored from the checkpoint goes on at the same point, scaled to the plan's peak rate."""
+    new = recipe.plan.training.learning_rate
+    sched, opt = recipe.scheduler, recipe.optimizer
+    old = list(getattr(sched, "base_lrs", []) or [])
+    if not old or all(abs(b - new) <= 1e-12 * max(abs(new), 1e-30) for b in old):
+        return
+    sched.base_lrs = [new for _ in old]
+    for group, base in zip(opt.param_groups, old, strict=False):
+        if base:
+            group["lr"] = group["lr"] * new / base
+        group["initial_lr"] = new
+    if hasattr(sched, "_last_lr"):
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    recipe.notes.append(f"resumed with training.learning_rate={new:g} (the checkpoint was trained with {old[0]:g}); "
+                        "the schedule goes on from the checkpoint's step at the new rate")
+
+
 def save_final(recipe) -> None:
-    """adapter/ (LoRA, QLoRA) or model/ (full fine-tuning) with the tokenizer; merged/ when asked."""
+    """adapter/ (LoRA, QLoRA) or model/ (full fine-tuning) with the tokenizer; merged/ when asked.
+    Written beside, flushed, then renamed into place (an older copy is renamed aside first)."""
+    from advisor.safefile import fsync_tree
+    from runner.checkpoint import fresh_dir, replace_dir
+
     state = None
     if recipe.accelerator is not None:
         recipe.accelerator.wait_for_everyone()
@@ -78,14 +113,11 @@ def save_final(recipe) -> None:
     if not recipe.is_main:
         return
     out = recipe.run_dir / ("adapter" if recipe.is_peft else "model")
-    tmp = recipe.run_dir / f".tmp-{out.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_dir(recipe.run_dir / f".tmp-{out.name}")
     unwrapped(recipe).save_pretrained(tmp, state_dict=state)
     recipe.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    fsync_tree(tmp)
+    replace_dir(tmp, out, aside=recipe.run_dir / f".old-{out.name}")
     if recipe.plan.run.merge_export and recipe.is_peft:
         merge_export(recipe, out)
 
@@ -106,6 +138,12 @@ def merge_export(recipe, adapter_dir: Path) -> None:
     gc.collect()
     base = AutoModelForCausalLM.from_pretrained(recipe.model_dir, dtype=compute_dtype(recipe.plan.training.precision),
                                                 trust_remote_code=recipe.plan.model.trust_remote_code)
+    from advisor.safefile import fsync_tree
+    from runner.checkpoint import fresh_dir, replace_dir
+
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(recipe.run_dir / "merged")
-    recipe.tokenizer.save_pretrained(recipe.run_dir / "merged")
+    tmp = fresh_dir(recipe.run_dir / ".tmp-merged")
+    merged.save_pretrained(tmp)
+    recipe.tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)
+    replace_dir(tmp, recipe.run_dir / "merged", aside=recipe.run_dir / ".old-merged")

@@ -21,3 +21,52 @@ def run_stopped_after(plan, run_dir, step: int) -> int:
 
     holder["r"] = Recipe(plan, run_dir, log=lambda m: None, progress=stop)
     return holder["r"].run()
+
+
+# --- one tiny model and data for the runner's tests (built once per session) ------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The demo's tiny Llama with its BPE tokenizer, saved to disk (random weights, nothing downloaded)."""
+    from runner.demo import DEMO_DATA, build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("tiny-model") / "m", DEMO_DATA)
+
+
+@pytest.fixture(scope="session")
+def eight_examples(tmp_path_factory):
+    """The first eight records of the demo data (two micro-batches of 4)."""
+    from runner.demo import DEMO_DATA
+
+    f = tmp_path_factory.mktemp("data") / "eight.jsonl"
+    f.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:8]))
+    return f
+
+
+def cpu_plan_file(path, model_dir, data, training=None, hardware=None, **run):
+    """A LoRA plan on the CPU (fp32, micro-batch 4 x 64 tokens, 4 steps, no checkpoint unless asked),
+    saved to ``path``; keyword arguments override run.*."""
+    from advisor.planfile import save_plan
+    from advisor.spec import build_plan
+
+    plan = build_plan({
+        "model": {"ref": str(model_dir)},
+        "training": {"method": "lora", "precision": "fp32", "micro_batch": 4, "seq_len": 64,
+                     "grad_checkpointing": False, "lora": {"r": 4, "alpha": 8}, **(training or {})},
+        "hardware": {"gpu": None, "device": "cpu", **(hardware or {})},
+        "data": {"path": str(data), "val_split": 0.0},
+        "run": {"output_dir": str(Path(path).parent / "runs"), "name": "r", "max_steps": 4, "save_every": 100,
+                "eval_every": 100, **run},
+    })
+    return save_plan(plan, path)
+
+
+def runner_env(hooks: str = "") -> dict:
+    """The environment of a `python -m runner` subprocess (optionally with test hooks)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNEPLAN_NO_PROGRESS": "1"}
+    if hooks:
+        env["TUNEPLAN_TEST_HOOKS"] = hooks
+    return env

@@ -164,8 +164,8 @@ def test_half_written_checkpoints_of_dead_writers_are_removed(tmp_path):
         (root / f".tmp-step-3-{dead}").mkdir()
         (root / f".tmp-step-4-{sleeper.pid}").mkdir()  # its writer is alive: still being written
         (root / "step-2").mkdir()
-        removed = clean_partial(tmp_path)
-        assert [p.name for p in removed] == [f".tmp-step-3-{dead}"]
+        removed, promoted = clean_partial(tmp_path)
+        assert [p.name for p in removed] == [f".tmp-step-3-{dead}"] and promoted == []
         assert sorted(p.name for p in root.iterdir()) == [f".tmp-step-4-{sleeper.pid}", "step-2"]
     finally:
         sleeper.kill()

@@ -216,9 +216,12 @@ def test_run_checks_the_plan_against_the_model_before_loading(tmp_path, model_di
 
 
 def test_run_says_when_remote_code_is_trusted(tmp_path, model_dir, capsys):
+    """Only the command's --trust-remote-code consents (a plan's flag or an override alone is refused:
+    tests/test_hardening.py), and the run says so."""
     p = plan_file(tmp_path, model_dir)
-    assert main(["run", p, "model.trust_remote_code=true", "--dry-run"]) == 0
-    assert "notice: model.trust_remote_code is true" in capsys.readouterr().err
+    assert main(["run", p, "--trust-remote-code", "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert "notice: --trust-remote-code" in cap.err and "--trust-remote-code" in cap.out
 
 
 @pytest.mark.parametrize("args,needle", [

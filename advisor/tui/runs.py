@@ -78,37 +78,41 @@ class RunState:
         return self.report is not None or self.error is not None or self.status in ("finished", "failed", "stopped")
 
     def apply(self, events: list[dict[str, Any]]) -> None:
+        """Fold events into the state. Events come from a file anyone can edit: a value of the wrong type
+        is dropped (a number that is not one, a report that is not a mapping), never raised."""
         for e in events:
+            if not isinstance(e, dict):
+                continue
             kind = e.get("type")
             if kind == "start":
                 self.started = e
-                self.predicted = dict(e.get("predicted") or {})
-                self.total_steps = e.get("total_steps")
+                self.predicted = {k: v for k, v in _mapping(e.get("predicted")).items() if _number(v) is not None}
+                self.total_steps = _count(e.get("total_steps"))
                 self.status = "running"
             elif kind == "step":
-                self.step = e.get("step", self.step)
-                self.epoch, self.eta_s = e.get("epoch"), e.get("eta_s")
-                self.elapsed_s, self.tokens_per_s = e.get("elapsed_s"), e.get("tokens_per_s")
-                if e.get("loss") is not None:
-                    self.losses.append(float(e["loss"]))
-                if e.get("memory"):
-                    self.memory.append(e["memory"])
+                self.step = _count(e.get("step")) or self.step
+                self.epoch, self.eta_s = _number(e.get("epoch")), _number(e.get("eta_s"))
+                self.elapsed_s, self.tokens_per_s = _number(e.get("elapsed_s")), _number(e.get("tokens_per_s"))
+                if _number(e.get("loss")) is not None:
+                    self.losses.append(_number(e["loss"]))
+                if _mapping(e.get("memory")):
+                    self.memory.append(_mapping(e["memory"]))
                 self.status = "running"
-            elif kind == "memory" and e.get("memory"):
-                self.memory.append(e["memory"])
-            elif kind == "eval" and e.get("val_loss") is not None:
-                self.val_losses.append((e.get("step", 0), float(e["val_loss"])))
+            elif kind == "memory" and _mapping(e.get("memory")):
+                self.memory.append(_mapping(e["memory"]))
+            elif kind == "eval" and _number(e.get("val_loss")) is not None:
+                self.val_losses.append((_count(e.get("step")) or 0, _number(e["val_loss"])))
             elif kind == "checkpoint":
                 self.checkpoints.append(str(e.get("path")))
             elif kind == "end":
                 self.status = str(e.get("status") or "finished")
                 self.report = e.get("report") if isinstance(e.get("report"), dict) else self.report
             elif kind == "error":
-                self.error = e
+                self.error = {k: v for k, v in e.items() if k != "suggestion" or isinstance(v, dict)}
                 self.status = "failed"
 
     def series(self, key: str) -> list[float]:
-        return [float(m[key]) for m in self.memory if m.get(key) is not None]
+        return [x for x in (_number(m.get(key)) for m in self.memory) if x is not None]
 
     def load_report(self) -> None:
         """report.json in the run directory (written at the end), if the end event did not carry it."""
@@ -121,3 +125,18 @@ class RunState:
                 self.report = json.loads(path.read_text())
             except (OSError, ValueError):
                 pass
+
+
+def _number(v: Any) -> float | None:
+    """A finite number from an event, or None (a string, a bool, a null)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+        return None
+    return float(v)
+
+
+def _count(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _mapping(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
