@@ -438,6 +438,35 @@ def test_sigterm_to_a_two_process_run_checkpoints_every_rank(tmp_path, tiny_mode
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
+def test_as_pid_1_in_a_container_sigterm_still_stops_a_two_process_run(tmp_path, tiny_model_dir):
+    """PID 1 gets no signal it has no handler for (the kernel drops it): `tuneplan run` as a container's
+    first process ignored `docker stop`'s SIGTERM while its workers trained on. A real PID namespace."""
+    import psutil
+
+    from runner.demo import DEMO_DATA
+
+    ns = ["unshare", "--pid", "--fork", "--mount-proc"]
+    if subprocess.run([*ns, "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a PID namespace here (unshare needs root)")
+    plan = cpu_plan_file(tmp_path / "plan.yaml", tiny_model_dir, DEMO_DATA, hardware={"gpus": 2}, max_steps=40)
+    run_dir = tmp_path / "runs" / "r"
+    proc = subprocess.Popen([*ns, sys.executable, "-m", "runner", str(plan)], cwd=tmp_path,
+                            env=runner_env("step_delay=0.3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 180
+    while not [e for e in read_events(run_dir)[0] if e["type"] == "step"]:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    first = psutil.Process(proc.pid).children()[0]  # `python -m runner`, PID 1 in its namespace
+    first.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    end = read_events(run_dir)[0][-1]
+    assert end["type"] == "end" and end["status"] == "interrupted"
+    assert (run_dir / "checkpoints" / f"step-{end['step']}" / "state.json").is_file()
+
+
 def test_a_repeated_sigterm_does_not_abort_the_checkpoint(tmp_path, tiny_model_dir, eight_examples):
     """Schedulers and launchers send SIGTERM to every process, and tuneplan forwards it too: a second
     SIGTERM must not turn the orderly stop into an immediate one (only a second Ctrl-C does)."""
