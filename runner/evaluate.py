@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,26 +189,17 @@ def _ppl(loss: float) -> float | None:
 # --- writing ----------------------------------------------------------------------------------
 
 def write_json_nofollow(path: Path, obj: Any) -> None:
-    """Replace ``path`` with ``obj`` as JSON: a new file beside it (O_EXCL | O_NOFOLLOW), then os.replace.
-    A symbolic link at ``path`` is refused, never written through."""
+    """Replace ``path`` with ``obj`` as JSON, never through a link (advisor.safefile.write_atomic);
+    a symbolic link at ``path`` is refused, as the run directory's checks refuse one."""
+    from advisor.safefile import write_atomic
+
     if path.is_symlink():
         raise UserError(f"{path} is a symbolic link; tuneplan writes no file through a link (remove it and "
                         "run again)")
-    data = (json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n").encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        write_atomic(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 def read_json_nofollow(path: Path) -> Any:

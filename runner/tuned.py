@@ -94,7 +94,7 @@ def open_run(run_dir: str | Path, *, checkpoint: str | None = None, merged: bool
              trust_remote_code: bool = False) -> TunedRun:
     """The run in ``run_dir`` and the weights to load: the final ones, ``merged/`` when ``merged``,
     or ``checkpoints/<checkpoint>`` ("step-N" or "N"). UserError (one line) when they cannot be used."""
-    from advisor.planfile import parse_plan
+    from advisor.planfile import load_plan
     from advisor.spec import SpecError
 
     d = Path(run_dir)
@@ -110,21 +110,13 @@ def open_run(run_dir: str | Path, *, checkpoint: str | None = None, merged: bool
                         "every run); give the folder it printed as 'run directory:'")
     if plan_path.is_symlink() or not plan_path.is_file():
         raise UserError(f"{plan_path} is not a regular file; a run's plan.yaml is one (tuneplan writes it)")
-    try:
-        text = plan_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {plan_path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        plan = parse_plan(text, str(plan_path))  # the consent to custom code is asked for below
+    try:  # a plan that allows custom code needs the command's --trust-remote-code (advisor.planfile.consent)
+        plan = load_plan(plan_path, trust_remote_code)
     except SpecError as e:
-        raise UserError(f"{plan_path} is not a valid plan: {e.items[0]}") from None
+        raise UserError(f"{plan_path} cannot be used: {e.items[0]}") from None
     if plan.task != "training":
         raise UserError(f"{plan_path} is an inference plan (task: inference); only a training run has "
                         "tuned weights")
-    if plan.model.trust_remote_code and not trust_remote_code:
-        raise UserError(f"this run's plan sets model.trust_remote_code: true, so loading it runs Python code "
-                        f"from the model repository {plan.model.ref}; pass --trust-remote-code if you trust "
-                        "that code")
     weights, kind, label = _find_weights(d, plan, checkpoint, merged)
     fmt, template = _data_shape(d, plan)
     return TunedRun(d, plan, weights, kind, label, trust_remote_code=plan.model.trust_remote_code,
