@@ -37,7 +37,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-KIB, MIB = 1024, 1024**2
+from advisor.units import MIB
+
 MIN_BLOCK = 512  # kMinBlockSize
 SMALL_SIZE = 1 * MIB  # kSmallSize: largest "small" request
 SMALL_BUFFER = 2 * MIB  # kSmallBuffer: small-pool segment

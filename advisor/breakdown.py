@@ -7,9 +7,6 @@ from dataclasses import dataclass, field
 
 from advisor.spec import TrainSpec
 
-GIB = 1024**3
-MIB = 1024**2
-
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (QLoRA paper: 64)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-MIB = 1024**2
+from advisor.units import MIB
 
 # GPU generation of each GPU profile id (most specific pattern first); sm major version beside it.
 ARCH_OF_ID: tuple[tuple[str, str], ...] = (

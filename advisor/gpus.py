@@ -16,8 +16,7 @@ from pathlib import Path
 
 from advisor.model import PROFILES_DIR
 from advisor.problems import Problems
-
-GIB = 1024**3
+from advisor.units import GIB
 
 
 class GpuError(Problems, ValueError):

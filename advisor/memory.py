@@ -37,8 +37,6 @@ from advisor.breakdown import (  # noqa: F401
     ADAM8_BLOCK,
     ADAM8_MIN_SIZE,
     DTYPE_BYTES,
-    GIB,
-    MIB,
     Breakdown,
     compute_bytes,
     gpu_terms,
@@ -53,6 +51,7 @@ from advisor.inference import estimate_inference, kv_cache_bytes  # noqa: F401
 from advisor.model import ModelShape
 from advisor.software import layout
 from advisor.spec import Hardware, Plan, TrainSpec, padded_batches
+from advisor.units import GIB, MIB
 
 
 def weights_bytes(shape: ModelShape, t: TrainSpec) -> int:

@@ -1,4 +1,4 @@
-"""Decisions that must agree on every screen: units and their formatting, the fit verdict, and which
+"""Decisions that must agree on every screen: the fit verdict, and which
 precisions a GPU supports. The CLI, ``--json``, the TUI, ``recommend`` and ``run`` all call these, so
 one plan can never fit on one screen and not on another.
 """
@@ -10,27 +10,6 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from advisor.gpus import Gpu
-
-# --- units (1024-based, labelled GiB; conversion only at display time) ---------------------------
-KIB = 1024
-MIB = 1024**2
-GIB = 1024**3
-
-
-def gib(b: int | float, digits: int = 2) -> str:
-    """Bytes as a GiB number string, e.g. '12.34' (no unit; tables put it in the header)."""
-    return f"{b / GIB:,.{digits}f}"
-
-
-def gib_str(b: int | float, digits: int = 2) -> str:
-    """Bytes with the unit, e.g. '12.34 GiB'."""
-    return f"{gib(b, digits)} GiB"
-
-
-def duration(hours: float) -> str:
-    """'3.2 h' or '12 min' (display only)."""
-    return f"{hours:,.1f} h" if hours >= 1 else f"{max(hours * 60, 1):.0f} min"
-
 
 # --- the fit verdict ------------------------------------------------------------------------------
 Status = Literal["fits", "tight", "oom"]

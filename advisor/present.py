@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from advisor.policy import STATUS_WORDS, gib, gib_str
+from advisor.policy import STATUS_WORDS
+from advisor.units import gib, gib_str
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -153,7 +154,7 @@ def time_line(res: EstimateResult) -> Text | None:
     """'time 1.2 h (1.0-1.4 h) · 3,456 tokens/s per GPU · step 0.52 s · $1.23 ($1.05-1.41)', or why none."""
     from rich.text import Text
 
-    from advisor.policy import duration
+    from advisor.units import duration
 
     t = res.time
     if t is None:
@@ -284,8 +285,8 @@ def recommendation_text(adv, notes: bool = True) -> Text:
     """'Recommended: LoRA on 1 × RTX 4090 · micro-batch 4 × grad-accum 4 · ...' with its reasons."""
     from rich.text import Text
 
-    from advisor.policy import duration
     from advisor.recommend import METHOD_WORDS
+    from advisor.units import duration
 
     text = Text()
     c = adv.choice
@@ -316,7 +317,7 @@ def option_row(o) -> list[Any]:
     """One option as table cells (the CLI's Table and the TUI's DataTable take the same cells)."""
     from rich.text import Text
 
-    from advisor.policy import duration
+    from advisor.units import duration
 
     fit = Text("yes", style="green") if o.fits else Text("no", style="red")
     if o.fits and getattr(o, "status", None) == "tight":

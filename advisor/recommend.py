@@ -26,10 +26,11 @@ from advisor.guide import FULL_FINETUNE_EXAMPLES
 from advisor.limits import largest as _largest
 from advisor.memory import estimate
 from advisor.model import ModelShape
-from advisor.policy import TIGHT_SHARE, Verdict, breakdown_verdict, gib_str
-from advisor.policy import duration as duration  # noqa: PLC0414  (re-exported for the front ends)
+from advisor.policy import TIGHT_SHARE, Verdict, breakdown_verdict
 from advisor.policy import precision_for as precision_for  # noqa: PLC0414
 from advisor.spec import METHODS, InferSpec, Plan
+from advisor.units import duration as duration  # noqa: PLC0414  (re-exported for the front ends)
+from advisor.units import gib_str
 
 # --- assumptions, in one place (docs/advice.md) -------------------------------------------------
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)

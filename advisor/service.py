@@ -243,7 +243,7 @@ def run_moments(res: EstimateResult) -> None:
     the run's device peak among them and the step, and the host RAM the run needs. The verdict stays
     the step's; a moment that alone would not fit the card gets a note."""
     from advisor import lifecycle
-    from advisor.policy import gib_str
+    from advisor.units import gib_str
 
     plan, shape = res.plan, res.shape
     res.moments = lifecycle.run_moments(plan, shape)

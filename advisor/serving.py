@@ -34,13 +34,13 @@ from advisor.breakdown import nf4_bytes
 from advisor.families import family_of
 from advisor.model import ModelShape
 from advisor.problems import Problem, Problems
+from advisor.units import GIB
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from advisor.gpus import Gpu
 
-GIB = 1024**3
 
 VLLM_VERSION = "0.19.0"  # the release the calibrated constants come from
 WeightQuant = Literal["none", "fp8", "int8", "awq", "gptq", "bnb-nf4"]

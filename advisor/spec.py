@@ -27,12 +27,23 @@ AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
 Task = Literal["training", "inference"]
 Device = Literal["cuda", "cpu"]
 WeightQuant = Literal["none", "int8", "nf4"]
+InferPrecision = Literal["fp32", "bf16", "fp16"]
+ZeroStage = Literal[0, 1, 2, 3]
+DataFormat = Literal["auto", "alpaca", "prompt_completion", "qa", "text", "messages"]
+Template = Literal["auto", "alpaca", "chat", "plain"]
 
-METHODS: tuple[str, ...] = ("full", "lora", "qlora")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
-OPTIMIZERS: tuple[str, ...] = (
-    "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "sgd_momentum", "adafactor"
-)
+# The choice lists every front end offers: the Literals above, read, never written a second time.
+METHODS: tuple[str, ...] = get_args(Method)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+ATTN_IMPLS: tuple[str, ...] = get_args(AttnImpl)
+TASKS: tuple[str, ...] = get_args(Task)
+DEVICES: tuple[str, ...] = get_args(Device)
+WEIGHT_QUANTS: tuple[str, ...] = get_args(WeightQuant)
+INFER_PRECISIONS: tuple[str, ...] = get_args(InferPrecision)
+ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+TEMPLATES: tuple[str, ...] = get_args(Template)
 
 
 class SpecError(Problems):
@@ -161,8 +172,7 @@ class InferSpec(_Strict):
     batch: int = Field(1, ge=1, le=65536, description="Sequences generated at once.")
     seq_len: int = Field(4096, ge=1, le=10_000_000, description="Whole context per sequence: prompt + "
                          "generated tokens (the KV cache holds all of them).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Dtype of weights, activations "
-                                                        "and KV cache.")
+    precision: InferPrecision = Field("bf16", description="Dtype of weights, activations and KV cache.")
     weight_quant: WeightQuant = Field("none", description="Weight storage: none (precision), int8 "
                                       "(LLM.int8) or nf4 (4-bit).")
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the compute dtype; fp8: 1 byte.")
@@ -183,7 +193,7 @@ class Hardware(_Strict):
     gpu: str | None = Field("RTX 4090", description="GPU name (see `tuneplan profiles --gpus`); None for none.")
     gpus: int = Field(1, ge=1, le=4096, description="Number of GPUs in all, over every node (on the CPU: "
                       "processes); each node runs gpus / nodes of them.")
-    zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage across GPUs: 1 shards optimizer states, "
+    zero: ZeroStage = Field(0, description="ZeRO stage across GPUs: 1 shards optimizer states, "
                                       "2 also gradients, 3 also weights (FSDP full shard ~ 3).")
     device: Device = Field("cuda", description="cuda: GPU memory incl. CUDA context and allocator; cpu: RAM "
                            "for the tensors alone.")
@@ -236,9 +246,9 @@ _ADDRESS = re.compile(r"[A-Za-z0-9_.:\-]+|\[[0-9A-Fa-f:.]+\]")
 class DataSpec(_Strict):
     path: str | None = Field(None, description="Training data: a .jsonl, .json or .csv file (instruction/input/"
                              "output, prompt/completion, question/answer, text, or chat messages).")
-    format: Literal["auto", "alpaca", "prompt_completion", "qa", "text", "messages"] = Field(
+    format: DataFormat = Field(
         "auto", description="Record shape; auto detects it from the first record's keys.")
-    template: Literal["auto", "alpaca", "chat", "plain"] = Field(
+    template: Template = Field(
         "auto", description="Prompt template: the tokenizer's chat template for messages when it has one, "
         "else alpaca (### Instruction / ### Input / ### Response).")
     prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Weight of prompt tokens in the loss: "

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-GIB = 1024**3
+from advisor.units import GIB  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,11 +32,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from advisor.units import MIB
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-MIB = 1024**2
 GPU_MISTRAL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]

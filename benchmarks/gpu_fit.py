@@ -36,8 +36,8 @@ from advisor.memory import estimate, gradients_bytes, shard  # noqa: E402
 from advisor.model import resolve  # noqa: E402
 from advisor.policy import fit_verdict  # noqa: E402
 from advisor.spec import Plan  # noqa: E402
+from advisor.units import MIB  # noqa: E402
 
-MIB = 1024**2
 CAL = ROOT.parent / "shared" / "calibration"
 if not CAL.is_dir():
     CAL = Path("/work/shared/calibration")

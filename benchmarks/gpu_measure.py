@@ -35,13 +35,14 @@ import threading
 import time
 from pathlib import Path
 
+from advisor.units import MIB
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-MIB = 1024**2
 STEPS = 3
 # GPU-sized dimensions of real architectures (TinyLlama-1.1B's shape for llama-style)
 GPU_DIMS = {

@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from docblock import write_between  # noqa: E402
 
-MIB = 1024**2
+from advisor.units import MIB  # noqa: E402
+
 GPU = "a100-80gb"
 MIRROR = Path("/work/.mirror/foundation-model-stack+fms-acceleration/repo")
 COMMIT = "876e2ed"

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from docblock import write_between  # noqa: E402
 
-GIB = 1024**3
+from advisor.units import GIB  # noqa: E402
+
 BASE_GPU = "a100-80gb"
 L8, L70 = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B"
 DEC, JUL = "Dec 2024", "Jul 2024"

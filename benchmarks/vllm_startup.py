@@ -25,11 +25,11 @@ from docblock import write_between  # noqa: E402
 
 from advisor.model import resolve  # noqa: E402
 from advisor.serving import (  # noqa: E402
-    GIB,
     VOCAB_PADDING,
     VllmEstimate,
     serving_estimate,
 )
+from advisor.units import GIB  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "results" / "vllm_startup_logs.json"
 TARGET = 0.05  # predicted KV cache size within 5% of what vLLM printed

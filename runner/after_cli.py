@@ -14,7 +14,7 @@ import sys
 import time
 
 from advisor.problems import UserError
-from runner.console import _gib
+from advisor.units import mib_or_gib as _gib
 
 
 def _stderr(msg: str) -> None:

@@ -25,6 +25,8 @@ def _user_error(problems):
 
 def add_commands(subparsers) -> None:
     """Add run, data (check) and demo to the `tuneplan` subcommands."""
+    from advisor.spec import DATA_FORMATS, TEMPLATES
+
     r = subparsers.add_parser("run", help="fine-tune for real: tuneplan run PLAN.yaml [key=value ...]",
                               description="Run the plan's fine-tune; key=value overrides any plan field "
                               "(training.micro_batch=2). Writes RUN_DIR/plan.yaml, events.jsonl, report.json, "
@@ -36,9 +38,8 @@ def add_commands(subparsers) -> None:
     c = dsub.add_parser("check", help="schema problems with line numbers, counts, token lengths, a masked example")
     c.add_argument("file", help=".jsonl, .json or .csv")
     c.add_argument("--model", help="model directory or hub id whose tokenizer counts the tokens")
-    c.add_argument("--format", default="auto",
-                   choices=["auto", "alpaca", "prompt_completion", "qa", "text", "messages"])
-    c.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat", "plain"])
+    c.add_argument("--format", default="auto", choices=DATA_FORMATS)
+    c.add_argument("--template", default="auto", choices=TEMPLATES)
     c.add_argument("--seq", type=int, default=2048, help="truncation length (training.seq_len)")
     c.add_argument("--prompt-loss-weight", type=float, default=0.0)
     c.add_argument("--json", action="store_true", help="print one JSON object")

@@ -24,6 +24,7 @@ from typing import Any
 
 from advisor.problems import Problem, Problems
 from advisor.spec import Plan
+from advisor.units import GB
 
 # tuneplan GPU id -> SkyPilot accelerator name (None: SkyPilot has none). SkyPilot's names are the
 # AcceleratorName column of skypilot-org/skypilot-catalog catalogs/v7/common/accelerators.csv
@@ -44,7 +45,6 @@ MAX_GPUS_PER_NODE = 8
 SKYPILOT_DEFAULT_DISK_GB = 256  # SkyPilot's default resources.disk_size
 DISK_MARGIN_GB = 100  # room for the OS image, the Python stack and the hub's download cache
 REMOTE = "~/tuneplan"  # where file_mounts put the plan, data and a local model on every node
-GB = 1000**3  # SkyPilot's disk_size is in GB
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 

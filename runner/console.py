@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
-MIB = 1024**2
+from advisor.units import GIB, mib_or_gib
 
 
 def _stderr(msg: str) -> None:
@@ -70,12 +69,6 @@ def _num(v, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "nan"
 
 
-def _gib(b: int | None) -> str:
-    if b is None:
-        return "n/a"
-    return f"{b / GIB:.2f} GiB" if b >= GIB / 4 else f"{b / MIB:.1f} MiB"
-
-
 def print_report(rep: dict[str, Any]) -> None:
     from rich.console import Console
 
@@ -90,9 +83,9 @@ def print_report(rep: dict[str, Any]) -> None:
         val = f", validation {loss['final_val']:.4f}" if loss.get("final_val") is not None else ""
         con.print(f"loss {first:.4f} → {last:.4f} (mean of the last 5 steps){val}")
     p, c = rep["predicted"], rep["compare"]
-    con.print(f"peak memory: predicted {_gib(p.get('peak_allocated_bytes'))} allocated"
-              + (f" / {_gib(p.get('peak_reserved_bytes'))} reserved" if p.get("device") == "cuda" else "")
-              + f"; measured {_gib(c.get('measured'))}" + (f" (× {c['ratio']})" if c.get("ratio") else ""))
+    con.print(f"peak memory: predicted {mib_or_gib(p.get('peak_allocated_bytes'))} allocated"
+              + (f" / {mib_or_gib(p.get('peak_reserved_bytes'))} reserved" if p.get("device") == "cuda" else "")
+              + f"; measured {mib_or_gib(c.get('measured'))}" + (f" (× {c['ratio']})" if c.get("ratio") else ""))
     con.print(f"[dim]measured = {c['what']}[/]")
     for n in rep.get("notes", []):
         con.print(f"[dim]note: {n}[/]")
@@ -112,7 +105,7 @@ def _print_error(err: dict, run_dir: Path) -> None:
                                                                                                "the run failed")
     print(f"tuneplan: {err['message'] if kind == 'diverged' else f'{what}: ' + err['message']}", file=sys.stderr)
     if err.get("measured_peak"):
-        print(f"  measured peak before the failure: {_gib(err['measured_peak'])}", file=sys.stderr)
+        print(f"  measured peak before the failure: {mib_or_gib(err['measured_peak'])}", file=sys.stderr)
     s = err.get("suggestion") or {}
     if kind == "diverged" and s.get("command"):
         print(f"  {s['what']}:\n    {s['command']}", file=sys.stderr)

@@ -30,8 +30,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from advisor.policy import gib_str
 from advisor.problems import UserError
+from advisor.units import gib_str
 from runner.tuned import TunedRun, load_tokenizer
 
 DTYPES = ("bf16", "fp16", "fp32")

@@ -156,8 +156,8 @@ def preflight(plan, plan_path: Path | None, force: bool = False, log=print, *, r
 def fit_check(plan, force: bool, log) -> None:
     """Warn (and require --force) when the advisor says the plan does not fit hardware.gpu: the same
     verdict as `tuneplan estimate` and the TUI (advisor.service.check_fit, advisor.policy)."""
-    from advisor.policy import gib_str
     from advisor.service import check_fit
+    from advisor.units import gib_str
 
     verdict, why = check_fit(plan)
     if why:

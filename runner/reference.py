@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-GIB = 1024**3
-MIB = 1024**2
-
-
 DOC_BEGIN = "<!-- BEGIN GENERATED PLAN REFERENCE (runner.reference.render_plan_reference) -->"
 
 

@@ -3,7 +3,6 @@
 import pytest
 
 from advisor.allocator import (
-    MIB,
     AllocatorConfig,
     CachingAllocator,
     OutOfMemory,
@@ -11,6 +10,7 @@ from advisor.allocator import (
     replay,
     round_size,
 )
+from advisor.units import MIB
 
 
 def run(seq, **cfg):

@@ -9,7 +9,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import releasable as rel  # noqa: E402
 
-MIB = 1024**2
+from advisor.units import MIB
 
 
 def seq(*ops):

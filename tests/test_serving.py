@@ -13,7 +13,6 @@ from advisor.problems import Problems
 from advisor.serving import (
     BLOCK_SIZE,
     CONTEXT_BYTES_ONE_GPU,
-    GIB,
     NON_TORCH_BYTES_ONE_GPU,
     NON_TORCH_BYTES_TP,
     SAMPLER_FP32_COPIES,
@@ -35,6 +34,7 @@ from advisor.serving import (
     serving_estimate,
     weights_bytes,
 )
+from advisor.units import GIB
 
 H100 = int(79.19 * GIB)  # what torch.cuda.mem_get_info reports on an H100 80GB HBM3 (the logs' total_memory)
 LLAMA8 = "meta-llama/Llama-3.1-8B-Instruct"

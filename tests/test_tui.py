@@ -14,8 +14,8 @@ from advisor.policy import fit_status
 from advisor.spec import Plan, build_plan
 from advisor.tui.app import make_app
 from advisor.tui.widgets.membar import MemoryBar
+from advisor.units import GIB
 
-GIB = 1024**3
 SIZE = (160, 48)
 
 

@@ -22,7 +22,7 @@ from advisor.cli.common import (  # noqa: F401
 )
 from advisor.job import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
 from advisor.problems import Problems, UserError
-from advisor.spec import OPTIMIZERS, PRECISIONS
+from advisor.spec import ATTN_IMPLS, DEVICES, METHODS, OPTIMIZERS, PRECISIONS, TASKS, WEIGHT_QUANTS, ZERO_STAGES
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
@@ -33,8 +33,8 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the CLI contract (DESIGN.md); None means 'the plan's default'."""
     add_model_arguments(p)
-    p.add_argument("--task", choices=["training", "inference"], default="training")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], help="default: qlora")
+    p.add_argument("--task", choices=TASKS, default="training")
+    p.add_argument("--method", choices=METHODS, help="default: qlora")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adamw")
     p.add_argument("--batch", type=int, help="micro-batch (training) or concurrent sequences (inference)")
@@ -45,17 +45,17 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-targets", help="all-linear or a comma list such as q_proj,v_proj")
-    p.add_argument("--attn", dest="attn_impl", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--attn", dest="attn_impl", choices=ATTN_IMPLS)
     p.add_argument("--transformers", metavar="VERSION", help="transformers release the run uses: 5 (default) or "
                    "4.46-4.57 (the loss and MoE layers differ; see docs/memory-model.md)")
     _bool_flag(p, "padded", None, "batches carry padding, which gives sdpa a mask (default: when --batch > 1); "
                "--no-padded for data packed to exactly --seq tokens")
-    p.add_argument("--weight-quant", choices=["none", "int8", "nf4"], help="inference weight storage")
+    p.add_argument("--weight-quant", choices=WEIGHT_QUANTS, help="inference weight storage")
     p.add_argument("--prompt-len", type=int, help="inference: prompt tokens (default: the whole --seq)")
     p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
     p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage across GPUs")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--zero", type=int, choices=ZERO_STAGES, help="ZeRO stage across GPUs")
+    p.add_argument("--device", choices=DEVICES, default="cuda")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--revision", help="hub revision")
 

@@ -14,13 +14,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Select, Static
 
-from advisor.policy import GIB
 from advisor.problems import Problems
 from advisor.spec import SpecError
 from advisor.tui.messages import RunEvents, RunExited
 from advisor.tui.runs import RunState, follow_events, runner_missing, runner_module
 from advisor.tui.widgets.chart import LineChart
 from advisor.tui.widgets.tables import report_table
+from advisor.units import GIB
 
 TARGETS = {"local": "this machine", "sky": "SkyPilot (rent the GPUs)", "slurm": "Slurm cluster (sbatch)"}
 TARGET_SUFFIX = {"sky": ".sky.yaml", "slurm": ".sbatch"}
@@ -360,7 +360,7 @@ class LaunchScreen(Screen):
         self.render_run()
 
     def render_run(self) -> None:
-        from advisor.policy import duration
+        from advisor.units import duration
 
         run = self.run
         bar = self.query_one("#run-progress", ProgressBar)

@@ -15,11 +15,11 @@ from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, S
 
 from advisor import present
 from advisor.forms import NO_GPU, TRANSFORMERS_CHOICES, Evaluation, fetch_model
-from advisor.policy import GIB, gib
 from advisor.present import money
 from advisor.tui.widgets.field import Field
 from advisor.tui.widgets.membar import MemoryBar
 from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, short_gpu
+from advisor.units import GIB, gib
 
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
 TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets", "transformers")
@@ -40,7 +40,7 @@ class PlanScreen(Screen):
     def compose(self) -> ComposeResult:
         from advisor.gpus import gpu_table
         from advisor.model import bundled_profiles
-        from advisor.spec import OPTIMIZERS, PRECISIONS
+        from advisor.spec import METHODS, OPTIMIZERS, PRECISIONS, TASKS, WEIGHT_QUANTS
 
         f = self.app.form
         gpus = [(short_gpu(g.name), g.id) for g in gpu_table().values()]
@@ -60,11 +60,11 @@ class PlanScreen(Screen):
                 yield Field("ZeRO", _select("zero", [("0 (none)", "0"), ("1", "1"), ("2", "2"),
                                                      ("3 / FSDP", "3")], f["zero"]), "zero")
                 yield Label("Job", classes="section")
-                yield Field("task", _select("task", ["training", "inference"], f["task"]), "task")
-                yield Field("method", _select("method", ["full", "lora", "qlora"], f["method"]), "method")
+                yield Field("task", _select("task", TASKS, f["task"]), "task")
+                yield Field("method", _select("method", METHODS, f["method"]), "method")
                 yield Field("precision", _select("precision", PRECISIONS, f["precision"]), "precision")
                 yield Field("optimizer", _select("optimizer", OPTIMIZERS, f["optimizer"]), "optimizer")
-                yield Field("weights", _select("weight_quant", ["none", "int8", "nf4"], f["weight_quant"]),
+                yield Field("weights", _select("weight_quant", WEIGHT_QUANTS, f["weight_quant"]),
                             "weight_quant")
                 yield Field("micro-batch", Input(f["batch"], id="batch", type="integer", compact=True), "batch")
                 yield Field("seq length", Input(f["seq"], id="seq", type="integer", compact=True), "seq")
@@ -243,7 +243,7 @@ class PlanScreen(Screen):
         return text
 
     def _gpu_table(self, ev: Evaluation) -> None:
-        from advisor.policy import duration
+        from advisor.units import duration
 
         t = self.query_one("#gpu-table", DataTable)
         row = t.cursor_row

@@ -14,10 +14,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
-from advisor.policy import GIB
 from advisor.tui.messages import MemorySample, RunEvents
 from advisor.tui.runs import RunState, follow_events, runner_module
 from advisor.tui.widgets.chart import LineChart
+from advisor.units import GIB
 
 HISTORY = 600
 MAX_CHARTS = 4

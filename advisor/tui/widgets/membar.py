@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widget import Widget
 
-from advisor.policy import GIB
 from advisor.present import label
+from advisor.units import GIB
 
 COLORS = {
     "weights": "#4e79a7", "lora_adapters": "#59a14f", "gradients": "#f28e2b", "optimizer_states": "#e15759",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from advisor.policy import gib
 from advisor.present import badge, breakdown_table, compare_table, short_gpu  # noqa: F401  (the screens' tables)
+from advisor.units import gib
 
 
 def report_table(report: dict, predicted: dict) -> Table:
