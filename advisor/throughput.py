@@ -1,87 +1,92 @@
 """Step time and job time of a training plan, from first principles with a few calibrated constants.
 
 Pure arithmetic on the ModelShape (no torch import; ~0.1 ms a call). docs/time-model.md gives every
-formula with its source; benchmarks/throughput.py fits the free constants (CALIBRATION) on published
-A100 runs of the plain Hugging Face stack and reports held-out validation rows separately.
+formula with its source; benchmarks/throughput.py fits the free constants (CALIBRATION) on the
+calibration rows of benchmarks/data/throughput_published.csv and reports every other row as validation.
 
-One micro-step of T = micro_batch x seq_len tokens per GPU costs, summed:
+One micro-step of T = micro_batch x seq_len positions per GPU costs, summed:
 - matmuls (every linear group, the output head, LoRA's A and B): a roofline per GEMM of m x k x n,
-  ``flops / (U_MAX x peak) + bytes / (BW_EFF x bandwidth)`` with flops = 2mkn and bytes =
-  2(mk + kn + mn) (bf16 operands), for the forward, the recompute under checkpointing, the input
-  gradients (always) and the weight gradients (trainable weights only). MoE experts see
-  m = T x top_k / experts rows each, so fine-grained experts run small, memory-bound GEMMs.
-- attention scores and values (FlashAttention-2 / sdpa: causal half of 4 s^2 d per head forward,
-  2.5x that backward; eager: the full square, 2x backward, plus the s^2 probabilities in memory);
-- elementwise work (norms, activation, residuals, rope, MoE routing), memory-bound: counted bytes
-  per token per layer per pass; the loss over the vocabulary (LOSS_BYTES per logit); peft's LoRA
-  wrapper (cast, dropout, scale, add) and its fp32 adapter GEMMs; QLoRA's fp32 output head;
-- QLoRA: dequantizing each 4-bit weight to bf16 before each use (read 0.5 B + absmax, write 2 B
-  per weight), in the forward, the recompute and the backward;
+  ``flops / (U x peak) + bytes / (BW_EFF x bandwidth)`` with flops = 2mkn and bytes = 2(mk + kn + mn),
+  for the forward, the recompute under checkpointing, the input gradients (always) and the weight
+  gradients (trainable weights only). U = U_MAX x the card generation's share (advisor/throughput_cards.py).
+  MoE experts see m = T x top_k / experts rows each, so fine-grained experts run small, memory-bound GEMMs.
+- attention (FlashAttention-2 / sdpa: the causal half of 4 s^2 d per head forward, 2.5x that backward;
+  eager: the full square, 2x backward, and every s^2 score through memory: EAGER_FWD_BYTES forward,
+  EAGER_BWD_BYTES backward per score);
+- elementwise work (norms, activation, residuals, rope, MoE routing), memory-bound: counted bytes per
+  token per layer per pass; the logits and loss over the vocabulary (LOSS_BYTES per logit, the fp32
+  upcast and log-softmax and their gradients); peft's LoRA wrapper; QLoRA's fp32 output head;
+- QLoRA: dequantizing each 4-bit weight to bf16 before each use;
 - a fixed latency per layer and micro-step (kernel launches, Python: LAYER_LATENCY_S; more under
   FSDP / ZeRO-3 hooks: SHARD_LAYER_LATENCY_S);
 - communication for several GPUs, exposed only where compute cannot hide it.
-Per optimizer step: grad_accum micro-steps plus the optimizer's memory-bound pass over parameter,
-gradient and state bytes.
+Per optimizer step: grad_accum micro-steps plus the optimizer's memory-bound pass over parameters,
+gradients and states (counted per implementation from torch's and bitsandbytes' code) and gradient
+clipping.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from advisor import throughput_cards as cards
 from advisor.gpus import INTERCONNECTS  # one list: the GPU file's parser checks it too
 from advisor.problems import Problem, Problems
+from advisor.throughput_terms import (  # noqa: F401 - re-exported: the public names of the model
+    BW_EFF,
+    EAGER_BWD_BYTES,
+    EAGER_FWD_BYTES,
+    ELEM_H_BYTES,
+    ELEM_H_FUSED_BYTES,
+    ELEM_I_BYTES,
+    ELEM_I_FUSED_BYTES,
+    ELEM_I_PLAIN_BYTES,
+    FP32_SHARE,
+    LINK_EFF,
+    LORA_IN_BYTES,
+    LORA_IN_BYTES_HALF,
+    LORA_IN_BYTES_NO_DROPOUT,
+    LORA_OUT_BYTES,
+    LORA_OUT_BYTES_HALF,
+    LOSS_BYTES,
+    MOE_ROUTE_BYTES,
+    NF4_BYTES_PER_WEIGHT,
+    OVERLAP,
+    RUNNER,
+    STRATEGIES,
+    Stack,
+    gated,
+    loss_kind,
+    optimizer_bytes,
+)
 
 if TYPE_CHECKING:
     from advisor.gpus import Gpu
     from advisor.model import ModelShape
     from advisor.spec import Plan
 
-# --- free constants, fitted by `python benchmarks/throughput.py --fit` on the fit rows only ---------
+# --- free constants, fitted by `python benchmarks/throughput.py --fit` on the calibration rows only -------
 # Stage A, LAYER_LATENCY_S: the Qwen README's LoRA runs on one A100 (batch 1, 256-8192 tokens).
-# Stage B, the rest: ../shared/calibration/fms_a100_80gb_granite.csv, the plain-stack rows (PowerLM-3b
-# full / LoRA / QLoRA on 1-2 A100-80GB under FSDP). Held-out rows and errors: docs/accuracy.md "Throughput".
+# Stage B: fms-acceleration granite (PowerLM-3b full / LoRA / QLoRA on 1-2 A100-80GB under FSDP).
+# Stage C, HOPPER_SHARE: llm-foundry's MPT runs with the same settings on A100 and H100.
+# Validation rows and errors: docs/accuracy.md "Throughput".
 CALIBRATION: dict[str, float] = {
-    "U_MAX": 0.749,  # achievable share of the dense tensor-core peak in a large GEMM / flash attention
-    "LAYER_LATENCY_S": 0.00273,  # seconds per decoder layer per micro-step (launches, Python)
-    "SHARD_LAYER_LATENCY_S": 0.008263,  # more per layer under FSDP / ZeRO-3 (gather, free, reduce hooks)
+    "U_MAX": 0.7577,  # achievable share of the A100's dense tensor-core peak in a large GEMM / flash attention
+    "LAYER_LATENCY_S": 0.002677,  # seconds per decoder layer per micro-step (launches, Python)
+    "SHARD_LAYER_LATENCY_S": 0.008254,  # more per layer under FSDP / ZeRO-3 (gather, free, reduce hooks)
     "DEQUANT_PASSES": 1.0,  # passes of the bitsandbytes dequantize kernel per use of a weight (floor: 1)
-    "LINK_EFF": 0.1886,  # share of the interconnect bandwidth the exposed collectives reach (FSDP, 2 GPUs)
+    "HOPPER_SHARE": 0.8417,  # Hopper's tensor efficiency relative to Ampere's
 }
-# measured / predicted tokens/s on the fit rows, p10-p90, widened to at least +-15% (one model, one GPU)
+# measured / predicted tokens/s on the calibration rows of the plain stack, p10-p90, widened to at least +-15%
 BAND = (0.85, 1.15)
-CALIBRATED_ON = "fitted 2026-12-01: stage A on 18 Qwen README rows, stage B on 12 fms granite rows"
+CALIBRATED_ON = ("fitted 2026-12-07: stage A on 18 Qwen README rows, stage B on 12 fms granite rows, stage C on 14 "
+                 "llm-foundry rows")
+# what the calibration rows span: a plan outside it gets a wider range (time_range)
+CALIBRATED_PARAMS = (0.7e9, 15e9)  # parameters of the calibration models (MPT-760M .. Qwen-14B)
+CALIBRATED_SEQ = (256, 8192)
 
-# --- counted, not fitted (docs/time-model.md) -------------------------------------------------------
-BW_EFF = 0.85  # achievable share of the memory bandwidth in streaming kernels (BabelStream on A100: ~1.7 of 2.0 TB/s)
-# elementwise bytes per token per layer per pass (bf16): two RMSNorms with fp32 upcast (~24 B per hidden
-# value each), two residual adds (12), rope on q and k (~16), dropout-free: 76 B per hidden value; the
-# gated activation silu(gate) * up (read 2, write 1 in 2 bytes, plus silu's own read/write): 10 B per
-# intermediate value
-ELEM_H_BYTES = 76
-ELEM_H_FUSED_BYTES = 28  # fused RMSNorm (read + write, 4 B) twice, residuals (12), fused rotary (~8)
-ELEM_I_BYTES = 10
-# MoE routing per token per layer and chosen expert: gather the token (read + write h), index_add the
-# expert output back (read 2h, write h) in 2-byte values
-MOE_ROUTE_BYTES = 10
-LOSS_BYTES = 24  # per logit: bf16 logits written/read, fp32 upcast, log-softmax, its gradient, back to bf16
-# peft LoRA wrapper per token and pass: x cast to fp32 (read 2, write 4), dropout (read 4, write 4 and a
-# 1-byte mask), the A GEMM reads it (4): ~19 B per input feature; B's fp32 output, scaled (read+write 8),
-# cast and added to the frozen layer's output (read 4 + 2, write 2): ~16 B per output feature
-LORA_IN_BYTES = 19
-LORA_IN_BYTES_NO_DROPOUT = 10  # lora_dropout 0: peft's Identity, no mask and no copy
-# under autocast (or bf16 adapters) the wrapper works in 2-byte values: dropout reads 2, writes 2 and a
-# 1-byte mask; B's bf16 output is scaled (read + write 4) and added (read 4, write 2)
-LORA_IN_BYTES_HALF = 5
-LORA_OUT_BYTES_HALF = 12
-LORA_OUT_BYTES = 16
-OPT_PASSES = 3.0  # torch foreach AdamW reads and writes parameter, gradient and states about 3 times
-FP32_SHARE = 1 / 16  # fp32 without tensor cores: A100 19.5 of 312 TFLOPS (torch does not use TF32 by default)
-# share of the communication time that compute can hide, by strategy
-OVERLAP = {"ddp": 0.67, "zero1": 0.5, "zero2": 0.5, "zero3": 0.9}
-STRATEGIES = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}
-NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights (before double quant)
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,12 @@ class StepTime:
 
     step_s: float
     parts: dict[str, float]
-    tokens_per_step: int  # per GPU: micro_batch x seq_len x grad_accum
+    tokens_per_step: int  # per GPU: micro_batch x seq_len x grad_accum (every position computed)
     flops_per_step: float  # model FLOPs per GPU per step (matmuls + attention, incl. recompute)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.step_s
-
 
 
 def _peak_flops(gpu: Gpu, precision: str) -> float:
@@ -105,13 +109,13 @@ def _peak_flops(gpu: Gpu, precision: str) -> float:
     return half * FP32_SHARE if precision == "fp32" else half
 
 
-def _gemm_s(m: float, k: int, n: int, count: float, peak: float, bw: float, c: dict[str, float]) -> float:
-    """Roofline time of `count` GEMMs (m x k) @ (k x n) with 2-byte operands."""
+def _gemm_s(m: float, k: int, n: int, count: float, peak: float, bw: float, u: float) -> float:
+    """Roofline time of `count` GEMMs (m x k) @ (k x n) with 2-byte operands at tensor share `u`."""
     if m <= 0 or count <= 0:
         return 0.0
     flops = 2.0 * m * k * n
     byts = 2.0 * (m * k + k * n + m * n)
-    return count * (flops / (c["U_MAX"] * peak) + byts / (BW_EFF * bw))
+    return count * (flops / (u * peak) + byts / (BW_EFF * bw))
 
 
 def _flops(m: float, k: int, n: int, count: float) -> float:
@@ -140,22 +144,6 @@ def link_bandwidth(gpu: Gpu, num_gpus: int) -> float:
     return gbs * 1e9
 
 
-@dataclass(frozen=True)
-class Stack:
-    """What the training loop around the model does. The default is tuneplan's runner (transformers +
-    peft, advisor/stack.py); the calibration describes the published runs with it."""
-
-    autocast: bool | None = None  # forward under bf16/fp16 autocast; None: from the precision (amp-* only)
-    fused_norms: bool = False  # fused RMSNorm / rotary kernels (flash-attn's) instead of transformers' ops
-    sharded_single: bool = False  # FSDP / ZeRO-3 wrapping even on one GPU (the fms harness does it)
-    # QLoRA: prepare_model_for_kbit_training casts the output head to fp32; None: the runner's rule (it
-    # does so unless the model is sharded with FSDP / ZeRO-3, see advisor/stack.py)
-    kbit_fp32_head: bool | None = None
-
-
-RUNNER = Stack()
-
-
 def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | None = None,
               stack: Stack = RUNNER) -> StepTime:
     """Seconds per optimizer step of a training plan on `gpu` (hardware.gpus of them).
@@ -163,7 +151,7 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     `stack`: the loop around the model (default: the runner). Without autocast peft's fp32 adapters
     run their GEMMs in fp32; under autocast (amp-*, or the Trainer's --bf16) in half precision."""
     c = CALIBRATION if c is None else c
-    from advisor.memory import gradients_bytes, optimizer_states_bytes, trainable_params, weights_bytes
+    from advisor.memory import gradients_bytes, trainable_params, weights_bytes
 
     t, hw = plan.training, plan.hardware
     n_gpu = hw.gpus
@@ -172,21 +160,26 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     if peak <= 0 or bw <= 0:
         raise Problems(Problem(f"{gpu.name} has no TFLOPS or bandwidth in the GPU table, so no time can be "
                                "estimated", "hardware.gpu", "add fp16_tflops and bandwidth_gbs to the GPU file"))
+    u = c["U_MAX"] * cards.share(cards.generation(gpu), c)
     T = float(t.micro_batch * t.seq_len)
     s, b = t.seq_len, t.micro_batch
-    ckpt = 1 if t.grad_checkpointing else 0
+    ckpt = stack.recompute if t.grad_checkpointing else 0.0
     full = t.method == "full"
     lora_targets = set()
     if not full:
         lora_targets = {id(g) for g in shape.lora_groups(t.lora.targets)}
+    fused = stack.fused_norms or stack.compiled
 
     mm = attn = flops = lora_elem = 0.0
     # peft keeps adapters in fp32 (autocast_adapter_dtype=True) and casts the input to it: without
     # autocast the adapter GEMMs run in fp32, without tensor cores
     autocast = t.precision.startswith("amp") if stack.autocast is None else stack.autocast
-    apeak = peak * FP32_SHARE if not autocast and t.precision != "fp32" else peak
-    if autocast:  # half-precision wrapper: dropout on the bf16 input, bf16 B output, scale, add
+    half_adapters = autocast or not stack.peft_wrapper
+    apeak = peak * FP32_SHARE if not half_adapters and t.precision != "fp32" else peak
+    if half_adapters:  # half-precision wrapper: dropout on the bf16 input, bf16 B output, scale, add
         lora_in, lora_out = (LORA_IN_BYTES_HALF if t.lora.dropout > 0 else 0), LORA_OUT_BYTES_HALF
+        if stack.compiled:  # scale and add fused into one pass over the output (read 4, write 2)
+            lora_out = 6
     else:
         lora_in = LORA_IN_BYTES if t.lora.dropout > 0 else LORA_IN_BYTES_NO_DROPOUT
         lora_out = LORA_OUT_BYTES
@@ -195,23 +188,23 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
         e = max(g.experts, 1)
         m = T if e == 1 else T * max(shape.experts_per_token, 1) / e
         cnt = g.count * e
-        per = _gemm_s(m, g.in_features, g.out_features, cnt, peak, bw, c)
+        per = _gemm_s(m, g.in_features, g.out_features, cnt, peak, bw, u)
         f = _flops(m, g.in_features, g.out_features, cnt)
         passes = fwd_passes + 1 + (1 if full else 0)  # + input grads + weight grads when trained
         mm += per * passes
         flops += f * passes
         if id(g) in lora_targets:
             r = t.lora.r * g.rank_mult // (e if e > 1 else 1)
-            la = _gemm_s(m, g.in_features, r, cnt, apeak, bw, c) + _gemm_s(m, r, g.out_features, cnt, apeak, bw, c)
+            la = _gemm_s(m, g.in_features, r, cnt, apeak, bw, u) + _gemm_s(m, r, g.out_features, cnt, apeak, bw, u)
             mm += la * (fwd_passes + 2)
             flops += (_flops(m, g.in_features, r, cnt) + _flops(m, r, g.out_features, cnt)) * (fwd_passes + 2)
-            # peft's wrapper around the frozen layer: cast x to the adapter dtype, dropout, scale, add
+            # the wrapper around the frozen layer: cast x to the adapter dtype, dropout, scale, add
             lora_elem += m * cnt * (lora_in * g.in_features + lora_out * g.out_features) * (fwd_passes + 2)
     # output head: forward, input grads, weight grads when it is trained (full); never recomputed
     # QLoRA: prepare_model_for_kbit_training casts every non-quantized weight (the head too) to fp32
     fp32_head = strategy_of(plan) != "zero3" if stack.kbit_fp32_head is None else stack.kbit_fp32_head
     hpeak = peak * FP32_SHARE if t.method == "qlora" and fp32_head and t.precision != "fp32" else peak
-    head = _gemm_s(T, shape.hidden_size, shape.vocab_size, 1, hpeak, bw, c)
+    head = _gemm_s(T, shape.hidden_size, shape.vocab_size, 1, hpeak, bw, u)
     head_passes = 2 + (1 if full else 0)
     mm += head * head_passes
     flops += _flops(T, shape.hidden_size, shape.vocab_size, 1) * head_passes
@@ -222,22 +215,23 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     fa = 4.0 * b * s * ctx * shape.head_dim * shape.num_heads * shape.num_layers
     if t.attn_impl == "eager":
         a_fwd, a_bwd = fa, 2 * fa
-        probs = b * shape.num_heads * s * ctx * shape.num_layers * (2 + 4 + 2)  # scores, fp32 softmax, probs
-        attn_mem = probs * (fwd_passes + 2) / (BW_EFF * bw)
+        scores = b * shape.num_heads * s * ctx * shape.num_layers
+        attn_mem = scores * (EAGER_FWD_BYTES * fwd_passes + EAGER_BWD_BYTES) / (BW_EFF * bw)
     else:
         a_fwd, a_bwd = fa / 2, 2.5 * fa / 2  # FlashAttention-2: 2 GEMMs forward, 5 backward
         attn_mem = 0.0
     attn_flops = a_fwd * fwd_passes + a_bwd
-    attn = attn_flops / (c["U_MAX"] * peak) + attn_mem
+    attn = attn_flops / (u * peak) + attn_mem
     flops += attn_flops
 
     act_b = 4 if t.precision == "fp32" else 2
-    per_tok = (ELEM_H_FUSED_BYTES if stack.fused_norms else ELEM_H_BYTES) * shape.hidden_size + \
-        ELEM_I_BYTES * shape.intermediate_size
+    is_gated = gated(shape)
+    i_bytes = (ELEM_I_FUSED_BYTES if stack.compiled else ELEM_I_BYTES) if is_gated else ELEM_I_PLAIN_BYTES
+    per_tok = (ELEM_H_FUSED_BYTES if fused else ELEM_H_BYTES) * shape.hidden_size + i_bytes * shape.intermediate_size
     if shape.num_experts and shape.experts_per_token:
         per_tok += MOE_ROUTE_BYTES * shape.hidden_size * shape.experts_per_token
     elem = per_tok * act_b / 2 * T * shape.num_layers * (fwd_passes + 2) / (BW_EFF * bw)
-    loss = LOSS_BYTES * T * shape.vocab_size / (BW_EFF * bw)
+    loss = LOSS_BYTES[loss_kind(stack, t.transformers)] * T * shape.vocab_size / (BW_EFF * bw)
     per_layer = c["LAYER_LATENCY_S"]
     if strategy_of(plan) == "zero3" or stack.sharded_single:  # FSDP / ZeRO-3 hooks on every layer
         per_layer += c["SHARD_LAYER_LATENCY_S"]
@@ -255,10 +249,12 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     strat = strategy_of(plan)
     comm_micro = comm_step = 0.0
     if n_gpu > 1:
-        link = link_bandwidth(gpu, n_gpu) * c["LINK_EFF"]
+        link = link_bandwidth(gpu, n_gpu) * LINK_EFF
         ring = (n_gpu - 1) / n_gpu
         wbytes = weights_bytes(shape, t)
         gbytes = gradients_bytes(shape, t)
+        if t.precision.startswith("amp"):  # FSDP / ZeRO mixed precision gathers and reduces in the half dtype
+            wbytes, gbytes = wbytes / 2, gbytes / 2
         if strat == "zero3":  # FSDP full shard: all-gather in forward and backward, reduce-scatter gradients
             comm_micro = ring * (2 * wbytes + gbytes) / link
         elif strat == "ddp":  # all-reduce once per step (no_sync while accumulating)
@@ -271,11 +267,10 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     exposed_step = max(0.0, comm_step - ov * micro * backward_share)
 
     # optimizer step: memory-bound over parameters, gradients and states (sharded from ZeRO-1 on)
-    tb = trainable_params(shape, t) * (2 if (full and t.precision in ("bf16", "fp16")) else 4)
-    opt_bytes = OPT_PASSES * (2 * tb + gradients_bytes(shape, t) + optimizer_states_bytes(shape, t))
+    opt_bytes = optimizer_bytes(plan, shape, stack)
     if n_gpu > 1 and strat != "ddp":
         opt_bytes /= n_gpu
-    opt = opt_bytes / (BW_EFF * bw) if t.optimizer != "sgd" else tb * 3 / (BW_EFF * bw)
+    opt = opt_bytes / (BW_EFF * bw)
 
     ga = t.grad_accum
     parts = {"matmul_s": mm * ga, "attention_s": attn * ga, "elementwise_s": elem * ga, "loss_s": loss * ga,
@@ -283,6 +278,56 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
              "comm_exposed_s": exposed_micro * ga + exposed_step, "optimizer_s": opt}
     step = sum(parts.values())
     return StepTime(step, parts, int(T) * ga, flops * ga)
+
+
+# --- what the range knows ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TimeRange:
+    """Measured / predicted throughput the plan can expect: (low, high), and why it is wider than BAND."""
+
+    low: float
+    high: float
+    outside: list[str] = field(default_factory=list)  # each way the plan is outside the calibration
+
+
+def time_range(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | None = None) -> TimeRange:
+    """BAND (the calibration rows' spread) widened for each way the plan leaves the calibration:
+    - a card of a generation without calibration rows: by the spread between the calibrated generations'
+      shares (1 / HOPPER_SHARE): the card's share may be anywhere between them;
+    - a model size, sequence length, precision, strategy or attention kernel the calibration rows do not
+      span: each doubles the distance of the band's ends from 1 (an assumption: no measurement sets it)."""
+    c = CALIBRATION if c is None else c
+    lo, hi = BAND
+    outside: list[str] = []
+    gen = cards.generation(gpu)
+    if not cards.is_calibrated(gen):
+        outside.append(f"{gpu.name}: {cards.why_not(gen)}")
+        spread = max(1.0 / c["HOPPER_SHARE"], c["HOPPER_SHARE"])
+        lo, hi = lo / spread, hi * spread
+    t = plan.training
+    other = []
+    n = shape.params_total
+    if not CALIBRATED_PARAMS[0] <= n <= CALIBRATED_PARAMS[1]:
+        other.append(f"{n / 1e9:.2g}B parameters (calibrated {CALIBRATED_PARAMS[0] / 1e9:.1f}-"
+                     f"{CALIBRATED_PARAMS[1] / 1e9:.0f}B)")
+    if not CALIBRATED_SEQ[0] <= t.seq_len <= CALIBRATED_SEQ[1]:
+        other.append(f"seq_len {t.seq_len} (calibrated {CALIBRATED_SEQ[0]}-{CALIBRATED_SEQ[1]})")
+    if t.precision not in ("bf16", "amp-bf16"):
+        other.append(f"{t.precision} (calibrated: bf16)")
+    if shape.num_experts:
+        other.append("a mixture of experts (no calibration row)")
+    if t.attn_impl == "eager":
+        other.append("eager attention (calibrated: flash / sdpa)")
+    strat = strategy_of(plan)
+    if strat in ("ddp", "zero1", "zero2"):
+        other.append(f"{strat.upper() if strat == 'ddp' else 'ZeRO-' + strat[-1]} (calibrated: one GPU, FSDP)")
+    if plan.hardware.gpus > gpu.gpus_per_node:
+        other.append("several nodes (calibrated: one node)")
+    for why in other:
+        outside.append(why)
+        lo, hi = 1 - 2 * (1 - lo), 1 + 2 * (hi - 1)
+    return TimeRange(max(lo, 0.05), hi, outside)
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -307,36 +352,65 @@ class JobTime:
     cost_note: str | None
     assumptions: str
     parts: dict[str, float]
+    range_x: tuple[float, float] = BAND  # measured / predicted throughput the range allows (low, high)
+    outside_calibration: list[str] = field(default_factory=list)  # why the range is wider than BAND
+    positions_per_token: float = 1.0  # positions computed per counted token (padding), >= 1
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("step_s", "tokens_per_s_per_gpu", "hours", "hours_low", "hours_high"):
+        for k in ("step_s", "tokens_per_s_per_gpu", "hours", "hours_low", "hours_high", "positions_per_token"):
             d[k] = round(d[k], 4)
         for k in ("cost_usd", "cost_low", "cost_high"):
             d[k] = None if d[k] is None else round(d[k], 2)
+        d["range_x"] = [round(x, 3) for x in self.range_x]
         d["parts"] = {k: round(v, 5) for k, v in self.parts.items()}
         return d
 
 
-def assumptions_line(plan: Plan, gpu: Gpu) -> str:
+def positions_per_token(plan: Plan, avg_tokens: float) -> float:
+    """Sequence positions computed per real token: 1 for packed data (or one sequence per batch padded to
+    itself); data.pad_to=seq_len pads every example to seq_len. Padding to the longest of a batch depends
+    on the length spread, which the job does not give: taken as 1 (the assumptions line says so)."""
+    d, t = plan.data, plan.training
+    if d.packing or d.pad_to != "seq_len":
+        return 1.0
+    return t.seq_len / max(1.0, min(float(avg_tokens), float(t.seq_len)))
+
+
+def assumptions_line(plan: Plan, gpu: Gpu, rng: TimeRange | None = None, pad: float = 1.0) -> str:
     t = plan.training
     strat = strategy_of(plan)
     where = "1 GPU" if strat == "single" else f"{plan.hardware.gpus} GPUs, {strat} over {gpu.interconnect}"
-    lo, hi = BAND
-    return (f"{t.precision} on {gpu.name} ({where}); {CALIBRATION['U_MAX']:.0%} of the tensor peak in large "
-            f"GEMMs, {BW_EFF:.0%} of memory bandwidth; "
+    lo, hi = (rng.low, rng.high) if rng else BAND
+    gen = cards.generation(gpu)
+    u = CALIBRATION["U_MAX"] * cards.share(gen, CALIBRATION)
+    d = plan.data
+    if d.packing:
+        padding = "examples packed into seq_len sequences (no padding)"
+    elif d.pad_to == "seq_len":
+        padding = f"every example padded to seq_len ({pad:.2g} positions per token)"
+    elif t.micro_batch > 1:
+        padding = "padding to each batch's longest not counted (pack the data to avoid it)"
+    else:
+        padding = "one sequence per micro-batch (no padding)"
+    line = (f"{t.precision} on {gpu.name} ({where}); {u:.0%} of the tensor peak in large GEMMs "
+            f"({cards.NAMES.get(gen, gen)}), {BW_EFF:.0%} of memory bandwidth; "
             f"{'checkpointing on' if t.grad_checkpointing else 'no checkpointing'}, {t.attn_impl} attention; "
-            f"every sequence seq_len tokens (padding computed as tokens); "
-            f"range {lo:.2f}-{hi:.2f}x from the calibration residuals")
+            f"{padding}; range {lo:.2f}-{hi:.2f}x")
+    if rng and rng.outside:
+        line += " (wider: outside the calibration: " + "; ".join(rng.outside) + ")"
+    else:
+        line += " from the calibration residuals"
+    return line
 
 
 def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens: int, epochs: float) -> JobTime:
     """Time and cost of training on `examples` examples of `avg_tokens` tokens for `epochs` epochs.
 
-    Tokens are taken as packed into full sequences of seq_len (padding is not counted). Raises
-    Problems for a job of no examples, non-finite or negative epochs, an unknown interconnect, or a
-    plan that is not a training plan. A GPU without a price still gets its time; the cost is None and
-    ``cost_note`` says why."""
+    Tokens are real tokens; the positions computed for them follow the plan's data settings
+    (positions_per_token). Raises Problems for a job of no examples, non-finite or negative epochs, an
+    unknown interconnect, or a plan that is not a training plan. A GPU without a price still gets its
+    time; the cost is None and ``cost_note`` says why."""
     from advisor.job import job_problems
 
     problems = job_problems(examples, avg_tokens, epochs)
@@ -345,14 +419,16 @@ def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens:
     if problems:
         raise Problems(problems)
     st = step_time(plan, shape, gpu)
+    rng = time_range(plan, shape, gpu)
     n = plan.hardware.gpus
+    pad = positions_per_token(plan, avg_tokens)
     tokens = int(examples * avg_tokens * epochs)
+    positions = tokens * pad
     per_step_all = st.tokens_per_step * n
-    steps = max(1, math.ceil(tokens / per_step_all))
-    secs = tokens / (st.tokens_per_s * n)
+    steps = max(1, math.ceil(positions / per_step_all))
+    secs = positions / (st.tokens_per_s * n)
     hours = secs / 3600
-    lo, hi = BAND  # measured / predicted throughput p10, p90: time scales inversely
-    h_low, h_high = hours / hi, hours / lo
+    h_low, h_high = hours / rng.high, hours / rng.low  # throughput's (low, high): time scales inversely
     price = gpu.price_usd_hour
     if price is None:
         cost = c_lo = c_hi = None
@@ -360,8 +436,9 @@ def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens:
     else:
         cost, c_lo, c_hi = hours * n * price, h_low * n * price, h_high * n * price
         note = None
-    return JobTime(st.step_s, st.tokens_per_s, tokens, steps, hours, h_low, h_high, n, gpu.name, price, cost,
-                   c_lo, c_hi, note, assumptions_line(plan, gpu), st.parts)
+    return JobTime(st.step_s, st.tokens_per_s / pad, tokens, steps, hours, h_low, h_high, n, gpu.name, price, cost,
+                   c_lo, c_hi, note, assumptions_line(plan, gpu, rng, pad), st.parts, (rng.low, rng.high),
+                   list(rng.outside), pad)
 
 
 def train_hours(shape: ModelShape, plan: Plan, gpu: Gpu, num_gpus: int, zero: int, tokens: float) -> float:
