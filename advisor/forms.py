@@ -1,10 +1,12 @@
-"""The plan form (the TUI's plan screen) -> service calls -> what the screens show. Headless: no
-Textual here, and no formula either.
+"""The plan form (the app's inputs, on the Plan screen and the job's on the Advice screen) -> service
+calls -> what the screens show. Headless: no Textual here, and no formula either.
 
-The form keeps its inputs as a flat dict of strings (``FORM_DEFAULTS``); :func:`evaluate` turns it
-into a plan dict, calls :func:`advisor.service.build` (every problem at once, typed) and puts each
-problem on the form field of its plan field (``LOC_FIELD``); a problem with no field is general.
-The numbers come from :mod:`advisor.service` alone.
+The form keeps its inputs as a flat dict of strings (``FORM_DEFAULTS``): the plan's fields and the
+job's (``job_examples``, ``job_avg_tokens``, ``epochs``, ``job_target_batch``, ``job_budget``), so one
+form is the whole plan the app holds. :func:`evaluate` turns it into a plan dict, calls
+:func:`advisor.service.build` (every problem at once, typed) and puts each problem on the form field
+of its plan field (``LOC_FIELD``); a problem with no field is general. The numbers come from
+:mod:`advisor.service` alone.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advisor.problems import Problem, Problems
-from advisor.spec import Plan
+from advisor.problems import Change, Problem, Problems
+from advisor.spec import Plan, field_table
 
 FORM_DEFAULTS: dict[str, Any] = {
     "model": "meta-llama/Llama-3.1-8B", "gpu": "rtx-4090", "gpus": "1", "zero": "0", "task": "training",
     "method": "qlora", "precision": "bf16", "optimizer": "adamw", "batch": "1", "seq": "2048", "accum": "1",
     "ckpt": True, "lora_r": "16", "lora_alpha": "16", "lora_targets": "all-linear", "weight_quant": "none",
-    "transformers": "5",
+    "transformers": "5", "device": "cuda",
+    # the job (job.*, run.epochs), edited on the Advice screen
+    "job_examples": "1000", "job_avg_tokens": "512", "epochs": "3", "job_target_batch": "16", "job_budget": "",
 }
+JOB_INPUTS = ("job_examples", "job_avg_tokens", "epochs", "job_target_batch", "job_budget")
 # the form's choice of transformers release: one per set of memory rules (advisor/software.py); a loaded
 # plan's own release string is offered beside them
 TRANSFORMERS_CHOICES = [("transformers 5", "5"), ("transformers 4.49-4.57", "4.57"),
@@ -30,16 +35,18 @@ TRANSFORMERS_CHOICES = [("transformers 5", "5"), ("transformers 4.49-4.57", "4.5
 
 NO_GPU = "none"  # the GPU select's "no GPU" choice (plan.hardware.gpu = None)
 
-# pydantic location -> form field
-LOC_FIELD = {
-    "model.ref": "model", "model": "model", "hardware.gpu": "gpu", "hardware.gpus": "gpus", "hardware.zero": "zero",
-    "task": "task", "training.method": "method", "training.precision": "precision",
-    "inference.precision": "precision", "training.optimizer": "optimizer", "training.micro_batch": "batch",
-    "inference.batch": "batch", "training.seq_len": "seq", "inference.seq_len": "seq",
-    "training.grad_accum": "accum", "training.grad_checkpointing": "ckpt", "training.lora.r": "lora_r",
-    "training.lora.alpha": "lora_alpha", "training.lora.targets": "lora_targets",
-    "inference.weight_quant": "weight_quant", "training.transformers": "transformers",
-}
+# plan field -> the app's form field: the plan schema's own metadata (advisor.spec.field_table); "model"
+# is where a whole model section that is wrong lands
+LOC_FIELD = {path: meta["form"] for path, meta in field_table().items() if meta.get("form")} | {"model": "model"}
+
+
+def say_change(c: Change, on_field: str | None = None) -> str:
+    """A fix as the app words it: on the field it changes, the value alone ('use 2048 or less'); on
+    another field, that field by its form name ('set method to full')."""
+    here = LOC_FIELD.get(c.field)
+    if on_field is not None and here == LOC_FIELD.get(on_field):
+        return "use " + c.words("", "").strip()
+    return "set " + c.words(here or c.field, " to ")
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
@@ -54,7 +61,10 @@ def form_from_plan(plan: Plan) -> dict[str, Any]:
         "batch": str(i.batch if inf else t.micro_batch), "seq": str(i.seq_len if inf else t.seq_len),
         "accum": str(t.grad_accum), "ckpt": t.grad_checkpointing, "lora_r": str(t.lora.r),
         "lora_alpha": f"{t.lora.alpha:g}", "lora_targets": targets, "weight_quant": i.weight_quant,
-        "transformers": t.transformers,
+        "transformers": t.transformers, "device": hw.device,
+        "job_examples": str(plan.job.examples), "job_avg_tokens": str(plan.job.avg_tokens),
+        "epochs": f"{plan.run.epochs:g}", "job_target_batch": str(plan.job.target_batch),
+        "job_budget": "" if plan.job.budget_usd is None else f"{plan.job.budget_usd:g}",
     }
 
 
@@ -80,17 +90,27 @@ def plan_dict(form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[
         tr.update({"precision": form["precision"], "micro_batch": form["batch"], "seq_len": form["seq"]})
     hw = d.setdefault("hardware", {})
     hw.update({"gpu": None if form["gpu"] in (NO_GPU, "", None) else form["gpu"], "gpus": form["gpus"],
-               "zero": int(form["zero"]) if str(form["zero"]).isdigit() else form["zero"]})
+               "zero": int(form["zero"]) if str(form["zero"]).isdigit() else form["zero"],
+               "device": form.get("device") or "cuda"})
+    job = d.setdefault("job", {})
+    for name, key in (("job_examples", "examples"), ("job_avg_tokens", "avg_tokens"),
+                      ("job_target_batch", "target_batch")):
+        if name in form:
+            job[key] = form[name]
+    if "job_budget" in form:
+        job["budget_usd"] = None if str(form["job_budget"]).strip() in ("", "none") else form["job_budget"]
+    if "epochs" in form:
+        d.setdefault("run", {})["epochs"] = form["epochs"]
     return d
 
 
 def needs_fetch(ref: str) -> bool:
     """True for a hub id that is neither bundled nor local: resolving it may reach the network (and
     count the architecture with torch), so the form resolves it on Enter, in a worker."""
-    from advisor.model import _bundled_lookup  # the advisor's own forgiving profile match
+    from advisor.service import is_offline_ref
 
     ref = ref.strip()
-    if not ref or Path(ref).expanduser().exists() or _bundled_lookup(ref) is not None:
+    if not ref or Path(ref).expanduser().exists() or is_offline_ref(ref):
         return False
     return bool(_HUB_ID.fullmatch(ref))
 
@@ -133,16 +153,18 @@ def place(problems: list[Problem]) -> tuple[dict[str, str], list[str]]:
     general: list[str] = []
     for p in problems:
         name = LOC_FIELD.get(p.field or "")
+        message = p.worded(lambda c, f=p.field: say_change(c, f))
         if name is None:
-            general.append(str(p))
+            general.append(f"{p.field}: {message}" if p.field else message)
         else:
-            errors[name] = f"{errors[name]}; {p.message}" if name in errors else p.message
+            errors[name] = f"{errors[name]}; {message}" if name in errors else message
     return errors, general
 
 
 def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, job: Any = None) -> Evaluation:
     """Validate and estimate one state of the form (with the job, its time and cost, and the longest
-    sequence and largest micro-batch that fit the GPU); never raises on user input."""
+    sequence and largest micro-batch that fit the GPU); never raises on user input. ``job`` (an
+    advisor.job.Job) replaces the form's job fields."""
     from advisor import service
 
     ev = Evaluation(dict(form))
@@ -150,17 +172,21 @@ def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, job: Any 
     if needs_fetch(ref) and ref not in FETCHED:
         ev.errors["model"] = f"{ref!r} is not a bundled profile; press Enter to fetch its config.json from the hub"
         return ev
+    data = plan_dict(form, base)
+    if job is not None:  # the job's fields, as the plan carries them (job.*, run.epochs)
+        for section, values in job.plan_values().items():
+            data.setdefault(section, {}).update(values)
     try:
-        ctx = service.build(plan_dict(form, base))
+        ctx = service.build(data)
     except Problems as e:
         ev.problems = e.items
         ev.errors, ev.general = place(e.items)
         return ev
     ev.plan, ev.shape, ev.gpu = ctx.plan, ctx.shape, ctx.gpu
     try:
-        ev.result = service.estimate(ctx, job=job)
+        ev.result = service.estimate(ctx)
         ev.compare = service.compare(ctx)
-        ev.gpu_rows = service.gpu_rows(ctx, job.tokens if job is not None else None)
+        ev.gpu_rows = service.gpu_rows(ctx)
         if ctx.gpu is not None and ctx.plan.task == "training" and ctx.plan.hardware.device == "cuda":
             ev.limits = [service.limits(ctx, "seq"), service.limits(ctx, "batch")]
     except Exception as e:  # an estimator limit (EstimateError) or anything unforeseen: shown, never a crash

@@ -1,20 +1,34 @@
-"""The job a fine-tune chews through: examples x tokens per example x epochs, the target effective
-batch and an optional budget; and the one check of those numbers (fields job.*, shown by the CLI as
-its flags, by the TUI on the advice screen's fields)."""
+"""The job a fine-tune chews through, as the plan carries it: ``job.examples`` x ``job.avg_tokens`` x
+``run.epochs``, the target effective batch and an optional budget (advisor.spec.JobSpec). :class:`Job`
+is that value for the time and cost models; its numbers are checked once, by the plan's schema
+(:func:`job_problems` asks it), so the CLI's flags, the app's fields and a plan file agree.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from advisor.problems import Problem, Problems
+from advisor.spec import JobSpec, RunSpec
 
-DEFAULT_EXAMPLES = 1000
-DEFAULT_AVG_TOKENS = 512
-DEFAULT_EPOCHS = 3.0
-DEFAULT_TARGET_BATCH = 16
+if TYPE_CHECKING:
+    from advisor.spec import Plan
+
+DEFAULT_EXAMPLES: int = JobSpec.model_fields["examples"].default
+DEFAULT_AVG_TOKENS: int = JobSpec.model_fields["avg_tokens"].default
+DEFAULT_TARGET_BATCH: int = JobSpec.model_fields["target_batch"].default
+DEFAULT_EPOCHS: float = RunSpec.model_fields["epochs"].default
 DEFAULT_SEQ = 2048
+
+# the job's plan fields: where each number lives in a plan (and its problems' field)
+FIELDS = {"examples": "job.examples", "avg_tokens": "job.avg_tokens", "epochs": "run.epochs",
+          "target_batch": "job.target_batch", "budget_usd": "job.budget_usd"}
+
+
+_FIX = {"job.examples": "the number of training examples", "job.avg_tokens": "the mean tokens per example",
+        "run.epochs": "1-3 is usual", "job.target_batch": "the target effective batch, e.g. 16",
+        "job.budget_usd": "leave it out for no limit"}
 
 
 @dataclass(frozen=True)
@@ -32,45 +46,35 @@ class Job:
     def tokens(self) -> float:
         return float(self.examples) * self.avg_tokens * self.epochs
 
+    @classmethod
+    def of(cls, plan: Plan) -> Job:
+        """The plan's job (job.* and run.epochs)."""
+        j = plan.job
+        return cls(j.examples, j.avg_tokens, plan.run.epochs, j.target_batch, j.budget_usd)
+
+    def plan_values(self) -> dict[str, dict[str, Any]]:
+        """The job as plan sections, to merge into a plan dict (``{"job": {...}, "run": {"epochs": ...}}``)."""
+        return {"job": {"examples": self.examples, "avg_tokens": self.avg_tokens, "target_batch": self.target_batch,
+                        "budget_usd": self.budget_usd}, "run": {"epochs": self.epochs}}
+
 
 def job_problems(examples: Any, avg_tokens: Any, epochs: Any, target_batch: Any = DEFAULT_TARGET_BATCH,
                  budget_usd: Any = None, gpus: Any = None) -> list[Problem]:
-    """Every problem with the job's numbers (fields job.*; the CLI shows them as flags)."""
+    """Every problem with the job's numbers, as the plan's schema finds them (fields job.* and
+    run.epochs; the CLI shows them as its flags, the app on its fields). ``gpus``: recommend's GPU
+    count (job.gpus), which is a question, not a plan field."""
+    from advisor.spec import SpecError, build_plan
 
-    def number(v: Any, kind: type) -> float | None:
-        if isinstance(v, bool) or (kind is int and isinstance(v, float) and not v.is_integer()):
-            return None
-        try:
-            x = kind(v)
-        except (TypeError, ValueError, OverflowError):
-            return None
-        return x if math.isfinite(x) else None
-
-    out = []
-    ex, tok, ep, tb = (number(examples, int), number(avg_tokens, int), number(epochs, float),
-                       number(target_batch, int))
-    if ex is None or ex < 1:
-        out.append(Problem(f"must be at least 1, a whole number (got {examples!r})", "job.examples",
-                           "the number of training examples"))
-    if tok is None or tok < 1:
-        out.append(Problem(f"must be at least 1, a whole number (got {avg_tokens!r})", "job.avg_tokens",
-                           "the mean tokens per example"))
-    if ep is None or not 0 < ep <= 1000:
-        out.append(Problem(f"must be a finite number above 0 and at most 1000 (got {epochs!r})", "job.epochs",
-                           "1-3 is usual"))
-    if tb is None or tb < 1:
-        out.append(Problem(f"must be at least 1, a whole number (got {target_batch!r})", "job.target_batch",
-                           "the target effective batch, e.g. 16"))
-    if budget_usd is not None:
-        b = number(budget_usd, float)
-        if b is None or b <= 0:
-            out.append(Problem(f"must be a positive amount of US dollars (got {budget_usd!r})", "job.budget_usd",
-                               "leave it out for no limit"))
-    if gpus is not None:
-        g = number(gpus, int)
-        if g is None or not 1 <= g <= 4096:
-            out.append(Problem(f"must be between 1 and 4096 (got {gpus!r})", "job.gpus",
-                               "leave it out to let tuneplan choose"))
+    values = {"job": {"examples": examples, "avg_tokens": avg_tokens, "target_batch": target_batch,
+                      "budget_usd": budget_usd}, "run": {"epochs": epochs}}
+    out: list[Problem] = []
+    try:
+        build_plan(values)
+    except SpecError as e:
+        out += [Problem(p.what, p.field, p.fix or _FIX.get(p.field or "")) for p in e.items]
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 4096):
+        out.append(Problem(f"must be between 1 and 4096 (got {gpus!r})", "job.gpus",
+                           "leave it out to let tuneplan choose"))
     return out
 
 

@@ -7,6 +7,7 @@ Secrets never go in a plan: there is no token field, and keys that look like one
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from pydantic import BaseModel
 from advisor.problems import Problem
 from advisor.spec import Plan, SpecError, build_plan
 
-SECRET_WORDS = ("token", "password", "secret", "api_key")
+# a key that names a secret: token, hf_token, access-token, password, api_key... (not avg_tokens, a count)
+_SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:token|password|passwd|secret|api[_\-]?key)$", re.IGNORECASE)
 
 
 def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
@@ -75,7 +77,7 @@ def _find_secrets(data: Any, where: str = "") -> list[str]:
     if isinstance(data, dict):
         for k, v in data.items():
             key = f"{where}.{k}" if where else str(k)
-            if any(w in str(k).lower() for w in SECRET_WORDS):
+            if _SECRET_KEY.search(str(k)):
                 found.append(f"{key}: plans never hold secrets; set HF_TOKEN in the environment instead")
             found += _find_secrets(v, key)
     return found

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from advisor.problems import Change, Problem
+
 if TYPE_CHECKING:
     from advisor.gpus import Gpu
 
@@ -96,10 +98,11 @@ def fit_status(need: int, capacity: int, high: int | None = None) -> Status:
 BF16_PRECISIONS = ("bf16", "amp-bf16")
 
 
-def precision_problem(gpu: Gpu | None, precision: str) -> str | None:
+def precision_problem(gpu: Gpu | None, precision: str) -> Problem | None:
     """Why this GPU cannot train in this precision (None when it can)."""
     if gpu is not None and not gpu.bf16 and precision in BF16_PRECISIONS:
-        return f"{gpu.name} has no bf16 support (needs Ampere or newer); use --precision fp16 or amp-fp16"
+        return Problem(f"{gpu.name} has no bf16 support (needs Ampere or newer)", "training.precision",
+                       change=Change("training.precision", ("amp-fp16", "fp16")))
     return None
 
 

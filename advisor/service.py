@@ -3,7 +3,7 @@ methods, rank GPUs, check a plan before a run. Results are typed; user mistakes 
 :class:`advisor.problems.Problems` (all of them at once, each with its plan field).
 
 The CLI (``advisor.cli``), the TUI (``advisor.tui`` through ``advisor.forms``) and the runner
-(``runner.cli``) call only this module for planning, so they cannot disagree: one estimate, one fit
+(``runner``) call only this module for planning, so they cannot disagree: one estimate, one fit
 verdict (:mod:`advisor.policy`), one set of checks.
 """
 
@@ -41,6 +41,13 @@ def resolve_model(ref: str, revision: str | None = None, trust_remote_code: bool
         return resolve(ref, revision, trust_remote_code)
     except ModelError as e:
         raise Problems(Problem(str(e), "model.ref")) from None
+
+
+def is_offline_ref(ref: str) -> bool:
+    """A bundled profile or a variant of one (resolved without the network, as advisor.model does)."""
+    from advisor.catalog import bundled_lookup, variant_lookup
+
+    return bundled_lookup(ref) is not None or variant_lookup(ref) is not None
 
 
 def find_gpu(name: str) -> Gpu:
@@ -87,9 +94,13 @@ def build(data: dict[str, Any]) -> PlanContext:
         except Problems as e:
             problems += e.items
     if plan is not None and plan.task == "training" and plan.hardware.device == "cuda":
-        why = precision_problem(gpu, plan.training.precision)
-        if why:
-            problems.append(Problem(why, "training.precision"))
+        bad = precision_problem(gpu, plan.training.precision)
+        if bad:
+            problems.append(bad)
+    if plan is not None and plan.hardware.device == "cpu" and plan.hardware.gpu:
+        problems.append(Problem(f"the plan runs on the CPU (hardware.device=cpu) but names the GPU "
+                                f"{plan.hardware.gpu}: its verdict would count the tensors alone", "hardware.device",
+                                "set the device to cuda to size it on that GPU, or choose no GPU for a CPU run"))
     if problems:
         raise Problems(problems)
     if plan.task == "training":  # the model as the plan's transformers release builds it (MoE: per-expert on 4.x)
@@ -206,7 +217,9 @@ def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:
 def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float, str], None] | None = None,
              job: Job | None = None) -> EstimateResult:
     """Peak memory of the plan: analytic (milliseconds) or simulate (the real stack on fake tensors);
-    with a job, also its time and cost on the plan's GPU (advisor.throughput, the model recommend uses)."""
+    and the time and cost of its job on the plan's GPU (advisor.throughput, the model recommend uses):
+    the plan's own job (job.*, run.epochs) unless ``job`` is given. A plan that does not fit its card
+    gets no time or cost (there is no run to time)."""
     from advisor.memory import estimate as analytic
 
     if mode == "simulate":
@@ -218,13 +231,14 @@ def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float
             raise Problems(str(e)) from None
         except Exception as e:  # a bug, not the user's mistake: say so plainly, keep the analytic way open
             raise Problems(Problem(f"the simulation failed for {ctx.shape.name} ({type(e).__name__}: "
-                                   f"{str(e)[:200]})", None, "use --mode analytic, and please report it")) from None
+                                   f"{str(e)[:200]})", None, "use the analytic estimate, and please report it")) \
+                from None
     elif mode == "analytic":
         bd = analytic(ctx.plan, ctx.shape)
     else:
         raise Problems(Problem(f"unknown estimate mode {mode!r}", None, "use analytic or simulate"))
     res = EstimateResult(ctx.plan, ctx.shape, ctx.gpu, mode, bd, trainable(ctx.plan, ctx.shape),
-                         verdict_for(bd, ctx.gpu), plan_notes(ctx.plan), job=job)
+                         verdict_for(bd, ctx.gpu), plan_notes(ctx.plan))
     if ctx.plan.task == "training":
         from advisor.gpu_memory import validation_note
 
@@ -233,8 +247,13 @@ def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float
         if known:  # either mode: what published runs of this kind showed
             res.plan_notes.append(known)
         run_moments(res)
-    if job is not None:
-        res.time, res.time_note = job_time(ctx, job)
+    if ctx.plan.task == "training":
+        res.job = job = job or Job.of(ctx.plan)
+        if res.status == "oom":
+            res.time_note = (f"no time or cost: the plan does not fit {ctx.gpu.name} (out of memory), so there is "
+                             "no run to time")
+        else:
+            res.time, res.time_note = job_time(ctx, job)
     return res
 
 
@@ -263,7 +282,7 @@ def job_time(ctx: PlanContext, job: Job):
     if ctx.plan.task != "training":
         return None, "time and cost are for training plans"
     if ctx.gpu is None or ctx.plan.hardware.device != "cuda":
-        return None, "no GPU chosen: name one (--gpu) for time and cost"
+        return None, "no GPU chosen: name one for time and cost"
     try:
         return _job_time(ctx.plan, ctx.shape, ctx.gpu, job.examples, job.avg_tokens, job.epochs), None
     except Problems as e:
@@ -283,8 +302,8 @@ def plan_notes(plan: Plan) -> list[str]:
     """Settings that are valid but do nothing, or that the user should know about."""
     hw, notes = plan.hardware, []
     if hw.zero and hw.gpus == 1:
-        notes.append(f"ZeRO-{hw.zero} on one GPU changes nothing (ZeRO shards states across GPUs); "
-                     "use --gpus 2 or more, or leave --zero out")
+        notes.append(f"ZeRO-{hw.zero} on one GPU changes nothing (ZeRO shards states across GPUs): use 2 or more "
+                     "GPUs, or ZeRO 0")
     if plan.model.trust_remote_code:
         notes.append("trust_remote_code is on: the model's own code from the hub will run; only for repositories "
                      "you trust")
@@ -341,21 +360,24 @@ class GpuRow:
 GPU_ROW_ORDER = {"fits": 0, "tight": 1, "no-bf16": 2, "oom": 3}
 
 
-def gpu_rows(ctx: PlanContext, tokens: float | None) -> list[GpuRow]:
+def gpu_rows(ctx: PlanContext, tokens: float | None = None) -> list[GpuRow]:
     """Every GPU in the table, cheapest fitting first: the plan's per-GPU need (the card does not
-    change it), the one fit verdict, and time and cost from the one time model."""
+    change it), the one fit verdict, and time and cost from the one time model for the plan's job
+    (``tokens``: another job's)."""
     from advisor.gpus import gpu_table
     from advisor.memory import estimate as analytic
     from advisor.recommend import train_hours
 
     plan = ctx.plan
+    if tokens is None and plan.task == "training":
+        tokens = Job.of(plan).tokens
     n, zero = plan.hardware.gpus, plan.hardware.zero
     bd = analytic(plan, ctx.shape)
     rows = []
     for g in gpu_table().values():
         v = verdict_for(bd, g)
         row = GpuRow(g.id, g.name, g.memory_bytes, bd.peak_reserved_bytes, v.status, g.price_usd_hour, g.bf16)
-        if plan.task == "training" and tokens and (n == 1 or g.interconnect != "none"):  # no time for n x Apple
+        if plan.task == "training" and tokens and v.status != "oom" and (n == 1 or g.interconnect != "none"):
             row.hours = train_hours(ctx.shape, plan, g, n, zero, tokens)
             if g.price_usd_hour is not None:
                 row.cost_usd = row.hours * n * g.price_usd_hour
@@ -387,13 +409,14 @@ def default_seq(shape: ModelShape) -> int:
     return min(DEFAULT_SEQ, mp) if mp else DEFAULT_SEQ
 
 
-def advise(ctx: PlanContext, job: Job, gpu: Gpu | None = None, gpus: int | None = None,
+def advise(ctx: PlanContext, job: Job | None = None, gpu: Gpu | None = None, gpus: int | None = None,
            methods: tuple[str, ...] | None = None):
-    """Method, GPU(s), micro-batch, time and cost (advisor.recommend) for the plan's model and settings;
-    ``gpu`` None ranks every priced GPU."""
+    """Method, GPU(s), micro-batch, time and cost (advisor.recommend) for the plan's model, settings and
+    job (the plan's own unless ``job``); ``gpu`` None ranks every priced GPU."""
     from advisor.recommend import AdviceError, recommend
     from advisor.spec import METHODS
 
+    job = job or Job.of(ctx.plan)
     try:
         return recommend(ctx.shape, ctx.plan, gpu, gpus=gpus, examples=job.examples, avg_tokens=job.avg_tokens,
                          epochs=job.epochs, target_batch=job.target_batch, budget_usd=job.budget_usd,
@@ -416,3 +439,141 @@ def guide(answers: dict[str, Any]):
         raise Problems([Problem(p.what, f"guide.{p.field}" if p.field else None) for p in validation_problems(e)]) \
             from None
     return q, _guide(q)
+
+
+# --- what the runner and the after-run commands ask (they reach the core's numbers only here) -------------
+
+class UnshapedModel(Problems):
+    """A model the advisor cannot shape (an architecture transformers does not know here, custom code
+    not allowed): the runner may still load it; the estimate is what is missing."""
+
+
+def model_shape(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """resolve_model for a model that is about to be loaded: a broken config.json is a Problems (the load
+    would fail too), a model the advisor cannot shape is an UnshapedModel (the load may still work)."""
+    from advisor.model import ConfigError, ModelError, resolve
+
+    try:
+        return resolve(ref, revision, trust_remote_code)
+    except ConfigError as e:
+        raise Problems(Problem(str(e), "model.ref")) from None
+    except ModelError as e:
+        raise UnshapedModel(Problem(str(e), "model.ref")) from None
+
+
+def prediction(plan: Plan, model_dir: str) -> EstimateResult:
+    """The estimate a run compares its measurement with: the plan on the model as it lies in
+    ``model_dir`` (the runner's local copy), analytic, with the plan's job."""
+    data = plan.model_dump(mode="json")
+    data["model"]["ref"] = str(model_dir)
+    return estimate(build(data))
+
+
+def smaller_plan(plan: Plan, shape: ModelShape, capacity: int | None, below: float) -> dict[str, Any] | None:
+    """After an out-of-memory error: the first rung of the ladder that the one fit verdict says *fits*
+    ``capacity`` (not merely "tight": the plan before it has just run out) and whose expected peak is
+    below ``below`` bytes. The rungs, each adding to the one before: gradient checkpointing on; halve
+    the micro-batch (doubling accumulation: the effective batch stays) down to 1; an 8-bit paged
+    optimizer; LoRA (from full); QLoRA. ``{"changes": {field: value}, "need_bytes": ...}`` or None."""
+    from advisor.memory import estimate as analytic
+    from advisor.spec import build_plan
+
+    data = plan.model_dump(mode="json")
+    t = data["training"]
+
+    def rungs():
+        if not t["grad_checkpointing"]:
+            yield {"training.grad_checkpointing": True}
+        mb, acc = t["micro_batch"], t["grad_accum"]
+        while mb > 1:
+            mb, acc = max(1, mb // 2), acc * 2
+            yield {"training.micro_batch": mb, "training.grad_accum": acc}
+        if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
+            yield {"training.optimizer": "paged_adamw_8bit"}
+        if t["method"] == "full":
+            yield {"training.method": "lora"}
+        if t["method"] != "qlora":
+            yield {"training.method": "qlora"}
+
+    changes: dict[str, Any] = {}
+    for rung in rungs():
+        changes.update(rung)
+        try:
+            trial = build_plan(_with_fields(data, changes))
+        except Problems:
+            continue
+        bd = analytic(trial, shape)
+        fits = capacity is None or breakdown_verdict(bd, capacity).status == "fits"
+        if bd.peak_reserved_bytes <= below and fits:
+            return {"changes": dict(changes), "need_bytes": bd.peak_reserved_bytes}
+    return None
+
+
+def expected_peak(plan: Plan, shape: ModelShape) -> int:
+    """The plan's expected peak reserved bytes per GPU (analytic)."""
+    from advisor.memory import estimate as analytic
+
+    return analytic(plan, shape).peak_reserved_bytes
+
+
+def gpu_memory(name: str | None) -> int | None:
+    """A GPU profile's memory in bytes (None without a name, or for an unknown one)."""
+    if not name:
+        return None
+    try:
+        return find_gpu(name).memory_bytes
+    except Problems:
+        return None
+
+
+def _with_fields(data: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, v in changes.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return out
+
+
+def checkpoint_bytes(plan: Plan) -> tuple[ModelShape, int, int]:
+    """(shape, trainable weight bytes, optimizer state bytes) of one checkpoint of the plan: what a
+    rented disk must hold per checkpoint (runner.cloud sizes SkyPilot's disk with it)."""
+    from advisor.memory import optimizer_states_bytes, trainable_bytes_per_param, trainable_params
+
+    shape = resolve_model(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    t = plan.training
+    return shape, trainable_params(shape, t) * trainable_bytes_per_param(t), optimizer_states_bytes(shape, t)
+
+
+def export_bytes(plan: Plan, shape: ModelShape, dtype: str, nf4: bool, merge: bool) -> dict[str, int]:
+    """Host RAM an export needs, by part (advisor.lifecycle's merge moment for an adapter, the model in
+    ``dtype`` for a full fine-tune), with ``"merged"`` (the merged model's bytes on disk) and, with
+    ``nf4``, ``"4-bit copy"`` (a bitsandbytes NF4 copy built after the merge) and ``"nf4_disk"``."""
+    from advisor.breakdown import DTYPE_BYTES, nf4_bytes
+    from advisor.lifecycle import merge_parts
+
+    if merge:
+        p2 = plan.model_copy(update={"training": plan.training.model_copy(update={"precision": dtype}),
+                                     "run": plan.run.model_copy(update={"merge_export": True})})
+        parts = dict(merge_parts(p2, shape))
+    else:
+        parts = {"base": DTYPE_BYTES[dtype] * shape.params_total}
+    out = {"ram": parts, "merged": DTYPE_BYTES[dtype] * shape.params_total}
+    if nf4:
+        q = sum(g.count * nf4_bytes(g.in_features * g.out_features, True) for g in shape.linears if g.quantized)
+        nf4_model = q + DTYPE_BYTES[dtype] * (shape.params_total - shape.params_quantized)
+        parts["4-bit copy"] = nf4_model
+        out["nf4_model"] = nf4_model
+    return out
+
+
+def serving_capacity(ctx: PlanContext, gpu: Gpu, gpus: int = 1):
+    """The largest batch and the longest context the model serves on ``gpus`` x ``gpu`` at each weight
+    precision (advisor.recommend.serving_capacity)."""
+    from advisor.recommend import serving_capacity as _capacity
+
+    return _capacity(ctx.shape, gpu, gpus)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from advisor.problems import Problem, Problems
+from advisor.problems import Change, Problem, Problems
 
 if TYPE_CHECKING:
     from advisor.model import ModelShape
@@ -44,6 +44,12 @@ INFER_PRECISIONS: tuple[str, ...] = get_args(InferPrecision)
 ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 TEMPLATES: tuple[str, ...] = get_args(Template)
+
+
+def ui(flag: str | None = None, form: str | None = None) -> dict:
+    """A field's names in the front ends: its CLI flag and its form field in the app. Read by
+    :func:`field_table`; the CLI's flag table and the app's field table are built from it."""
+    return {k: v for k, v in (("flag", flag), ("form", form)) if v}
 
 
 class SpecError(Problems):
@@ -89,21 +95,28 @@ class ModelRef(_Strict):
         "meta-llama/Llama-3.1-8B",
         description="A bundled profile name, a local config.json, a local model directory, or a hub id.",
         min_length=1,
+        json_schema_extra=ui(flag="--model", form="model"),
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.",
+                                 json_schema_extra=ui(flag="--revision"))
     trust_remote_code: bool = Field(
-        False, description="Allow custom modelling code from the hub. Off unless you trust the repository."
+        False, description="Allow custom modelling code from the hub. Off unless you trust the repository.",
+        json_schema_extra=ui(flag="--trust-remote-code"),
     )
 
 
 class LoraSpec(_Strict):
-    r: int = Field(16, ge=1, le=4096, description="LoRA rank r of the A (in x r) and B (r x out) matrices.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 saves a mask per layer).")
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank r of the A (in x r) and B (r x out) matrices.",
+                   json_schema_extra=ui(flag="--lora-r", form="lora_r"))
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r.",
+                         json_schema_extra=ui(flag="--lora-alpha", form="lora_alpha"))
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 saves a mask per layer).",
+                           json_schema_extra=ui(flag="--lora-dropout"))
     targets: str | list[str] = Field(
         "all-linear",
         description="Modules that get adapters: 'all-linear' (every linear layer but the output head, as peft "
         "means it) or a list of module names such as q_proj,v_proj.",
+        json_schema_extra=ui(flag="--lora-targets", form="lora_targets"),
     )
 
     @field_validator("targets")
@@ -121,20 +134,28 @@ class LoraSpec(_Strict):
 
 class TrainSpec(_Strict):
     method: Method = Field("qlora", description="full: train every weight; lora: frozen weights + adapters; "
-                           "qlora: 4-bit NF4 frozen weights + adapters.")
+                           "qlora: 4-bit NF4 frozen weights + adapters.",
+                           json_schema_extra=ui(flag="--method", form="method"))
     precision: Precision = Field("bf16", description="bf16/fp16: weights stored and trained in that dtype; "
-                                 "amp-*: fp32 weights with autocast compute; fp32: everything in fp32.")
+                                 "amp-*: fp32 weights with autocast compute; fp32: everything in fp32.",
+                                 json_schema_extra=ui(flag="--precision", form="precision"))
     optimizer: Optimizer = Field("adamw", description="Optimizer; adamw keeps 2 states per trainable "
-                                 "parameter, 8-bit variants 2 bytes, sgd none, adafactor factored rows/cols.")
-    micro_batch: int = Field(1, ge=1, le=65536, description="Sequences per forward/backward pass (per GPU).")
-    seq_len: int = Field(2048, ge=1, le=10_000_000, description="Tokens per sequence.")
+                                 "parameter, 8-bit variants 2 bytes, sgd none, adafactor factored rows/cols.",
+                                 json_schema_extra=ui(flag="--optimizer", form="optimizer"))
+    micro_batch: int = Field(1, ge=1, le=65536, description="Sequences per forward/backward pass (per GPU).",
+                             json_schema_extra=ui(flag="--batch", form="batch"))
+    seq_len: int = Field(2048, ge=1, le=10_000_000, description="Tokens per sequence.",
+                         json_schema_extra=ui(flag="--seq", form="seq"))
     grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches accumulated per optimizer step: a "
                             "larger effective batch without more activations (gradients then stay alive "
-                            "through every forward).")
+                            "through every forward).",
+                            json_schema_extra=ui(flag="--grad-accum", form="accum"))
     grad_checkpointing: bool = Field(True, description="Recompute activations in backward: true reduces memory "
-                                     "(only layer inputs are kept), costs about one extra forward.")
+                                     "(only layer inputs are kept), costs about one extra forward.",
+                                     json_schema_extra=ui(flag="--grad-checkpointing", form="ckpt"))
     attn_impl: AttnImpl = Field("sdpa", description="Attention kernel: sdpa/flash keep no seq x seq matrix; "
-                                "eager stores the attention probabilities (grows with seq^2).")
+                                "eager stores the attention probabilities (grows with seq^2).",
+                                json_schema_extra=ui(flag="--attn"))
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     double_quant: bool = Field(True, description="QLoRA: quantize the 4-bit blocks' absmax constants too "
                                "(saves about 0.37 bits per parameter).")
@@ -142,7 +163,8 @@ class TrainSpec(_Strict):
     transformers: str = Field("5", min_length=1, max_length=32, description="transformers release the run "
                               "uses: 5 (tuneplan's own stack) or 4.46-4.57. On 4.46-4.48 the loss keeps one more "
                               "fp32 copy of the logits; on 4.x mixture-of-experts layers are one nn.Linear per "
-                              "expert, which QLoRA quantizes (advisor/software.py).")
+                              "expert, which QLoRA quantizes (advisor/software.py).",
+                              json_schema_extra=ui(flag="--transformers", form="transformers"))
 
     @field_validator("transformers", mode="before")
     @classmethod
@@ -169,16 +191,21 @@ class TrainSpec(_Strict):
 
 
 class InferSpec(_Strict):
-    batch: int = Field(1, ge=1, le=65536, description="Sequences generated at once.")
+    batch: int = Field(1, ge=1, le=65536, description="Sequences generated at once.",
+                       json_schema_extra=ui(flag="--batch", form="batch"))
     seq_len: int = Field(4096, ge=1, le=10_000_000, description="Whole context per sequence: prompt + "
-                         "generated tokens (the KV cache holds all of them).")
-    precision: InferPrecision = Field("bf16", description="Dtype of weights, activations and KV cache.")
+                         "generated tokens (the KV cache holds all of them).",
+                         json_schema_extra=ui(flag="--seq", form="seq"))
+    precision: InferPrecision = Field("bf16", description="Dtype of weights, activations and KV cache.",
+                                      json_schema_extra=ui(flag="--precision", form="precision"))
     weight_quant: WeightQuant = Field("none", description="Weight storage: none (precision), int8 "
-                                      "(LLM.int8) or nf4 (4-bit).")
+                                      "(LLM.int8) or nf4 (4-bit).",
+                                      json_schema_extra=ui(flag="--weight-quant", form="weight_quant"))
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="auto: the compute dtype; fp8: 1 byte.")
     prompt_len: int | None = Field(None, ge=1, description="Prompt tokens (prefilled at once); the rest of "
                                    "seq_len is generated. Default: the whole context as one prompt (an upper "
-                                   "bound for the prefill).")
+                                   "bound for the prefill).",
+                                   json_schema_extra=ui(flag="--prompt-len"))
 
     @field_validator("prompt_len")
     @classmethod
@@ -190,13 +217,17 @@ class InferSpec(_Strict):
 
 
 class Hardware(_Strict):
-    gpu: str | None = Field("RTX 4090", description="GPU name (see `tuneplan profiles --gpus`); None for none.")
+    gpu: str | None = Field("RTX 4090", description="GPU name (see `tuneplan profiles --gpus`); None for none.",
+                            json_schema_extra=ui(flag="--gpu", form="gpu"))
     gpus: int = Field(1, ge=1, le=4096, description="Number of GPUs in all, over every node (on the CPU: "
-                      "processes); each node runs gpus / nodes of them.")
+                      "processes); each node runs gpus / nodes of them.",
+                      json_schema_extra=ui(flag="--gpus", form="gpus"))
     zero: ZeroStage = Field(0, description="ZeRO stage across GPUs: 1 shards optimizer states, "
-                                      "2 also gradients, 3 also weights (FSDP full shard ~ 3).")
+                                      "2 also gradients, 3 also weights (FSDP full shard ~ 3).",
+                            json_schema_extra=ui(flag="--zero", form="zero"))
     device: Device = Field("cuda", description="cuda: GPU memory incl. CUDA context and allocator; cpu: RAM "
-                           "for the tensors alone.")
+                           "for the tensors alone.",
+                           json_schema_extra=ui(flag="--device", form="device"))
     nodes: int = Field(1, ge=1, le=512, description="Machines the GPUs are spread over; hardware.gpus must "
                        "divide evenly between them (8 H100s per node: gpus=16, nodes=2).")
     node_rank: int = Field(0, ge=0, le=511, validate_default=True, description="This machine's index, 0 to "
@@ -262,7 +293,8 @@ class DataSpec(_Strict):
                                                   "to training.seq_len (memory is then what the plan predicts).")
     padded: bool | None = Field(None, description="Whether batches carry padding, which gives sdpa attention a "
                                 "mask (memory: docs/memory-model.md). Unset: padded when micro_batch > 1 or "
-                                "pad_to=seq_len; false for data whose every sequence is exactly seq_len tokens.")
+                                "pad_to=seq_len; false for data whose every sequence is exactly seq_len tokens.",
+                                json_schema_extra=ui(flag="--padded"))
 
 
 def padded_batches(plan: Plan) -> bool:
@@ -280,7 +312,9 @@ def padded_batches(plan: Plan) -> bool:
 class RunSpec(_Strict):
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     name: str | None = Field(None, description="Run directory name (default: model-method-timestamp).")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data.")
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training data (3, the Hugging Face "
+                          "Trainer's default); the job's time and cost count them too.",
+                          json_schema_extra=ui(flag="--epochs", form="epochs"))
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides "
                                   "epochs).")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate "
@@ -299,14 +333,50 @@ class RunSpec(_Strict):
                             "unchanged by it).")
 
 
+class JobSpec(_Strict):
+    """What the fine-tune chews through, for its time and cost (its epochs are run.epochs). With the
+    data at hand the runner counts the real examples and tokens; these are what the plan was priced on."""
+
+    examples: int = Field(1000, ge=1, le=10**12, description="Training examples in the dataset (time and cost).",
+                          json_schema_extra=ui(flag="--examples", form="job_examples"))
+    avg_tokens: int = Field(512, ge=1, le=10_000_000, description="Mean tokens per example (time and cost).",
+                            json_schema_extra=ui(flag="--avg-tokens", form="job_avg_tokens"))
+    target_batch: int = Field(16, ge=1, le=65536, description="Target effective batch (sequences per optimizer "
+                              "step) that a recommendation keeps: micro-batch x gradient accumulation x GPUs.",
+                              json_schema_extra=ui(flag="--batch", form="job_target_batch"))
+    budget_usd: float | None = Field(None, gt=0, description="Most US dollars to spend; options over it are "
+                                     "marked (None: no limit).",
+                                     json_schema_extra=ui(flag="--budget", form="job_budget"))
+
+
 class Plan(_Strict):
     model: ModelRef = Field(default_factory=ModelRef, description="Which model.")
-    task: Task = Field("training", description="training (fine-tune) or inference (serve).")
+    task: Task = Field("training", description="training (fine-tune) or inference (serve).",
+                       json_schema_extra=ui(flag="--task", form="task"))
     training: TrainSpec = Field(default_factory=TrainSpec, description="Fine-tuning settings.")
     inference: InferSpec = Field(default_factory=InferSpec, description="Serving settings.")
     hardware: Hardware = Field(default_factory=Hardware, description="Where it runs.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training data (the runner).")
     run: RunSpec = Field(default_factory=RunSpec, description="How the runner trains and saves.")
+    job: JobSpec = Field(default_factory=JobSpec, description="The job's size, for time and cost.")
+
+
+def field_table(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, dict]:
+    """Every leaf field of the plan by its dotted path: its description, choices (a Literal's values),
+    and the names the front ends give it (:func:`ui`: ``flag``, ``form``). The CLI's flag table and the
+    app's field table are read from here, so a field is named in one place."""
+    model = model or Plan
+    out: dict[str, dict] = {}
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(field_table(ann, f"{path}."))
+            continue
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        choices = get_args(ann) if get_origin(ann) is Literal else ()
+        out[path] = {"description": f.description or "", "choices": choices, **extra}
+    return out
 
 
 def format_validation_error(err: ValidationError) -> list[str]:
@@ -325,10 +395,33 @@ def validation_problems(err: ValidationError) -> list[Problem]:
         got = e.get("input")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif not isinstance(got, (dict, list)):
+        else:
+            msg = _plain(e["type"], e.get("ctx") or {}, msg)
+        if e["type"] != "extra_forbidden" and not isinstance(got, (dict, list)):
             msg = f"{msg} (got {got!r})"
         lines.append(Problem(msg, loc or None))
     return lines
+
+
+_PLAIN = {"greater_than_equal": "must be at least {ge}", "greater_than": "must be above {gt}",
+          "less_than_equal": "must be at most {le}", "less_than": "must be below {lt}",
+          "finite_number": "must be a finite number", "int_parsing": "must be a whole number",
+          "int_from_float": "must be a whole number", "int_type": "must be a whole number",
+          "float_parsing": "must be a number", "float_type": "must be a number",
+          "bool_parsing": "must be true or false", "string_too_short": "must not be empty"}
+
+
+def _plain(kind: str, ctx: dict, msg: str) -> str:
+    """pydantic's wording ('Input should be greater than or equal to 1') in the plan's own ('must be at
+    least 1'); anything else as pydantic says it."""
+    words = _PLAIN.get(kind)
+    if words is None:
+        return msg
+    try:
+        return words.format(**{k: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                               else f"{v:g}" if isinstance(v, float) else v for k, v in ctx.items()})
+    except (KeyError, ValueError):
+        return msg
 
 
 def build_plan(data: dict) -> Plan:
@@ -347,14 +440,14 @@ def check_against_shape(plan: Plan, shape: ModelShape) -> list[Problem]:
     if shape.max_position and seq > shape.max_position:
         problems.append(Problem(f"sequence length {seq} is longer than {shape.name}'s maximum of "
                                 f"{shape.max_position} positions", f"{plan.task}.seq_len",
-                                f"use --seq {shape.max_position} or less"))
+                                change=Change(f"{plan.task}.seq_len", (shape.max_position,), "max")))
     if plan.task == "training" and t.method in ("lora", "qlora"):
         if t.lora.r > shape.hidden_size:
             problems.append(Problem(f"LoRA rank {t.lora.r} is above the hidden size {shape.hidden_size}",
                                     "training.lora.r", "a rank that large is no longer low-rank (use 4-64)"))
         if not shape.linears:
             problems.append(Problem(f"{shape.name} has no linear layers to adapt or quantize", "training.method",
-                                    "use --method full"))
+                                    change=Change("training.method", ("full",))))
         else:
             unknown = shape.unknown_targets(t.lora.targets)
             if unknown:

@@ -71,17 +71,13 @@ class Layout:
 def layout(plan: Plan, need_name: bool = True) -> Layout:
     """Nodes and GPUs per node for the plan. Several nodes when hardware.gpus is more than one node
     holds (hardware.nodes, when set above 1, decides instead). Raises Problems."""
-    from advisor.gpus import GpuError, find_gpu
+    from advisor.service import find_gpu
 
     hw = plan.hardware
     if hw.device != "cuda" or not hw.gpu:
         raise Problems(Problem("the plan runs on the CPU (hardware.device=cpu or no hardware.gpu); renting needs a "
                                "GPU", "hardware.gpu", "set hardware.gpu=NAME and hardware.device=cuda"))
-    try:
-        gpu = find_gpu(hw.gpu)
-    except GpuError as e:
-        items = getattr(e, "items", None) or [Problem(str(e))]
-        raise Problems([Problem(p.what, p.field or "hardware.gpu", p.fix) for p in items]) from None
+    gpu = find_gpu(hw.gpu)  # Problems on hardware.gpu
     name = SKYPILOT_NAMES.get(gpu.id)
     if name is None and need_name:
         offered = sorted({n for n in SKYPILOT_NAMES.values() if n})
@@ -167,23 +163,21 @@ def disk_gb(plan: Plan, local_model_bytes: int | None = None) -> tuple[int, dict
     or parameters x the config's dtype for a hub download), keep_checkpoints + 1 checkpoints
     (trainable weights + optimizer states, advisor.memory), the final adapter or model, the merged
     export, plus DISK_MARGIN_GB; never below SkyPilot's default."""
-    from advisor.memory import optimizer_states_bytes, trainable_bytes_per_param, trainable_params
-    from advisor.model import resolve
+    from advisor.service import checkpoint_bytes
 
     t = plan.training
     try:
-        shape = resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - no config, offline, an architecture transformers does not know
-        raise Problems(Problem(f"cannot read the model's config to size the disk: {str(e).splitlines()[0]}",
+        shape, weights, states = checkpoint_bytes(plan)
+    except Problems as e:  # no config, offline, an architecture transformers does not know
+        raise Problems(Problem(f"cannot read the model's config to size the disk: {e.items[0].what}",
                                "model.ref", "check model.ref (a bundled profile, a local directory or a hub id)")
                        ) from None
     if local_model_bytes is None:
         dtype = str(shape.config.get("torch_dtype") or shape.config.get("dtype") or "float32")
         per_param = 2 if dtype in ("bfloat16", "float16") else 4
         local_model_bytes = shape.params_total * per_param
-    weights = trainable_params(shape, t) * trainable_bytes_per_param(t)
     parts = {"model": local_model_bytes,
-             "checkpoints": (plan.run.keep_checkpoints + 1) * (weights + optimizer_states_bytes(shape, t)),
+             "checkpoints": (plan.run.keep_checkpoints + 1) * (weights + states),
              "final": weights,
              "merged": shape.params_total * 2 if plan.run.merge_export and t.method != "full" else 0}
     need = math.ceil(sum(parts.values()) / GB) + DISK_MARGIN_GB

@@ -30,12 +30,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from advisor.problems import UserError
+from advisor.problems import Problems, UserError
+from advisor.spec import INFER_PRECISIONS
 from advisor.units import gib_str
 from runner.tuned import TunedRun, load_tokenizer
 
-DTYPES = ("bf16", "fp16", "fp32")
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES: tuple[str, ...] = INFER_PRECISIONS  # the weights dtypes (advisor.spec)
 INFO_FILE = "tuneplan-export.json"
 NF4_SUFFIX = "-nf4"
 # What the time estimate assumes (measured on this project's 2-core CPU machine, see docs/after-the-run.md):
@@ -144,13 +144,13 @@ def _existing(p: Path) -> Path:
 
 
 def _shape(run: TunedRun, src: Path):
-    from advisor.model import resolve
+    from advisor.service import model_shape
 
     try:
-        return resolve(str(src), trust_remote_code=run.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - an architecture the advisor cannot shape
+        return model_shape(str(src), trust_remote_code=run.trust_remote_code)
+    except Problems as e:  # an architecture the advisor cannot shape, a broken config
         raise UserError(f"cannot size the export: the advisor cannot read the model in {src} "
-                        f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+                        f"({e.items[0].what.splitlines()[0][:200]})") from None
 
 
 def plan_export(run: TunedRun, out: str | Path | None = None, dtype: str | None = None,
@@ -158,8 +158,7 @@ def plan_export(run: TunedRun, out: str | Path | None = None, dtype: str | None 
     """Every check before an export (UserError), and what it needs: RAM, disk, time."""
     import psutil
 
-    from advisor.breakdown import nf4_bytes
-    from advisor.lifecycle import merge_parts
+    from advisor.service import export_bytes
 
     if run.kind == "merged":
         raise UserError("export merges the adapter itself: drop --merged (merged/ is already a merged model)")
@@ -173,24 +172,14 @@ def plan_export(run: TunedRun, out: str | Path | None = None, dtype: str | None 
     if nf4_out is not None:
         check_out(nf4_out, run, base_dir, flag="the 4-bit copy's folder")
     shape = _shape(run, base_dir or run.weights)
-    plan = run.plan
-    if run.kind == "adapter":
-        p2 = plan.model_copy(update={
-            "training": plan.training.model_copy(update={"precision": dtype}),
-            "run": plan.run.model_copy(update={"merge_export": True})})
-        parts = merge_parts(p2, shape)
-    else:  # a full fine-tune: its model/ reloaded in the dtype, nothing merged
-        parts = {"base": DTYPE_BYTES[dtype] * shape.params_total}
-    merged_bytes = DTYPE_BYTES[dtype] * shape.params_total
+    # an adapter: the merge moment (advisor.lifecycle); a full fine-tune: its model/ reloaded in the dtype.
+    # The 4-bit copy is built in the same process after the merge; measured (benchmarks/bench_export.py):
+    # the allocator keeps much of the merge's freed memory, so the 4-bit model counts on top of it
+    need = export_bytes(run.plan, shape, dtype, nf4, merge=run.kind == "adapter")
+    parts = need["ram"]
+    merged_bytes = need["merged"]
     disk = merged_bytes + DISK_MARGIN
-    nf4_disk = 0
-    if nf4:
-        q = sum(g.count * nf4_bytes(g.in_features * g.out_features, True) for g in shape.linears if g.quantized)
-        nf4_model = q + DTYPE_BYTES[dtype] * (shape.params_total - shape.params_quantized)
-        nf4_disk = nf4_model + DISK_MARGIN
-        # the 4-bit model is built in the same process after the merge; measured (benchmarks/bench_export.py):
-        # the allocator keeps much of the merge's freed memory, so count the 4-bit model on top of it
-        parts["4-bit copy"] = nf4_model
+    nf4_disk = need["nf4_model"] + DISK_MARGIN if nf4 else 0
     ram = sum(parts.values())
     ram_free = int(psutil.virtual_memory().available)
     dev_out, dev_nf4 = os.stat(_existing(out_p)).st_dev, os.stat(_existing(nf4_out or out_p)).st_dev

@@ -1,7 +1,8 @@
 """Callbacks into the training loop, for tests and tools: :class:`Hooks`, passed to ``Recipe(hooks=...)``.
 
 In a real subprocess (``python -m runner``) tests set ``TUNEPLAN_TEST_HOOKS`` instead; only
-``runner/__main__.py`` reads it, and it builds these hooks with :meth:`Hooks.from_spec`.
+:func:`from_env` reads it (when `tuneplan run` runs the recipe), and it builds these hooks with
+:meth:`Hooks.from_spec`.
 """
 
 from __future__ import annotations
@@ -52,3 +53,15 @@ class Hooks:
             def loading(r: Recipe) -> None:
                 time.sleep(load)
         return cls(before, after, loading, int(opts["oom_above_tokens"]) if opts.get("oom_above_tokens") else None)
+
+
+TEST_HOOKS_ENV = "TUNEPLAN_TEST_HOOKS"
+
+
+def from_env() -> Hooks | None:
+    """Hooks from ``TUNEPLAN_TEST_HOOKS`` (a test's real subprocess: ``step_delay=0.2,oom_at_step=3``), or
+    None: the one place the variable is read."""
+    import os
+
+    spec = os.environ.get(TEST_HOOKS_ENV)
+    return Hooks.from_spec(spec) if spec else None

@@ -304,64 +304,26 @@ def launch_and_wait(cmd: list[str], log=None) -> int:
 
 
 def next_plan(plan: Plan, run_dir: str | Path, shape=None, measured_peak: int | None = None) -> dict[str, Any]:
-    """The smallest change to ``plan`` that the advisor says fits, as overrides and a command line.
-
-    The ladder, each rung adding to the one before: gradient checkpointing on, then halve the
-    micro-batch (doubling gradient accumulation, so the effective batch stays) down to 1, then an
-    8-bit paged optimizer, then LoRA (from full), then QLoRA. A rung is taken when the one fit
-    verdict (advisor.policy) says it "fits" the GPU (the real device's total on CUDA, else
-    hardware.gpu): not merely "tight", since the plan before it has just run out) and its estimate
-    is clearly below what the failing plan needed (its measured peak, or 80% of its estimate): the
-    plan that failed evidently did not fit, whatever its estimate said.
-    """
-    from advisor.memory import estimate
-    from advisor.policy import breakdown_verdict
+    """The smallest change to ``plan`` that the advisor says fits, as overrides and a command line:
+    advisor.service.smaller_plan's ladder, on the real device's memory on CUDA (else hardware.gpu's),
+    below what the failed plan needed (its measured peak, or 80% of its estimate: the plan that failed
+    evidently did not fit, whatever its estimate said)."""
+    from advisor import service
 
     if shape is None:
-        from advisor.model import resolve
-
-        shape = resolve(plan.model.ref)
-    capacity = _capacity(plan)
-    current = estimate(plan, shape).peak_reserved_bytes
+        shape = service.model_shape(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    current = service.expected_peak(plan, shape)
     limit = min(x for x in (0.8 * current, measured_peak * 0.9 if measured_peak else None) if x)
-    changes: dict[str, Any] = {}
-    data = plan.model_dump(mode="json")
-    t = data["training"]
-
-    def rungs():
-        if not t["grad_checkpointing"]:
-            yield {"training.grad_checkpointing": True}
-        mb, acc = t["micro_batch"], t["grad_accum"]
-        while mb > 1:
-            mb, acc = max(1, mb // 2), acc * 2
-            yield {"training.micro_batch": mb, "training.grad_accum": acc}
-        if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
-            yield {"training.optimizer": "paged_adamw_8bit"}
-        if t["method"] == "full":
-            yield {"training.method": "lora"}
-        if t["method"] != "qlora":
-            yield {"training.method": "qlora"}
-
-    from advisor.spec import build_plan
-
-    for rung in rungs():
-        changes.update(rung)
-        trial = _apply(data, changes)
-        try:
-            p = build_plan(trial)
-        except Exception:
-            continue
-        bd = estimate(p, shape)
-        need = bd.peak_reserved_bytes
-        fits = capacity is None or breakdown_verdict(bd, capacity).status == "fits"
-        if need <= limit and fits:
-            overrides = [f"{k}={_yaml_scalar(v)}" for k, v in changes.items()]
-            cmd = ["tuneplan", "run", str(Path(run_dir) / "plan.yaml"), *overrides, "--run-dir",
-                   str(Path(run_dir).with_name(Path(run_dir).name + "-retry"))]
-            return {"command": format_command(cmd), "changes": dict(changes), "predicted_peak_reserved": need,
-                    "limit_bytes": int(limit)}
-    return {"command": None, "changes": {}, "note": "no variant of this plan fits; try a smaller model, a bigger "
-            "GPU or more GPUs (`tuneplan recommend`)"}
+    found = service.smaller_plan(plan, shape, _capacity(plan), limit)
+    if found is None:
+        return {"command": None, "changes": {}, "note": "no variant of this plan fits; try a smaller model, a bigger "
+                "GPU or more GPUs (`tuneplan recommend`)"}
+    changes = found["changes"]
+    overrides = [f"{k}={_yaml_scalar(v)}" for k, v in changes.items()]
+    cmd = ["tuneplan", "run", str(Path(run_dir) / "plan.yaml"), *overrides, "--run-dir",
+           str(Path(run_dir).with_name(Path(run_dir).name + "-retry"))]
+    return {"command": format_command(cmd), "changes": dict(changes), "predicted_peak_reserved": found["need_bytes"],
+            "limit_bytes": int(limit)}
 
 
 def _capacity(plan: Plan) -> int | None:
@@ -372,27 +334,9 @@ def _capacity(plan: Plan) -> int | None:
                 return int(torch.cuda.get_device_properties(0).total_memory)
         except Exception:
             pass
-    if plan.hardware.gpu:
-        try:
-            from advisor.gpus import find_gpu
+    from advisor.service import gpu_memory
 
-            return find_gpu(plan.hardware.gpu).memory_bytes
-        except Exception:
-            return None
-    return None
-
-
-def _apply(data: dict, changes: dict) -> dict:
-    import copy
-
-    out = copy.deepcopy(data)
-    for key, v in changes.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return out
+    return gpu_memory(plan.hardware.gpu)
 
 
 def _yaml_scalar(v: Any) -> str:

@@ -1,6 +1,6 @@
 """What `tuneplan run` checks before it loads anything big: the plan, the data, the model, the run directory.
 
-Shared by the command (:mod:`runner.cli`) and the launcher (:mod:`runner.launch`, which the TUI
+Shared by the command (:mod:`runner.commands`) and the launcher (:mod:`runner.launch`, which the TUI
 uses), so both refuse the same inputs with the same messages. Every problem is raised at once as
 :class:`advisor.problems.Problems` (exit code 2, one line each).
 """
@@ -84,16 +84,15 @@ def _model_problems(plan, log) -> tuple[object, list]:
     if looks_local(ref):
         plan = plan.model_copy(update={"model": plan.model.model_copy(
             update={"ref": str(Path(ref).expanduser().resolve())})})
-    from advisor.model import ConfigError, ModelError, resolve
+    from advisor.service import UnshapedModel, context_of, model_shape
 
     try:
-        resolve(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
-    except ConfigError as e:
-        return plan, [str(e)]
-    except ModelError as e:  # an architecture the advisor cannot shape: the run may still load it
-        log(f"warning: the plan cannot be checked against the model: {e}")
+        model_shape(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
+    except UnshapedModel as e:  # an architecture the advisor cannot shape: the run may still load it
+        log(f"warning: the plan cannot be checked against the model: {e.items[0].what}")
         return plan, []
-    from advisor.service import context_of
+    except Problems as e:  # a config.json that no model can be built from
+        return plan, [p.what for p in e.items]
 
     try:
         context_of(plan)

@@ -286,13 +286,12 @@ class Recipe:
     def _predict(self) -> None:
         """The advisor's estimate for this plan: what the report compares the measurement with."""
         try:
-            from advisor.memory import estimate
-            from advisor.model import resolve
+            from advisor.service import prediction
 
-            self.shape = resolve(str(self.model_dir), trust_remote_code=self.plan.model.trust_remote_code)
-            bd = estimate(self.plan, self.shape)
-            self.predicted = {"peak_allocated_bytes": bd.peak_allocated_bytes,
-                              "peak_reserved_bytes": bd.peak_reserved_bytes, "peak_phase": bd.peak_phase,
+            res = prediction(self.plan, str(self.model_dir))
+            self.shape = res.shape
+            self.predicted = {"peak_allocated_bytes": res.peak_allocated_bytes,
+                              "peak_reserved_bytes": res.peak_reserved_bytes, "peak_phase": res.breakdown.peak_phase,
                               "device": self.plan.hardware.device}
         except Exception as e:  # an architecture the advisor cannot shape: train anyway, say so
             self.shape = None

@@ -32,25 +32,8 @@ def render(plan: Plan, kind: str, plan_path: str | Path = "plan.yaml", **options
 
 # --- the command ----------------------------------------------------------------------------------
 
-def add_commands(subparsers) -> None:
-    """`tuneplan cloud PLAN [--target sky|slurm] [-o FILE]`."""
-    c = subparsers.add_parser("cloud", help="rent the plan's GPUs: a SkyPilot task or a Slurm script for it",
-                              description="Write a SkyPilot task (--target sky) or a Slurm sbatch script "
-                              "(--target slurm) that runs the plan with `tuneplan run` on every node. Launches "
-                              "nothing; prints the command that would.")
-    c.add_argument("plan", help="plan.yaml")
-    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. hardware.gpus=16")
-    c.add_argument("--target", choices=["sky", "slurm"], default="sky", help="sky (default) or slurm")
-    c.add_argument("-o", "--output", help="file to write (default: PLAN's name + .sky.yaml or .sbatch; - prints)")
-    c.add_argument("--bucket", help="sky: the bucket mounted at /tuneplan-runs for the run directory (shared by "
-                   "every node, kept after the cluster is gone; default with several nodes: tuneplan-RUN-runs)")
-    c.add_argument("--partition", help="slurm: the partition (#SBATCH --partition)")
-    c.add_argument("--time", help="slurm: the time limit (#SBATCH --time, e.g. 12:00:00)")
-    c.set_defaults(func=cmd_cloud)
-
-
 def cmd_cloud(a: argparse.Namespace) -> int:
-    from advisor.planfile import apply_overrides, load_plan
+    from advisor.planfile import apply_overrides, consent, load_plan
     from advisor.spec import SpecError
 
     path = Path(a.plan)
@@ -58,9 +41,10 @@ def cmd_cloud(a: argparse.Namespace) -> int:
         raise Problems(Problem(f"plan file {a.plan} does not exist", None,
                                "give a plan.yaml (`tuneplan recommend --save` writes one)"))
     try:
-        plan = load_plan(path)
+        trust = bool(getattr(a, "trust_remote_code", False))
+        plan = load_plan(path, trust)
         if a.overrides:
-            plan = apply_overrides(plan, list(a.overrides))
+            plan = consent(apply_overrides(plan, list(a.overrides)), trust)
     except SpecError as e:
         raise Problems(e.items) from None
     suffix = ".sky.yaml" if a.target == "sky" else ".sbatch"
@@ -85,20 +69,3 @@ def cmd_cloud(a: argparse.Namespace) -> int:
         if line.startswith(("# Estimated cost", "# Next:")) or line.startswith("# ") and " node" in line[:12]:
             print(line[2:])
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m runner.rent PLAN ...`: the command alone, as advisor.cli.main runs it."""
-    from advisor.cli.common import parse_with_overrides, report_problems
-
-    parser = argparse.ArgumentParser(prog="tuneplan")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parse_with_overrides(parser, ["cloud", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except Problems as e:
-        return report_problems(e)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 One run is trained for the module (40 steps on the demo data at the demo's learning rate: its
 validation loss ends about 0.6 below the untrained base's, 6.03 against 6.67), and every command is
-run on it as a user runs it (runner.cli.main). The prompt tests need only the demo tokenizer.
+run on it as a user runs it (advisor.cli.main.main). The prompt tests need only the demo tokenizer.
 """
 
 import json
@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from runner.cli import main
+from advisor.cli.main import main
 from runner.demo import DEMO_DATA
 
 STEPS = 40

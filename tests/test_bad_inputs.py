@@ -121,7 +121,7 @@ CASES = [
     ("estimate --plan {w}/secret.yaml", "never hold secrets"),
     ("estimate --plan {w}/types.yaml", "training.micro_batch"),
     ("estimate --plan {w}/section.yaml", "model"),
-    ("estimate --plan {w}/neg.yaml", "greater than or equal to 1"),
+    ("estimate --plan {w}/neg.yaml", "must be at least 1"),
     ("estimate --plan {w}/latin1.yaml", "is not UTF-8 text"),
     ("estimate --plan {w}/absent.yaml", "cannot read plan"),
     ("estimate --plan {w}", "Is a directory"),
@@ -131,7 +131,7 @@ CASES = [
     # run: the plan, the data, the model (runner/preflight.py)
     ("run", "give a plan file"),
     ("run {w}/plan.yaml training.micro_bach=2", "unknown key 'training.micro_bach'"),
-    ("run {w}/plan.yaml training.micro_batch=0", "greater than or equal to 1"),
+    ("run {w}/plan.yaml training.micro_batch=0", "must be at least 1"),
     ("run {w}/plan.yaml bogus", "is not key=value"),
     ("run {w}/plan.yaml task=inference", "`tuneplan run` fine-tunes"),
     ("run {w}/plan.yaml data.path=null", "data.path is not set"),
@@ -151,7 +151,7 @@ CASES = [
     ("run {w}/plan.yaml training.lora.targets=[nonsense]", "nonsense match no linear layer"),
     ("run {w}/plan.yaml training.lora.r=4096", "above the hidden size"),
     ("run {w}/plan.yaml hardware.device=cuda", "no CUDA GPU is visible"),
-    ("run {w}/plan.yaml model.trust_remote_code=maybe", "valid boolean"),
+    ("run {w}/plan.yaml model.trust_remote_code=maybe", "must be true or false"),
     # run: the run directory (runner/rundir.py)
     ("run {w}/plan.yaml --run-dir {w}/afile", "is a file"),
     ("run {w}/plan.yaml --run-dir {w}/afile/sub", "cannot write the run directory"),
@@ -162,7 +162,7 @@ CASES = [
     ("run --resume {w}/afile", "it is a file"),
     ("run --resume {w}/nocfg", "not a run directory (no plan.yaml)"),
     ("run {w}/plan.yaml --resume {w}", "give either PLAN or --resume"),
-    # data check (runner/cli.py, runner/data.py)
+    # data check (runner/commands.py, runner/data.py)
     ("data check {w}/absent.jsonl", "does not exist"),
     ("data check {w}", "is a directory"),
     ("data check /dev/zero", "not a regular file"),

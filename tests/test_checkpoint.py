@@ -120,7 +120,7 @@ def test_a_planted_pickle_as_bin_weights_is_refused(stopped_run, tmp_path):
 
 def test_resume_refuses_a_planted_optimizer_pickle(stopped_run, tmp_path, capsys):
     """As a user meets it: `tuneplan run --resume DIR` on a downloaded run directory."""
-    from runner.cli import main
+    from advisor.cli.main import main
 
     run_dir, _ = stopped_run
     copy = tmp_path / "downloaded"

@@ -158,7 +158,7 @@ def test_bad_input_one_problem_each(tmp_path, hw, data, field, words):
 
 
 def _cli(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "runner.rent", *args], cwd=tmp_path, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "advisor.launcher", "cloud", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import cpu_plan_file, runner_env
 
-from runner.cli import main
+from advisor.cli.main import main
 from runner.events import read_events
 
 
@@ -247,7 +247,7 @@ def _nan_at(step):
 
 def test_a_nan_loss_stops_the_run_clearly_and_the_advice_resumes_it(tmp_path, tiny_model_dir, eight_examples, capsys):
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
 
     plan = load_plan(cpu_plan_file(tmp_path / "plan.yaml", tiny_model_dir, eight_examples, save_every=2,
                                    max_steps=5))
@@ -284,7 +284,7 @@ def test_non_finite_gradients_without_clipping_are_never_saved(tmp_path, tiny_mo
     """No clipping, so no gradient norm: a NaN gradient leaves NaN weights behind a finite loss. The
     checkpoint at that step would be the 'last good' one; it is refused instead."""
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.hooks import Hooks
 
     def nan_grads(r):
@@ -600,7 +600,7 @@ def test_a_run_on_a_disk_that_fills_up_is_one_message_and_resumes(small_disk, tm
     """The disk fills after step 1; the checkpoint of step 2 fails inside torch.save or safetensors with a
     real ENOSPC. One message, no empty traceback; with room again the advised command resumes."""
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.hooks import Hooks
 
     state = {}
@@ -689,7 +689,7 @@ def test_a_half_written_event_line_does_not_swallow_the_next_start(tmp_path):
 def test_a_restart_killed_midway_leaves_a_directory_that_starts_again(tmp_path, tiny_model_dir, eight_examples,
                                                                        capsys):
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.hooks import Hooks
 
     plan_path = cpu_plan_file(tmp_path / "plan.yaml", tiny_model_dir, eight_examples)

@@ -1,9 +1,15 @@
 """The layers, checked on the source (every import counts, those inside functions too; imports under
 ``if TYPE_CHECKING:`` never run and do not count):
 
+- the foundations (advisor.problems, units, safefile, policy, spec, job, software) import only each
+  other: every layer stands on them;
 - the headless core (advisor.*, less the front ends advisor.cli and advisor.tui and the composition
   root advisor.launcher) imports no front end, no runner and no textual;
-- the CLI and the TUI never import each other (advisor.launcher composes them);
+- the CLI and the TUI never import each other (advisor.launcher composes them), and reach the runner
+  only through runner.api, by name (no importlib);
+- the runner reaches the core only through advisor.service (the numbers), the foundations and
+  advisor.planfile (the plan), advisor.stack (the real stack it trains with); it imports no front end,
+  except runner.__main__, the `python -m runner` shim that hands its arguments to the CLI's `run`;
 - there is no import cycle among the project's modules (importing a module imports its packages too).
 """
 
@@ -15,6 +21,11 @@ from conftest import ROOT
 PACKAGES = ("advisor", "runner")
 FRONT_ENDS = ("advisor.cli", "advisor.tui")
 ROOTS = ("advisor.launcher",)
+FOUNDATIONS = ("advisor.problems", "advisor.units", "advisor.safefile", "advisor.policy", "advisor.spec",
+               "advisor.job", "advisor.software")
+# what the runner may import from the advisor (everything else of the core goes through advisor.service)
+RUNNER_MAY = (*FOUNDATIONS, "advisor", "advisor.service", "advisor.planfile", "advisor.stack")
+RUNNER_SHIMS = {"runner.__main__": ("advisor.cli", "advisor.cli.main")}
 
 
 def _module_name(path: Path) -> str:
@@ -145,3 +156,34 @@ def test_the_check_sees_imports_inside_functions():
     """The check itself: a function-level import is an edge (advisor.service imports advisor.memory inside
     estimate())."""
     assert "advisor.memory" in _graph()["advisor.service"]
+
+
+def test_foundations_stand_on_nothing_but_each_other():
+    g = _graph()
+    bad = {n: sorted(d for d in g[n] if d.startswith("advisor") and d not in (*FOUNDATIONS, "advisor"))
+           for n in FOUNDATIONS}
+    assert not {k: v for k, v in bad.items() if v}, f"a foundation imports the layers above it: {bad}"
+
+
+def test_the_runner_reaches_the_core_through_the_service():
+    bad = {}
+    for name, deps in _graph().items():
+        if not _under(name, ("runner",)):
+            continue
+        allowed = RUNNER_SHIMS.get(name, ())
+        wrong = sorted(d for d in deps if d.startswith("advisor") and d not in RUNNER_MAY and d not in allowed)
+        if wrong:
+            bad[name] = wrong
+    assert not bad, f"the runner imports the core's insides or a front end: {bad}"
+
+
+def test_the_front_ends_reach_the_runner_through_its_api():
+    bad = {}
+    for name, deps in _graph().items():
+        if _under(name, FRONT_ENDS):
+            wrong = sorted(d for d in deps if _under(d, ("runner",)) and d not in ("runner", "runner.api"))
+            if wrong:
+                bad[name] = wrong
+    assert not bad, f"a front end imports runner modules other than runner.api: {bad}"
+    importlib_users = sorted(n for n, deps in _graph().items() if _under(n, FRONT_ENDS) and "importlib" in deps)
+    assert not importlib_users, f"front ends import modules by name at run time (invisible here): {importlib_users}"

@@ -37,7 +37,13 @@ def test_secrets_are_refused():
             if isinstance(v, dict):
                 yield from keys(v)
 
-    assert not [k for k in keys(Plan().model_dump()) if "token" in k or "secret" in k]
+    from advisor.planfile import _SECRET_KEY
+
+    assert not [k for k in keys(Plan().model_dump()) if _SECRET_KEY.search(k)]  # no plan field names a secret
+    assert parse_plan("job:\n  avg_tokens: 300\n").job.avg_tokens == 300  # a count of tokens is no secret
+    for key in ("token", "access_token", "HF-Token", "password", "api_key", "apikey", "secret"):
+        with pytest.raises(SpecError, match="never hold secrets"):
+            parse_plan(f"model:\n  {key}: x\n")
 
 
 def test_overrides():
@@ -50,8 +56,15 @@ def test_overrides():
 def test_qlora_on_a_model_without_linear_layers_is_refused():
     shape = dataclasses.replace(resolve("openai-community/gpt2"), linears=())
     problems = check_against_shape(build_plan({"training": {"method": "qlora", "seq_len": 512}}), shape)
-    assert any("no linear layers" in str(p) and "--method full" in str(p) and p.field == "training.method"
-               for p in problems)
+    from advisor.cli.common import render
+    from advisor.forms import place
+    from advisor.problems import Change
+
+    (p,) = [p for p in problems if "no linear layers" in p.what]
+    assert p.field == "training.method" and p.change == Change("training.method", ("full",))
+    # the core names no flag: each front end words the fix in its own terms
+    assert "use --method full" in render(p) and "--" not in place([p])[0]["method"]
+    assert place([p])[0]["method"].endswith("use full")
 
 
 def test_estimate_reads_a_plan_file(tmp_path, capsys):

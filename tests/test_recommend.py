@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import pytest
 
@@ -231,9 +230,7 @@ def test_cost_is_hours_times_gpus_times_price_and_qlora_is_slower():
 
 
 def test_without_a_gpu_every_priced_gpu_is_ranked_and_the_cheapest_wins():
-    t = time.perf_counter()
-    adv = advise(LLAMA8, None)
-    assert time.perf_counter() - t < 1.0
+    adv = advise(LLAMA8, None)  # its speed is a benchmark's goal (benchmarks/bench_estimate.py), not a test's
     c = adv.choice
     same = [o for o in adv.options if o.fits and o.method == c.method]
     assert c.cost_usd == min(o.cost_usd for o in same)
@@ -358,9 +355,9 @@ def test_cli_nothing_fits_exits_1(capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--gpu", "rtx 9999"], "unknown GPU"),
-    (["--budget", "-5"], "--budget must be a positive"),
+    (["--budget", "-5"], "--budget must be above 0"),
     (["--examples", "0"], "--examples must be at least 1"),
-    (["--epochs", "0"], "--epochs must be a finite number above 0"),
+    (["--epochs", "0"], "--epochs must be above 0"),
     (["--methods", "full,dora"], "--methods: unknown dora"),
     (["--seq", "999999"], "use --seq 131072 or less"),
     (["--gpus", "0"], "--gpus must be between"),

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT, run_stopped_after
 
-from runner.cli import main
+from advisor.cli.main import main
 from runner.demo import DEMO_DATA
 from runner.events import read_events
 
@@ -180,7 +180,7 @@ def _follow(command, capsys):
 
 
 def test_failed_before_the_first_checkpoint_restarts_as_advised(tmp_path, model_dir, data8, capsys):
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.recipe import Hooks
 
     plan_path = plan_file(tmp_path / "plan.yaml", model_dir, data8)
@@ -237,7 +237,7 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, model_dir, dat
 
 def test_a_second_ctrl_c_is_an_interruption_not_an_empty_failure(tmp_path, model_dir, data8, capsys):
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.recipe import Hooks
 
     def second_ctrl_c(r):
@@ -256,7 +256,7 @@ def test_a_second_ctrl_c_is_an_interruption_not_an_empty_failure(tmp_path, model
 
 def test_after_an_oom_the_advice_resumes_from_the_checkpoint(tmp_path, model_dir, data8, capsys):
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.recipe import Hooks
 
     plan = load_plan(plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=5))
@@ -376,7 +376,7 @@ def test_a_full_disk_is_one_message_and_the_run_resumes(tmp_path, model_dir, dat
     import errno
 
     from advisor.planfile import load_plan
-    from runner.cli import run_in_process
+    from runner.commands import run_in_process
     from runner.hooks import Hooks
 
     def disk_full(r):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from runner.cli import main
+from advisor.cli.main import main
 from runner.demo import DEMO_DATA
 
 
@@ -153,7 +153,7 @@ def test_next_plan_after_oom_fits():
     s = next_plan(plan, "runs/x")
     assert s["command"].startswith("tuneplan run runs/x/plan.yaml ")
     assert s["changes"]["training.grad_checkpointing"] is True
-    from runner.launch import _apply
+    from advisor.service import _with_fields as _apply
 
     fixed = build_plan(_apply(plan.model_dump(mode="json"), s["changes"]))
     from advisor import service
@@ -185,7 +185,7 @@ def test_data_check_with_a_tokenizer_shows_the_mask(model_dir, capsys):
 def test_docs_plan_reference_is_up_to_date():
     from pathlib import Path
 
-    from runner.cli import DOC_BEGIN, DOC_END, render_plan_reference
+    from runner.reference import DOC_BEGIN, DOC_END, render_plan_reference
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "runner.md").read_text()
     block = text.split(DOC_BEGIN)[1].split(DOC_END)[0]

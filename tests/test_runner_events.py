@@ -46,7 +46,8 @@ def test_monitor_without_gpu_samples_rss():
 
 
 def test_light_modules_do_not_import_torch():
-    code = ("import runner.events, runner.monitor, runner.launch, runner.cli, runner.data, runner.recipe\n"
+    code = ("import runner.events, runner.monitor, runner.launch, runner.commands, runner.api, runner.data\n"
+            "import runner.recipe\n"
             "from runner.monitor import gpu_snapshot, system_memory\n"
             "gpu_snapshot(); system_memory()\n"
             "import sys; print(json.dumps(sorted(m for m in ('torch', 'transformers', 'peft', 'textual') "

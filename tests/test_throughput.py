@@ -123,9 +123,9 @@ def test_gpu_without_a_price_still_gets_time_and_says_why_no_cost():
 
 @pytest.mark.parametrize("kw, field, words", [
     ({"examples": 0}, "job.examples", "at least 1"),
-    ({"epochs": -1.0}, "job.epochs", "above 0"),
-    ({"epochs": math.inf}, "job.epochs", "finite"),
-    ({"epochs": math.nan}, "job.epochs", "finite"),
+    ({"epochs": -1.0}, "run.epochs", "above 0"),
+    ({"epochs": math.inf}, "run.epochs", "finite"),
+    ({"epochs": math.nan}, "run.epochs", "finite"),
     ({"avg_tokens": 0}, "job.avg_tokens", "at least 1"),
 ])
 def test_bad_job_inputs_get_one_clear_message(kw, field, words):
@@ -140,7 +140,7 @@ def test_bad_job_inputs_get_one_clear_message(kw, field, words):
 def test_every_bad_job_input_is_reported_at_once():
     with pytest.raises(Problems) as e:
         tp.job_time(plan(), resolve(LLAMA8), find_gpu("a100"), examples=0, avg_tokens=0, epochs=-1)
-    assert {p.field for p in e.value.items} == {"job.examples", "job.avg_tokens", "job.epochs"}
+    assert {p.field for p in e.value.items} == {"job.examples", "job.avg_tokens", "run.epochs"}
 
 
 def _gpu(**changes) -> Gpu:

@@ -62,7 +62,7 @@ def test_every_problem_lands_on_its_field():
     ev = evaluate({**FORM_DEFAULTS, "batch": "0", "model": "no-such-model", "gpu": "rtx 9999", "seq": ""})
     assert ev.result is None
     assert set(ev.errors) == {"batch", "model", "gpu", "seq"}
-    assert "greater than or equal to 1" in ev.errors["batch"]
+    assert "must be at least 1" in ev.errors["batch"]
     assert "unknown model" in ev.errors["model"] and "unknown GPU" in ev.errors["gpu"]
     ev = evaluate({**FORM_DEFAULTS, "seq": "999999", "lora_targets": "nope_proj"})
     assert set(ev.errors) == {"seq", "lora_targets"}
@@ -130,7 +130,7 @@ async def test_invalid_input_is_flagged_on_its_field_and_nothing_crashes():
         await pilot.pause()
         await type_into(pilot, "#batch", "0")
         field = app.screen.query_one("#field-batch")
-        assert field.has_class("-invalid") and "greater than or equal to 1" in field.error
+        assert field.has_class("-invalid") and "must be at least 1" in field.error
         assert "problem" in plain(app.screen.query_one("#headline"))
         await type_into(pilot, "#model", "llama-9000")
         assert "unknown model" in app.screen.query_one("#field-model").error
@@ -354,3 +354,60 @@ async def test_the_transformers_release_is_a_choice_on_the_form(tmp_path):
     from advisor.planfile import load_plan
 
     assert load_plan(path).training.transformers == "4.57"
+
+
+# --- one state for every screen ---------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_a_job_edited_on_advice_is_the_job_on_plan_and_in_the_saved_plan(tmp_path):
+    """The job lives in the app's one form: edit it on the Advice screen, and the Plan screen's time
+    and cost, its GPU table and the saved plan all use it (they showed 1,000 examples before)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+        await type_into(pilot, "#job_examples", "5000")
+        await type_into(pilot, "#epochs", "2")
+        await settle(pilot)
+        assert app.evaluation.plan.job.examples == 5000 and app.evaluation.plan.run.epochs == 2
+        rec = plain(app.screen.query_one("#recommendation"))  # the advice of this job, not of the one before
+        assert app.evaluation.result.time.tokens == 5000 * 512 * 2
+        await pilot.press("f2")
+        await settle(pilot)
+        assert "5,120,000 tokens" in plain(app.screen.query_one("#time"))
+        assert "5,000 examples × 512 tokens × 2 epochs" in plain(app.screen.query_one("#gpus-title"))
+        assert app.save_plan(str(tmp_path / "p.yaml"))
+    from advisor.planfile import load_plan
+
+    saved = load_plan(tmp_path / "p.yaml")
+    assert (saved.job.examples, saved.run.epochs) == (5000, 2.0) and "Recommended:" in rec
+
+
+@pytest.mark.asyncio
+async def test_a_bad_job_value_is_flagged_on_its_field_and_advice_waits():
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+        await type_into(pilot, "#job_examples", "0")
+        await settle(pilot)
+        field = app.screen.query_one("#field-job_examples")
+        assert "must be at least 1" in field.error
+        assert "fix the job fields" in plain(app.screen.query_one("#recommendation"))
+
+
+@pytest.mark.asyncio
+async def test_the_device_is_on_the_form_and_a_gpu_on_the_cpu_is_flagged_there():
+    """A CPU plan opened in the app and given a GPU: the verdict would count tensors only; it is a
+    problem on the device field, which the form shows (it was hidden)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.screen.query_one("#device").value = "cpu"
+        await settle(pilot)
+        assert "runs on the CPU" in app.screen.query_one("#field-device").error
+        app.screen.query_one("#gpu").value = "none"
+        await settle(pilot)
+        assert app.evaluation.ok and app.evaluation.plan.hardware.device == "cpu"

@@ -10,7 +10,7 @@ from typing import Any
 
 from advisor.cli.common import add_model_arguments, put, take_model
 from advisor.problems import Problem, Problems
-from advisor.service import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_SEQ
+from advisor.service import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_SEQ, DEFAULT_TARGET_BATCH
 from advisor.spec import METHODS, OPTIMIZERS
 
 TABLE_ROWS = 20
@@ -23,12 +23,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(r)
     r.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, t4 (default: rank all priced GPUs)")
     r.add_argument("--gpus", type=int, help="fix the number of GPUs (default: 1, more only when one cannot hold it)")
-    r.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
-                   help=f"training examples (default {DEFAULT_EXAMPLES})")
-    r.add_argument("--avg-tokens", type=int, default=DEFAULT_AVG_TOKENS,
+    r.add_argument("--examples", type=int, help=f"training examples (default {DEFAULT_EXAMPLES})")
+    r.add_argument("--avg-tokens", type=int,
                    help=f"mean tokens per example, for time and cost (default {DEFAULT_AVG_TOKENS})")
-    r.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS:g})")
-    r.add_argument("--batch", type=int, default=16, help="target effective batch (default 16)")
+    r.add_argument("--epochs", type=float, help=f"passes over the data (default {DEFAULT_EPOCHS:g})")
+    r.add_argument("--batch", type=int, help=f"target effective batch (default {DEFAULT_TARGET_BATCH})")
     r.add_argument("--seq", type=int, help=f"tokens per sequence for memory (default {DEFAULT_SEQ} or the "
                    "model's maximum if smaller)")
     r.add_argument("--budget", type=float, help="most US dollars to spend; options over it are marked")
@@ -71,7 +70,7 @@ def _inputs(a: argparse.Namespace):
         raise Problems(Problem("no model given", "model.ref", "name it: `tuneplan recommend MODEL` or --model MODEL "
                                "(a bundled profile, a config.json, a model directory or a hub id)"))
 
-    problems: list[Problem] = service.job_problems(a.examples, a.avg_tokens, a.epochs, a.batch, a.budget, a.gpus)
+    problems: list[Problem] = [p for p in service.job_problems(1, 1, 1, gpus=a.gpus) if p.field == "job.gpus"]
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -96,7 +95,14 @@ def _inputs(a: argparse.Namespace):
         training["lora"] = {"r": a.lora_r}
     model = {"ref": a.model, "trust_remote_code": a.trust_remote_code}
     put(model, "revision", a.revision)
-    data = {"model": model, "task": "training", "training": training, "hardware": {"gpu": None, "device": a.device}}
+    job: dict[str, Any] = {}
+    for key, value in (("examples", a.examples), ("avg_tokens", a.avg_tokens), ("target_batch", a.batch),
+                       ("budget_usd", a.budget)):
+        put(job, key, value)
+    run: dict[str, Any] = {}
+    put(run, "epochs", a.epochs)
+    data = {"model": model, "task": "training", "training": training, "hardware": {"gpu": None, "device": a.device},
+            "job": job, "run": run}
     ctx = None
     try:
         ctx = service.build(data)
@@ -104,8 +110,7 @@ def _inputs(a: argparse.Namespace):
         problems += e.items
     if problems:
         raise Problems(problems)
-    job = service.Job(a.examples, a.avg_tokens, a.epochs, a.batch, a.budget)
-    return ctx, gpu, job, methods
+    return ctx, gpu, methods
 
 
 def save_problems(path: str) -> list[Problem]:
@@ -128,14 +133,13 @@ def save_problems(path: str) -> list[Problem]:
 
 def cmd_recommend(a: argparse.Namespace) -> int:
     from advisor import service
-    from advisor.recommend import serving_capacity
 
     if a.serving and a.gpu is None:
         raise Problems(Problem("--serving needs --gpu", None, "name the card to size serving on"))
-    ctx, gpu, job, methods = _inputs(a)
+    ctx, gpu, methods = _inputs(a)
     plan = ctx.plan
-    adv = service.advise(ctx, job, gpu, a.gpus, methods)
-    serving = serving_capacity(ctx.shape, gpu, a.gpus or 1) if a.serving else None
+    adv = service.advise(ctx, None, gpu, a.gpus, methods)  # the plan's job (job.*, run.epochs)
+    serving = service.serving_capacity(ctx, gpu, a.gpus or 1) if a.serving else None
     if a.json:
         out = adv.to_json()
         if serving is not None:

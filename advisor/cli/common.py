@@ -12,42 +12,48 @@ import json
 import sys
 from typing import Any
 
-from advisor.problems import Problem, Problems
+from advisor.problems import Change, Problem, Problems
+from advisor.spec import field_table
 
 EXIT_USER_ERROR = 2
 
-# plan field -> the flag that sets it
-FLAGS = {
-    "training.micro_batch": "--batch", "inference.batch": "--batch", "training.seq_len": "--seq",
-    "inference.seq_len": "--seq", "inference.prompt_len": "--prompt-len", "training.grad_accum": "--grad-accum",
-    "training.lora.r": "--lora-r", "training.lora.alpha": "--lora-alpha", "training.lora.dropout": "--lora-dropout",
-    "training.lora.targets": "--lora-targets", "hardware.gpus": "--gpus", "model.ref": "--model",
-    "training.method": "--method", "training.precision": "--precision", "training.optimizer": "--optimizer",
-    "hardware.gpu": "--gpu", "hardware.zero": "--zero",
-    "job.examples": "--examples", "job.avg_tokens": "--avg-tokens", "job.epochs": "--epochs",
-    "job.target_batch": "--batch", "job.budget_usd": "--budget", "job.gpus": "--gpus", "job.methods": "--methods",
-    "job.save": "--save", "max": "--max",
+# plan field -> the flag that sets it: the plan schema's own metadata (advisor.spec.field_table), plus the
+# questions that are no plan field (recommend's GPU count and methods, --save, --max, the guide's answers)
+FLAGS = {path: meta["flag"] for path, meta in field_table().items() if meta.get("flag")} | {
+    "job.gpus": "--gpus", "job.methods": "--methods", "job.save": "--save", "max": "--max",
     "guide.labelled_examples": "--examples", "guide.gap": "--gap",
 }
 # problems whose message already names the thing (no 'field:' prefix needed)
 _SELF_EXPLAINED = ("model.ref", "hardware.gpu")
+# fields that are the user's question more than the plan's: shown with the flag alone
+_JOB_FIELDS = ("job.", "guide.", "run.epochs")
+
+
+def say_change(c: Change) -> str:
+    """A fix as the CLI words it: the flag that sets the field ('use --seq 1024 or less'), or the
+    key=value override (`tuneplan run PLAN key=value`, `estimate --plan PLAN key=value`)."""
+    flag = FLAGS.get(c.field)
+    return "use " + (c.words(flag) if flag else c.words(c.field, "="))
 
 
 def render(p: Problem) -> str:
     """One problem as the CLI shows it: with the flag name where a flag sets the field."""
+    message = p.worded(say_change)
     if p.field is None or p.field in _SELF_EXPLAINED:
-        return p.message
-    if p.field.startswith(("job.", "guide.")) and p.field in FLAGS:  # not plan fields: the flag alone
-        return f"{FLAGS[p.field]} {p.message}" if p.what.startswith("must") else f"{FLAGS[p.field]}: {p.message}"
+        return message
+    if p.field.startswith(_JOB_FIELDS) and p.field in FLAGS:  # the flag alone
+        return f"{FLAGS[p.field]} {message}" if p.what.startswith("must") else f"{FLAGS[p.field]}: {message}"
     if p.field in FLAGS:
-        return f"{FLAGS[p.field]} ({p.field}): {p.message}"
-    return f"{p.field}: {p.message}"
+        return f"{FLAGS[p.field]} ({p.field}): {message}"
+    return f"{p.field}: {message}"
 
 
 def report_problems(e: Problems, as_json: bool = False) -> int:
     """Every problem on its own line on stderr (or one JSON object on stdout); the exit code."""
     if as_json:  # the machine-readable list on stdout; people still read stderr
-        print(json.dumps({"problems": [{**p.as_json(), "flag": FLAGS.get(p.field or "")} for p in e.items]},
+        print(json.dumps({"problems": [{**p.as_json(), "message": p.worded(say_change),
+                                        "flag": FLAGS.get(p.field or "")}
+                                       for p in e.items]},
                          indent=2))
     lines = [render(p) for p in e.items]
     if len(lines) == 1:

@@ -33,7 +33,7 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the CLI contract (DESIGN.md); None means 'the plan's default'."""
     add_model_arguments(p)
-    p.add_argument("--task", choices=TASKS, default="training")
+    p.add_argument("--task", choices=TASKS, help="training (default) or inference")
     p.add_argument("--method", choices=METHODS, help="default: qlora")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adamw")
@@ -55,16 +55,25 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
     p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
     p.add_argument("--zero", type=int, choices=ZERO_STAGES, help="ZeRO stage across GPUs")
-    p.add_argument("--device", choices=DEVICES, default="cuda")
+    p.add_argument("--device", choices=DEVICES, help="cuda (default): GPU memory with the CUDA context and "
+                   "allocator; cpu: RAM for the tensors alone")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--revision", help="hub revision")
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The job's size for time and cost: plan fields job.examples, job.avg_tokens and run.epochs."""
+    p.add_argument("--examples", type=int, help=f"training examples, for time and cost (default {DEFAULT_EXAMPLES})")
+    p.add_argument("--avg-tokens", type=int, help=f"mean tokens per example (default {DEFAULT_AVG_TOKENS})")
+    p.add_argument("--epochs", type=float, help=f"passes over the data (default {DEFAULT_EPOCHS:g})")
 
 
 def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     training: dict[str, Any] = {}
     inference: dict[str, Any] = {}
     lora: dict[str, Any] = {}
-    hardware: dict[str, Any] = {"device": a.device}
+    hardware: dict[str, Any] = {}
+    put(hardware, "device", a.device)
     put(training, "method", a.method)
     put(training, "precision", a.precision)
     put(training, "optimizer", a.optimizer)
@@ -96,11 +105,20 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     put(model, "revision", a.revision)
     data: dict[str, Any] = {}
     put(data, "padded", getattr(a, "padded", None))
-    return {"model": model, "task": a.task, "training": training, "inference": inference, "hardware": hardware,
-            **({"data": data} if data else {})}
+    job: dict[str, Any] = {}
+    put(job, "examples", getattr(a, "examples", None))
+    put(job, "avg_tokens", getattr(a, "avg_tokens", None))
+    run: dict[str, Any] = {}
+    put(run, "epochs", getattr(a, "epochs", None))
+    out = {"model": model, "task": a.task or "training", "training": training, "inference": inference,
+           "hardware": hardware}
+    for name, section in (("data", data), ("job", job), ("run", run)):
+        if section:
+            out[name] = section
+    return out
 
 
-def _simulate_with_progress(ctx, job=None):
+def _simulate_with_progress(ctx):
     """Run the simulation with a progress bar on stderr (stdout stays clean for --json)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -114,28 +132,33 @@ def _simulate_with_progress(ctx, job=None):
         def progress(fraction: float, message: str) -> None:
             bar.update(task, completed=fraction, description=f"simulating: {message}")
 
-        return service.estimate(ctx, "simulate", progress, job)
+        return service.estimate(ctx, "simulate", progress)
 
 
 def plan_data(a: argparse.Namespace) -> dict[str, Any]:
     """The plan as a dict: from --plan FILE (flags given on the command line override it) or flags."""
+    if getattr(a, "plan", None) and a.model_ref and "=" in a.model_ref and not a.model:  # --plan F key=value
+        a.overrides = [a.model_ref, *(getattr(a, "overrides", None) or [])]
+        a.model_ref = None
     take_model(a)
     if getattr(a, "plan", None):
-        from advisor.planfile import load_plan
+        from advisor.planfile import apply_overrides, consent, load_plan
         from advisor.spec import SpecError
 
         try:
-            base = load_plan(a.plan).model_dump(mode="json")
+            plan = load_plan(a.plan, a.trust_remote_code)
+            if getattr(a, "overrides", None):  # as `tuneplan run PLAN key=value` reads them
+                plan = consent(apply_overrides(plan, a.overrides), a.trust_remote_code)
         except SpecError as e:
             raise UserError(e.items) from None
+        base = plan.model_dump(mode="json")
         if a.model:
             base["model"]["ref"] = a.model
+        a.task = a.task or base["task"]
         flags = plan_dict_from_args(a)
-        for section in ("training", "inference", "hardware", "data"):
-            base[section].update({k: v for k, v in flags.get(section, {}).items()
-                                  if v is not None and k not in ("device", "gpu")})
-        if a.gpu:
-            base["hardware"]["gpu"] = a.gpu
+        for section in ("training", "inference", "hardware", "data", "job", "run"):
+            _merge(base[section], flags.get(section, {}))
+        base["task"] = a.task
         return base
     if not a.model:
         raise UserError("name the model: `tuneplan estimate MODEL` or --model MODEL (a bundled profile, a "
@@ -143,19 +166,21 @@ def plan_data(a: argparse.Namespace) -> dict[str, Any]:
     return plan_dict_from_args(a)
 
 
+def _merge(into: dict[str, Any], flags: dict[str, Any]) -> None:
+    """The flags given on the command line over a plan's section (nested: --lora-r keeps the plan's alpha)."""
+    for k, v in flags.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        elif v is not None:
+            into[k] = v
+
+
 def cmd_estimate(a: argparse.Namespace) -> int:
     from advisor import service
     from advisor.present import print_estimate
 
-    problems = service.job_problems(a.examples, a.avg_tokens, a.epochs)
-    try:
-        ctx = service.build(plan_data(a))
-    except Problems as e:
-        raise Problems([*problems, *e.items]) from None
-    if problems:
-        raise Problems(problems)
-    job = service.Job(a.examples, a.avg_tokens, a.epochs)
-    res = _simulate_with_progress(ctx, job) if a.mode == "simulate" else service.estimate(ctx, job=job)
+    ctx = service.build(plan_data(a))  # the job's numbers are plan fields (job.*, run.epochs): checked there
+    res = _simulate_with_progress(ctx) if a.mode == "simulate" else service.estimate(ctx)
     found = [service.limits(ctx, what) for what in (a.max or [])]
     if a.json:
         out = res.as_json()
@@ -203,11 +228,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     add_plan_arguments(e)
     e.add_argument("--mode", choices=["analytic", "simulate"], default="analytic")
     e.add_argument("--plan", help="a plan.yaml (as saved by the TUI; read by `tuneplan run`)")
-    e.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
-                   help=f"training examples, for time and cost (default {DEFAULT_EXAMPLES})")
-    e.add_argument("--avg-tokens", type=int, default=DEFAULT_AVG_TOKENS,
-                   help=f"mean tokens per example (default {DEFAULT_AVG_TOKENS})")
-    e.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS:g})")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="with --plan: overrides of its fields, as `tuneplan run` reads them (training.seq_len=4096)")
+    add_job_arguments(e)
     e.add_argument("--max", action="append", choices=["seq", "batch"],
                    help="also find the longest sequence / largest micro-batch that fits the GPU (repeatable)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -218,12 +241,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     from advisor.cli.advice import add_commands
 
     add_commands(sub)
-    from runner.cli import add_commands as add_runner_commands  # run, data check, demo (light imports)
+    from advisor.cli.runs import add_commands as add_runner_commands  # run, data, demo, cloud, chat, eval, export
 
     add_runner_commands(sub)
-    from runner.rent import add_commands as add_cloud_commands  # cloud: SkyPilot task / Slurm script
-
-    add_cloud_commands(sub)
     if extra is not None:
         extra(sub)
     return p

@@ -1,6 +1,7 @@
 """The Textual app (`tuneplan` with no arguments, `tuneplan tui`, `tuneplan watch`).
 
-Importing this package imports nothing from Textual; :func:`run` does.
+Importing this package imports nothing from Textual; :func:`run` does. May import: the core through
+advisor.service, advisor.forms and advisor.present, and runner.api; never the CLI.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Any
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.reactive import reactive
 from textual.screen import Screen
 
 from advisor.forms import FORM_DEFAULTS, Evaluation, evaluate, form_from_plan
@@ -37,6 +38,14 @@ def _watch_screen():
 
 
 class TunePlanApp(App):
+    """The app's state is one reactive: ``form``, every input of the plan (the Plan screen's fields and
+    the job's, on the Advice screen). ``evaluation`` is derived from it in one place
+    (:meth:`watch_form` -> :meth:`evaluate_form`, advisor.forms.evaluate), once per change, and every screen watches it, so a
+    change made on one screen is on every screen. (Not a Textual compute method: those run on every
+    read, and an evaluation takes a few milliseconds.)"""
+
+    form: reactive[dict[str, Any]] = reactive(dict, always_update=True, init=False)
+    evaluation: reactive[Evaluation | None] = reactive(None, always_update=True, init=False)
     TITLE = "tuneplan"
     SUB_TITLE = "will this fine-tune fit?"
     CSS_PATH = "tuneplan.tcss"
@@ -55,17 +64,12 @@ class TunePlanApp(App):
     def __init__(self, form: dict[str, Any] | None = None, plan_base: dict | None = None,
                  plan_path: str | Path | None = None, mode: str = "plan", run_dir: str | None = None) -> None:
         super().__init__()
-        self.form: dict[str, Any] = dict(form or FORM_DEFAULTS)
         self.plan_base = plan_base
         self.plan_path = Path(plan_path) if plan_path else Path("plan.yaml")
         self.start_mode = mode
         self.run_dir = run_dir
-        self.job: dict[str, Any] = {}
-        from advisor.service import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
-
-        self.job = {"examples": DEFAULT_EXAMPLES, "avg_tokens": DEFAULT_AVG_TOKENS, "epochs": DEFAULT_EPOCHS,
-                    "target_batch": 16, "budget": None}
-        self.evaluation: Evaluation | None = None
+        self.set_reactive(TunePlanApp.form, {**FORM_DEFAULTS, **(form or {})})
+        self.set_reactive(TunePlanApp.evaluation, self.evaluate_form())
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"
@@ -76,26 +80,21 @@ class TunePlanApp(App):
 
     # --- shared state -------------------------------------------------------------------------------
     def evaluate_form(self) -> Evaluation:
-        self.evaluation = evaluate(self.form, self.plan_base, self.current_job())
-        return self.evaluation
+        """The one evaluation of the app's plan (advisor.forms.evaluate): every screen shows this."""
+        return evaluate(self.form, self.plan_base)
 
-    def current_job(self):
-        """The advice screen's job (examples, tokens, epochs) as an advisor.job.Job; None while invalid."""
-        from advisor.job import make_job
-        from advisor.problems import Problems
+    def watch_form(self, form: dict[str, Any]) -> None:
+        self.evaluation = self.evaluate_form()
 
-        j = self.job
-        try:
-            return make_job(j["examples"], j["avg_tokens"], j["epochs"], j["target_batch"], j["budget"])
-        except Problems:
-            return None
+    def update_form(self, **changes: Any) -> None:
+        """Change some inputs; the evaluation follows, and every screen watching it."""
+        self.form = {**self.form, **changes}
 
     @property
     def plan(self):
         """The current valid Plan, or None while the form has problems."""
-        if self.evaluation is None:
-            self.evaluate_form()
-        return self.evaluation.plan if self.evaluation and self.evaluation.ok else None
+        ev = self.evaluation
+        return ev.plan if ev is not None and ev.ok else None
 
     # --- actions -----------------------------------------------------------------------------------
     def action_toggle_theme(self) -> None:
@@ -142,20 +141,10 @@ class TunePlanApp(App):
             return False
         self.plan_base = plan.model_dump(mode="json")
         self.plan_path = Path(path).expanduser()
-        form = gpu_ids(form_from_plan(plan))
+        self.form = gpu_ids(form_from_plan(plan))  # every screen shows it (they watch the evaluation)
         self.switch_mode("plan")
-        self.call_after_refresh(lambda: self._load_into_plan_screen(form))
         self.notify(f"opened {path}")
         return True
-
-    def _load_into_plan_screen(self, form: dict[str, Any]) -> None:
-        from advisor.tui.screens.plan import PlanScreen
-
-        screen = self.screen
-        if isinstance(screen, PlanScreen):
-            screen.write_form(form)
-        else:
-            self.form = form
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

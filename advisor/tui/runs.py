@@ -1,22 +1,15 @@
-"""The bridge to the runner (optional: built separately) and a run's state folded from its events.
+"""The app's side of a run: following its events (through :mod:`runner.api`, the one runner module the
+app imports) and its state folded from them.
 
-Nothing here trains or measures; it imports the runner's modules when they exist and keeps what
-its events.jsonl said. ``RunState.apply`` is pure, so tests feed it events directly.
+Nothing here trains or measures. ``RunState.apply`` is pure, so tests feed it events directly.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def runner_module(name: str):
-    """runner.<name>, or None when the runner (or that part of it) is not installed."""
-    try:
-        return importlib.import_module(f"runner.{name}")
-    except ImportError:
-        return None
+from runner import api as runner_api
 
 
 def follow_events(run_dir: str, on_events, cancelled, exited=None, interval: float = 0.5):
@@ -26,31 +19,19 @@ def follow_events(run_dir: str, on_events, cancelled, exited=None, interval: flo
     Runs in a worker thread (it sleeps between reads)."""
     import time
 
-    events_mod = runner_module("events")
-    if events_mod is None:
-        return None
     offset = 0
     while not cancelled():
-        events, offset = events_mod.read_events(run_dir, offset)
+        events, offset = runner_api.read_events(run_dir, offset)
         if events:
             on_events(events)
         if exited is not None:
             code = exited()
             if code is not None or any(e.get("type") in ("end", "error") for e in events):
-                events, offset = events_mod.read_events(run_dir, offset)  # what it wrote before exiting
+                events, offset = runner_api.read_events(run_dir, offset)  # what it wrote before exiting
                 if events:
                     on_events(events)
                 return code
         time.sleep(interval)
-    return None
-
-
-def runner_missing() -> str | None:
-    """Why runs cannot start from here, or None when they can."""
-    launch = runner_module("launch")
-    if launch is None or not hasattr(launch, "start_run") or runner_module("events") is None:
-        return ("The runner is not installed (runner.launch / runner.events not found), so runs cannot start "
-                "here. The plan, advice and watch screens work without it.")
     return None
 
 
@@ -72,6 +53,7 @@ class RunState:
     report: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     started: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None  # runner.speed's check: measured vs predicted speed, the job re-projected
 
     @property
     def finished(self) -> bool:
@@ -97,6 +79,8 @@ class RunState:
                     self.losses.append(_number(e["loss"]))
                 if _mapping(e.get("memory")):
                     self.memory.append(_mapping(e["memory"]))
+                if _mapping(e.get("speed")).get("words"):
+                    self.speed = _mapping(e["speed"])
                 self.status = "running"
             elif kind == "memory" and _mapping(e.get("memory")):
                 self.memory.append(_mapping(e["memory"]))
@@ -107,6 +91,8 @@ class RunState:
             elif kind == "end":
                 self.status = str(e.get("status") or "finished")
                 self.report = e.get("report") if isinstance(e.get("report"), dict) else self.report
+                if _mapping(_mapping(self.report).get("speed")).get("words"):
+                    self.speed = _mapping(self.report["speed"])
             elif kind == "error":
                 self.error = {k: v for k, v in e.items() if k != "suggestion" or isinstance(v, dict)}
                 self.status = "failed"

@@ -13,9 +13,9 @@ from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, P
 from advisor.tui.messages import SimDone, SimProgress
 from advisor.tui.widgets.field import Field
 
-JOB = (("examples", "examples", "int"), ("avg_tokens", "avg tokens", "int"), ("epochs", "epochs", "float"),
-       ("target_batch", "target batch", "int"), ("budget", "budget $", "float"))
-JOB_FIELD = {"budget": "budget_usd"}  # job input -> advisor.service.Job field (problems carry job.<field>)
+# the job's inputs: form fields of the app's one form (advisor.forms: job.* and run.epochs in the plan)
+JOB = (("job_examples", "examples", "int"), ("job_avg_tokens", "avg tokens", "int"), ("epochs", "epochs", "float"),
+       ("job_target_batch", "target batch", "int"), ("job_budget", "budget $", "float"))
 QUESTIONS = (("knowledge_changes_often", "the facts change often"), ("must_cite_sources", "answers must cite sources"),
              ("prompting_tried", "careful prompting was tried and measured"),
              ("latency_or_cost_limits", "latency or cost is a hard limit"),
@@ -27,17 +27,15 @@ class AdviceScreen(Screen):
     BINDINGS = [Binding("e", "exact", "Exact estimate"), Binding("r", "refresh_advice", "Re-advise", show=False)]
 
     def compose(self) -> ComposeResult:
-        job = self.app.job
+        form = self.app.form
         yield Header()
         with Horizontal(id="advice"):
             with VerticalScroll(id="advice-left"):
                 yield Label("The job (time and cost)", classes="section")
                 with Horizontal(id="job"):
                     for key, label, kind in JOB:
-                        v = job[key]
-                        yield Field(label, Input("" if v is None else f"{v:g}" if kind == "float" else str(v),
-                                                 id=f"job-{key}", type="number" if kind == "float" else "integer",
-                                                 compact=True, placeholder="none"), f"job-{key}")
+                        yield Field(label, Input(str(form[key]), id=key, type="number" if kind == "float" else
+                                                 "integer", compact=True, placeholder="none"), key)
                 yield Field("GPUs", Select([("the plan's GPU", "plan"), ("every priced GPU", "all")], value="plan",
                                            allow_blank=False, compact=True, id="scope"), "scope")
                 yield Static("", id="recommendation")
@@ -62,6 +60,7 @@ class AdviceScreen(Screen):
 
         self.query_one("#options", DataTable).add_columns(*OPTION_COLUMNS)
         self.query_one("#sim-progress").display = False
+        self.watch(self.app, "evaluation", self._evaluated, init=False)
         self.refresh_all()
 
     def on_screen_resume(self) -> None:
@@ -71,27 +70,23 @@ class AdviceScreen(Screen):
         self.action_refresh_advice()
         self.refresh_guide()
 
-    # --- recommendation ----------------------------------------------------------------------------
+    # --- the job -------------------------------------------------------------------------------------
     @on(Input.Changed, "#job Input")
+    def _job_changed(self, event: Input.Changed) -> None:
+        """A job input into the app's form: its evaluation (time and cost on every screen) follows."""
+        key = event.input.id or ""
+        if self.app.form.get(key) != event.value:
+            self.app.update_form(**{key: event.value})
+
     @on(Select.Changed, "#scope")
-    def _job_changed(self, event) -> None:
+    def _scope_changed(self, event) -> None:
         self.action_refresh_advice()
 
-    def read_job(self) -> bool:
-        ok = True
-        for key, _label, kind in JOB:
-            raw = self.query_one(f"#job-{key}", Input).value.strip()
-            field = self.query_one(f"#field-job-{key}", Field)
-            try:
-                v = None if (key == "budget" and not raw) else (float(raw) if kind == "float" else int(raw))
-            except ValueError:
-                field.set_error("a number")
-                ok = False
-                continue
-            field.set_error(None)
-            self.app.job[key] = v
-        return ok
+    def _evaluated(self, ev) -> None:
+        if self.is_current:
+            self.action_refresh_advice()
 
+    # --- recommendation ----------------------------------------------------------------------------
     def action_refresh_advice(self) -> None:
         from advisor import present, service
         from advisor.problems import Problems
@@ -99,31 +94,26 @@ class AdviceScreen(Screen):
         out = self.query_one("#recommendation", Static)
         table = self.query_one("#options", DataTable)
         table.clear()
-        ev = self.app.evaluate_form()
-        if not self.read_job():
+        ev = self.app.evaluation
+        if ev is None:
+            return
+        for key, _label, _kind in JOB:  # the job's problems, from the one evaluation, on their fields
+            self.query_one(f"#field-{key}", Field).set_error(ev.errors.get(key))
+        if any(key in ev.errors for key, _label, _kind in JOB):
             out.update(Text("fix the job fields above", style="red"))
             return
         if not ev.ok:
             out.update(Text("The plan has problems; fix them on the Plan screen (F2).", style="bold red"))
             return
-        job = self.app.job
         gpu = ev.gpu if self.query_one("#scope", Select).value == "plan" else None
         try:
-            adv = service.advise(ev.context, service.make_job(job["examples"], job["avg_tokens"], job["epochs"],
-                                                              job["target_batch"], job["budget"]), gpu)
+            adv = service.advise(ev.context, None, gpu)  # the plan's job
         except Problems as e:
-            self._job_problems(e)
-            out.update(Text("; ".join(p.message for p in e.items if not p.field), style="bold red"))
+            out.update(Text("; ".join(p.message for p in e.items), style="bold red"))
             return
         out.update(present.recommendation_text(adv))
         for o in adv.options:
             table.add_row(*present.option_row(o))
-
-    def _job_problems(self, e) -> None:
-        """Each typed job problem (field job.examples, ...) on its field."""
-        for key, _label, _kind in JOB:
-            mine = [p.message for p in e.items if p.field == f"job.{JOB_FIELD.get(key, key)}"]
-            self.query_one(f"#field-job-{key}", Field).set_error("; ".join(mine) or None)
 
     # --- questionnaire -----------------------------------------------------------------------------
     @on(Select.Changed, "#q-gap")
@@ -150,8 +140,8 @@ class AdviceScreen(Screen):
 
     # --- exact (simulate) ----------------------------------------------------------------------------
     def action_exact(self) -> None:
-        ev = self.app.evaluate_form()
-        if not ev.ok:
+        ev = self.app.evaluation
+        if ev is None or not ev.ok:
             self.notify("the plan has problems; fix them on the Plan screen first", severity="error")
             return
         bar = self.query_one("#sim-progress", ProgressBar)

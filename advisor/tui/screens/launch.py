@@ -17,10 +17,11 @@ from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, S
 from advisor.problems import Problems
 from advisor.spec import SpecError
 from advisor.tui.messages import RunEvents, RunExited
-from advisor.tui.runs import RunState, follow_events, runner_missing, runner_module
+from advisor.tui.runs import RunState, follow_events
 from advisor.tui.widgets.chart import LineChart
 from advisor.tui.widgets.tables import report_table
 from advisor.units import GIB
+from runner import api as runner_api
 
 TARGETS = {"local": "this machine", "sky": "SkyPilot (rent the GPUs)", "slurm": "Slurm cluster (sbatch)"}
 TARGET_SUFFIX = {"sky": ".sky.yaml", "slurm": ".sbatch"}
@@ -42,7 +43,6 @@ class LaunchScreen(Screen):
         yield Header()
         with Horizontal(id="launch"):
             with VerticalScroll(id="launch-left"):
-                yield Static("", id="runner-status")
                 yield _row("dataset", Input(data, id="dataset", compact=True,
                                             placeholder=".jsonl / .json / .csv (Enter previews)"))
                 yield _row("plan file", Input(str(self.app.plan_path), id="plan-file", compact=True))
@@ -73,10 +73,6 @@ class LaunchScreen(Screen):
         self._preview_text = Text()
         self.handle = None
         self.run: RunState | None = None
-        missing = runner_missing()
-        self.query_one("#runner-status", Static).update(Text(missing, style="bold yellow") if missing else "")
-        self.query_one("#start", Button).disabled = bool(missing)
-        self.query_one("#attach", Button).disabled = runner_module("events") is None
         self.query_one("#run-progress").display = False  # shown while a run is followed
         self.preview()
         self.show_command()
@@ -139,28 +135,22 @@ class LaunchScreen(Screen):
 
     def local_text(self, plan_file: str, run_dir: str | None) -> Text:
         """The command Start runs here; with several nodes, the command for each node."""
-        launch = runner_module("launch")
         text = Text()
-        if launch is None:
-            return text
         plan = self.plan_to_run()
         if plan.hardware.nodes > 1:
             text.append(f"{plan.hardware.nodes} nodes: run one command on each (node 0 first)\n", style="bold")
-            for k, cmd in enumerate(launch.node_commands(plan, plan_file, run_dir or "runs/RUN")):
+            for k, cmd in enumerate(runner_api.node_commands(plan, plan_file, run_dir or "runs/RUN")):
                 text.append(f"node {k}  ", style="bold")
-                text.append(launch.format_command(cmd) + "\n")
+                text.append(runner_api.format_command(cmd) + "\n")
         else:
             text.append("command  ", style="bold")
-            text.append(shlex.join(self.command(launch, plan_file, run_dir)) + "\n")
+            text.append(shlex.join(self.command(plan_file, run_dir)) + "\n")
         text.append(f"Start saves the plan (with this dataset) to {plan_file}, then runs it.", style="dim")
         return text
 
     def file_text(self, target: str, plan_file: str) -> Text:
         """The SkyPilot task or sbatch script `tuneplan cloud` would write for this plan (runner.rent)."""
-        cloud = runner_module("rent")
-        if cloud is None:
-            return Text("runner.rent is not installed", style="bold yellow")
-        body = cloud.render(self.plan_to_run(), target, plan_file, out=str(self.target_file()))
+        body = runner_api.render_cloud(self.plan_to_run(), target, plan_file, out=str(self.target_file()))
         text = Text()
         text.append(f"Write file saves the plan to {plan_file} and this to {self.target_file()}:\n", style="bold")
         text.append(body, style="")
@@ -179,7 +169,7 @@ class LaunchScreen(Screen):
         try:
             plan = self.plan_to_run()
             save_plan(plan, plan_file)
-            body = runner_module("rent").render(plan, target, plan_file, out=str(dest))
+            body = runner_api.render_cloud(plan, target, plan_file, out=str(dest))
             dest.write_text(body)
         except (SpecError, Problems) as e:
             self.notify("; ".join(p.message for p in e.items), title="cannot write", severity="error", timeout=10)
@@ -190,7 +180,7 @@ class LaunchScreen(Screen):
         nxt = "sky launch" if target == "sky" else "sbatch"
         self.notify(f"wrote {dest}; next: {nxt} {dest}", timeout=10)
 
-    def command(self, launch, plan_file: str, run_dir: str | None) -> list[str]:
+    def command(self, plan_file: str, run_dir: str | None) -> list[str]:
         """runner.launch.build_command for the plan as it will be saved (a scratch copy until Start)."""
         import tempfile
 
@@ -198,7 +188,7 @@ class LaunchScreen(Screen):
 
         with tempfile.TemporaryDirectory() as tmp:
             scratch = save_plan(self.plan_to_run(), Path(tmp) / "plan.yaml")
-            cmd = launch.build_command(scratch, run_dir=run_dir)
+            cmd = runner_api.build_command(scratch, run_dir=run_dir)
         return [plan_file if c == str(scratch) else c for c in cmd]
 
     def plan_to_run(self):
@@ -220,39 +210,31 @@ class LaunchScreen(Screen):
         if not Path(path).expanduser().is_file():
             out.update(Text(f"no such file: {path}", style="bold red"))
             return
-        data = runner_module("data")
-        if data is not None and hasattr(data, "load_and_check"):
-            try:
-                records, fmt, problems = data.load_and_check(Path(path).expanduser())
-            except Exception as e:  # noqa: BLE001 - a reader failure is shown on the preview
-                out.update(Text(f"{type(e).__name__}: {e}", style="bold red"))
-                return
-            text = Text()
-            text.append(f"{len(records):,} valid records · format {fmt or '?'}", style="bold")
-            text.append(f" · {len(problems)} problems\n" if problems else "\n", style="bold red" if problems else "")
-            for p in problems[:5]:
-                text.append(f"  {p}\n", style="red")
-            for r in records[:3]:
-                text.append(f"line {r.line}: ", style="dim")
-                text.append(_short(r.data) + "\n")
-            out.update(text)
-            self._preview_text = text
-            if records and self.app.plan is not None:
-                self.longest(str(Path(path).expanduser()), self.app.plan)
+        try:
+            records, fmt, problems = runner_api.check_data(Path(path).expanduser())
+        except Exception as e:  # noqa: BLE001 - a reader failure is shown on the preview
+            out.update(Text(f"{type(e).__name__}: {e}", style="bold red"))
             return
-        lines = Path(path).expanduser().read_text(errors="replace").splitlines()[:5]
-        out.update(Text("runner.data is not installed; first lines as they are:\n" + "\n".join(lines)))
+        text = Text()
+        text.append(f"{len(records):,} valid records · format {fmt or '?'}", style="bold")
+        text.append(f" · {len(problems)} problems\n" if problems else "\n", style="bold red" if problems else "")
+        for p in problems[:5]:
+            text.append(f"  {p}\n", style="red")
+        for r in records[:3]:
+            text.append(f"line {r.line}: ", style="dim")
+            text.append(_short(r.data) + "\n")
+        out.update(text)
+        self._preview_text = text
+        if records and self.app.plan is not None:
+            self.longest(str(Path(path).expanduser()), self.app.plan)
 
     @work(thread=True, exclusive=True, group="longest")
     def longest(self, path: str, plan) -> None:
         """The dataset's longest example in the model's tokens (loads the tokenizer: in a worker), with a
         warning when it is longer than the sequence length the estimate used."""
-        failfast = runner_module("failfast")
-        if failfast is None or not hasattr(failfast, "longest_in_file"):
-            return
         d, t = plan.data, plan.training
-        found = failfast.longest_in_file(path, plan.model.ref, t.seq_len, d.format, d.template, d.prompt_loss_weight,
-                                         plan.model.trust_remote_code)
+        found = runner_api.longest_in_file(path, plan.model.ref, t.seq_len, d.format, d.template,
+                                           d.prompt_loss_weight, plan.model.trust_remote_code)
         if found:
             self.app.call_from_thread(self._show_longest, path, found)
 
@@ -282,10 +264,6 @@ class LaunchScreen(Screen):
     def action_start(self) -> None:
         from advisor.planfile import save_plan
 
-        missing = runner_missing()
-        if missing:
-            self.notify(missing, severity="error")
-            return
         plan = self.app.plan
         if plan is None:
             self.notify("the plan has problems; fix them on the Plan screen (F2)", severity="error")
@@ -298,8 +276,7 @@ class LaunchScreen(Screen):
         try:
             plan = self.plan_to_run()
             save_plan(plan, plan_file)
-            launch = runner_module("launch")
-            self.handle = launch.start_run(plan_file, run_dir=run_dir)
+            self.handle = runner_api.start_run(plan_file, run_dir=run_dir)
         except Exception as e:  # noqa: BLE001 - a refused start (bad data, bad override) is shown
             self.notify(str(e), title="cannot start", severity="error", timeout=10)
             return
@@ -356,7 +333,7 @@ class LaunchScreen(Screen):
                 tail = log.read_text(errors="replace").strip().splitlines()[-6:]
                 self.run.error = {"kind": f"exit code {m.returncode}", "message": "\n".join(tail)}
         self.query_one("#abort", Button).disabled = True
-        self.query_one("#start", Button).disabled = bool(runner_missing())
+        self.query_one("#start", Button).disabled = False
         self.render_run()
 
     def render_run(self) -> None:
@@ -379,6 +356,8 @@ class LaunchScreen(Screen):
             status.append(f" · ETA {duration(run.eta_s / 3600)}")
         if run.val_losses:
             status.append(f" · val loss {run.val_losses[-1][1]:.4f}")
+        if run.speed:  # measured vs predicted speed, the job re-projected (runner.speed)
+            status.append(f"\nspeed: {run.speed['words']}", style="cyan")
         if run.error:
             status.append(f"\n{run.error.get('kind', 'error')}: {run.error.get('message', '')}", style="bold red")
             sug = run.error.get("suggestion") or {}

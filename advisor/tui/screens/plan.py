@@ -23,7 +23,7 @@ from advisor.units import GIB, gib
 
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
 TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets", "transformers")
-SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers")
+SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers", "device")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
 
 
@@ -40,7 +40,7 @@ class PlanScreen(Screen):
     def compose(self) -> ComposeResult:
         from advisor.gpus import gpu_table
         from advisor.model import bundled_profiles
-        from advisor.spec import METHODS, OPTIMIZERS, PRECISIONS, TASKS, WEIGHT_QUANTS
+        from advisor.spec import DEVICES, METHODS, OPTIMIZERS, PRECISIONS, TASKS, WEIGHT_QUANTS
 
         f = self.app.form
         gpus = [(short_gpu(g.name), g.id) for g in gpu_table().values()]
@@ -59,6 +59,10 @@ class PlanScreen(Screen):
                 yield Field("GPUs", Input(f["gpus"], id="gpus", type="integer", compact=True), "gpus")
                 yield Field("ZeRO", _select("zero", [("0 (none)", "0"), ("1", "1"), ("2", "2"),
                                                      ("3 / FSDP", "3")], f["zero"]), "zero")
+                devices = [(f"{d} ({'GPU memory' if d == 'cuda' else 'RAM, tensors only'})", d) for d in DEVICES]
+                yield Field("device", _select("device", devices, f["device"]), "device",
+                            "cuda: GPU memory with the CUDA context and the allocator's cache; cpu: RAM for the "
+                            "tensors alone (a CPU run).")
                 yield Label("Job", classes="section")
                 yield Field("task", _select("task", TASKS, f["task"]), "task")
                 yield Field("method", _select("method", METHODS, f["method"]), "method")
@@ -99,7 +103,8 @@ class PlanScreen(Screen):
         t.add_columns("GPU", "memory GiB", "need GiB", "fit", "time", "cost")
         self._timer = None
         self._shown = False  # a valid estimate is on screen (kept, dimmed, while the form has problems)
-        self.show(self.app.evaluate_form())
+        self.watch(self.app, "form", self.write_form, init=False)  # a plan opened, a job changed elsewhere
+        self.watch(self.app, "evaluation", self.show, init=True)
 
     # --- input -> debounced re-estimate -----------------------------------------------------------
     def read_form(self) -> dict[str, Any]:
@@ -112,18 +117,20 @@ class PlanScreen(Screen):
         return form
 
     def write_form(self, form: dict[str, Any]) -> None:
-        """Put a loaded plan into the widgets (their change events then re-estimate)."""
+        """The app's form into the widgets where they differ (a plan opened elsewhere)."""
         for name in INPUTS:
-            self.query_one(f"#{name}", Input).value = str(form[name])
+            w = self.query_one(f"#{name}", Input)
+            if w.value != str(form[name]):
+                w.value = str(form[name])
         for name in SELECTS:
             sel = self.query_one(f"#{name}", Select)
-            try:
-                sel.value = form[name]
-            except Exception:  # a GPU named in the file but not in the table: flagged by the estimate
-                pass
-        self.query_one("#ckpt", Checkbox).value = bool(form["ckpt"])
-        self.app.form = form
-        self.recompute()
+            if sel.value != form[name]:
+                try:
+                    sel.value = form[name]
+                except Exception:  # a GPU named in the file but not in the table: flagged by the estimate
+                    pass
+        if self.query_one("#ckpt", Checkbox).value != bool(form["ckpt"]):
+            self.query_one("#ckpt", Checkbox).value = bool(form["ckpt"])
 
     @on(Input.Changed)
     @on(Select.Changed)
@@ -152,7 +159,7 @@ class PlanScreen(Screen):
         if err:
             self.query_one("#field-model", Field).set_error(err)
         else:
-            self.recompute()
+            self.app.form = self.read_form()  # re-evaluated now that the config is cached
 
     def on_resize(self, event) -> None:
         """Below 150 columns the tables stack and the results scroll (the side-by-side needs the width)."""
@@ -165,16 +172,20 @@ class PlanScreen(Screen):
         self.query_one("#gpu-table").focus()
 
     def recompute(self) -> None:
+        """The widgets into the app's form (its evaluation follows, and this screen shows it)."""
         self._timer = None
-        self.app.form = self.read_form()
-        self.show(self.app.evaluate_form())
+        form = self.read_form()
+        if form != self.app.form:
+            self.app.form = form
 
     @on(DataTable.RowSelected, "#gpu-table")
     def _pick_gpu(self, event: DataTable.RowSelected) -> None:
         self.query_one("#gpu", Select).value = str(event.row_key.value)
 
     # --- render ------------------------------------------------------------------------------------
-    def show(self, ev: Evaluation) -> None:
+    def show(self, ev: Evaluation | None) -> None:
+        if ev is None:
+            return
         f = ev.form
         training = f["task"] == "training"
         for name in TRAIN_ONLY:
@@ -248,15 +259,15 @@ class PlanScreen(Screen):
         t = self.query_one("#gpu-table", DataTable)
         row = t.cursor_row
         t.clear()
-        job = self.app.job
+        job = ev.plan.job
         n = ev.plan.hardware.gpus
         fits = sum(r.status in ("fits", "tight") for r in ev.gpu_rows)
         self.query_one("#gpus-title", Static).update(Text.assemble(
             ("GPUs for this plan", "bold"), f"  {fits} of {len(ev.gpu_rows)} fit"
             + (f" · ×{n} GPUs each" if n > 1 else "")
-            + (f" · time and cost for {job['examples']:,} examples × {job['avg_tokens']} tokens × "
-               f"{job['epochs']:g} epochs (set on the Advice screen) · Enter picks a GPU" if ev.plan.task == "training"
-               else "")))
+            + (f" · time and cost for {job.examples:,} examples × {job.avg_tokens} tokens × "
+               f"{ev.plan.run.epochs:g} epochs (set on the Advice screen) · Enter picks a GPU"
+               if ev.plan.task == "training" else "")))
         for r in ev.gpu_rows:
             mark = "▶ " if r.id == (ev.gpu.id if ev.gpu else None) else "  "
             t.add_row(mark + short_gpu(r.name), f"{r.memory_bytes / GIB:,.1f}", gib(r.need_bytes), badge(r.status),

@@ -15,9 +15,10 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from advisor.tui.messages import MemorySample, RunEvents
-from advisor.tui.runs import RunState, follow_events, runner_module
+from advisor.tui.runs import RunState, follow_events
 from advisor.tui.widgets.chart import LineChart
 from advisor.units import GIB
+from runner import api as runner_api
 
 HISTORY = 600
 MAX_CHARTS = 4
@@ -69,20 +70,12 @@ class WatchScreen(Screen):
     def poll(self) -> None:
         from textual.worker import get_current_worker
 
-        monitor = runner_module("monitor")
         worker = get_current_worker()
         while not worker.is_cancelled:
-            if monitor is None:
-                import psutil
-
-                vm = psutil.virtual_memory()
-                self.post_message(MemorySample(None, {"total": vm.total, "used": vm.total - vm.available},
-                                               "runner.monitor is not installed: system memory from psutil"))
-            else:
-                try:
-                    self.post_message(MemorySample(monitor.gpu_snapshot(), monitor.system_memory()))
-                except Exception as e:  # noqa: BLE001 - a sampler failure is shown, the loop goes on
-                    self.post_message(MemorySample(None, None, f"{type(e).__name__}: {e}"))
+            try:
+                self.post_message(MemorySample(runner_api.gpu_snapshot(), runner_api.system_memory()))
+            except Exception as e:  # noqa: BLE001 - a sampler failure is shown, the loop goes on
+                self.post_message(MemorySample(None, None, f"{type(e).__name__}: {e}"))
             time.sleep(1.0)
 
     @work(thread=True, exclusive=True, group="watch-tail")
@@ -106,6 +99,8 @@ class WatchScreen(Screen):
         chart = self.query_one("#run-chart", LineChart)
         what = "torch allocated" if run.series("torch_allocated") else "process RSS (no CUDA: above the tensors)"
         chart.title = f"run {run.run_dir}: {what} ({run.status}, step {run.step})"
+        if run.speed:  # measured vs predicted speed, the job re-projected (runner.speed)
+            chart.title += f" · {run.speed['words']}"
         chart.set_data(run.series("torch_allocated") or run.series("rss"), lines)
 
     def on_memory_sample(self, m: MemorySample) -> None:

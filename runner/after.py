@@ -1,6 +1,6 @@
 """`tuneplan chat`, `tuneplan eval`, `tuneplan export`: what to do with a run's model once it has trained.
 
-Wired into the `tuneplan` subcommands by :func:`runner.cli.add_commands`. Light at import time (torch,
+Their flags are the CLI's (advisor.cli.runs); front ends reach them through runner.api. Light at import time (torch,
 transformers and peft are imported by the commands). User mistakes raise advisor.problems.UserError:
 one line, exit code 2, no traceback. The work itself is in runner.tuned (open and load), runner.chat,
 runner.evaluate and runner.export; this module parses flags and prints.
@@ -19,64 +19,6 @@ from advisor.units import mib_or_gib as _gib
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def add_commands(subparsers) -> None:
-    """Add chat, eval and export to the `tuneplan` subcommands."""
-    c = subparsers.add_parser("chat", help="talk to a run's tuned model (--compare: the base beside it)",
-                              description="Load the run's base model and adapter as the runner trained them and "
-                              "answer with the prompt template the data used. Without --prompt, reads lines from "
-                              "stdin until EOF or 'exit' ('/reset' forgets the conversation).")
-    _add_common(c)
-    c.add_argument("--prompt", help="answer this once and exit")
-    c.add_argument("--compare", action="store_true", help="answer with the base model too, same prompt and sampling")
-    c.add_argument("--system", help="a system message (chat data only)")
-    c.add_argument("--merged", action="store_true", help="load merged/ (run.merge_export) instead of the adapter")
-    _add_sampling(c, 128)
-    c.set_defaults(func=cmd_chat)
-
-    e = subparsers.add_parser("eval", help="loss and perplexity of the tuned model against its base, and samples",
-                              description="Loss and perplexity (with the training mask) of the base and the tuned "
-                              "model on the run's validation split, made again exactly as the runner made it, or on "
-                              "--data FILE; a few held-out prompts answered by both. Writes RUN_DIR/eval.json and "
-                              "an 'eval' key in report.json.")
-    _add_common(e)
-    e.add_argument("--data", metavar="FILE",
-                   help="held-out records of the run's format (default: its validation split)")
-    e.add_argument("--samples", type=int, default=3, help="held-out prompts answered by both models (default 3)")
-    e.add_argument("--json", action="store_true", help="print eval.json's object")
-    _add_sampling(e, 64)
-    e.set_defaults(func=cmd_eval)
-
-    x = subparsers.add_parser("export", help="write the merged model (and a 4-bit copy) as a standalone folder",
-                              description="Reload the base in --dtype, merge the run's adapter, and write it with "
-                              "the tokenizer and the chat template the run trained with. Checks RAM and disk first.")
-    x.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (`tuneplan run` printed it)")
-    x.add_argument("--out", metavar="DIR", help="a new or empty folder (default: RUN_DIR-export beside the run)")
-    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: the run's compute dtype)")
-    x.add_argument("--4bit", dest="nf4", action="store_true",
-                   help="also write DIR-nf4: the merged model quantized by bitsandbytes (NF4)")
-    x.add_argument("--check", action="store_true", help="print what it needs (RAM, disk, time) and exit")
-    x.add_argument("--checkpoint", metavar="step-N", help="export checkpoints/step-N instead of the final weights")
-    x.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model repository's own Python code (only when the plan needs it)")
-    x.set_defaults(func=cmd_export)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (`tuneplan run` printed it)")
-    p.add_argument("--checkpoint", metavar="step-N", help="use checkpoints/step-N instead of the final weights")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: the GPU when the run trained on one and one is here, else the CPU")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model repository's own Python code (only when the plan needs it)")
-
-
-def _add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"reply length limit (default {max_new})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with a temperature (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same for base and tuned)")
 
 
 def _sampling(a: argparse.Namespace):

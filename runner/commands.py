@@ -1,4 +1,5 @@
-"""`tuneplan run`, `tuneplan data check`, `tuneplan demo` (wired into advisor.cli.main by add_commands).
+"""What `tuneplan run`, `tuneplan data check` and `tuneplan demo` do (their flags are the CLI's:
+advisor.cli.runs; front ends reach these through runner.api).
 
 Light at import time: torch, transformers and peft are imported inside the commands. User mistakes
 raise advisor.problems.UserError (exit code 2, one clear line each, never a traceback).
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from runner.console import _print_data_check, _print_error, _Progress, _stderr, print_report  # noqa: E402,F401
-from runner.reference import DOC_BEGIN, DOC_END, render_plan_reference, update_docs  # noqa: E402,F401
 
 
 def _user_error(problems):
@@ -23,58 +23,14 @@ def _user_error(problems):
     return UserError(problems)
 
 
-def add_commands(subparsers) -> None:
-    """Add run, data (check) and demo to the `tuneplan` subcommands."""
-    from advisor.spec import DATA_FORMATS, TEMPLATES
-
-    r = subparsers.add_parser("run", help="fine-tune for real: tuneplan run PLAN.yaml [key=value ...]",
-                              description="Run the plan's fine-tune; key=value overrides any plan field "
-                              "(training.micro_batch=2). Writes RUN_DIR/plan.yaml, events.jsonl, report.json, "
-                              "checkpoints/ and adapter/.")
-    add_run_arguments(r)
-    r.set_defaults(func=cmd_run)
-    d = subparsers.add_parser("data", help="check a training data file")
-    dsub = d.add_subparsers(dest="data_command")
-    c = dsub.add_parser("check", help="schema problems with line numbers, counts, token lengths, a masked example")
-    c.add_argument("file", help=".jsonl, .json or .csv")
-    c.add_argument("--model", help="model directory or hub id whose tokenizer counts the tokens")
-    c.add_argument("--format", default="auto", choices=DATA_FORMATS)
-    c.add_argument("--template", default="auto", choices=TEMPLATES)
-    c.add_argument("--seq", type=int, default=2048, help="truncation length (training.seq_len)")
-    c.add_argument("--prompt-loss-weight", type=float, default=0.0)
-    c.add_argument("--json", action="store_true", help="print one JSON object")
-    c.set_defaults(func=cmd_data_check)
-    d.set_defaults(func=lambda a: (d.print_help(), 0)[1])
-    m = subparsers.add_parser("demo", help="a real QLoRA fine-tune of a tiny model on the CPU (about a minute)")
-    m.add_argument("--out", default="tuneplan-demo",
-                   help="folder for the model, plan and run (default ./tuneplan-demo)")
-    m.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    m.add_argument("--no-progress", action="store_true")
-    m.set_defaults(func=cmd_demo)
-    from runner.after_cli import add_commands as add_after_commands  # chat, eval, export: after a run
-
-    add_after_commands(subparsers)
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("plan", nargs="?", help="plan.yaml (as saved by the TUI or `tuneplan recommend`)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.micro_batch=2 run.max_steps=100")
-    p.add_argument("--run-dir", help="the run directory (default: run.output_dir/run.name)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its newest checkpoint (from step 0 when it has none yet)")
-    p.add_argument("--dry-run", action="store_true", help="print the command (and accelerate config) and exit")
-    p.add_argument("--force", action="store_true", help="run even when the advisor says the plan does not fit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (lines on stderr instead)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="consent to run the model repository's own Python code (a plan's "
-                   "model.trust_remote_code: true is refused without it)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process under accelerate launch
-
-
 # --- run -----------------------------------------------------------------------------------------
 
 def cmd_run(a: argparse.Namespace, hooks=None) -> int:
-    """`tuneplan run`; ``hooks`` (runner.recipe.Hooks) reach the recipe when it runs in this process."""
+    """`tuneplan run`; ``hooks`` (runner.hooks.Hooks) reach the recipe when it runs in this process (a test's
+    real subprocess sets TUNEPLAN_TEST_HOOKS instead: runner.hooks.from_env)."""
+    from runner.hooks import from_env
+
+    hooks = hooks or from_env()
     from runner.launch import (
         accelerate_config,
         build_command,
@@ -147,9 +103,9 @@ def run_in_process(plan, run_dir: Path, resume: bool = False, progress: bool = T
         _print_error(err, run_dir)
         if under_launcher and together:
             if err["kind"] != "interrupted":
-                from advisor.cli.common import report_user_error
+                from runner.console import print_problems
 
-                report_user_error(_user_error(err["message"].split("; ")))
+                print_problems(err["message"].split("; "))
             return 0
         if err["kind"] in ("data", "model", "plan"):
             lines = err["message"].split("; ") if err["kind"] in ("data", "plan") else [err["message"]]
@@ -276,27 +232,3 @@ def cmd_demo(a: argparse.Namespace) -> int:
                           command=["tuneplan", "run", str(out / "plan.yaml"), "--run-dir", str(run_dir)])
     _stderr(f"demo finished in {time.time() - t0:.1f} s; try: tuneplan data check {DEMO_DATA} --model {model_dir}")
     return code
-
-
-# --- docs ----------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These commands alone (`python -m runner.cli run|data|demo ...`), as advisor.cli.main runs them."""
-    from advisor.cli.common import parse_with_overrides, report_user_error
-    from advisor.problems import UserError
-
-    parser = argparse.ArgumentParser(prog="tuneplan")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parse_with_overrides(parser, argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
-    try:
-        return args.func(args)
-    except UserError as e:
-        return report_user_error(e)
-
-
-if __name__ == "__main__":  # python -m runner.cli run|data|demo ...
-    sys.exit(main())
