@@ -35,6 +35,10 @@ class _Progress:
         return self
 
     def update(self, ev: dict) -> None:
+        speed = ev.get("speed") or {}
+        if speed.get("words") and not getattr(self, "speed_shown", False):  # once, after warm-up (runner.speed)
+            self.speed_shown = True
+            self.log(f"speed: {speed['words']}")
         if ev.get("type") == "eval":
             self.log(f"step {ev['step']}: validation loss {_num(ev.get('val_loss'), '.4f')}")
             return
@@ -87,6 +91,9 @@ def print_report(rep: dict[str, Any]) -> None:
               + (f" / {mib_or_gib(p.get('peak_reserved_bytes'))} reserved" if p.get("device") == "cuda" else "")
               + f"; measured {mib_or_gib(c.get('measured'))}" + (f" (× {c['ratio']})" if c.get("ratio") else ""))
     con.print(f"[dim]measured = {c['what']}[/]")
+    speed = rep.get("speed") or {}
+    if speed.get("words"):
+        con.print(f"speed: {speed['words']}", soft_wrap=True)
     for n in rep.get("notes", []):
         con.print(f"[dim]note: {n}[/]")
     con.print(f"run directory: {rep['run_dir']}")

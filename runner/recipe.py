@@ -334,11 +334,16 @@ class Recipe:
                 clip = lambda params, max_norm: None  # noqa: E731 - the engine clips (gradient_clipping)
         session_start_step, t0, cpu0 = self.step, time.time(), time.process_time()
         tokens_session = 0
+        from runner.speed import SpeedMeter, device_name
+
+        self.speed = SpeedMeter(plan, self.shape, self.device, device_name(self.device), self.world, self.total_steps)
         while self.step < self.total_steps:
             if self._should_stop():
                 raise exits.RunStopped(self.stop_requested or "SIGTERM")
+            t_step = time.perf_counter()
             micro = [self._micro_batch(self.position + i) for i in range(t.grad_accum)]
             tokens = int(sum(int(b["attention_mask"].sum()) for b in micro)) * self.world
+            positions = int(sum(b["attention_mask"].numel() for b in micro)) * self.world
             if hooks.before_step:
                 hooks.before_step(self)
             stats: dict[str, Any] = {}
@@ -353,6 +358,7 @@ class Recipe:
             self.step += 1
             tokens_session += tokens
             loss_v = self._mean_across(float(loss))
+            speed = self.speed.add(time.perf_counter() - t_step, tokens, positions)  # runner.speed: vs the time model
             if self.first_loss is None:
                 self.first_loss = loss_v
             elapsed = time.time() - t0
@@ -364,7 +370,7 @@ class Recipe:
                                   loss=clean_number(loss_v), lr=lr, grad_norm=clean_number(stats.get("grad_norm")),
                                   tokens_per_s=round(tokens_session / elapsed, 2) if elapsed > 0 else None,
                                   elapsed_s=round(time.time() - self.t_start, 3), eta_s=round(eta, 2),
-                                  memory=mem, total_steps=self.total_steps, tokens=tokens)
+                                  memory=mem, total_steps=self.total_steps, tokens=tokens, speed=speed)
             self.history.append({"step": self.step, "loss": loss_v})
             self.tokens_session, self.train_seconds = tokens_session, elapsed
             self.train_cpu_seconds = time.process_time() - cpu0
@@ -466,6 +472,7 @@ class Recipe:
             "tokens_per_s": round(self.tokens_session / train_s, 1) if train_s else None,
             "loss": loss_summary(self.first_loss, self.history, self.val_loss),
             "predicted": self.predicted, "measured": measured, "compare": comparison(measured, self.predicted),
+            "speed": self.speed.summary() if getattr(self, "speed", None) else None,
             "notes": notes,
             "adapter": str((self.run_dir / "adapter").resolve()) if (self.run_dir / "adapter").exists() else None,
             "next": self.next_step(status),
