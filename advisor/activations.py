@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from advisor.breakdown import compute_bytes, param_bytes, residual_bytes
 from advisor.families import Family, family_of
+from advisor.inference import layer_windows
 from advisor.model import ModelShape
 from advisor.software import (
     expert_leaves,
@@ -207,8 +208,10 @@ def expert_bytes_per_token(ctx: _Ctx, shape: ModelShape) -> int:
     return up_in + 3 * a * i + down_in + a * h + 4  # + the fp32 routing weight the product saves
 
 
-def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str, padded: bool = False) -> _Ctx:
-    fam, _ = family_of(shape.model_type)
+def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str, padded: bool = False,
+         window: int | None = None) -> _Ctx:
+    """``window``: the layer's sliding window (None: a full-attention layer; see :func:`masked_layer`)."""
+    fam, _ = family_of(shape, t.transformers)
     dropout = any(float(shape.features.get(k) or 0) > 0 for k in fam.dropout_attr)
     lora = frozenset() if t.method == "full" else frozenset(g.leaf for g in shape.lora_groups(t.lora.targets))
     a = residual_bytes(t)
@@ -217,12 +220,39 @@ def _ctx(shape: ModelShape, t: TrainSpec, seq: int, device: str, padded: bool = 
     # bitsandbytes' Linear4bit returns its output in the input's dtype (fp32 under QLoRA), and the
     # LoRA sum (fp32 + half) promotes to fp32; a plain linear under autocast returns half
     o = c if amp and t.method != "qlora" else a
-    kv_full, mask = _sdpa_mask_terms(shape, fam, t, seq, device, padded, c if amp else a)
+    kv_full, mask = _sdpa_mask_terms(shape, fam, t, seq, device, masked_layer(fam, seq, padded, window),
+                                     c if amp else a)
     return _Ctx(a=a, full=t.method == "full", lora=lora, r=t.lora.r,
                 lora_dropout=t.method != "full" and t.lora.dropout > 0, seq=seq,
                 attn_impl=t.attn_impl, device=device, dropout=dropout, amp=amp, c=c, o=o,
                 qlora=t.method == "qlora", softcap_eager=softcap_refuses_sdpa(t.transformers),
                 kv_full=kv_full, mask=mask)
+
+
+def masked_layer(fam: Family, kv_len: int, padded: bool, window: int | None) -> bool:
+    """Whether transformers 5 hands a layer's sdpa call a mask: a padded batch, a family whose model always builds
+    one (Family.always_masked), or a sliding-window layer whose keys reach its window (masking_utils
+    ``_ignore_causal_mask_sdpa``: ``kv_length >= local_attention_size`` keeps the mask; otherwise an unpadded
+    causal batch runs ``is_causal`` without one)."""
+    return padded or fam.always_masked or (window is not None and kv_len >= window)
+
+
+def masks_built(shape: ModelShape, t: TrainSpec, padded: bool) -> int:
+    """How many boolean (batch, 1, seq, seq) masks the model builds for a training batch: one for its
+    full-attention layers and one for its sliding-window layers (create_causal_mask and
+    create_sliding_window_causal_mask), each only where some layer gets it (:func:`masked_layer`)."""
+    if not masks_only_when_padded(t.transformers):
+        return int(padded)  # 4.x: one float mask for a padded batch (padding_kept_bytes), as measured on 4.48
+    fam, _ = family_of(shape, t.transformers)
+    kinds = set(layer_windows(shape))
+    return sum(masked_layer(fam, t.seq_len, padded, w) for w in kinds)
+
+
+def _layer_ctxs(shape: ModelShape, t: TrainSpec, device: str, padded: bool) -> list[_Ctx]:
+    """One context per decoder layer (they differ in the mask a sliding-window layer gets)."""
+    windows = layer_windows(shape)
+    ctxs = {w: _ctx(shape, t, t.seq_len, device, padded, w) for w in set(windows)}
+    return [ctxs[w] for w in windows] or [_ctx(shape, t, t.seq_len, device, padded)]
 
 
 def _runs_sdpa(shape: ModelShape, fam: Family, t: TrainSpec, device: str) -> bool:
@@ -276,7 +306,7 @@ def padding_kept_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
 def _mask_elems(shape: ModelShape, t: TrainSpec, device: str) -> int:
     """Elements of a padded batch's (batch, 1, seq, seq) mask where the layers run transformers' sdpa
     integration (:func:`_runs_sdpa`), else 0: the other paths hold their masks in the unpadded count."""
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape, t.transformers)
     return t.micro_batch * t.seq_len * t.seq_len if _runs_sdpa(shape, fam, t, device) else 0
 
 
@@ -293,7 +323,7 @@ def padding_forward_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
 def head_activation_bytes_per_token(shape: ModelShape, t: TrainSpec, ctx: _Ctx) -> int:
     """Outside the layers: embedding indices (int64) when the embedding trains, embedding dropout,
     the final norm, and the output head's input when the head trains."""
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape, t.transformers)
     total = 8 if ctx.full else 0
     if ctx.dropout:
         total += ctx.a * shape.hidden_size
@@ -316,7 +346,7 @@ def amp_weight_cast_bytes(shape: ModelShape, ctx: _Ctx, first: bool = False, tra
     copies autocast caches (trainable leaves), whatever the graph keeps."""
     if not ctx.amp:
         return 0
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape)
     layers = max(shape.num_layers, 1)
     layer_input = set(fam.q_proj) | (set(fam.up_proj) if fam.single_norm or fam.shared_norm_input else set())
     total = 0
@@ -369,14 +399,14 @@ def activations_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: bool
     With gradient checkpointing each layer keeps only its input (the hidden state, a*h per
     token); one layer's full set is rebuilt during its backward (see recompute_bytes)."""
     tokens = t.micro_batch * t.seq_len
-    ctx = _ctx(shape, t, t.seq_len, device, padded)
-    fam, _ = family_of(shape.model_type)
+    ctxs = _layer_ctxs(shape, t, device, padded)
+    ctx = ctxs[0]
+    fam, _ = family_of(shape, t.transformers)
     head = head_activation_bytes_per_token(shape, t, ctx)
     if t.grad_checkpointing:
         per_layer = shape.num_layers * ctx.a * shape.hidden_size
         return tokens * (per_layer + head) + rope_bytes(shape, t)
-    layers = layer_activation_bytes_per_token(shape, fam, ctx, first=True)
-    layers += (shape.num_layers - 1) * layer_activation_bytes_per_token(shape, fam, ctx)
+    layers = sum(layer_activation_bytes_per_token(shape, fam, c, first=i == 0) for i, c in enumerate(ctxs))
     casts = layer_weight_bytes(shape, ctx, first=True)
     casts += (shape.num_layers - 1) * layer_weight_bytes(shape, ctx)
     return tokens * (layers + head) + rope_bytes(shape, t) + casts
@@ -406,10 +436,10 @@ def recompute_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: bool =
     """With checkpointing: one layer's activations, rebuilt during its backward."""
     if not t.grad_checkpointing:
         return 0
-    fam, _ = family_of(shape.model_type)
-    ctx = _ctx(shape, t, t.seq_len, device, padded)
-    return (t.micro_batch * t.seq_len * layer_activation_bytes_per_token(shape, fam, ctx)
-            + layer_weight_bytes(shape, ctx))
+    fam, _ = family_of(shape, t.transformers)
+    ctxs = _layer_ctxs(shape, t, device, padded)
+    widest = max(layer_activation_bytes_per_token(shape, fam, c) for c in ctxs)
+    return t.micro_batch * t.seq_len * widest + layer_weight_bytes(shape, ctxs[0])
 
 
 def backward_workspace_bytes(shape: ModelShape, t: TrainSpec) -> int:
@@ -463,7 +493,7 @@ def recompute_end_transient_bytes(shape: ModelShape, t: TrainSpec, device: str) 
         return 0
     if shape.num_experts:
         return _per_expert_recompute_end_bytes(shape, t, device)
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape, t.transformers)
     ctx = _ctx(shape, t, t.seq_len, device)
     h, i = shape.hidden_size, shape.intermediate_size
     adapter = ctx.c if ctx.amp else 4
@@ -518,7 +548,7 @@ def forward_up_sum_bytes(shape: ModelShape, t: TrainSpec, device: str, padded: b
     when every layer's activations but the last one's tail exist already."""
     if t.grad_checkpointing or t.method == "full" or shape.num_experts:
         return 0
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape, t.transformers)
     return t.micro_batch * t.seq_len * up_sum_per_token(shape, fam, _ctx(shape, t, t.seq_len, device, padded))
 
 
@@ -622,7 +652,7 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     Backward peak: log-softmax + its incoming gradient + its outgoing gradient, all fp32.
     transformers 4.46-4.48 also copy the shifted fp32 logits in the forward.
     Final-logit softcapping (gemma2) adds one logits-sized tensor forward, its head-dtype gradient backward."""
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape, t.transformers)
     tokens = t.micro_batch * t.seq_len
     v = shape.vocab_size
     # dtype of the head's output: autocast computes it in half; QLoRA's head is fp32 after preparation

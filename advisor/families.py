@@ -12,7 +12,9 @@ Each entry was read off the transformers 5 modelling code and checked tensor by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from advisor.software import falcon_attention_interface
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Family:
     logit_softcap_attr: str | None = None
     qk_norm: bool = False  # qwen3/gemma3: RMSNorm on q and k per head
     moe: bool = False
+    always_masked: bool = False  # the model builds its attention mask even for unpadded batches (no is_causal skip)
     eager_softmax_fp32: bool = True  # eager attention upcasts the softmax (GPT-2 keeps the input dtype)
     q_proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     o_proj: str = "o_proj"
@@ -64,7 +67,97 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_of(model_type: str) -> tuple[Family, bool]:
-    """(family, known): unknown model types are estimated as llama-style and flagged."""
-    fam = FAMILIES.get(model_type)
+def family_key(model) -> str:
+    """The model type whose family applies: a model type as given; for a shape its own, or, for a
+    multimodal wrapper (Gemma 3 4B-27B), its language model's (text_config's model_type)."""
+    if isinstance(model, str):
+        return model
+    if model.model_type in FAMILIES:
+        return model.model_type
+    text = getattr(model, "text_config", None) or {}
+    return text.get("model_type") or model.model_type
+
+
+# transformers 5.25's Falcon: the shared attention interface (software.falcon_attention_interface), whose sdpa
+# call takes the fused CPU kernel, and whose model always materializes the causal mask (create_causal_mask with
+# allow_is_causal_skip=False, for ALiBi): every layer's sdpa gets a mask, as a padded batch's
+FALCON_SHARED_ATTENTION = replace(FAMILIES["falcon"], cpu_math_attention=False, always_masked=True,
+                                  attn_out_copy=False)
+
+
+def family_of(model, version: str = "5") -> tuple[Family, bool]:
+    """(family, known) of a model type or a ModelShape on transformers ``version`` (a plan's
+    training.transformers; "5" is the installed 5.x): unknown model types are estimated as llama-style and
+    flagged (and routed to simulate: :func:`analytic_coverage`)."""
+    key = family_key(model)
+    fam = FAMILIES.get(key)
+    if key == "falcon" and falcon_attention_interface(version):
+        fam = FALCON_SHARED_ATTENTION
     return (fam, True) if fam is not None else (LLAMA, False)
+
+
+# layer kinds of layer_types / layers_block_type that are attention over the cached keys (the analytic rules);
+# anything else (mamba, linear_attention, conv, ...) is a recurrent or state-space mixer
+_ATTENTION_KINDS = frozenset({"full_attention", "sliding_attention", "attention", "global", "local",
+                              "chunked_attention", "full", "sliding"})
+
+
+def _structure(text: dict) -> str:
+    """What sets a model apart, in words, from its resolved language-model config (for the routed note)."""
+    kinds = set()
+    for key in ("layer_types", "layers_block_type", "layers_block_types"):
+        if isinstance(text.get(key), list):
+            kinds |= {str(k) for k in text[key]}
+    recurrent = sorted(kinds - _ATTENTION_KINDS - {"mlp", "moe", "dense", "sparse"})
+    if recurrent or any(k.startswith(("mamba_", "ssm_", "linear_num_", "time_step_")) for k in text):
+        named = f" ({', '.join(recurrent)})" if recurrent else ""
+        return f"recurrent / state-space or linear-attention layers{named}"
+    if text.get("kv_lora_rank"):
+        return "multi-head latent attention (MLA)"
+    if text.get("index_topk") or text.get("index_n_heads"):
+        return "sparse attention with a token indexer"
+    return ""
+
+
+def analytic_coverage(shape) -> str | None:
+    """None where the analytic rules were checked for this architecture against simulate, which runs the real
+    code (tests/test_registry.py: every decoder-only causal LM of the installed transformers, LoRA, full
+    fine-tuning and inference within 3%); else why not, in one sentence. Where it says why, the estimate needs
+    ``--mode simulate``: the analytic numbers of such a model can be off by tens of percent."""
+    fam, known = family_of(shape)
+    if known:
+        return None
+    what = _structure(getattr(shape, "text_config", None) or {})
+    kind = f"{shape.model_type!r} ({what})" if what else repr(shape.model_type)
+    return (f"{kind} is not modelled analytically: no activation profile of this architecture was checked "
+            "against its real code; use --mode simulate, which runs it")
+
+
+def lora_problem(shape, targets="all-linear") -> str | None:
+    """Why peft refuses LoRA with these targets on this model, or None. peft's own check runs (on a stand-in
+    with the model's config), so what it refuses here is what it refuses in a real run: all-linear on a
+    Mamba-based model (falcon_h1, mamba, mamba2, falcon_mamba, nemotron_h) reaches the mixer's out_proj and
+    conv1d, which its LoRA cannot wrap (peft raises "incompatible with Mamba-based models")."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners import tuners_utils
+    except Exception:  # noqa: BLE001 - no peft: nothing to ask
+        return None
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    if check is None:
+        return None
+    class _Stub:
+        class config:  # noqa: N801 - the attribute peft reads
+            pass
+
+    _Stub.config.model_type = shape.model_type
+    wanted = shape.lora_groups(targets)
+    cfg = LoraConfig(r=8, target_modules=targets if targets == "all-linear" else list(targets))
+    for g in wanted:
+        try:
+            check(cfg, _Stub, g.leaf)
+        except ValueError as e:
+            first = str(e).splitlines()[0]
+            return (f"peft refuses LoRA on {shape.model_type}'s {g.leaf!r} ({first}); name the targets it can wrap, "
+                    "e.g. --lora-targets q_proj,k_proj,v_proj,o_proj")
+    return None

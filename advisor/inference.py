@@ -5,6 +5,7 @@ from __future__ import annotations
 from advisor.breakdown import DTYPE_BYTES, Breakdown, gpu_terms, nf4_bytes, shard
 from advisor.families import family_of
 from advisor.model import ModelShape
+from advisor.software import falcon_attention_interface
 from advisor.spec import Hardware, InferSpec
 
 
@@ -23,18 +24,29 @@ def inference_weights_bytes(shape: ModelShape, s: InferSpec) -> int:
     return quant + (shape.params_total - shape.params_quantized) * b
 
 
-def sliding_layers(shape: ModelShape) -> tuple[int, int | None]:
-    """(layers with a sliding-window cache, the window): DynamicCache(config=...) makes a
-    DynamicSlidingWindowLayer for each "sliding_attention" entry of config.layer_types, or for
-    every layer when there is no layer_types and sliding_window is set
-    (transformers cache_utils.get_layer_types_and_kwargs)."""
+def layer_windows(shape: ModelShape) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), as transformers builds them: a
+    "sliding_attention" entry of the language model's layer_types (resolved: ModelShape.text_config, so a
+    multimodal Gemma 3's come from its text_config), or every layer when there is no layer_types and
+    sliding_window is set (transformers cache_utils.get_layer_types_and_kwargs, masking_utils)."""
+    n = shape.num_layers
     window = shape.features.get("sliding_window") if isinstance(shape.features, dict) else None
     if not window:
-        return 0, None
-    types = (shape.config or {}).get("layer_types")
+        return [None] * n
+    types = (shape.text_config or {}).get("layer_types")
+    if not isinstance(types, list) or not types:
+        types = (shape.config or {}).get("layer_types")
     if isinstance(types, list) and types:
-        return sum(t == "sliding_attention" for t in types), int(window)
-    return shape.num_layers, int(window)
+        kinds = [str(t) for t in types[:n]] + ["full_attention"] * max(n - len(types), 0)
+        return [int(window) if k == "sliding_attention" else None for k in kinds]
+    return [int(window)] * n
+
+
+def sliding_layers(shape: ModelShape) -> tuple[int, int | None]:
+    """(layers with a sliding-window cache, the window): DynamicCache(config=...) makes a
+    DynamicSlidingWindowLayer for each sliding layer (:func:`layer_windows`)."""
+    windows = [w for w in layer_windows(shape) if w]
+    return len(windows), (windows[0] if windows else None)
 
 
 def kv_cache_bytes(shape: ModelShape, s: InferSpec, tokens: int | None = None) -> int:
@@ -56,7 +68,8 @@ INFER_CPU_MATH = frozenset({"falcon"})
 
 
 def math_path(shape: ModelShape, device: str) -> bool:
-    return device == "cpu" and shape.model_type in INFER_CPU_MATH
+    """Up to transformers 5.24 (software.falcon_attention_interface): 5.25 hands Falcon's sdpa enable_gqa."""
+    return device == "cpu" and shape.model_type in INFER_CPU_MATH and not falcon_attention_interface("5")
 
 
 def math_attention_bytes(shape: ModelShape, batch: int, q_len: int, kv_len: int, a: int) -> int:
@@ -92,7 +105,7 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
     of them (3 with one layer; GPT-2 holds its token and position embeddings apart: 5). Rotary
     models add cos and sin (prompt x head_dim, not per sequence), GPT-2 its position embeddings.
     generate() computes logits for the last position only (+ an fp32 copy)."""
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape)
     a = DTYPE_BYTES[s.precision]
     prompt = s.prompt_len or s.seq_len
     tokens = s.batch * prompt
@@ -127,6 +140,17 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
                 + math_attention_bytes(shape, s.batch, prompt, prompt, a) // tokens)
     else:
         attn = a * (2 * qd + 2 * kvd) + 4 * nh
+    # sdpa layers that get a mask (a family that always builds one, a sliding window the prompt reaches:
+    # activations.masked_layer): the boolean masks live through the forward -- (1, 1, prompt, prompt) each, as
+    # generate drops the all-ones attention mask and masking_utils expands the causal pattern over the batch
+    # as a view -- and a masked layer's sdpa call makes an additive copy in the compute dtype over the whole
+    # batch and gets k and v repeated to every query head (repeat_kv: a copy unless there is one key/value head)
+    masks = 0
+    if attn_impl != "eager" and not math_path(shape, device):
+        kinds = {w for w in layer_windows(shape) if fam.always_masked or (w is not None and prompt >= w)}
+        masks = len(kinds)
+        if kinds:
+            attn += prompt * a + (2 * a * qd if 1 < shape.num_kv_heads < nh else 0)
     norm = 4 * h + a * h if fam.norm != "layernorm" else a * h
     hidden = (4 if shape.num_layers > 1 else 3) * a * h
     if shape.model_type == "gpt2":
@@ -137,7 +161,7 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
     else:
         positions = 2 * prompt * shape.head_dim * a  # rotary cos and sin
     per_token = max(mlp, attn, norm) + hidden
-    return tokens * per_token + positions + s.batch * shape.vocab_size * (a + 4)
+    return tokens * per_token + positions + masks * prompt * prompt + s.batch * shape.vocab_size * (a + 4)
 
 
 def has_eos(shape: ModelShape) -> bool:
@@ -176,8 +200,8 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
         # also sets min_length (_prepare_generated_length), so two processors run:
         # MinLengthLogitsProcessor's where() output, then MinNewTokensLengthLogitsProcessor's clone
         # and where() output (with its arange and isin mask over the vocabulary), beside the
-        # previous step's scores
-        step_logits = bv * (DTYPE_BYTES[s.precision] + 16) + 9 * shape.vocab_size + ids
+        # previous step's scores, held until the processors' output replaces them
+        step_logits = bv * (DTYPE_BYTES[s.precision] + 20) + 9 * shape.vocab_size + ids
     else:
         # no EOS token: generate adds neither processor (both need _eos_token_tensor), the scores
         # are the fp32 logits themselves; the new copy is made beside the previous one
@@ -186,7 +210,7 @@ def estimate_inference(shape: ModelShape, s: InferSpec, hw: Hardware, attn_impl:
     # the decode forward's own widest moment beside those: the cache's torch.cat, or (math-path
     # attention) the last step's attention over seq_len tokens
     fwd = grow
-    fam, _ = family_of(shape.model_type)
+    fam, _ = family_of(shape)
     softcap = bool(fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr))
     if (attn_impl == "eager" or softcap) and shape.num_kv_heads < shape.num_heads:
         # eager attention (eager_attention_forward) repeats the key/value heads to the query heads

@@ -11,6 +11,7 @@ docs/memory-model.md explains every term and its source.
 from __future__ import annotations
 
 import math
+import re
 
 from advisor.activations import (  # noqa: F401  (re-exported: the estimate's parts)
     _ctx,
@@ -23,6 +24,7 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     layer_activation_bytes_per_token,
     layer_weight_bytes,
     logits_bytes,
+    masks_built,
     merged_expert_bytes,
     padding_forward_bytes,
     padding_kept_bytes,
@@ -45,11 +47,11 @@ from advisor.breakdown import (  # noqa: F401
     residual_bytes,
     shard,
 )
-from advisor.families import family_of
+from advisor.families import analytic_coverage, family_of
 from advisor.gpu_memory import attention_workspace_bytes
-from advisor.inference import estimate_inference, kv_cache_bytes  # noqa: F401
+from advisor.inference import estimate_inference, kv_cache_bytes, layer_windows  # noqa: F401
 from advisor.model import ModelShape
-from advisor.software import layout
+from advisor.software import layout, release_note, same_rules
 from advisor.spec import Hardware, Plan, TrainSpec, padded_batches
 from advisor.units import GIB, MIB
 
@@ -84,28 +86,53 @@ def trainable_bytes_per_param(t: TrainSpec) -> int:
     return param_bytes(t.precision) if t.method == "full" else 4
 
 
+# the towers of a multimodal wrapper (Gemma 3 4B-27B's SigLIP), as model._language_params names them: a text-only
+# batch never runs them, so their parameters (and LoRA adapters) get no gradient, and torch's optimizers make
+# no state for a parameter without one
+_TOWER = re.compile(r"(^|\.)(vision_tower|audio_tower|vision_model|multi_modal_projector|embed_vision|embed_audio)"
+                    r"(\.|$)")
+
+
+def _in_language_model(path: str) -> bool:
+    return not _TOWER.search(path)
+
+
+def trained_params(shape: ModelShape, t: TrainSpec) -> int:
+    """The trainable parameters a text-only training step gives a gradient: :func:`trainable_params` less a
+    multimodal wrapper's vision or audio tower (measured: tiny Gemma 3 with a SigLIP tower, full and LoRA,
+    against simulate; benchmarks/registry.py)."""
+    if t.method == "full":
+        return shape.params_language or shape.params_total
+    shape = layout(shape, t.transformers)
+    return sum(g.count * t.lora.r * g.rank_mult * (g.in_features + g.out_features)
+               for g in shape.lora_groups(t.lora.targets) if _in_language_model(g.path))
+
+
 def gradients_bytes(shape: ModelShape, t: TrainSpec) -> int:
-    """One gradient per trainable parameter in the parameter's dtype."""
-    return trainable_params(shape, t) * trainable_bytes_per_param(t)
+    """One gradient per trained parameter in the parameter's dtype."""
+    return trained_params(shape, t) * trainable_bytes_per_param(t)
 
 
 def _trainable_tensors(shape: ModelShape, t: TrainSpec) -> list[tuple[int, int, int]]:
-    """(rows, cols, count) of every trainable tensor; cols == 1 for vectors."""
+    """(rows, cols, count) of every trainable tensor that gets a gradient; cols == 1 for vectors."""
     if t.method != "full":
         r = t.lora.r
         out = []
         for g in shape.lora_groups(t.lora.targets):
+            if not _in_language_model(g.path):
+                continue
             out.append((r * g.rank_mult, g.in_features, g.count))  # lora_A.weight
             out.append((g.out_features, r * g.rank_mult, g.count))  # lora_B.weight
         return out
-    out = [(g.out_features, g.in_features, g.count * g.experts) for g in shape.linears]
-    out += [(g.out_features, 1, g.count) for g in shape.linears if g.bias]
+    linears = [g for g in shape.linears if _in_language_model(g.path)]
+    out = [(g.out_features, g.in_features, g.count * g.experts) for g in linears]
+    out += [(g.out_features, 1, g.count) for g in linears if g.bias]
     if shape.params_embedding:
         out.append((shape.vocab_size, shape.params_embedding // shape.vocab_size, 1))
     if shape.params_lm_head:
         out.append((shape.vocab_size, shape.params_lm_head // shape.vocab_size, 1))
     listed = sum(r * c * n for r, c, n in out)
-    rest = shape.params_total - listed
+    rest = (shape.params_language or shape.params_total) - listed
     if rest > 0:  # norms, routers, fused experts: vectors of width h (close enough for states)
         out.append((rest, 1, 1))
     return out
@@ -149,7 +176,7 @@ def optimizer_step_transient_bytes(shape: ModelShape, t: TrainSpec, device: str)
     largest = max((r * c for r, c, _ in _trainable_tensors(shape, t)), default=0)
     if t.optimizer == "adamw":
         if device == "cuda":
-            return trainable_params(shape, t) * b
+            return trained_params(shape, t) * b
         return 2 * largest * b
     if t.optimizer == "adafactor":
         return 3 * largest * 4
@@ -229,7 +256,8 @@ def fsdp_qlora_weights(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
 
 def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool = False) -> dict[str, dict[str, int]]:
     """Live components at each candidate moment of a steady-state step, per GPU. ``padded``: the batches
-    carry padding (spec.padded_batches), so sdpa attention gets a mask."""
+    carry padding (spec.padded_batches), so sdpa attention gets a mask (as it does in every batch of a family
+    whose model always builds one: Family.always_masked)."""
     shape = layout(shape, t.transformers)
     dev = hw.device
     n = hw.gpus if hw.gpus > 1 else 1
@@ -274,7 +302,9 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     # reduce_bucket_size (5e8) elements in the model dtype (two with overlap_comm, off by default)
     zero_bucket = DS_REDUCE_BUCKET * param_bytes(t.precision) if n > 1 and z in (1, 2) else 0
     # a padded batch's mask, kept from the forward to the first layer's backward (checkpointing: to the end)
-    mask = padding_kept_bytes(shape, ta, dev) if padded else 0
+    # (and the masks an unpadded batch gets: Family.always_masked, sliding windows; activations.masks_built)
+    built = masks_built(shape, ta, padded)
+    mask = built * padding_kept_bytes(shape, ta, dev)
     acts = activations_bytes(shape, ta, dev, padded) + mask
     recompute = recompute_bytes(shape, ta, dev, padded)
     l_fwd, l_bwd = logits_bytes(shape, ta)
@@ -289,8 +319,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         opt_tmp = shard(opt_tmp, n)
     accum = g_kept if t.grad_accum > 1 else 0  # grads from earlier micro-batches stay until the step
     head_grad = layer_grad = emb_grad = 0
-    fam, _ = family_of(shape.model_type)
-    ctx = _ctx(shape, ta, t.seq_len, dev, padded)
+    fam, _ = family_of(shape, t.transformers)
+    ctx = _ctx(shape, ta, t.seq_len, dev, padded, layer_windows(shape)[0] if shape.num_layers else None)
     tokens = t.micro_batch * t.seq_len
     # with checkpointing transformers calls enable_input_require_grads: the first layer's input
     # needs a gradient as every other layer's does
@@ -312,7 +342,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         tied_head = 0 if shape.params_lm_head else min(shape.vocab_size * shape.hidden_size,
                                                         shape.params_embedding)
         head_grad = (shape.params_lm_head or tied_head) * b
-        per_layer = shape.params_total - shape.params_embedding - shape.params_lm_head
+        per_layer = (shape.params_language or shape.params_total) - shape.params_embedding - shape.params_lm_head
         layer_grad = (per_layer // max(shape.num_layers, 1)) * b  # incl. fused MoE experts
         emb_grad = (shape.params_embedding - tied_head) * b
         if z >= 3:
@@ -353,8 +383,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         return {"zero3_gathered_params": root + layers * unit} if z >= 3 else {}
 
     up_sum = forward_up_sum_bytes(shape, ta, dev, padded)
-    if up_sum and padded:
-        up_sum += padding_forward_bytes(shape, ta, dev)  # the boolean mask, alive while the layers run
+    if up_sum:
+        up_sum += built * padding_forward_bytes(shape, ta, dev)  # the boolean mask, alive while the layers run
     phases = {
         # no checkpointing: the last layer's up-projection LoRA sum (see forward_up_sum_bytes)
         "forward_last_layer": {**base, **gathered(1), "activations": acts, "transient": up_sum},
@@ -392,9 +422,10 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
     peak = max(totals, key=lambda k: totals[k])
     comps = phases[peak]
     notes = []
-    fam, known = family_of(shape.model_type)
-    if not known:
-        notes.append(f"model_type {shape.model_type!r} has no activation profile; estimated as llama-style")
+    fam, _ = family_of(shape, t.transformers)
+    routed = analytic_coverage(shape)
+    if routed:
+        notes.append(routed + "; estimated as llama-style meanwhile")
     moe = moe_qlora_note(shape, t, hw)
     if moe:
         notes.append(moe)
@@ -422,10 +453,21 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
 
 
 def estimate(plan: Plan, shape: ModelShape) -> Breakdown:
-    """The analytic estimate for a validated plan."""
+    """The analytic estimate for a validated plan. Its notes say when the architecture is not covered by the
+    checked rules (families.analytic_coverage) and when the installed transformers is newer than the releases
+    the rules were checked on (software.release_note)."""
     if plan.task == "inference":
-        return estimate_inference(shape, plan.inference, plan.hardware, plan.training.attn_impl)
-    return estimate_training(shape, plan.training, plan.hardware, padded_batches(plan))
+        b = estimate_inference(shape, plan.inference, plan.hardware, plan.training.attn_impl)
+        routed = analytic_coverage(shape)
+        if routed:
+            b.notes.append(routed)
+    else:
+        b = estimate_training(shape, plan.training, plan.hardware, padded_batches(plan))
+    if plan.task == "inference" or same_rules(plan.training.transformers, "5"):
+        newer = release_note("analytic")
+        if newer:
+            b.notes.append(newer)
+    return b
 
 
 def padding_note(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool, peak: int) -> str | None:

@@ -25,6 +25,10 @@ import re
 from dataclasses import replace
 
 DEFAULT = "5"
+# the transformers releases whose code the analytic rules were checked against: every decoder-only causal LM
+# they register (tests/test_registry.py) and the measured calibration cases; an estimate on a newer installed
+# release says so (release_note)
+CHECKED = ("5.24", "5.25")
 OLDEST = (4, 46)
 NEWEST_4X = (4, 57)  # the last 4.x release (4.57, 2025); 5.0 followed
 SUPPORTED = "5 (the default, what `tuneplan run` uses) or 4.46 to 4.57"
@@ -95,8 +99,32 @@ def masks_only_when_padded(version: str) -> bool:
     return release(version) >= (5, 0)
 
 
+def effective(version: str) -> str:
+    """The release a plan's ``training.transformers`` means: a bare major ("5", the default) is the installed
+    release of that major (what the runner and simulate run), else the newest checked one; a full version is
+    itself."""
+    if re.fullmatch(r"\s*\d+\s*", str(version)):
+        here = installed()
+        if here and not problem(here) and release(here)[0] == int(version):
+            return here
+        if int(version) == release(CHECKED[-1])[0]:
+            return CHECKED[-1]
+    return str(version)
+
+
+def falcon_attention_interface(version: str) -> bool:
+    """transformers 5.25 rewrote Falcon's attention onto the shared attention interface (modeling_falcon.py:
+    ``ALL_ATTENTION_FUNCTIONS`` with ``eager_attention_forward``, ALiBi through the mask): sdpa gets the query,
+    key and value split from the fused projection, with ``enable_gqa`` for the single multi-query key/value
+    head, so the CPU takes its fused kernel instead of the math path. Up to 5.24 (and on 4.x) Falcon called
+    ``scaled_dot_product_attention`` itself with one key/value head and no ``enable_gqa``, which sends torch to
+    the math path (fp32 copies and the score matrix). Checked in 5.24.0 and 5.25.0."""
+    return release(effective(version)) >= (5, 25)
+
+
 def _rules(v: str) -> tuple[bool, ...]:
-    return shifted_logits_copy(v), fuses_experts(v), softcap_refuses_sdpa(v), masks_only_when_padded(v)
+    return (shifted_logits_copy(v), fuses_experts(v), softcap_refuses_sdpa(v), masks_only_when_padded(v),
+            falcon_attention_interface(v))
 
 
 def same_rules(a: str, b: str) -> bool:
@@ -137,6 +165,28 @@ def installed() -> str | None:
         return metadata.version("transformers")
     except metadata.PackageNotFoundError:
         return None
+
+
+def newer_than_checked() -> str | None:
+    """The installed transformers when it is newer than every release the analytic rules were checked on."""
+    here = installed()
+    if here is None or problem(here):
+        return None
+    return here if release(here) > max(release(v) for v in CHECKED) else None
+
+
+def release_note(mode: str) -> str | None:
+    """One line for an estimate made with ``mode`` ("analytic" or "simulate") on a transformers newer than the
+    releases the analytic rules were checked on, or None."""
+    here = newer_than_checked()
+    if here is None:
+        return None
+    upto = CHECKED[-1]
+    if mode == "simulate":
+        return (f"simulated with the installed transformers {here}, its own code (the analytic rules were checked "
+                f"up to {upto})")
+    return (f"analytic rules checked on transformers up to {upto}; the installed {here} is newer and not yet "
+            "checked: --mode simulate runs its own code")
 
 
 def mismatch(version: str, what: str) -> str | None:
