@@ -132,7 +132,12 @@ def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     _check_supported(plan, shape)
+    from advisor.software import release_note
+
     notes = ["simulated: real transformers/peft code on fake tensors (CPU dispatch)"]
+    newer = release_note("simulate")
+    if newer:
+        notes.append(newer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if plan.task == "inference":

@@ -3,6 +3,7 @@ bitsandbytes NF4 weights and 8-bit/paged optimizer states."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any
@@ -75,17 +76,51 @@ def _preimport(hf_cfg, plan: Plan) -> None:
             continue
 
 
+@contextlib.contextmanager
+def _no_weight_init():
+    """Build without initializing the weights, as from_pretrained does for the weights it loads: fake
+    tensors hold no values, so the init ops (a normal_ per matrix, trunc_normal_'s loops) only cost
+    time -- a third of an 8B model's simulation. The tensors are allocated by the modules' constructors
+    all the same, and weight tying (init_weights' last step) still runs."""
+    try:
+        from transformers import initialization as init
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:  # pragma: no cover - a transformers without the module: initialize as before
+        yield
+        return
+    import sys
+
+    def skip(*_args, **_kwargs):
+        return None
+
+    saved = []
+    for name in init.TORCH_MODULES_TO_PATCH:
+        module = sys.modules.get(name)
+        for fn in init.TORCH_INIT_FUNCTIONS if module is not None else ():
+            if hasattr(module, fn):
+                saved.append((module, fn, getattr(module, fn)))
+                setattr(module, fn, skip)
+    saved.append((PreTrainedModel, "initialize_weights", PreTrainedModel.initialize_weights))
+    PreTrainedModel.initialize_weights = skip
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
 def _from_config(hf_cfg, dtype, attn_impl: str):
     """AutoModelForCausalLM.from_config with the runner's attention fallback (see
     advisor.stack._from_pretrained): an architecture without sdpa runs eager."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn_impl), attn_impl
-    except ValueError as err:
-        if attn_impl != "sdpa" or "scaled_dot_product_attention" not in str(err):
-            raise
-        return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager"), "eager"
+    with _no_weight_init():
+        try:
+            return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn_impl), attn_impl
+        except ValueError as err:
+            if attn_impl != "sdpa" or "scaled_dot_product_attention" not in str(err):
+                raise
+            return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="eager"), "eager"
 
 
 def _quantized_modules(model, shape: ModelShape) -> list[tuple[str, Any]]:

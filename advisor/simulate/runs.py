@@ -217,7 +217,11 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                 tracker.mark("loaded")
                 tracker.measuring = True
                 tracker.set_phase("prefill")
-                cache = DynamicCache(config=model.config)
+                # generate's cache (GenerationMixin._prepare_cache_for_generation): a DynamicCache of the text
+                # config, or none for the models that make their own (MiniMax's linear attention, RWKV)
+                own_cache = hasattr(model, "_supports_default_dynamic_cache") and \
+                    not model._supports_default_dynamic_cache()
+                cache = None if own_cache else DynamicCache(config=model.config.get_text_config(decoder=True))
                 input_ids, mask = batch["input_ids"], batch["attention_mask"]
                 unfinished = torch.ones(s.batch, dtype=torch.long)
                 accepts = _forward_params(model)
@@ -229,8 +233,14 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                 if "position_ids" in accepts:
                     pos = mask.long().cumsum(-1) - 1
                     pos = pos.masked_fill(mask == 0, 0)
-                out = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                del mask  # (the batch's own mask stays: generate's caller holds it)
+                # generate drops an all-ones attention mask once it has made the position ids from it
+                # (GenerationMixin.generate: "We can drop the mask altogether if it's all 1s"), so the model
+                # builds its causal mask without a batch dimension
+                out = model(input_ids=input_ids, attention_mask=None, past_key_values=cache, use_cache=True,
                             **kw, **({"position_ids": pos} if pos is not None else {}))
+                if own_cache:
+                    cache = out.past_key_values
                 _tag_cache(tracker, cache)
                 say(0.4, "prefill done")
                 produced = 0
@@ -243,32 +253,20 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
                             # is the decode peak)
                             last_forced = True
                             target = s.seq_len - 2  # tokens cached before the last forward
-                            for layer in cache.layers:
-                                # sliding-window layers (Gemma 2, Mistral) keep the last window - 1
-                                # tokens and count the rest in cumulative_length (the mask uses it)
-                                window = getattr(layer, "sliding_window", None)
-                                length = min(target, window - 1) if window else target
-                                if hasattr(layer, "cumulative_length"):
-                                    layer.cumulative_length = target
-                                for attr in ("keys", "values"):
-                                    old = getattr(layer, attr)
-                                    sh = list(old.shape)
-                                    sh[-2] = length
-                                    setattr(layer, attr, torch.empty(sh, dtype=old.dtype))
-                                    del old
+                            _grow_cache(cache, prompt + 1, target)
                             _tag_cache(tracker, cache)
                             input_ids = torch.zeros(s.batch, s.seq_len - 1, dtype=torch.long)
-                            mask = torch.ones(s.batch, s.seq_len - 1, dtype=torch.long)
                             if pos is not None:
                                 pos = torch.zeros(s.batch, s.seq_len - 1, dtype=torch.long)
                             produced = new - 1
                         step_ids = input_ids[:, -1:]
                         step_pos = {"position_ids": pos[..., -1:].clone()} if pos is not None else {}
-                        out = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache,
+                        out = model(input_ids=step_ids, attention_mask=None, past_key_values=cache,
                                     use_cache=True, **kw, **step_pos)
+                        if own_cache:
+                            cache = out.past_key_values
                         del step_pos
                         _tag_cache(tracker, cache)
-                    mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
                     if pos is not None:
                         pos = torch.cat([pos, torch.arange(1, dtype=pos.dtype).view(1, -1) + pos[..., -1:] + 1], dim=-1)
                     logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -319,19 +317,58 @@ def _infer_run(plan: Plan, shape: ModelShape, progress: Progress | None) -> _Res
 
         phases = {ph: tracker.peaks[ph].bytes for ph in INFER_PHASES if ph in tracker.peaks}
         comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
-        del model, head, cache, batch, input_ids, mask
+        del model, head, cache, batch, input_ids
     res_reserved = replay_reserved(tracker.recs, tracker.marks)
     if attn_used != "sdpa":
         notes.append(f"{shape.architecture} does not support sdpa; simulated with {attn_used}")
     return _Result(phases, comps, notes, res_reserved)
 
 
+def _cache_layers(cache) -> list:
+    """The per-layer objects of a generation cache (DynamicCache.layers; a model's own cache as one)."""
+    if cache is None:
+        return []
+    layers = getattr(cache, "layers", None)
+    return list(layers) if isinstance(layers, (list, tuple)) else [cache]
+
+
 def _tag_cache(tracker, cache) -> None:
-    """What the KV cache holds now is cache (the tag stays with the storage's record, so the
-    prefill's keys/values, created inside attention and later replaced by torch.cat, count too)."""
-    for layer in getattr(cache, "layers", ()):
-        for attr in ("keys", "values"):
-            tracker.tag(getattr(layer, attr, None), "kv_cache")
+    """What the cache holds now is kv_cache (the tag stays with the storage's record, so the prefill's
+    keys/values, created inside attention and later replaced by torch.cat, count too): every tensor of every
+    cache layer -- keys and values, a sparse-attention indexer's keys, a linear-attention or state-space
+    layer's convolution and recurrent states."""
+    import torch
+
+    for layer in _cache_layers(cache):
+        for value in vars(layer).values():
+            for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(t, torch.Tensor):
+                    tracker.tag(t, "kv_cache")
+
+
+def _grow_cache(cache, now: int, target: int) -> None:
+    """Make the cache hold ``target`` tokens where it holds ``now``, as ``target - now`` more decode steps would:
+    every tensor that grows with the tokens (a dimension of length ``now``: keys and values, a sparse-attention
+    indexer's keys and positions) gets that length; a sliding-window layer keeps its last window - 1 tokens and
+    counts the rest in cumulative_length (the mask uses it); fixed-size states (linear attention, state-space
+    layers) stay as they are."""
+    import torch
+
+    for layer in _cache_layers(cache):
+        window = getattr(layer, "sliding_window", None)
+        if isinstance(getattr(layer, "cumulative_length", None), int):
+            layer.cumulative_length = target
+        for attr, old in list(vars(layer).items()):
+            if not isinstance(old, torch.Tensor) or old.dim() < 2:
+                continue
+            dims = [i for i, n in enumerate(old.shape) if n == now]
+            if len(dims) != 1:
+                continue
+            length = min(target, window - 1) if window and attr in ("keys", "values") else target
+            sh = list(old.shape)
+            sh[dims[0]] = length
+            setattr(layer, attr, torch.empty(sh, dtype=old.dtype))
+            del old
 
 
 def _forward_params(model) -> set[str]:
