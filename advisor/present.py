@@ -389,3 +389,160 @@ def exact_table(analytic: EstimateResult, exact: EstimateResult) -> Table:
     t.caption = "\n".join(s.notes)
     t.caption_justify = "left"
     return t
+
+
+# --- serving with vLLM (service.serve, service.rank_serving) ---------------------------------------------
+SERVE_LABELS = {"weights": "weights", "lora_adapters": "LoRA slots (--enable-lora)",
+                "activations": "activation peak (profile run)", "non_torch": "non-torch (CUDA, NCCL buffers)",
+                "kv_cache": "KV cache"}
+
+
+def at_once(est) -> str:
+    """'54 requests of 8,192 tokens at once': whole requests the KV cache holds at max_model_len, capped by
+    max_num_seqs (vLLM schedules no more), with vLLM's own 'Maximum concurrency' figure."""
+    whole = int(est.max_concurrency)
+    words = f"{min(whole, est.max_num_seqs):,} requests of {est.max_model_len:,} tokens at once"
+    if whole > est.max_num_seqs:
+        return f"{words} (max_num_seqs; the cache would hold {whole:,})"
+    return f"{words} (vLLM: {est.max_concurrency:,.2f}x)"
+
+
+def serve_table(res) -> Table:
+    """vLLM's share of one GPU, part by part: the budget, weights, activation and non-torch reserve, KV cache."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    e = res.estimate
+    t = Table(title=f"vLLM's share of {'each' if e.tensor_parallel > 1 else 'the'} GPU", title_justify="left",
+              box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
+    t.add_column("part")
+    t.add_column("GiB", justify="right")
+    t.add_row(Text(f"budget ({e.gpu_memory_utilization:g} × {gib(res.cuda_total_bytes)} GiB)", style="bold"),
+              Text(gib(e.budget_bytes), style="bold"))
+    for k, v in res.breakdown.items():
+        t.add_row(SERVE_LABELS.get(k, k), gib(v), style="bold" if k == "kv_cache" else None)
+    return t
+
+
+def serve_summary(res) -> Text:
+    """The KV cache in GiB, blocks and tokens and the requests it holds at once, or why vLLM cannot start."""
+    from rich.text import Text
+
+    e = res.estimate
+    text = Text()
+    where = f"{e.tensor_parallel} × {short_gpu(res.gpu.name)}" if e.tensor_parallel > 1 else short_gpu(res.gpu.name)
+    text.append(f"vLLM {res.vllm_version} on {where}: ", style="bold")
+    if e.problem is not None:
+        text.append("cannot start", style="bold red")
+        text.append(f" — {e.problem.message}")
+        return text
+    text.append(f"KV cache {gib(e.kv_cache_bytes)} GiB = {e.kv_cache_tokens:,} tokens in {e.num_blocks:,} blocks "
+                f"of {e.block_size}\n")
+    text.append(at_once(e), style="bold green")
+    return text
+
+
+def serve_lines(res) -> Text:
+    """serve_summary and, when vLLM can start, the `vllm serve` command (the app shows them for an inference
+    plan)."""
+    import shlex
+
+    text = serve_summary(res)
+    if res.problem is None:
+        text.append("\n")
+        text.append(shlex.join(res.command), style="cyan")
+    return text
+
+
+def serve_words(res) -> str:
+    """'bf16 weights · KV cache bf16 · max_model_len 8,192 · max_num_seqs 1,024 · 1 GPU'."""
+    e, i = res.estimate, res.plan.inference
+    weights = i.precision if e.weight_quant == "none" else e.weight_quant
+    kv = i.precision if e.kv_cache_dtype == "auto" else e.kv_cache_dtype
+    return (f"{weights} weights · KV cache {kv} · max_model_len {e.max_model_len:,} · max_num_seqs "
+            f"{e.max_num_seqs:,} · {e.tensor_parallel} GPU{'s' * (e.tensor_parallel > 1)}")
+
+
+def print_serve(res, console) -> None:
+    """`tuneplan estimate --task inference --engine vllm`'s output."""
+    import shlex
+
+    e, s = res.estimate, res.shape
+    console.print(f"[bold]{s.name}[/] ({s.architecture}, {s.params_total:,} parameters)")
+    console.print(f"serving with vLLM: {serve_words(res)}")
+    console.print(serve_table(res))
+    console.print(serve_summary(res))
+    console.print(shlex.join(res.command), style="cyan", soft_wrap=True)
+    console.print(f"[dim]nvidia-smi: about {gib(e.budget_bytes + res.context_bytes)} GiB per GPU (the budget and "
+                  f"the CUDA context; CUDA graphs are captured after the cache is sized and add to it)[/]")
+    for n in (*e.notes, *res.notes):
+        console.print(f"[dim]note: {n}[/]")
+
+
+# a VllmEstimate's status in the options table (8 columns wide) and what it means
+SERVE_STATUS = {"weights_too_big": ("weights", "the weights do not fit one GPU"),
+                "no_kv_room": ("no room", "nothing is left of the budget for the KV cache"),
+                "max_model_len_too_long": ("too long", "one request of the context does not fit the KV cache")}
+
+
+def serving_options_table(advice) -> Table:
+    """recommend --serving's options: card × count, price per hour, per-GPU weights and KV cache, the requests
+    held at once at the context, and whether that serves the question (80 columns)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False, title_justify="left",
+              title=f"Options (per GPU; requests of {advice.context:,} tokens)")
+    for col in ("GPU", "×", "$/h", "weights", "KV GiB", "KV tokens", "at once", "serves"):
+        t.add_column(col, justify="left" if col in ("GPU", "serves") else "right")
+    for o in advice.options:
+        e = o.estimate
+        if advice.serves(o):
+            serves = Text("yes", style="green")
+        elif e.fits:
+            serves = Text("too few", style="yellow")
+        else:
+            serves = Text(SERVE_STATUS[e.status][0], style="red")
+        t.add_row(short_gpu(o.gpu.name), str(o.count), "-" if o.usd_per_hour is None else f"{o.usd_per_hour:.2f}",
+                  gib(e.weights_bytes, 1), gib(e.kv_cache_bytes, 1), f"{e.kv_cache_tokens:,}",
+                  f"{e.max_concurrency:.1f}" if e.fits else "-", serves)
+    shown = {o.estimate.status for o in advice.options if not o.estimate.fits}
+    words = [f"{SERVE_STATUS[k][0]}: {SERVE_STATUS[k][1]}" for k in SERVE_STATUS if k in shown]
+    if any(o.estimate.fits and not advice.serves(o) for o in advice.options):
+        words.insert(0, f"too few: holds fewer than {advice.concurrency:,} at once")
+    if words:
+        t.caption, t.caption_justify, t.caption_style = "; ".join(words), "left", "dim"
+    return t
+
+
+def print_serving_advice(advice, console) -> None:
+    """`tuneplan recommend MODEL --serving`'s output."""
+    import shlex
+
+    where = f" on {short_gpu(advice.gpu.name)}" if advice.gpu else ""
+    console.print(f"[bold]Serving {advice.model}[/] ({advice.params_total / 1e9:.2f}B parameters) with vLLM "
+                  f"{advice.vllm_version}{where}: {advice.concurrency:,} request{'s' * (advice.concurrency != 1)} of "
+                  f"{advice.context:,} tokens at once · weights {advice.weights} · KV cache {advice.kv_cache_dtype} "
+                  f"· gpu_memory_utilization {advice.gpu_memory_utilization:g}")
+    console.print()
+    c = advice.choice
+    if c is None:
+        where = "no count of this card" if advice.gpu else "no priced NVIDIA card at 1, 2, 4 or 8 GPUs"
+        console.print(f"[bold red]Nothing serves it:[/] {where} holds that many requests of that length; lower "
+                      "--context or --concurrency, serve quantized --weights (fp8, awq), or --kv-cache-dtype fp8.")
+    else:
+        e = c.estimate
+        gpus = f"{c.count} × {short_gpu(c.gpu.name)}" if c.count > 1 else short_gpu(c.gpu.name)
+        price = f" · {money(c.usd_per_hour)}/h" if c.usd_per_hour is not None else ""
+        console.print(f"[bold green]Recommended:[/] [bold]{gpus}{price}[/] · KV cache {gib(e.kv_cache_bytes)} GiB "
+                      f"per GPU = {e.kv_cache_tokens:,} tokens · {at_once(e)}")
+        console.print(f"  {shlex.join(advice.command(c))}", style="cyan", soft_wrap=True)
+    if advice.options:
+        console.print(serving_options_table(advice))
+    if advice.gpu is None:
+        console.print(f"[dim]assumed: cheapest per hour first (prices as of {advice.prices_as_of}); tensor parallel "
+                      "over the count, within one node; the KV cache as vLLM sizes it at start-up "
+                      "(docs/serving.md); speed is not modelled (tensor parallelism over PCIe cards is slower than "
+                      "over NVLink)[/]")
