@@ -337,9 +337,13 @@ def test_cli_recommend_json(capsys):
 
 
 def test_cli_recommend_table_and_serving(capsys):
+    assert run(["recommend", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "a100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended" in out and "full fine-tuning" in out
+    # --serving is a question of its own (vLLM on that card; tests/test_serving_cli.py), not the training advice
     assert run(["recommend", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "a100-80gb", "--serving"]) == 0
     out = capsys.readouterr().out
-    assert "Recommended" in out and "full fine-tuning" in out and "Serving" in out
+    assert "Serving Qwen/Qwen2.5-0.5B" in out and "vllm serve" in out and "full fine-tuning" not in out
 
 
 def test_cli_forced_methods(capsys):
@@ -377,9 +381,10 @@ def test_cli_reports_every_problem_at_once():
     assert len(e.value.problems) == 3
 
 
-def test_cli_serving_needs_a_gpu():
-    with pytest.raises(UserError, match="--serving needs --gpu"):
-        run(["recommend", "--model", LLAMA8, "--serving"])
+def test_cli_serving_without_a_gpu_ranks_gpus(capsys):
+    assert run(["recommend", "--model", LLAMA8, "--serving", "--json"]) == 0  # it used to need --gpu
+    out = json.loads(capsys.readouterr().out)
+    assert out["choice"] is not None and out["question"]["gpu"] is None and len(out["options"]) > 1
 
 
 def test_cli_seq_defaults_to_the_model_maximum_when_shorter(capsys):

@@ -37,7 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
     r.add_argument("--transformers", metavar="VERSION", help="transformers release the run will use: 5 (default) "
                    "or 4.46-4.57 (a mixture of experts is quantized by QLoRA on 4.x)")
-    r.add_argument("--serving", action="store_true", help="also size serving (inference) on the GPU")
+    from advisor.cli.serving import add_serving_arguments
+
+    add_serving_arguments(r)  # --serving: a question of its own (vLLM: context, requests at once, weights)
     r.add_argument("--device", choices=["cuda"], default="cuda", help="recommendations are for GPUs")
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     r.add_argument("--revision", help="hub revision")
@@ -133,9 +135,12 @@ def save_problems(path: str) -> list[Problem]:
 
 def cmd_recommend(a: argparse.Namespace) -> int:
     from advisor import service
+    from advisor.cli.serving import cmd_recommend_serving, serving_flags_without_serving
 
-    if a.serving and a.gpu is None:
-        raise Problems(Problem("--serving needs --gpu", None, "name the card to size serving on"))
+    if a.serving:  # which GPU serves the model (advisor/cli/serving.py); the training flags are not read
+        return cmd_recommend_serving(a)
+    if serving_flags_without_serving(a):
+        raise Problems(serving_flags_without_serving(a))
     ctx, gpu, methods = _inputs(a)
     plan = ctx.plan
     adv = service.advise(ctx, None, gpu, a.gpus, methods)  # the plan's job (job.*, run.epochs)

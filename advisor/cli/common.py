@@ -22,11 +22,13 @@ EXIT_USER_ERROR = 2
 FLAGS = {path: meta["flag"] for path, meta in field_table().items() if meta.get("flag")} | {
     "job.gpus": "--gpus", "job.methods": "--methods", "job.save": "--save", "max": "--max",
     "guide.labelled_examples": "--examples", "guide.gap": "--gap",
-}
+} | {f"serving.{k}": f"--{k.replace('_', '-')}" for k in (  # the serving questions (advisor/cli/serving.py)
+    "engine", "gpu_memory_utilization", "max_model_len", "tensor_parallel", "kv_cache_dtype", "max_num_seqs",
+    "max_lora_rank", "max_loras", "context", "concurrency", "weights")}
 # problems whose message already names the thing (no 'field:' prefix needed)
 _SELF_EXPLAINED = ("model.ref", "hardware.gpu")
 # fields that are the user's question more than the plan's: shown with the flag alone
-_JOB_FIELDS = ("job.", "guide.", "run.epochs")
+_JOB_FIELDS = ("job.", "guide.", "run.epochs", "serving.")
 
 
 def say_change(c: Change) -> str:

@@ -177,18 +177,28 @@ def _merge(into: dict[str, Any], flags: dict[str, Any]) -> None:
 
 def cmd_estimate(a: argparse.Namespace) -> int:
     from advisor import service
+    from advisor.cli.serving import engine_of, estimate_vllm, kv_cache_into_plan, print_engine
     from advisor.present import print_estimate
 
-    ctx = service.build(plan_data(a))  # the job's numbers are plan fields (job.*, run.epochs): checked there
+    data = plan_data(a)
+    kv_cache_into_plan(a, data)
+    ctx = service.build(data)  # the job's numbers are plan fields (job.*, run.epochs): checked there
+    engine = engine_of(a, ctx)  # inference: vllm or transformers; None for training
+    if engine == "vllm":
+        return estimate_vllm(a, ctx)
     res = _simulate_with_progress(ctx) if a.mode == "simulate" else service.estimate(ctx)
     found = [service.limits(ctx, what) for what in (a.max or [])]
     if a.json:
         out = res.as_json()
+        if engine is not None:
+            out["engine"] = engine
         if found:
             out["max"] = {lim.knob: lim.as_json() for lim in found}
         print(json.dumps(out, indent=2))
     else:
         print_estimate(res, limits=found)
+        if engine is not None:
+            print_engine(engine)
     return 0
 
 
@@ -234,6 +244,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     e.add_argument("--max", action="append", choices=["seq", "batch"],
                    help="also find the longest sequence / largest micro-batch that fits the GPU (repeatable)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    from advisor.cli.serving import add_engine_arguments
+
+    add_engine_arguments(e)  # --engine vllm|transformers and vLLM's flags, for --task inference
     e.set_defaults(func=cmd_estimate)
     pr = sub.add_parser("profiles", help="list bundled model profiles (or --gpus)")
     pr.add_argument("--gpus", action="store_true", help="list GPU profiles instead")
