@@ -130,6 +130,8 @@ class Evaluation:
     compare: list[Any] = field(default_factory=list)  # advisor.service.Variant
     gpu_rows: list[Any] = field(default_factory=list)  # advisor.service.GpuRow
     limits: list[Any] = field(default_factory=list)  # advisor.limits.Limit: longest seq, largest micro-batch
+    serving: Any = None  # advisor.service.ServeResult: an inference plan on a GPU, served with vLLM
+    serving_error: str | None = None  # why vLLM's estimate could not be made (its problems, worded)
 
     @property
     def ok(self) -> bool:
@@ -189,6 +191,11 @@ def evaluate(form: dict[str, Any], base: dict[str, Any] | None = None, job: Any 
         ev.gpu_rows = service.gpu_rows(ctx)
         if ctx.gpu is not None and ctx.plan.task == "training" and ctx.plan.hardware.device == "cuda":
             ev.limits = [service.limits(ctx, "seq"), service.limits(ctx, "batch")]
+        if ctx.plan.task == "inference" and service.default_engine(ctx) == "vllm":
+            try:  # vLLM at the plan's seq_len (max_model_len) over its GPUs (tensor parallel)
+                ev.serving = service.serve(ctx)
+            except Problems as e:
+                ev.serving_error = "; ".join(p.worded(lambda c, f=p.field: say_change(c, f)) for p in e.items)
     except Exception as e:  # an estimator limit (EstimateError) or anything unforeseen: shown, never a crash
         ev.general.append(f"{type(e).__name__}: {e}")
         ev.result = None

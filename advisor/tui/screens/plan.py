@@ -251,6 +251,11 @@ class PlanScreen(Screen):
         for lim in ev.limits:
             text.append("\n")
             text.append_text(limit_line(lim))
+        if ev.serving is not None or ev.serving_error:  # an inference plan on a GPU: vLLM's KV cache and command
+            if text.plain:
+                text.append("\n")
+            text.append_text(present.serve_lines(ev.serving) if ev.serving is not None else
+                             Text(f"vLLM: {ev.serving_error}", style="red"))
         return text
 
     def _gpu_table(self, ev: Evaluation) -> None:
