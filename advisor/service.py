@@ -599,8 +599,11 @@ _QUANT_FLAG = {"fp8": ["--quantization", "fp8"], "bnb-nf4": ["--quantization", "
 
 def default_engine(ctx: PlanContext) -> str:
     """The engine `estimate --task inference` models when none is named: vLLM when the plan names a GPU
-    (most people serve with vLLM), transformers' generate otherwise (no card to size vLLM's share of)."""
-    return "vllm" if ctx.gpu is not None and ctx.plan.hardware.device == "cuda" else "transformers"
+    (most people serve with vLLM), transformers' generate otherwise (no card to size vLLM's share of, or an
+    Apple GPU, which vLLM does not serve on)."""
+    gpu = ctx.gpu
+    return "vllm" if gpu is not None and ctx.plan.hardware.device == "cuda" and gpu.vendor != "apple" \
+        else "transformers"
 
 
 def _serving_problems(e: Problems, fields: dict[str, str]) -> Problems:
@@ -706,6 +709,9 @@ def serve(ctx: PlanContext, *, gpu_memory_utilization: float | None = None, max_
     if gpu is None or plan.hardware.device != "cuda":
         raise Problems(Problem("vLLM sizes its KV cache from the GPU's memory: the plan names no GPU",
                                "hardware.gpu", "name one (--gpu), or use the transformers engine"))
+    if gpu.vendor == "apple":
+        raise Problems(Problem(f"vLLM does not serve on {gpu.name} (it runs on NVIDIA and AMD GPUs)", "hardware.gpu",
+                               "use the transformers engine, or name an NVIDIA or AMD GPU"))
     inf = plan.inference
     fields = {"max_model_len": "serving.max_model_len" if max_model_len is not None else "inference.seq_len",
               "tensor_parallel": "serving.tensor_parallel" if tensor_parallel is not None else "hardware.gpus",

@@ -95,6 +95,8 @@ def test_without_a_gpu_the_engine_is_transformers(capsys):
     assert code == 0 and json.loads(out)["engine"] == "transformers" and "kv_cache_tokens" not in json.loads(out)
     code, out, _ = run(capsys, "estimate", LLAMA8, "--task", "inference")
     assert code == 0 and "engine: transformers" in out
+    code, out, _ = run(capsys, "estimate", LLAMA8, "--task", "inference", "--gpu", "m3 max 128gb", "--json")
+    assert code == 0 and json.loads(out)["engine"] == "transformers"  # vLLM does not serve on Apple GPUs
     code, out, _ = run(capsys, "estimate", LLAMA8, "--json")  # training: no engine
     assert code == 0 and "engine" not in json.loads(out)
 
@@ -167,6 +169,8 @@ def test_recommend_serving_nothing_serves_exits_1(capsys):
     (["estimate", LLAMA8, "--task", "inference", "--gpu", "RTX 4090", "--seq", "131072"],
      "--seq (inference.seq_len): one request of max_model_len 131,072 needs 16.00 GiB of KV cache"),
     (["estimate", LLAMA8, "--task", "inference", "--engine", "vllm"], "vLLM sizes its KV cache from the GPU"),
+    (["estimate", LLAMA8, "--task", "inference", "--engine", "vllm", "--gpu", "m3 max 128gb"],
+     "vLLM does not serve on Apple M3 Max 128GB"),
     (["estimate", LLAMA8, "--gpu", "h100", "--max-model-len", "4096"], "for serving, not training"),
     (["estimate", LLAMA8, "--task", "inference", "--gpu", "h100", "--engine", "transformers", "--max-num-seqs",
       "8"], "--max-num-seqs: vLLM's settings"),
