@@ -170,12 +170,55 @@ def prices_as_of() -> str:
     return _load(str(user) if user else None)[1]
 
 
-def find_gpu(name: str) -> Gpu:
-    """'RTX 4090', 'rtx-4090', '4090', 'H100 80GB', 'h100' all match; most specific name first."""
-    table = gpu_table()
+# Words that name a maker or a product line, not a card: "nvidia a100" is the A100
+_MAKER_WORDS = frozenset({"nvidia", "geforce", "tesla", "amd", "instinct", "apple"})
+# A count written into the name: "2x a100", "8xH100", "2 x H100", "4*a100", "2 a100" / "a100 x2", "h100x8",
+# "a100 x 2", "a100 (x8)", "a100 8 gpus". Read only when the whole name is no card and the rest is one.
+_COUNT_FIRST = re.compile(r"^\s*(?P<n>\d+)\s*(?:[x×*]|gpus?|cards?|\s)\s*(?P<card>.+)$", re.IGNORECASE)
+_COUNT_LAST = re.compile(r"^(?P<card>.+?)\s*(?:[x×*]\s*(?P<n>\d+)|\(\s*[x×*]?\s*(?P<p>\d+)\s*\)"
+                         r"|\s(?P<g>\d+)\s*(?:gpus?|cards?))\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class GpuMatch:
+    """What a GPU name was read as: the card, and the other cards the same name also fits (the forgiving
+    match picked the first: 'a100' is the 80 GB SXM, and also fits the 40 GB SXM and the 80 GB PCIe)."""
+
+    name: str
+    gpu: Gpu
+    others: tuple[Gpu, ...] = ()
+
+    @property
+    def note(self) -> str | None:
+        """'the GPU name 'a100' is read as NVIDIA A100 SXM 80GB (a100-80gb-sxm); it also fits ...'; None
+        when the name fits one card only."""
+        if not self.others:
+            return None
+        rest = [f"{g.name} ({g.id})" for g in self.others]
+        also = rest[0] if len(rest) == 1 else ", ".join(rest[:-1]) + " and " + rest[-1]
+        return (f"the GPU name {self.name!r} is read as {self.gpu.name} ({self.gpu.id}); it also fits {also}: "
+                "name the card you mean to size on another")
+
+
+def _tokens(text: str) -> frozenset[str]:
+    """The words of a GPU name that tell cards apart: 'NVIDIA A100-SXM4 80 GB' -> {a100, sxm4, 80gb}."""
+    words = (re.sub(r"\s+", "", w) for w in re.findall(r"\d+\s*gb\b|[a-z0-9]+", text.lower()))
+    return frozenset(w for w in words if w not in _MAKER_WORDS)
+
+
+def _fits(name: str, table: dict[str, Gpu]) -> list[Gpu]:
+    """Every card whose own name or id holds all the words of ``name`` ('a100' -> the three A100s)."""
+    words = _tokens(name)
+    if not words:
+        return []
+    return [g for g in table.values() if words <= (_tokens(g.name) | _tokens(g.id))]
+
+
+def _match(name: str, table: dict[str, Gpu]) -> Gpu | None:
+    """The card a name means: an exact id, name or alias first, then the most specific alias it contains."""
     key = _key(name)
     if not key:
-        raise GpuError("empty GPU name")
+        return None
     for g in table.values():
         if key == _key(g.id) or key == _key(g.name) or any(key == _key(a) for a in g.aliases):
             return g
@@ -183,11 +226,73 @@ def find_gpu(name: str) -> Gpu:
     hits = [g for g in table.values() if any(_key(a) and _key(a) in key for a in (g.id, *g.aliases))]
     if hits:
         return max(hits, key=lambda g: max(len(_key(a)) for a in (g.id, *g.aliases) if _key(a) in key))
+    return None
+
+
+def split_count(name: str) -> tuple[int, str] | None:
+    """(count, card) when ``name`` writes a GPU count into a card's name ('2x a100' -> (2, 'a100'),
+    'h100 x8' -> (8, 'h100')); None when it does not (or the name itself is a card: 'rtx 3090', '6000 ada')."""
+    table = gpu_table()
+    key = _key(name)
+    if any(key in (_key(g.id), _key(g.name), *map(_key, g.aliases)) for g in table.values()):
+        return None
+    for pattern in (_COUNT_FIRST, _COUNT_LAST):
+        m = pattern.match(name)
+        if not m:
+            continue
+        parts = m.groupdict()
+        count = int(next(parts[k] for k in ("n", "p", "g") if parts.get(k)))
+        card = parts["card"].strip(" -_,:")
+        if _match(card, table) is not None:  # any count: hardware.gpus says what it allows
+            return count, card
+    return None
+
+
+def lookup_gpu(name: str) -> GpuMatch:
+    """The card a GPU name means, with the other cards it also fits. A name carrying a count ('2x a100') is
+    refused with the card and the count apart: the count is hardware.gpus, a field of its own on every front
+    end, so one reading holds for the CLI, the app and a plan file alike."""
+    table = gpu_table()
+    if not _key(name):
+        raise GpuError("empty GPU name" if not name.strip() else f"the GPU name {name!r} names a maker, not a card; "
+                       "see `tuneplan profiles --gpus`")
+    counted = split_count(name)
+    if counted:
+        n, card = counted
+        raise GpuError(f"the GPU name {name!r} holds a count: give the card alone ({card}) and the number of GPUs "
+                       f"apart (--gpu {card!r} --gpus {n}; in a plan hardware.gpu: {card}, hardware.gpus: {n})")
+    g = _match(name, table)
+    if g is not None:
+        exact = _key(name) in (_key(g.id), _key(g.name))
+        others = () if exact else tuple(o for o in _fits(name, table) if o.id != g.id)
+        return GpuMatch(name, g, others)
+    several = _fits(name, table)
+    if len(several) > 1:
+        raise GpuError(f"the GPU name {name!r} fits {len(several)} cards: "
+                       f"{', '.join(f'{o.name} ({o.id})' for o in several)}; name one of them")
     names = {_key(a): g.name for g in table.values() for a in (g.id, g.name, *g.aliases)}
     near = []
-    for k in difflib.get_close_matches(key, list(names), n=8, cutoff=0.5):
+    for k in difflib.get_close_matches(_key(name), list(names), n=8, cutoff=0.5):
         if names[k] not in near:
             near.append(names[k])
     hint = f" Did you mean: {', '.join(near[:4])}?" if near else ""
     raise GpuError(f"unknown GPU {name!r}.{hint} See `tuneplan profiles --gpus`, or add it in a YAML "
                    "file named by TUNEPLAN_GPUS.")
+
+
+def find_gpu(name: str) -> Gpu:
+    """'RTX 4090', 'rtx-4090', '4090', 'H100 80GB', 'h100' all match; most specific name first. A name with a
+    count in it ('2x a100') or that fits several cards and none best ('m3 max') is a GpuError."""
+    return lookup_gpu(name).gpu
+
+
+def gpu_name_note(name: str | None) -> str | None:
+    """The note to show when a GPU name fits several cards ('a100': which one it was read as, and the
+    others); None for a name that fits one card, no name, or a name that is no card (its problem is raised
+    where the plan is built)."""
+    if not name:
+        return None
+    try:
+        return lookup_gpu(name).note
+    except GpuError:
+        return None

@@ -114,3 +114,25 @@ def precision_for(method: str, gpu: Gpu | None, base: str) -> str:
     if method == "full" and base in ("bf16", "fp16", "amp-bf16"):
         return "amp-fp16"
     return {"bf16": "fp16", "amp-bf16": "amp-fp16"}.get(base, base)
+
+
+def precision_note(method: str, precision: str, optimizer: str) -> str | None:
+    """What the plan's precision means where it matters, for the estimate's notes: a full fine-tune in pure
+    fp16 (a warning: without loss scaling its gradients and AdamW's second moment underflow fp16), in pure
+    bf16 (its bytes against amp-bf16's, and the updates it rounds away), or LoRA with fp32 frozen weights
+    (amp-*: twice bf16's memory for the same adapters). None elsewhere. The words: advisor.spec.PRECISION_WORDS."""
+    adam = optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+    if method == "full" and precision == "fp16":
+        return ("pure fp16 trains the weights in fp16 with no loss scaling (PyTorch's GradScaler refuses fp16 "
+                "parameters): small gradients flush to zero" + (" and AdamW's second moment (g², eps 1e-8) "
+                "underflows to 0, so updates vanish or turn to inf/NaN" if adam else "") + "; use amp-fp16 "
+                "(fp32 master weights + loss scaling), or bf16 on a card that has it")
+    if method == "full" and precision == "bf16" and optimizer == "adamw":
+        return ("bf16 here is pure bf16: weights, gradients and AdamW states in bf16, 8 bytes per parameter (10 "
+                "during the optimizer step); amp-bf16 keeps fp32 master weights at 16 (20), and keeps the small "
+                "updates that bf16 weights round away")
+    if method == "lora" and precision.startswith("amp-"):
+        return (f"{precision} keeps the frozen weights in fp32 (4 bytes per parameter); LoRA's adapters are fp32 "
+                f"in every mode, so {precision.removeprefix('amp-')} holds the same adapters with half the "
+                "weights' memory")
+    return None

@@ -35,6 +35,22 @@ Template = Literal["auto", "alpaca", "chat", "plain"]
 # The choice lists every front end offers: the Literals above, read, never written a second time.
 METHODS: tuple[str, ...] = get_args(Method)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# What each precision keeps in which dtype, and a full fine-tune's bytes per parameter with AdamW (weights +
+# gradients + its two states, then the optimizer step's temporary; advisor.memory, pinned by tests/test_names.py):
+# the --help, the plan field and the estimate's notes say these.
+PRECISION_WORDS: dict[str, str] = {
+    "bf16": "pure bf16: weights, gradients and optimizer states in bf16 (a full fine-tune with AdamW: 8 bytes "
+            "per parameter, 10 during the optimizer step); updates below bf16's resolution of a weight round away",
+    "fp16": "pure fp16: the same in fp16; a full fine-tune with AdamW underflows (no loss scaling is possible): "
+            "use amp-fp16",
+    "amp-bf16": "mixed: fp32 master weights, gradients and optimizer states, bf16 compute (a full fine-tune with "
+                "AdamW: 16 bytes per parameter, 20 during the optimizer step)",
+    "amp-fp16": "mixed as amp-bf16, fp16 compute with loss scaling: the safe choice on cards without bf16 (T4, V100)",
+    "fp32": "everything in fp32, activations too (per parameter as amp-bf16)",
+}
+PRECISION_ADAPTERS = ("LoRA and QLoRA adapters and their optimizer states are fp32 in every mode: for LoRA the "
+                      "precision sets the frozen weights (amp-* and fp32: fp32, twice bf16's memory), for QLoRA the "
+                      "compute dtype")
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTN_IMPLS: tuple[str, ...] = get_args(AttnImpl)
 TASKS: tuple[str, ...] = get_args(Task)
@@ -136,8 +152,8 @@ class TrainSpec(_Strict):
     method: Method = Field("qlora", description="full: train every weight; lora: frozen weights + adapters; "
                            "qlora: 4-bit NF4 frozen weights + adapters.",
                            json_schema_extra=ui(flag="--method", form="method"))
-    precision: Precision = Field("bf16", description="bf16/fp16: weights stored and trained in that dtype; "
-                                 "amp-*: fp32 weights with autocast compute; fp32: everything in fp32.",
+    precision: Precision = Field("bf16", description="; ".join(f"{k}: {v}" for k, v in PRECISION_WORDS.items())
+                                 + f". {PRECISION_ADAPTERS}.",
                                  json_schema_extra=ui(flag="--precision", form="precision"))
     optimizer: Optimizer = Field("adamw", description="Optimizer; adamw keeps 2 states per trainable "
                                  "parameter, 8-bit variants 2 bytes, sgd none, adafactor factored rows/cols.",

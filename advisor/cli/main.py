@@ -22,7 +22,18 @@ from advisor.cli.common import (  # noqa: F401
 )
 from advisor.job import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES
 from advisor.problems import Problems, UserError
-from advisor.spec import ATTN_IMPLS, DEVICES, METHODS, OPTIMIZERS, PRECISIONS, TASKS, WEIGHT_QUANTS, ZERO_STAGES
+from advisor.spec import (
+    ATTN_IMPLS,
+    DEVICES,
+    METHODS,
+    OPTIMIZERS,
+    PRECISION_ADAPTERS,
+    PRECISION_WORDS,
+    PRECISIONS,
+    TASKS,
+    WEIGHT_QUANTS,
+    ZERO_STAGES,
+)
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help: str) -> None:
@@ -35,7 +46,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--task", choices=TASKS, help="training (default) or inference")
     p.add_argument("--method", choices=METHODS, help="default: qlora")
-    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16. " + "; ".join(
+        f"{k} = {v}" for k, v in PRECISION_WORDS.items()) + f". {PRECISION_ADAPTERS}")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adamw")
     p.add_argument("--batch", type=int, help="micro-batch (training) or concurrent sequences (inference)")
     p.add_argument("--seq", type=int, help="tokens per sequence (inference: prompt + generated)")
@@ -52,7 +64,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                "--no-padded for data packed to exactly --seq tokens")
     p.add_argument("--weight-quant", choices=WEIGHT_QUANTS, help="inference weight storage")
     p.add_argument("--prompt-len", type=int, help="inference: prompt tokens (default: the whole --seq)")
-    p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100, a100-40gb")
+    p.add_argument("--gpu", help="one card's name, e.g. 'RTX 4090', h100, a100-40gb (the count is --gpus)")
     p.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
     p.add_argument("--zero", type=int, choices=ZERO_STAGES, help="ZeRO stage across GPUs")
     p.add_argument("--device", choices=DEVICES, help="cuda (default): GPU memory with the CUDA context and "
