@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runner.console import _print_data_check, _print_error, _Progress, _stderr, print_report  # noqa: E402,F401
+from runner.console import (  # noqa: E402,F401
+    _print_data_check,
+    _print_data_problems,
+    _print_error,
+    _Progress,
+    _stderr,
+    print_report,
+)
 
 
 def _user_error(problems):
@@ -164,13 +171,20 @@ def cmd_data_check(a: argparse.Namespace) -> int:
                                               for r in records])
             out["example"] = {"line": first.line, "segments": [
                 {"text": t, "trained": tr} for t, tr in segments(first.data, fmt, template, None)]}
-    if a.json:
+    if a.json:  # one object: the problems are its "problems" list, in the shape every --json gives them
+        from advisor.problems import Problem
+
+        out["problems"] = [{**Problem(p).as_json(), "flag": None} for p in problems]
         print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         _print_data_check(out)
     if problems:
         more = len(problems) - 20
-        raise _user_error(problems[:20] + ([f"... and {more} more"] if more > 0 else []))
+        shown = problems[:20] + ([f"... and {more} more"] if more > 0 else [])
+        if a.json:  # stdout holds them already: people still read them on stderr, and the exit code is 2
+            _print_data_problems(shown)
+            return 2  # the exit code of a user mistake (docs/cli.md)
+        raise _user_error(shown)
     return 0
 
 

@@ -138,6 +138,13 @@ def _print_error(err: dict, run_dir: Path) -> None:
         print(f"  {nxt['what']}: {nxt['command']}", file=sys.stderr)
 
 
+def _print_data_problems(lines: list[str]) -> None:
+    """The data file's problems on stderr, as every command words them (``data check --json`` printed them on
+    stdout inside its one object)."""
+    _stderr(f"tuneplan: {lines[0]}" if len(lines) == 1 else
+            f"tuneplan: {len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in lines))
+
+
 def _print_data_check(out: dict) -> None:
     from rich.console import Console
     from rich.text import Text

@@ -215,30 +215,64 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 
 
 def cmd_profiles(a: argparse.Namespace) -> int:
+    """The bundled model profiles (or, with --gpus, the GPU table): a table that reads at 80 columns, or with
+    --json one object ({"profiles": [...]} or {"prices_as_of": ..., "gpus": [...]})."""
     from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     if a.gpus:
+        from dataclasses import asdict
+
         from advisor.gpus import gpu_table, prices_as_of
-        t = Table(title=f"GPU profiles (prices as of {prices_as_of()})", title_justify="left")
-        for col in ("id", "name", "memory", "bf16", "TFLOPS", "$/hour"):
-            t.add_column(col, justify="right" if col in ("memory", "TFLOPS", "$/hour") else "left")
-        for g in gpu_table().values():
-            t.add_row(g.id, g.name, f"{g.memory_gib:.1f} GiB", "yes" if g.bf16 else "no", f"{g.tflops:g}",
-                      f"{g.price_usd_hour:.2f}" if g.price_usd_hour is not None else "-")
-        con.print(t)
+
+        gpus = list(gpu_table().values())
+        if a.json:
+            print(json.dumps({"prices_as_of": prices_as_of(), "gpus": [
+                {**asdict(g), "memory_bytes": g.memory_bytes, "tflops": g.tflops} for g in gpus]}, indent=2))
+            return 0
+        rows = [[g.id, g.name, f"{g.memory_gib:.1f} GiB", "yes" if g.bf16 else "no", f"{g.tflops:g}",
+                 f"{g.price_usd_hour:.2f}" if g.price_usd_hour is not None else "-"] for g in gpus]
+        con.print(_narrow_table(f"GPU profiles (prices as of {prices_as_of()})",
+                                ("id", "name", "memory", "bf16", "TFLOPS", "$/hour"), rows, wrap="name"))
         return 0
     from advisor.model import bundled_profiles, resolve
-    t = Table(title="Bundled model profiles (offline; `--model NAME`)", title_justify="left")
-    for col in ("name", "type", "parameters", "layers", "hidden", "vocab"):
-        t.add_column(col, justify="left" if col in ("name", "type") else "right")
-    for name in bundled_profiles():
-        s = resolve(name)
-        t.add_row(name, s.model_type, f"{s.params_total / 1e9:.2f}B", str(s.num_layers), str(s.hidden_size),
-                  str(s.vocab_size))
-    con.print(t)
+
+    shapes = [resolve(name) for name in bundled_profiles()]
+    if a.json:
+        print(json.dumps({"profiles": [
+            {"name": name, "type": s.model_type, "architecture": s.architecture, "params_total": s.params_total,
+             "layers": s.num_layers, "hidden": s.hidden_size, "vocab": s.vocab_size, "max_position": s.max_position}
+            for name, s in zip(bundled_profiles(), shapes, strict=True)]}, indent=2))
+        return 0
+    rows = [[name, s.model_type, f"{s.params_total / 1e9:.2f}B", str(s.num_layers), str(s.hidden_size),
+             str(s.vocab_size)] for name, s in zip(bundled_profiles(), shapes, strict=True)]
+    con.print(_narrow_table("Bundled model profiles (offline; `--model NAME`)",
+                            ("name", "type", "params", "layers", "hidden", "vocab"), rows, wrap="name",
+                            width=con.width))
     return 0
+
+
+def _narrow_table(title: str, columns: tuple[str, ...], rows: list[list[str]], wrap: str, width: int | None = None):
+    """A borderless table whose columns never cut a number: every column but ``wrap`` keeps its widest cell;
+    ``wrap`` takes what is left, wrapping at spaces, and (given ``width``) a hub id too long for it breaks after
+    its 'org/' ('meta-llama/' over 'Llama-3.1-405B'), so names that share a prefix still read apart."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    for i, col in enumerate(columns):
+        numeric = i >= 2 and col not in ("bf16",)
+        t.add_column(col, justify="right" if numeric else "left", no_wrap=col != wrap, overflow="fold")
+    if width is not None:
+        k = columns.index(wrap)
+        rest = sum(max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(columns) if i != k)
+        room = width - rest - 2 * (len(columns) - 1)
+        for r in rows:
+            if len(r[k]) > room and "/" in r[k]:
+                org, name = r[k].split("/", 1)
+                r[k] = f"{org}/\n {name}"
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -262,6 +296,7 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     e.set_defaults(func=cmd_estimate)
     pr = sub.add_parser("profiles", help="list bundled model profiles (or --gpus)")
     pr.add_argument("--gpus", action="store_true", help="list GPU profiles instead")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.set_defaults(func=cmd_profiles)
     from advisor.cli.advice import add_commands
 
