@@ -263,6 +263,8 @@ def print_estimate(res: EstimateResult, console=None, limits=()) -> None:
 # --- advice ---------------------------------------------------------------------------------------
 OPTION_COLUMNS = ("method", "GPU", "×", "strategy", "batch", "ckpt", "GiB / card", "fits", "time", "cost")
 RIGHT_ALIGNED = ("×", "GiB / card", "time", "cost")
+WRAPPING_COLUMNS = ("GPU", "fits", "why")  # words that may wrap at a space; the rest keep one line
+WHY_WIDTH = 40  # the least width a 'why' column reads at; narrower, the whys follow the table as lines
 
 
 def short_gpu(name: str) -> str:
@@ -330,17 +332,45 @@ def option_row(o) -> list[Any]:
             duration(o.hours) if o.hours is not None else "-", money(o.cost_usd)]
 
 
-def options_table(adv, limit: int | None = None) -> Table:
-    from rich.table import Table
+def options_table(adv, limit: int | None = None):
+    """The options as a table that reads at any width: numbers never wrap (the GPU and the fit words wrap at
+    spaces); where the 'why' column would squeeze the rest below their words (80 columns), the whys follow
+    the table as lines instead."""
+    return _OptionsTable(adv.options[:limit] if limit else adv.options)
 
-    shown = adv.options[:limit] if limit else adv.options
-    whys = [option_why(o) for o in shown]
-    t = Table(title="Options", title_justify="left")
-    for col in OPTION_COLUMNS + (("why",) if any(whys) else ()):
-        t.add_column(col, justify="right" if col in RIGHT_ALIGNED else "left", overflow="fold")
-    for o, why in zip(shown, whys, strict=True):
-        t.add_row(*option_row(o), *([why] if any(whys) else []))
-    return t
+
+class _OptionsTable:
+    """A rich renderable: the options table laid out for the width it is printed at."""
+
+    def __init__(self, shown) -> None:
+        self.shown = list(shown)
+        self.whys = [option_why(o) for o in self.shown]
+
+    def table(self, with_why: bool) -> Table:
+        from rich import box
+        from rich.table import Table
+
+        t = Table(title="Options", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
+        for col in OPTION_COLUMNS + (("why",) if with_why else ()):
+            t.add_column(col, justify="right" if col in RIGHT_ALIGNED else "left",
+                         no_wrap=col not in WRAPPING_COLUMNS, overflow="fold")
+        for o, why in zip(self.shown, self.whys, strict=True):
+            t.add_row(*option_row(o), *([why] if with_why else []))
+        return t
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+        from rich.text import Text
+
+        narrow = self.table(with_why=False)
+        if any(self.whys) and Measurement.get(console, options, narrow).maximum + 1 + WHY_WIDTH <= options.max_width:
+            yield self.table(with_why=True)
+            return
+        yield narrow
+        for n, (o, why) in enumerate(zip(self.shown, self.whys, strict=True), 1):
+            if why:
+                where = f"{o.num_gpus} × {short_gpu(o.gpu)}" if o.num_gpus > 1 else short_gpu(o.gpu)
+                yield Text(f"  {n}. {o.method} on {where}: {why}", style="dim")
 
 
 def serving_table(serving) -> Table:
