@@ -85,8 +85,48 @@ def _finetune_method(q: Questionnaire, reasons: list[str]) -> str:
     return "lora"
 
 
+def _fact_reasons(q: Questionnaire) -> list[str]:
+    out = []
+    if q.gap in ("knowledge", "both"):
+        out.append("The model lacks knowledge: retrieval puts the facts in the prompt; fine-tuning teaches "
+                   "form, not facts, and a tuned model still invents what it never saw.")
+    if q.knowledge_changes_often:
+        out.append("The knowledge changes often: a retrieval index is updated in minutes, a fine-tuned "
+                   "model would need retraining each time.")
+    if q.must_cite_sources:
+        out.append("Answers must cite sources: RAG can show the passages it retrieved; a fine-tuned model "
+                   "cannot say where a fact came from.")
+    return out
+
+
+def _retrieval_first(q: Questionnaire, reasons: list[str]) -> Guidance:
+    """Facts that change or must be cited, before prompting was tried or while the rest of the gap is unclear:
+    retrieval now (no prompt brings new facts or their sources), with the prompt's test set and, where the
+    form may fail too, prompting or error analysis for that part."""
+    reasons = [*_fact_reasons(q), "No prompt wording brings facts that change, or the documents to cite, to the "
+               "model: they have to reach it with each question, which is what retrieval does, whatever "
+               "prompting was tried.", *reasons]
+    steps = _rag_steps()
+    if not q.prompting_tried:
+        steps.append("Write 50-100 representative questions with the expected answer and the passage it should "
+                     "cite; they measure retrieval and the answers.")
+    if q.gap in ("behaviour", "both") and not q.prompting_tried:
+        reasons.append("The format or style fails too: try prompting for it first (instructions and a few "
+                       "examples over the retrieved passages); fine-tune only what prompting cannot fix.")
+        steps.append("Run `tuneplan guide --prompting-tried ...` again if the form still fails.")
+    elif q.gap == "unsure":
+        reasons.append("Whether the form fails too is not yet clear: error analysis tells, once retrieval "
+                       "supplies the facts.")
+        steps.append("Do error analysis on the answers: mark each failure as missing/wrong facts (retrieval) or "
+                     "as wrong format, style or task-following (prompting, then fine-tuning).")
+    return Guidance("rag", reasons, steps)
+
+
 def guide(q: Questionnaire) -> Guidance:
     """The verdict, in this order of rules (each a sentence in FIELD-NOTES.md):
+    0. Facts that change often or must be cited -> retrieval, whatever prompting was tried and
+       whatever else fails: no prompt wording brings new facts or their sources to the model (the
+       form, if it fails too, is then prompted or tuned as below).
     1. Prompting not tried -> prompt first: it is free, and it builds the evaluation set and the
        annotation guide that any later fine-tune needs.
     2. Gap unsure -> prompt first and do error analysis to learn whether facts or form fail.
@@ -101,6 +141,9 @@ def guide(q: Questionnaire) -> Guidance:
     if q.latency_or_cost_limits and q.gap in ("behaviour", "both"):
         reasons.append("Under latency or cost limits a small fine-tuned model can beat a much larger general "
                        "one, and it removes long few-shot prompts.")
+
+    if (q.knowledge_changes_often or q.must_cite_sources) and (not q.prompting_tried or q.gap == "unsure"):
+        return _retrieval_first(q, reasons)
 
     if not q.prompting_tried:
         reasons.insert(0, "Prompting has not been tried yet: it needs no data and no GPU, and the test inputs "
@@ -125,15 +168,7 @@ def guide(q: Questionnaire) -> Guidance:
 
     needs_rag = q.gap in ("knowledge", "both") or q.knowledge_changes_often or q.must_cite_sources
     needs_ft = q.gap in ("behaviour", "both")
-    if q.gap in ("knowledge", "both"):
-        reasons.append("The model lacks knowledge: retrieval puts the facts in the prompt; fine-tuning teaches "
-                       "form, not facts, and a tuned model still invents what it never saw.")
-    if q.knowledge_changes_often:
-        reasons.append("The knowledge changes often: a retrieval index is updated in minutes, a fine-tuned "
-                       "model would need retraining each time.")
-    if q.must_cite_sources:
-        reasons.append("Answers must cite sources: RAG can show the passages it retrieved; a fine-tuned model "
-                       "cannot say where a fact came from.")
+    reasons += _fact_reasons(q)
     if needs_ft:
         reasons.append("The model behaves wrongly (format, style, structure or task-following): that is what "
                        "fine-tuning fixes.")

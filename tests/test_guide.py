@@ -135,3 +135,31 @@ def test_cli_guide_negative_examples_is_a_user_error():
     from advisor.cli.common import render
 
     assert e.value.items[0].field == "guide.labelled_examples" and "--examples" in render(e.value.items[0])
+
+
+@pytest.mark.parametrize("gap", ["knowledge", "behaviour", "both", "unsure"])
+@pytest.mark.parametrize("tried", [False, True])
+@pytest.mark.parametrize("facts", [{"knowledge_changes_often": True}, {"must_cite_sources": True},
+                                   {"knowledge_changes_often": True, "must_cite_sources": True}])
+@pytest.mark.parametrize("examples", [0, 500])
+def test_facts_that_change_or_must_be_cited_go_to_retrieval_whatever_prompting_was_tried(gap, tried, facts, examples):
+    """`guide --gap knowledge --changes-often --cite` said prompt-first: no prompt brings new facts or their
+    sources, so every such question gets retrieval (with a fine-tune beside it only where the form fails, the
+    prompt was tried and the data is there)."""
+    g = guide(Questionnaire(gap=gap, prompting_tried=tried, labelled_examples=examples, **facts))
+    form_tuned = gap in ("behaviour", "both") and tried and examples >= MIN_FINETUNE_EXAMPLES
+    assert g.verdict == ("rag+fine-tune" if form_tuned else "rag")
+    assert "BM25" in g.next_steps[0]
+    assert all((r[0].isupper() or r[0].isdigit()) and r.endswith(".") for r in g.reasons)
+    if not tried:
+        assert any("whatever prompting was tried" in r for r in g.reasons)
+        assert any("passage it should cite" in s for s in g.next_steps)  # the test set prompting would have built
+    if gap in ("behaviour", "both") and not tried:
+        assert any("try prompting for it first" in r for r in g.reasons)
+    if gap == "unsure":
+        assert any("error analysis" in s.lower() for s in g.next_steps)
+
+
+def test_cli_guide_changing_cited_knowledge_is_rag(capsys):
+    assert run(["guide", "--gap", "knowledge", "--changes-often", "--cite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "rag"
