@@ -95,3 +95,20 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     if not double_quant:
         return packed + 4 * blocks + 16 * 4
     return packed + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 256 * 4 + 16 * 4 + 4
+
+
+# what each component is called on every screen (advisor.present, the advice's reasons)
+COMPONENT_LABELS = {
+    "weights": "weights", "lora_adapters": "LoRA adapters", "gradients": "gradients",
+    "optimizer_states": "optimizer states", "activations": "activations",
+    "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
+    "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",
+    "ddp_buckets": "DDP gradient buckets", "zero_buckets": "ZeRO reduce buckets", "cuda_context": "CUDA context",
+    "cublas_workspace": "cuBLAS workspace", "attention_workspace": "attention workspace",
+    "nccl_buffers": "NCCL buffers", "allocator_cache": "allocator cache", "inputs": "input batch",
+    "logits": "logits",
+}
+
+
+def label(component: str) -> str:
+    return COMPONENT_LABELS.get(component, component.replace("_", " "))

@@ -104,6 +104,24 @@ def plan_dict(form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[
     return d
 
 
+def apply_changes(form: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """The form with plan changes applied (plan field -> value: a recommendation's, a nearest plan's, a
+    problem's fix), each on its form field; a change with no form field is left out."""
+    out = dict(form)
+    for path, v in changes.items():
+        name = LOC_FIELD.get(path)
+        if name is None:
+            continue
+        if name == "gpu" and v in (None, ""):
+            v = NO_GPU
+        elif isinstance(v, list):
+            v = ",".join(v)
+        elif isinstance(v, float):
+            v = f"{v:g}"
+        out[name] = v if isinstance(v, bool) or name in ("gpu",) else str(v)
+    return out
+
+
 def needs_fetch(ref: str) -> bool:
     """True for a hub id that is neither bundled nor local: resolving it may reach the network (and
     count the architecture with torch), so the form resolves it on Enter, in a worker."""

@@ -157,6 +157,16 @@ SHARDED_ADAPTER_TENSOR_SHORT = (0.06, 0.19)  # dense LoRA / QLoRA sharded over 2
 SHARDED_MOE_NVSMI_SHORT = 0.20  # a mixture of experts, LoRA / QLoRA sharded over 2 GPUs: nvidia-smi, most
 
 
+def known_error(method: str, moe: bool, gpus: int, zero: int, device: str) -> tuple[str, float] | None:
+    """The most the estimate was short on held-out published runs of this kind, as (what, share): the
+    tensor peak ("allocated", dense LoRA / QLoRA sharded) or the nvidia-smi peak ("reserved", a mixture
+    of experts). None where no such runs found it short. What the advice adds before it calls a plan
+    fitting (never added to the estimate itself: that would be fitting on validation rows)."""
+    if device != "cuda" or gpus < 2 or zero < 3 or method not in ("lora", "qlora"):
+        return None
+    return ("reserved", SHARDED_MOE_NVSMI_SHORT) if moe else ("allocated", SHARDED_ADAPTER_TENSOR_SHORT[1])
+
+
 def validation_note(method: str, moe: bool, gpus: int, zero: int, device: str) -> str | None:
     """Words for a plan of the kind where published GPU runs found the estimate short."""
     if device != "cuda" or gpus < 2 or zero < 3 or method not in ("lora", "qlora"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from advisor.breakdown import COMPONENT_LABELS, label
 from advisor.policy import STATUS_WORDS
 from advisor.units import gib, gib_str
 
@@ -17,26 +18,12 @@ if TYPE_CHECKING:
     from advisor.service import EstimateResult, Variant
     from advisor.spec import Plan
 
-COMPONENT_LABELS = {
-    "weights": "weights", "lora_adapters": "LoRA adapters", "gradients": "gradients",
-    "optimizer_states": "optimizer states", "activations": "activations",
-    "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
-    "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",
-    "ddp_buckets": "DDP gradient buckets", "zero_buckets": "ZeRO reduce buckets", "cuda_context": "CUDA context",
-    "cublas_workspace": "cuBLAS workspace", "attention_workspace": "attention workspace",
-    "nccl_buffers": "NCCL buffers", "allocator_cache": "allocator cache", "inputs": "input batch",
-    "logits": "logits",
-}
 _ORDER = list(COMPONENT_LABELS)
 
 BADGE_STYLES = {"fits": "bold black on green", "tight": "bold black on yellow", "oom": "bold white on red",
                 "no-bf16": "bold black on #888888"}
 BADGE_WORDS = {**STATUS_WORDS, "no-bf16": "no bf16"}
 STATUS_COLOURS = {"fits": "green", "tight": "yellow", "oom": "red", "no-bf16": "bright_black"}
-
-
-def label(component: str) -> str:
-    return COMPONENT_LABELS.get(component, component.replace("_", " "))
 
 
 def ordered(parts: dict[str, int]) -> list[tuple[str, int]]:
@@ -118,7 +105,16 @@ def breakdown_table(res: EstimateResult, title: str | None = None, compact: bool
     t.add_row(Text(allocated, style="bold"), Text(gib(bd.peak_allocated_bytes), style="bold"), "")
     for k, v in bd.overhead.items():
         t.add_row(label(k), gib(v), f"{100 * v / total:.0f}%")
-    if bd.overhead:
+    v = res.verdict
+    if bd.overhead and v is not None and v.need_bytes > v.capacity_bytes:
+        # nvidia-smi never shows more than the card: what it will read, and the need with no card limit
+        t.add_row(Text("peak reserved, no card limit", style="bold"), Text(gib(bd.peak_reserved_bytes)), "")
+        if v.cache_limited:
+            t.add_row(Text("nvidia-smi (at the card's limit)", style="bold"),
+                      Text(gib(v.on_card_bytes), style="bold"), "")
+        else:
+            t.add_row(Text("on this card", style="bold"), Text("out of memory", style="bold red"), "")
+    elif bd.overhead:
         t.add_row(Text(reserved, style="bold"), Text(gib(bd.peak_reserved_bytes), style="bold"), "")
     return t
 
@@ -276,6 +272,32 @@ def money(x: float | None) -> str:
     return "-" if x is None else f"${x:,.2f}"
 
 
+def nearest_line(n) -> Text:
+    """'sequences of 1,201 tokens (longer examples are cut): 12.0 / 12.0 GiB, tight · 2.3 h · $0.18'."""
+    from rich.text import Text
+
+    from advisor.units import duration
+
+    line = Text(f"{n.what}: ")
+    line.append(f"{gib(n.need_bytes, 1)} / {gib(n.capacity_bytes, 1)} GiB", style="bold")
+    line.append(f" on {short_gpu(n.gpu)}" + (f" × {n.num_gpus}" if n.num_gpus > 1 else "") + ", ")
+    line.append(STATUS_WORDS.get(n.status, n.status), style=STATUS_COLOURS.get(n.status, ""))
+    if n.hours is not None:
+        line.append(f" · {duration(n.hours)}")
+    if n.cost_usd is not None:
+        line.append(f" · {money(n.cost_usd)}")
+    return line
+
+
+def nearest_row(n) -> list[Any]:
+    """A nearest plan as table cells (the app's Advice screen)."""
+    from advisor.units import duration
+
+    return [n.what + f" ({short_gpu(n.gpu)}" + (f" × {n.num_gpus})" if n.num_gpus > 1 else ")"),
+            f"{gib(n.need_bytes, 1)} / {gib(n.capacity_bytes, 1)}", badge(n.status, short=True),
+            duration(n.hours) if n.hours is not None else "-", money(n.cost_usd)]
+
+
 def job_line(adv) -> str:
     j = adv.job
     return (f"{j['model']} ({j['params_total'] / 1e9:.2f}B parameters) · {j['examples']:,} examples × "
@@ -293,7 +315,12 @@ def recommendation_text(adv, notes: bool = True) -> Text:
     text = Text()
     c = adv.choice
     if c is None:
-        text.append("Nothing fits.\n", style="bold red")
+        text.append("Nothing fits", style="bold red")
+        text.append(" as asked; the nearest plans that fit are listed below.\n" if adv.nearest else ".\n")
+        tried = [o for o in adv.options if o.peak_reserved_bytes]
+        if tried:  # why, for the way that came closest
+            for r in min(tried, key=lambda o: o.peak_reserved_bytes).reasons:
+                text.append(f"  • {r}\n")
     else:
         where = f"{c.num_gpus} × {short_gpu(c.gpu)} ({c.strategy})" if c.num_gpus > 1 else short_gpu(c.gpu)
         text.append("Recommended: ", style="bold green")

@@ -9,9 +9,14 @@ The search, for each GPU and each method (full / lora / qlora):
    target effective batch) whose peak fits, with gradient accumulation reaching the target;
 2. only when one GPU cannot hold the job (and the user did not fix the count): 2, 4, 8, ... 64
    GPUs, each with DDP (ZeRO-0) and ZeRO-1/2/3, stopping at the smallest count that fits.
-"Fits" is the one policy, advisor.policy.fit_verdict on the estimate's per-GPU peak and its high end:
-"fits" or "tight" (not "oom"); a micro-batch or option that "fits" is preferred over a "tight" one.
-Time and cost come from advisor.throughput, the same model the estimate and the GPU table use.
+"Fits" is the one policy, advisor.policy.fit_verdict on the estimate's per-GPU peak and its high end,
+made strict at the edge (:func:`advice_fit`): the advice never proposes a plan whose expected peak, with
+the known error of plans of its kind added (advisor.gpu_memory.known_error), is over the card, even where
+the verdict would call it "tight" because only the allocator's cache is over. "fits" is preferred over
+"tight". More GPUs are tried only while sharding can lower what overflows (weights, gradients and
+optimizer states shard; activations and logits do not). When nothing fits, :func:`nearest_plans` lists
+the nearest plans that do. Time and cost come from advisor.throughput, the same model the estimate and
+the GPU table use.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from advisor import throughput
 from advisor.gpus import Gpu, gpu_table
@@ -76,6 +82,13 @@ class Option:
     def effective_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.num_gpus
 
+    def changes(self) -> dict[str, Any]:
+        """The option as plan changes (plan field -> value): what `recommend --save` writes and the app applies."""
+        return {"training.method": self.method, "training.precision": self.precision,
+                "training.micro_batch": self.micro_batch, "training.grad_accum": self.grad_accum,
+                "training.grad_checkpointing": self.gradient_checkpointing, "hardware.gpu": self.gpu_id or self.gpu,
+                "hardware.gpus": self.num_gpus, "hardware.zero": self.zero}
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["hours"] = None if self.hours is None else round(self.hours, 3)
@@ -91,10 +104,11 @@ class Advice:
     job: dict = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    nearest: list[Nearest] = field(default_factory=list)  # when nothing fits: the nearest plans that do
 
     def to_json(self) -> dict:
         return {"choice": self.choice.to_json() if self.choice else None,
-                "options": [o.to_json() for o in self.options],
+                "options": [o.to_json() for o in self.options], "nearest": [n.to_json() for n in self.nearest],
                 "job": self.job, "assumptions": self.assumptions, "notes": self.notes}
 
 
@@ -200,6 +214,47 @@ def verdict(plan: Plan, shape: ModelShape, gpu: Gpu) -> Verdict:
     return breakdown_verdict(estimate(plan, shape), gpu.memory_bytes)
 
 
+@dataclass(frozen=True)
+class AdviceFit:
+    """A plan on a card as the advice judges it: the one verdict, and the need with the known error of
+    plans of its kind added."""
+
+    verdict: Verdict
+    need_bytes: int  # expected nvidia-smi peak per GPU, with the known error added
+    status: str  # fits / tight / oom ("oom" also when only the cache, or the known error, is over the card)
+    margin: str | None = None  # the known error added, in words
+
+    @property
+    def fits(self) -> bool:
+        return self.status != "oom"
+
+
+def advice_fit(plan: Plan, shape: ModelShape, gpu: Gpu) -> AdviceFit:
+    """Strict at the edge: the expected peak (not the floor the allocator falls back to) must be on the
+    card, after adding the most the estimate was short on held-out runs of this kind."""
+    from advisor.gpu_memory import known_error
+
+    bd = estimate(plan, shape)
+    cap = gpu.memory_bytes
+    v = breakdown_verdict(bd, cap)
+    need, margin = bd.peak_reserved_bytes, None
+    hw = plan.hardware
+    err = known_error(plan.training.method, bool(shape.num_experts), hw.gpus, hw.zero, hw.device)
+    if err is not None:
+        what, share = err
+        extra = share * (bd.peak_allocated_bytes if what == "allocated" else bd.peak_reserved_bytes)
+        need = int(need + extra)
+        margin = (f"+{gib(extra)} for the known error of sharded LoRA / QLoRA ({what} up to {share:.0%} above "
+                  "the estimate on published runs)")
+    if v.status == "oom" or need > cap:
+        status = "oom"
+    elif v.status == "tight" or need > TIGHT_SHARE * cap:
+        status = "tight"
+    else:
+        status = "fits"
+    return AdviceFit(v, need, status, margin)
+
+
 def _largest_fit(shape, base, method, precision, gc, n, z, target, gpu) -> tuple[_Fit | None, int]:
     """Largest power-of-two micro-batch whose verdict is "fits" (else the largest "tight" one);
     (None, peak at micro-batch 1) when none is launchable."""
@@ -208,21 +263,36 @@ def _largest_fit(shape, base, method, precision, gc, n, z, target, gpu) -> tuple
     first_peak = 0
     for mb in micro_batches(max(1, target // n)):  # mb x n GPUs never overshoots the target batch
         accum = accum_for(target, mb, n)
-        v = verdict(_plan(base, method, precision, gc, mb, accum, n, z), shape, gpu)
+        af = advice_fit(_plan(base, method, precision, gc, mb, accum, n, z), shape, gpu)
         if mb == 1:
-            first_peak = v.need_bytes
+            first_peak = af.need_bytes
         for f in (best, tight):  # the next micro-batch up, whatever its verdict
             if f is not None and f.mb * 2 == mb:
-                f.next_peak, f.next_status = v.need_bytes, v.status
-                if v.cache_limited:
+                f.next_peak, f.next_status = af.need_bytes, af.status
+                if af.verdict.cache_limited:
                     f.next_status = "cache"
-        if v.status == "oom":
+        if af.status == "oom":
             break
-        if v.status == "fits":
-            best = _Fit(mb, accum, v.need_bytes, None, "fits")
+        if af.status == "fits":
+            best = _Fit(mb, accum, af.need_bytes, None, "fits")
         else:
-            tight = _Fit(mb, accum, v.need_bytes, None, "tight")
+            tight = _Fit(mb, accum, af.need_bytes, None, "tight")
     return (best or tight), first_peak
+
+
+SHARDED = ("weights", "lora_adapters", "gradients", "optimizer_states")
+
+
+def _unshardable(shape: ModelShape, base: Plan, method: str, precision: str, gpu: Gpu) -> tuple[int, str]:
+    """What every GPU keeps however many share the model with ZeRO-3 (at micro-batch 1, checkpointing on):
+    the per-GPU need of sharding over 4,096 GPUs, and its largest parts in words."""
+    plan = _plan(base, method, precision, True, 1, 1, 4096, 3)
+    bd = estimate(plan, shape)
+    kept = {k: v for k, v in {**bd.components, **bd.overhead}.items() if k not in SHARDED and v > 0}
+    top = sorted(kept.items(), key=lambda kv: -kv[1])[:3]
+    from advisor.breakdown import label
+
+    return bd.peak_reserved_bytes, ", ".join(f"{label(k)} {gib(v)}" for k, v in top)
 
 
 def _where(gpu: Gpu, n: int, z: int) -> str:
@@ -249,7 +319,10 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
                           None, [f"{gpu.name} is one GPU per machine (no interconnect between GPUs in the GPU "
                                  "table); use --gpus 1"], precision, gpu_id=gpu.id, status="oom")
     tried: list[tuple[int, int, bool, int]] = []  # (n, z, gc, peak at micro-batch 1)
+    unsharded = _unshardable(shape, base, method, precision, gpu)
     for n in counts:
+        if n > 1 and unsharded[0] > cap:
+            break  # more GPUs cannot lower what overflows: it is what every GPU keeps whatever the sharding
         found: list[tuple[float, int, int, bool, _Fit]] = []
         for gc in (False, True):
             for z in ((0,) if n == 1 else (0, 1, 2, 3)):
@@ -282,7 +355,8 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
             f" = effective batch {eff}"
         if fit.next_peak is not None:
             why = {"tight": "tight: over 90% of the card or its high end over it",
-                   "cache": "tight: only the allocator's cache is over the card",
+                   "cache": "only the allocator's cache is over the card: it might run at the card's limit, not "
+                            "promised",
                    "oom": "out of memory"}.get(fit.next_status, fit.next_status)
             mb_txt += f"; micro-batch {fit.mb * 2} would need {gib(fit.next_peak)} ({why})"
         if fit.status == "tight":
@@ -312,6 +386,10 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
     bestn = min((t for t in tried if t[0] == n_max), key=lambda t: t[3])
     if n_max > 1:
         reasons.append(f"even on {_where(gpu, n_max, bestn[1])} it needs {gib(bestn[3])} per GPU")
+    if unsharded[0] > cap and (len(tuple(counts)) > 1 or n_max > 1):
+        reasons.append(f"more GPUs cannot help: ZeRO-3 shards the weights, gradients and optimizer states, but "
+                       f"every GPU keeps {unsharded[1]} ({gib(unsharded[0])} at micro-batch 1 with checkpointing, "
+                       f"of the card's {gib(cap)})")
     worst = bestn if n_max > 1 else best1
     return Option(method, gpu.name, worst[0], worst[1], "single" if worst[0] == 1 else STRATEGY[worst[1]], 1,
                   accum_for(target, 1, worst[0]), worst[2], worst[3], cap, False, None, None, reasons, precision,
@@ -412,13 +490,15 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
     else:
         order = {}
         where = f"one {gpu.name}" if gpu is not None and gpus in (None, 1) else "the GPUs considered"
-        notes.append(f"nothing fits on {where}; see each option's reasons for the memory it needs")
+        notes.append(f"nothing fits on {where}: the nearest plans that fit are listed, and each option's reasons "
+                     "say the memory it needs")
     options.sort(key=lambda o: (o is not choice, not o.fits, order.get(id(o), 0), ranks[o.method], o.gpu))
 
     lo, hi = throughput.BAND
     assumptions = [
-        (f"fits = the fit verdict is not out of memory (expected peak reserved per GPU <= the card); tight = "
-         f"over {TIGHT_SHARE:.0%} of it or its high end over the card; fits is preferred over tight"),
+        (f"fits = the expected nvidia-smi peak per GPU, with the known error of plans of its kind added, is on the "
+         f"card (a plan that only the allocator's cache pushes over is not proposed); tight = over "
+         f"{TIGHT_SHARE:.0%} of it or its high end over the card; fits is preferred over tight"),
         ("time: advisor.throughput's step-time model (GEMM roofline, attention, memory-bound work, QLoRA "
          f"dequantization, communication), calibrated on A100 runs of the plain stack; range {lo:.2f}-{hi:.2f}x"),
         ("memory: a batch of several sequences is padded (sdpa gets an attention mask; data.padded=false for "
@@ -430,7 +510,20 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
            "avg_tokens": avg_tokens, "epochs": epochs, "tokens": int(tokens), "target_batch": target_batch,
            "seq_len": base_plan.training.seq_len, "optimizer": base_plan.training.optimizer,
            "budget_usd": budget_usd, "gpu": gpu.name if gpu else None, "gpus": gpus}
-    return Advice(choice, options, job, assumptions, notes)
+    nearest: list[Nearest] = []
+    if choice is None:  # "nothing fits" is never the last word
+        card = gpu or max(cards, key=lambda g: g.memory_bytes)
+        lightest = next(m for m in ("qlora", "lora", "full") if m in methods)
+        near = _plan(base_plan, lightest, precision_for(lightest, card, base_plan.training.precision),
+                     base_plan.training.grad_checkpointing, base_plan.training.micro_batch,
+                     base_plan.training.grad_accum, gpus or 1, base_plan.hardware.zero if (gpus or 1) > 1 else 0)
+        nearest = nearest_plans(shape, near, card, tokens)
+        base_t = base_plan.training
+        lead = {k: v for k, v in (("training.method", near.training.method),
+                                  ("training.precision", near.training.precision)) if v != getattr(base_t, k[9:])}
+        for n in nearest:  # the changes from the plan the user gave (the search started from its lightest method)
+            n.changes = {**lead, **n.changes}
+    return Advice(choice, options, job, assumptions, notes, nearest)
 
 
 def _choice_reasons(c: Option, options: list[Option], shape: ModelShape, examples: int,
@@ -456,6 +549,155 @@ def _choice_reasons(c: Option, options: list[Option], shape: ModelShape, example
         out.append(f"cheapest {METHOD_WORDS[c.method]} option among the priced GPUs that fit "
                    f"(ties go to the faster card)")
     return out
+
+
+# --- the nearest plans that fit -------------------------------------------------------------------
+
+@dataclass
+class Nearest:
+    """A plan near the asked one that fits a card: what changed (plan fields and their values, which a
+    front end turns into a command or applies to its form) and its numbers."""
+
+    what: str
+    changes: dict[str, Any]
+    gpu: str
+    gpu_id: str
+    num_gpus: int
+    need_bytes: int  # expected nvidia-smi peak per GPU (the known error of its kind added)
+    capacity_bytes: int
+    status: str
+    hours: float | None
+    cost_usd: float | None
+    plan: Plan | None = None  # the whole plan (a front end's command or form takes it from here)
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "plan"}
+        d["hours"] = None if self.hours is None else round(self.hours, 3)
+        d["cost_usd"] = None if self.cost_usd is None else round(self.cost_usd, 2)
+        return d
+
+
+def _changed(plan: Plan, **fields: Any) -> tuple[Plan, dict[str, Any]]:
+    """The plan with ``section__field=value`` changes (``training__lora__r``: nested), and the changes
+    by plan field ("training.lora.r")."""
+
+    def put(model, path: list[str], v: Any):
+        if len(path) == 1:
+            return model.model_copy(update={path[0]: v})
+        return model.model_copy(update={path[0]: put(getattr(model, path[0]), path[1:], v)})
+
+    out, changes = plan, {}
+    for key, v in fields.items():
+        out = put(out, key.split("__"), v)
+        changes[key.replace("__", ".")] = v
+    return out, changes
+
+
+def _savers(plan: Plan, shape: ModelShape) -> list[tuple[str, dict[str, Any]]]:
+    """The switches practitioners flip to make a job fit, in the order they reach for them (each adds to
+    the one before): checkpointing, micro-batch 1 (accumulation keeps the effective batch), an 8-bit paged
+    optimizer, QLoRA, a smaller LoRA rank."""
+    t = plan.training
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not t.grad_checkpointing:
+        out.append(("gradient checkpointing on", {"training__grad_checkpointing": True}))
+    if t.micro_batch > 1:
+        out.append((f"micro-batch 1 x grad-accum {t.micro_batch * t.grad_accum} (the same effective batch)",
+                    {"training__micro_batch": 1, "training__grad_accum": t.micro_batch * t.grad_accum}))
+    if t.optimizer in ("adamw", "paged_adamw_32bit"):
+        out.append(("8-bit paged AdamW (optimizer states in 8 bits)", {"training__optimizer": "paged_adamw_8bit"}))
+    if t.method == "full" and shape.linears:
+        out.append(("LoRA (frozen weights, adapters trained)", {"training__method": "lora"}))
+    if t.method != "qlora" and shape.linears:
+        out.append(("QLoRA (4-bit frozen weights)", {"training__method": "qlora"}))
+    if t.lora.r > 8:
+        out.append(("LoRA rank 8", {"training__lora__r": 8}))
+    return out
+
+
+def short_name(gpu: Gpu) -> str:
+    return gpu.name.replace("NVIDIA ", "").replace("GeForce ", "")
+
+
+def _longest_seq(plan: Plan, shape: ModelShape, gpu: Gpu) -> int:
+    """The longest sequence the advice calls "fits" (under 90% of the card, the known error added), in
+    steps of 128 tokens above 256 (a number people choose); 0 when none."""
+    def ok(seq: int) -> bool:
+        p = plan.model_copy(update={"training": plan.training.model_copy(update={"seq_len": seq})})
+        return advice_fit(p, shape, gpu).status == "fits"
+
+    seq = _largest(ok, plan.training.seq_len)
+    return seq - seq % 128 if seq >= 256 else seq
+
+
+def nearest_plans(shape: ModelShape, plan: Plan, gpu: Gpu, tokens: float, limit: int = 6) -> list[Nearest]:
+    """When ``plan`` does not fit ``gpu``: the nearest plans that do, ranked by how little they change and
+    then by cost. Found: the first rung of the savers' ladder that fits this card; the longest sequence
+    that fits with the plan as it is, and with every saver; the largest micro-batch that fits; the
+    cheapest priced card the plan (or its ladder) fits on alone. Each with its memory, time and cost."""
+    out: list[Nearest] = []
+    seen: set[str] = set()
+
+    def add(what: str, p: Plan, changes: dict[str, Any], card: Gpu) -> bool:
+        key = repr(sorted(changes.items(), key=lambda kv: kv[0])) + card.id
+        if key in seen:
+            return False
+        af = advice_fit(p, shape, card)
+        if not af.fits:
+            return False
+        seen.add(key)
+        hours = cost = None
+        if card.tflops:
+            try:
+                hours = train_hours(shape, p, card, p.hardware.gpus, p.hardware.zero, tokens)
+                cost = hours * p.hardware.gpus * card.price_usd_hour if card.price_usd_hour is not None else None
+            except Exception:  # noqa: BLE001 - a card the time model cannot time: memory still stands
+                pass
+        p = p.model_copy(update={"hardware": p.hardware.model_copy(update={"gpu": card.id})})
+        out.append(Nearest(what, changes, card.name, card.id, p.hardware.gpus, af.need_bytes, card.memory_bytes,
+                           af.status, hours, cost, p))
+        return True
+
+    base = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"device": "cuda"})})
+    ladder: list[tuple[str, Plan, dict[str, Any]]] = []
+    p, changes, words = base, {}, {}
+    for what, fields in _savers(base, shape):
+        p, ch = _changed(p, **fields)
+        changes = {**changes, **ch}
+        words[next(iter(ch))] = what  # a later rung on the same field (QLoRA after LoRA) replaces its words
+        ladder.append(("; ".join(words.values()), p, dict(changes)))
+    for what, lp, ch in ladder:  # the first rung that fits
+        if add(what, lp, ch, gpu):
+            break
+    for what, lp, ch in [("", base, {})] + ladder[-1:]:  # the longest sequence: as it is, and with every saver
+        seq = _longest_seq(lp, shape, gpu)
+        if 0 < seq < lp.training.seq_len:
+            sp, sch = _changed(lp, training__seq_len=seq)
+            add(f"sequences of {seq:,} tokens (longer examples are cut)" + (f"; {what}" if what else ""), sp,
+                {**ch, **sch}, gpu)
+    if gpu.interconnect != "none":  # more of the same card, where sharding lowers what overflows
+        for n in GPU_COUNTS[1:]:
+            sp, sch = _changed(base, hardware__gpus=n, hardware__zero=3)
+            if advice_fit(sp, shape, gpu).fits:
+                add(f"{n} × {short_name(gpu)} with ZeRO-3 (FSDP full shard)", sp, sch, gpu)
+                break
+    cheapest: list[tuple[float, Gpu, str, Plan, dict[str, Any]]] = []
+    for card in gpu_table().values():  # the next card: the plan as it is, else its whole ladder, on one GPU
+        if card.id == gpu.id or card.price_usd_hour is None or card.interconnect == "none" and plan.hardware.gpus > 1:
+            continue
+        for what, lp, ch in [("", base, {})] + ladder[-1:]:
+            if advice_fit(lp, shape, card).fits:
+                try:
+                    h = train_hours(shape, lp, card, lp.hardware.gpus, lp.hardware.zero, tokens)
+                except Exception:  # noqa: BLE001
+                    continue
+                cheapest.append((h * lp.hardware.gpus * card.price_usd_hour, card, what, lp, ch))
+                break
+    for _cost, card, what, lp, ch in sorted(cheapest, key=lambda c: c[0])[:2]:
+        add(what or "the plan as it is, on another card", lp,
+            {**ch, "hardware.gpu": card.id}, card)
+    out.sort(key=lambda n: (len(n.changes), n.cost_usd if n.cost_usd is not None else math.inf))
+    return out[:limit]
 
 
 # --- serving ------------------------------------------------------------------------------------

@@ -187,6 +187,11 @@ class EstimateResult:
         }
         if self.gpu is not None and self.verdict is not None:
             out["gpu"] = {"name": self.gpu.name, "id": self.gpu.id, **self.verdict.as_json()}
+        # what nvidia-smi will read: never above the card (at its limit when only the cache is over; none
+        # when out of memory); peak_reserved_bytes stays the allocator's reserve with no card limit
+        v = self.verdict
+        out["nvidia_smi_bytes"] = (bd.peak_reserved_bytes if v is None else
+                                   None if v.status == "oom" else v.on_card_bytes)
         if self.job is not None:
             out["job"] = {"examples": self.job.examples, "avg_tokens": self.job.avg_tokens, "epochs": self.job.epochs}
         if self.run_peak is not None:
@@ -307,6 +312,19 @@ def plan_notes(plan: Plan) -> list[str]:
     if plan.model.trust_remote_code:
         notes.append("trust_remote_code is on: the model's own code from the hub will run; only for repositories "
                      "you trust")
+    if hw.gpu:
+        from advisor.gpus import gpu_name_note
+
+        said = gpu_name_note(hw.gpu)  # 'a100' is read as the 80 GB SXM: say so, and name the others
+        if said:
+            notes.append(said)
+    if plan.task == "training":
+        from advisor.policy import precision_note
+
+        t = plan.training
+        said = precision_note(t.method, t.precision, t.optimizer)  # pure bf16 vs amp, pure fp16's underflow
+        if said:
+            notes.append(said)
     return notes
 
 
@@ -423,6 +441,36 @@ def advise(ctx: PlanContext, job: Job | None = None, gpu: Gpu | None = None, gpu
                          methods=tuple(methods or METHODS))
     except AdviceError as e:
         raise Problems(str(e)) from None
+
+
+def speed_prediction(plan: Plan, shape: ModelShape | None, device_name: str | None, positions_per_seq: float,
+                     world: int) -> dict[str, Any]:
+    """What the time model predicts for a run's measured batch shape on its card (advisor.speedcheck):
+    the runner's speed check compares its measured step with this."""
+    from advisor.speedcheck import speed_prediction as predict
+
+    return predict(plan, shape, device_name, positions_per_seq, world)
+
+
+def nearest_plans(ctx: PlanContext, limit: int = 6):
+    """When a training plan does not fit its GPU: the nearest plans that do (advisor.recommend.nearest_plans),
+    each with its changes (plan fields), memory, time and cost, for the plan's job. [] when it fits or
+    there is no GPU to fit."""
+    from advisor.recommend import advice_fit
+    from advisor.recommend import nearest_plans as _nearest
+
+    plan = ctx.plan
+    if plan.task != "training" or ctx.gpu is None or advice_fit(plan, ctx.shape, ctx.gpu).fits:
+        return []
+    return _nearest(ctx.shape, plan, ctx.gpu, Job.of(plan).tokens, limit)
+
+
+def apply_changes(plan: Plan, changes: dict[str, Any]) -> Plan:
+    """The plan with some fields changed (plan field -> value, as Nearest.changes and Problem changes name
+    them), validated."""
+    from advisor.spec import build_plan
+
+    return build_plan(_with_fields(plan.model_dump(mode="json"), changes))
 
 
 def guide(answers: dict[str, Any]):

@@ -28,13 +28,9 @@ WARMUP_STEPS = 2
 
 def _prediction(plan, shape, device_name: str | None, per_seq: float, world: int) -> dict[str, Any]:
     """The time model's step for this run (advisor.speedcheck.speed_prediction, reached through the service)."""
-    from advisor import service
+    from advisor.service import speed_prediction
 
-    predict = getattr(service, "speed_prediction", None)
-    if predict is None:  # advisor.service does not offer it yet: measure anyway, say why there is no prediction
-        return {"gpu": None, "price_usd_hour": None, "step_s": None, "seq_len": None,
-                "note": "no prediction: advisor.service.speed_prediction is not wired"}
-    return predict(plan, shape, device_name, per_seq, world)
+    return speed_prediction(plan, shape, device_name, per_seq, world)
 
 
 class SpeedMeter:

@@ -131,3 +131,111 @@ async def test_launch_preview_shows_the_longest_example_and_warns_past_the_seque
         shown = str(app.screen.query_one("#preview").content)
         assert "longest example: line" in shown
         assert "longer than the sequence length 64" in shown
+
+
+# --- the app acts -----------------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_enter_on_a_recommendation_applies_it_to_the_plan():
+    app = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause(0.5)
+        screen = app.screen
+        adv = screen._advice
+        assert adv is not None and adv.choice is not None
+        screen.query_one("#options").focus()
+        await pilot.press("enter")  # the first row is the recommendation
+        await pilot.pause(0.3)
+        c = adv.choice
+        plan = app.evaluation.plan
+        assert (plan.training.method, plan.training.micro_batch, plan.training.grad_accum, plan.hardware.gpus) == \
+            (c.method, c.micro_batch, c.grad_accum, c.num_gpus)
+
+
+@pytest.mark.asyncio
+async def test_nothing_fits_lists_the_nearest_plans_and_enter_applies_one():
+    app = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        app.screen.query_one("#gpu").value = "rtx-3060"
+        app.screen.query_one("#seq").value = "4096"
+        await pilot.pause(0.5)
+        assert app.evaluation.result.status == "oom"
+        await pilot.press("f3")
+        await pilot.pause(0.5)
+        screen = app.screen
+        assert screen._advice.choice is None and screen.query_one("#nearest").row_count >= 1
+        screen.query_one("#nearest").focus()
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.evaluation.ok and app.evaluation.result.status in ("fits", "tight")
+
+
+@pytest.mark.asyncio
+async def test_a_start_error_stays_on_screen_until_dismissed(tmp_path):
+    app = make_app(mode="launch", plan_path=tmp_path / "plan.yaml")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#dataset").value = str(tmp_path / "no-such.jsonl")
+        screen.query_one("#overrides").value = "hardware.device=cpu hardware.gpu=null"
+        await pilot.press("ctrl+g")
+        await pilot.pause(2.0)  # longer than nothing: it does not fade like a toast
+        shown = str(screen.query_one("#start-error").content)
+        assert "cannot start" in shown and "does not exist" in shown
+        screen.query_one("#launch-buttons").focus()
+        await pilot.press("escape")
+        await pilot.pause()
+        assert str(screen.query_one("#start-error").content) == ""
+
+
+@pytest.mark.asyncio
+async def test_the_save_dialog_selects_its_default_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        await pilot.press(*"mine.yaml", "enter")
+        await pilot.pause()
+    assert (tmp_path / "mine.yaml").is_file() and not list(tmp_path.glob("plan.yaml*"))
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_a_stopped_run_resumes_from_the_launch_screen_and_watch_follows_it(tiny_plan, monkeypatch):
+    tmp, plan = tiny_plan
+    monkeypatch.setenv("TUNEPLAN_TEST_HOOKS", "step_delay=0.4")
+    plan = plan.model_copy(update={"run": plan.run.model_copy(update={"max_steps": 8, "save_every": 100})})
+    app = make_app(plan=plan, plan_path=tmp / "plan-resume.yaml")
+    run_dir = tmp / "runs" / "resumed"
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        await pilot.press("f4")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#run-dir").value = str(run_dir)
+        await pilot.press("ctrl+g")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (screen.run and screen.run.step >= 2):
+            await asyncio.sleep(0.3)
+        await pilot.press("ctrl+x")  # SIGTERM: it checkpoints and stops
+        while time.monotonic() < deadline and not screen.query_one("#abort").disabled:
+            await asyncio.sleep(0.3)
+        assert screen.run.status == "interrupted" and not screen.query_one("#resume").disabled
+        await pilot.press("f5")
+        await pilot.pause()
+        assert app.screen.run is not None and app.screen.run.run_dir == str(run_dir)  # Watch follows it
+        await pilot.press("f4")
+        await pilot.pause()
+        assert app.screen is screen and not screen.query_one("#resume").disabled
+        screen.action_resume()
+        await pilot.pause(0.5)
+        assert str(screen.query_one("#start-error").content) == "", screen.query_one("#start-error").content
+        while time.monotonic() < deadline and not (screen.run and screen.run.finished
+                                                     and screen.query_one("#abort").disabled):
+            await asyncio.sleep(0.5)
+        assert screen.run.status == "completed" and screen.run.step == 8, screen.run.error

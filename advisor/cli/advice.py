@@ -166,13 +166,9 @@ def cmd_recommend(a: argparse.Namespace) -> int:
 
 def chosen_plan(plan, c):
     """The base plan with the recommended option's method, precision, batch, GPUs and checkpointing."""
-    from advisor.spec import build_plan
+    from advisor import service
 
-    data = plan.model_dump(mode="json")
-    data["training"].update(method=c.method, precision=c.precision, micro_batch=c.micro_batch,
-                            grad_accum=c.grad_accum, grad_checkpointing=c.gradient_checkpointing)
-    data["hardware"].update(gpu=c.gpu_id or c.gpu, gpus=c.num_gpus, zero=c.zero)
-    return build_plan(data)
+    return service.apply_changes(plan, c.changes())
 
 
 def print_advice(adv, serving=None) -> None:
@@ -187,12 +183,28 @@ def print_advice(adv, serving=None) -> None:
     con.print(present.options_table(adv, TABLE_ROWS))
     if len(adv.options) > TABLE_ROWS:
         con.print(f"[dim]{len(adv.options) - TABLE_ROWS} more options: use --json[/]")
+    print_nearest(con, adv.nearest)
     if serving:
         con.print(present.serving_table(serving))
     for n in adv.notes:
         con.print(f"[dim]note: {n}[/]")
     for n in adv.assumptions:
         con.print(f"[dim]assumed: {n}[/]")
+
+
+def print_nearest(con, nearest) -> None:
+    """The nearest plans that fit, each with the command that shows it (`tuneplan estimate ...`)."""
+    import shlex
+
+    from advisor.cli.common import plan_command
+    from advisor.present import nearest_line
+
+    if not nearest:
+        return
+    con.print("[bold]The nearest plans that fit[/] (each command shows its estimate):")
+    for i, n in enumerate(nearest, 1):
+        con.print(f" {i}. ", nearest_line(n), sep="")
+        con.print(f"    {shlex.join(plan_command(n.plan))}", style="cyan", soft_wrap=True)
 
 
 # --- guide --------------------------------------------------------------------------------------

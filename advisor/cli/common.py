@@ -31,6 +31,38 @@ _SELF_EXPLAINED = ("model.ref", "hardware.gpu")
 _JOB_FIELDS = ("job.", "guide.", "run.epochs", "serving.")
 
 
+# what `tuneplan estimate` needs to reproduce a training plan on its card (plan_command)
+_COMMAND_FIELDS = ("hardware.gpu", "hardware.gpus", "hardware.zero", "training.method", "training.precision",
+                   "training.optimizer", "training.micro_batch", "training.seq_len", "training.grad_accum",
+                   "training.grad_checkpointing", "training.lora.r", "training.lora.alpha", "training.lora.targets",
+                   "training.transformers", "job.examples", "job.avg_tokens", "run.epochs")
+
+
+def plan_command(plan, command: str = "estimate") -> list[str]:
+    """`tuneplan estimate MODEL --flag value ...` that reproduces a training plan (its model, card and every
+    setting of the step that differs from the plan's defaults), as an argument list."""
+    from advisor.spec import Plan
+
+    data, default = plan.model_dump(mode="json"), Plan().model_dump(mode="json")
+
+    def get(d, path):
+        for part in path.split("."):
+            d = d[part]
+        return d
+
+    words = ["tuneplan", command, plan.model.ref]
+    for path in _COMMAND_FIELDS:
+        v = get(data, path)
+        if path not in ("hardware.gpu", "training.seq_len", "training.method") and v == get(default, path):
+            continue
+        flag = FLAGS[path]
+        if isinstance(v, bool):
+            words.append(flag if v else flag.replace("--", "--no-", 1))
+        else:
+            words += [flag, ",".join(v) if isinstance(v, list) else str(v)]
+    return words
+
+
 def say_change(c: Change) -> str:
     """A fix as the CLI words it: the flag that sets the field ('use --seq 1024 or less'), or the
     key=value override (`tuneplan run PLAN key=value`, `estimate --plan PLAN key=value`)."""

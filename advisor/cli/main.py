@@ -200,17 +200,25 @@ def cmd_estimate(a: argparse.Namespace) -> int:
         return estimate_vllm(a, ctx)
     res = _simulate_with_progress(ctx) if a.mode == "simulate" else service.estimate(ctx)
     found = [service.limits(ctx, what) for what in (a.max or [])]
+    nearest = service.nearest_plans(ctx)  # an out-of-memory plan is never the last word
     if a.json:
         out = res.as_json()
         if engine is not None:
             out["engine"] = engine
         if found:
             out["max"] = {lim.knob: lim.as_json() for lim in found}
+        if nearest:
+            out["nearest"] = [n.to_json() for n in nearest]
         print(json.dumps(out, indent=2))
     else:
+        from rich.console import Console
+
+        from advisor.cli.advice import print_nearest
+
         print_estimate(res, limits=found)
         if engine is not None:
             print_engine(engine)
+        print_nearest(Console(), nearest)
     return 0
 
 

@@ -39,9 +39,9 @@ def _watch_screen():
 
 class TunePlanApp(App):
     """The app's state is one reactive: ``form``, every input of the plan (the Plan screen's fields and
-    the job's, on the Advice screen). ``evaluation`` is derived from it in one place
-    (:meth:`watch_form` -> :meth:`evaluate_form`, advisor.forms.evaluate), once per change, and every screen watches it, so a
-    change made on one screen is on every screen. (Not a Textual compute method: those run on every
+    the job's, on the Advice screen). ``evaluation`` is derived from it in one place (:meth:`watch_form`
+    -> :meth:`evaluate_form`, advisor.forms.evaluate), once per change, and every screen watches it, so
+    a change made on one screen is on every screen. (Not a Textual compute method: those run on every
     read, and an evaluation takes a few milliseconds.)"""
 
     form: reactive[dict[str, Any]] = reactive(dict, always_update=True, init=False)

@@ -12,14 +12,20 @@ from typing import Any
 from runner import api as runner_api
 
 
-def follow_events(run_dir: str, on_events, cancelled, exited=None, interval: float = 0.5):
+def follow_events(run_dir: str, on_events, cancelled, exited=None, interval: float = 0.5, own_session: bool = False):
     """Tail RUN_DIR/events.jsonl until `cancelled()`; call `on_events(list)` with each new batch.
     With `exited` (returns the process's exit code or None), stop once the run has exited or
     written its end/error event, after reading what it wrote last; returns that exit code.
+    ``own_session``: the process was just started on a directory with earlier sessions (a resume): their
+    events are passed on first, and only an end of this session stops the tail.
     Runs in a worker thread (it sleeps between reads)."""
     import time
 
     offset = 0
+    if own_session:
+        events, offset = runner_api.read_events(run_dir, 0)
+        if events:
+            on_events(events)
     while not cancelled():
         events, offset = runner_api.read_events(run_dir, offset)
         if events:
@@ -66,8 +72,8 @@ class RunState:
             if not isinstance(e, dict):
                 continue
             kind = e.get("type")
-            if kind == "start":
-                self.started = e
+            if kind == "start":  # a session (a resume starts another): its end is what counts
+                self.started, self.report, self.error = e, None, None
                 self.predicted = {k: v for k, v in _mapping(e.get("predicted")).items() if _number(v) is not None}
                 self.total_steps = _count(e.get("total_steps"))
                 self.status = "running"

@@ -39,7 +39,10 @@ class AdviceScreen(Screen):
                 yield Field("GPUs", Select([("the plan's GPU", "plan"), ("every priced GPU", "all")], value="plan",
                                            allow_blank=False, compact=True, id="scope"), "scope")
                 yield Static("", id="recommendation")
+                yield Label("Enter on a row applies it to the plan (F2 shows it)", classes="hint")
                 yield DataTable(id="options", cursor_type="row", zebra_stripes=True)
+                yield Static("", id="nearest-title")
+                yield DataTable(id="nearest", cursor_type="row", zebra_stripes=True)
                 yield Label("Exact estimate (press e): the real architecture on fake tensors", classes="section")
                 yield ProgressBar(total=1.0, id="sim-progress", show_eta=False)
                 yield Static("", id="sim-status")
@@ -59,6 +62,9 @@ class AdviceScreen(Screen):
         from advisor.present import OPTION_COLUMNS
 
         self.query_one("#options", DataTable).add_columns(*OPTION_COLUMNS)
+        self.query_one("#nearest", DataTable).add_columns("the nearest plan that fits", "GiB / card", "fit", "time",
+                                                          "cost")
+        self._advice = None
         self.query_one("#sim-progress").display = False
         self.watch(self.app, "evaluation", self._evaluated, init=False)
         self.refresh_all()
@@ -94,6 +100,11 @@ class AdviceScreen(Screen):
         out = self.query_one("#recommendation", Static)
         table = self.query_one("#options", DataTable)
         table.clear()
+        near = self.query_one("#nearest", DataTable)
+        near.clear()
+        near.display = False
+        self.query_one("#nearest-title", Static).update("")
+        self._advice = None
         ev = self.app.evaluation
         if ev is None:
             return
@@ -112,8 +123,42 @@ class AdviceScreen(Screen):
             out.update(Text("; ".join(p.message for p in e.items), style="bold red"))
             return
         out.update(present.recommendation_text(adv))
-        for o in adv.options:
-            table.add_row(*present.option_row(o))
+        self._advice = adv
+        for i, o in enumerate(adv.options):
+            table.add_row(*present.option_row(o), key=str(i))
+        if adv.nearest:
+            near.display = True
+            self.query_one("#nearest-title", Static).update(Text("Nothing fits as asked: the nearest plans that fit "
+                                                                 "(Enter applies one)", style="bold"))
+            for i, n in enumerate(adv.nearest):
+                near.add_row(*present.nearest_row(n), key=str(i))
+
+    # --- act: apply an option or a nearest plan to the plan ------------------------------------------
+    @on(DataTable.RowSelected, "#options")
+    def _apply_option(self, event: DataTable.RowSelected) -> None:
+        adv = self._advice
+        if adv is None:
+            return
+        o = adv.options[int(str(event.row_key.value))]
+        if not o.fits:
+            self.notify(f"{o.method} on {o.gpu} does not fit: {o.reasons[0]}", severity="warning")
+            return
+        self._apply(o.changes(), f"{o.method} on {o.num_gpus} × {o.gpu}, micro-batch {o.micro_batch} × "
+                                 f"grad-accum {o.grad_accum}")
+
+    @on(DataTable.RowSelected, "#nearest")
+    def _apply_nearest(self, event: DataTable.RowSelected) -> None:
+        adv = self._advice
+        if adv is None:
+            return
+        n = adv.nearest[int(str(event.row_key.value))]
+        self._apply({**n.changes, "hardware.gpu": n.gpu_id, "hardware.gpus": n.num_gpus}, n.what)
+
+    def _apply(self, changes: dict, what: str) -> None:
+        from advisor.forms import apply_changes
+
+        self.app.form = apply_changes(self.app.form, changes)
+        self.notify(f"applied to the plan: {what} (F2 shows it; ctrl+s saves it)")
 
     # --- questionnaire -----------------------------------------------------------------------------
     @on(Select.Changed, "#q-gap")

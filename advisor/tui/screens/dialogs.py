@@ -25,6 +25,12 @@ class PathPrompt(ModalScreen[str | None]):
             yield Label(f"{self.title_text} (Enter to confirm, Esc to cancel)")
             yield Input(self.value, id="path")
 
+    def on_mount(self) -> None:
+        """The default name selected: typing replaces it (it was appended to)."""
+        inp = self.query_one("#path", Input)
+        inp.focus()
+        inp.select_all()
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
 

@@ -35,7 +35,8 @@ class LaunchScreen(Screen):
     AUTO_FOCUS = "#dataset"
     # priority: they work while an input has focus (ctrl+x would otherwise be the input's "cut")
     BINDINGS = [Binding("ctrl+g", "start", "Start run", priority=True),
-                Binding("ctrl+x", "abort", "Abort run", priority=True)]
+                Binding("ctrl+x", "abort", "Abort run", priority=True),
+                Binding("escape", "dismiss_error", "Dismiss error", show=False)]
 
     def compose(self) -> ComposeResult:
         plan = self.app.plan
@@ -54,9 +55,11 @@ class LaunchScreen(Screen):
                 yield _row("write to", Input("", id="target-file", compact=True,
                                              placeholder="SkyPilot / Slurm: the file to write"))
                 yield Static("", id="command")
+                yield Static("", id="start-error")  # stays until dismissed (Esc) or the next start
                 with Horizontal(id="launch-buttons"):
                     yield Button("Start  ^g", id="start", variant="success", compact=True)
                     yield Button("Abort  ^x", id="abort", variant="error", compact=True, disabled=True)
+                    yield Button("Resume", id="resume", variant="primary", compact=True, disabled=True)
                     yield Button("Attach to run dir", id="attach", compact=True)
                     yield Button("Write file", id="write", compact=True)
                 yield Label("Dataset preview", classes="section")
@@ -273,17 +276,66 @@ class LaunchScreen(Screen):
             return
         plan_file = Path(self.query_one("#plan-file", Input).value.strip() or "plan.yaml").expanduser()
         run_dir = self.query_one("#run-dir", Input).value.strip() or None
+        self.action_dismiss_error()
         try:
             plan = self.plan_to_run()
             save_plan(plan, plan_file)
             self.handle = runner_api.start_run(plan_file, run_dir=run_dir)
-        except Exception as e:  # noqa: BLE001 - a refused start (bad data, bad override) is shown
-            self.notify(str(e), title="cannot start", severity="error", timeout=10)
+        except Exception as e:  # noqa: BLE001 - a refused start (bad data, bad override) is shown until dismissed
+            self.show_error("cannot start", e)
             return
         self.app.plan_path = plan_file
+        self.started(str(self.handle.run_dir))
+
+    def started(self, run_dir: str, resumed: bool = False) -> None:
         self.query_one("#abort", Button).disabled = False
         self.query_one("#start", Button).disabled = True
-        self.watch_run(str(self.handle.run_dir))
+        self.query_one("#resume", Button).disabled = True
+        self.app.run_dir = run_dir  # the Watch screen follows the run started here
+        self.watch_run(run_dir, resumed)
+
+    def show_error(self, title: str, e: Exception) -> None:
+        """An error that stops a start, on screen until dismissed (Esc) or the next start; a plan's problems
+        named by the app's fields, not by CLI flags."""
+        from advisor.forms import place
+
+        if isinstance(e, Problems):
+            errors, general = place(e.items)
+            lines = [f"{field}: {why}" for field, why in errors.items()] + general
+        else:
+            lines = [str(e)]
+        text = Text(f"{title}: ", style="bold red")
+        text.append("\n".join(lines), style="red")
+        text.append("\n(Esc dismisses)", style="dim")
+        self.query_one("#start-error", Static).update(text)
+
+    def action_dismiss_error(self) -> None:
+        self.query_one("#start-error", Static).update("")
+
+    @on(Button.Pressed, "#resume")
+    def pressed_resume(self) -> None:
+        self.action_resume()
+
+    def action_resume(self) -> None:
+        """Continue the followed run from its newest checkpoint (or start it again when it has none), as
+        `tuneplan run --resume RUN_DIR` does."""
+        import subprocess
+
+        if self.run is None:
+            return
+        if self.handle is not None and self.handle.poll() is None:
+            try:  # it wrote its end event and is exiting (its lock goes with it)
+                self.handle.wait(5)
+            except subprocess.TimeoutExpired:
+                self.notify("the run is still ending; resume it in a moment", severity="warning")
+                return
+        self.action_dismiss_error()
+        try:
+            self.handle = runner_api.start_run(None, resume=self.run.run_dir)
+        except Exception as e:  # noqa: BLE001 - a refused resume is shown until dismissed
+            self.show_error("cannot resume", e)
+            return
+        self.started(str(self.handle.run_dir), resumed=True)
 
     def action_abort(self) -> None:
         if self.handle is not None and self.handle.poll() is None:
@@ -297,22 +349,22 @@ class LaunchScreen(Screen):
             return
         self.watch_run(str(Path(run_dir).expanduser()))
 
-    def watch_run(self, run_dir: str) -> None:
+    def watch_run(self, run_dir: str, resumed: bool = False) -> None:
         self.run = RunState(run_dir)
         self.query_one("#run-progress").display = True
         self.query_one("#run-status", Static).update(f"following {run_dir} …")
         self.query_one("#run-result", Static).update("")
-        self.tail(run_dir, self.handle)
+        self.tail(run_dir, self.handle, resumed)
 
     @work(thread=True, exclusive=True, group="launch-tail")
-    def tail(self, run_dir: str, handle) -> None:
+    def tail(self, run_dir: str, handle, resumed: bool = False) -> None:
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
         own = handle is not None and str(handle.run_dir) == run_dir
         code = follow_events(run_dir, lambda events: self.post_message(RunEvents(run_dir, events)),
                              lambda: worker.is_cancelled, exited=handle.poll if own else (lambda: None),
-                             interval=0.3)
+                             interval=0.3, own_session=own and resumed)
         if not worker.is_cancelled:
             self.post_message(RunExited(run_dir, code))
 
@@ -334,6 +386,9 @@ class LaunchScreen(Screen):
                 self.run.error = {"kind": f"exit code {m.returncode}", "message": "\n".join(tail)}
         self.query_one("#abort", Button).disabled = True
         self.query_one("#start", Button).disabled = False
+        # a stopped run (interrupted, failed) continues from here, as `tuneplan run --resume` does
+        self.query_one("#resume", Button).disabled = (self.run.status == "completed"
+                                                      or runner_api.next_command(self.run.run_dir) is None)
         self.render_run()
 
     def render_run(self) -> None:

@@ -213,9 +213,14 @@ class PlanScreen(Screen):
         total = r.shape.params_total
         line.append(f"  {total / 1e9:,.2f}B" if total >= 1e9 else f"  {total / 1e6:,.1f}M")
         line.append(f" params, {r.params_trainable:,} trainable   ")
-        line.append(f"peak {gib(r.peak_reserved_bytes)} GiB reserved", style="bold")
-        if r.peak_reserved_high_bytes > r.peak_reserved_bytes:
-            line.append(f" (p90 {gib(r.peak_reserved_high_bytes)})")
+        v = r.verdict
+        if v is not None and v.cache_limited:  # nvidia-smi never reads above the card
+            line.append(f"nvidia-smi {gib(v.on_card_bytes)} GiB, the card's limit", style="bold")
+            line.append(f" ({gib(r.peak_reserved_bytes)} with no limit)")
+        else:
+            line.append(f"peak {gib(r.peak_reserved_bytes)} GiB reserved", style="bold")
+            if r.peak_reserved_high_bytes > r.peak_reserved_bytes:
+                line.append(f" (p90 {gib(r.peak_reserved_high_bytes)})")
         line.append(f" · {gib(r.peak_allocated_bytes)} GiB tensors ")
         if gpu is not None and r.verdict is not None:
             line.append(f"on {gpu.name}: ")

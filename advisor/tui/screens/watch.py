@@ -56,6 +56,13 @@ class WatchScreen(Screen):
         if self.app.run_dir:
             self.follow(self.app.run_dir)
 
+    def on_screen_resume(self) -> None:
+        """Follow the run started (or resumed) on the Launch screen since this screen was last shown."""
+        run_dir = self.app.run_dir
+        if run_dir and (self.run is None or self.run.run_dir != run_dir):
+            self.query_one("#watch-run", Input).value = run_dir
+            self.follow(run_dir)
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "watch-run":
             self.follow(event.value.strip())
