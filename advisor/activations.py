@@ -166,8 +166,9 @@ def layer_activation_bytes_per_token(shape: ModelShape, fam: Family, ctx: _Ctx, 
         total += _norm(ctx, fam, h, x_needs_grad, input_saved=True)
     elif not fam.single_norm:
         total += _norm(ctx, fam, h)
-    if not fam.single_norm:
-        total += _linear_input(ctx, h, fam.up_proj)
+    # one norm feeding attention and MLP (falcon-7b): the base layers share the saved input, but each LoRA
+    # adapter makes its own fp32 copy of it (peft casts per call)
+    total += _linear_input(ctx, h, fam.up_proj, saved_elsewhere=fam.single_norm)
     if fam.moe:
         k = max(shape.experts_per_token, 1)
         total += 4 * shape.num_experts + k * expert_bytes_per_token(ctx, shape)
@@ -416,7 +417,7 @@ def rope_bytes(shape: ModelShape, t: TrainSpec) -> int:
     """Rotary cos and sin, shared by all layers (saved by each layer's q*cos, k*sin; passed to every
     checkpointed layer as arguments): (1, seq, head_dim) each in the hidden dtype -- the model
     builds position_ids as arange(seq).unsqueeze(0), one row for the whole batch."""
-    if shape.model_type == "gpt2":
+    if family_of(shape, t.transformers)[0].learned_positions:
         return 0
     return 2 * residual_bytes(t) * shape.head_dim * t.seq_len
 

@@ -32,6 +32,7 @@ class Family:
     logit_softcap_attr: str | None = None
     qk_norm: bool = False  # qwen3/gemma3: RMSNorm on q and k per head
     moe: bool = False
+    learned_positions: bool = False  # position embeddings (GPT-2's wpe) instead of rotary cos / sin
     always_masked: bool = False  # the model builds its attention mask even for unpadded batches (no is_causal skip)
     eager_softmax_fp32: bool = True  # eager attention upcasts the softmax (GPT-2 keeps the input dtype)
     q_proj: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
@@ -46,6 +47,12 @@ FAMILIES: dict[str, Family] = {
     "mistral": LLAMA,
     "qwen2": LLAMA,
     "qwen3": Family(qk_norm=True),
+    # Llama's decoder layer under other names (checked in the registry test, tests/test_registry.py): the same
+    # modelling code (exaone, internlm3 and iquestcoder build LlamaForCausalLM), or a copy of it that adds only
+    # scalar multipliers (granite), layers without rotary embeddings (smollm3) or sliding-window layer_types
+    # (cwm, ministral, ministral3: activations.masked_layer)
+    **{mt: LLAMA for mt in ("exaone", "internlm3", "iquestcoder", "granite", "smollm3", "cwm", "ministral",
+                            "ministral3")},
     "phi3": Family(attn_out_copy=True, q_proj=("qkv_proj",), up_proj=("gate_up_proj",)),
     "gemma": Family(norm="rms_fp32"),
     "gemma2": Family(norm="rms_fp32", norms_per_layer=4, attn_softcap_attr="attn_logit_softcapping",
@@ -54,6 +61,7 @@ FAMILIES: dict[str, Family] = {
                           attn_softcap_attr="attn_logit_softcapping",
                           logit_softcap_attr="final_logit_softcapping"),
     "mixtral": Family(moe=True),
+    "qwen3_moe": Family(qk_norm=True, moe=True),
     "gpt_neox": Family(norm="layernorm", shared_norm_input=True, gated_mlp=False, attn_out_copy=True,
                        q_proj=("query_key_value",), o_proj="dense", up_proj=("dense_h_to_4h",),
                        down_proj="dense_4h_to_h", dropout_attr=("attention_dropout", "hidden_dropout")),
@@ -61,10 +69,11 @@ FAMILIES: dict[str, Family] = {
                      cpu_math_attention=True, q_proj=("query_key_value",), o_proj="dense",
                      up_proj=("dense_h_to_4h",), down_proj="dense_4h_to_h",
                      dropout_attr=("attention_dropout", "hidden_dropout")),
-    "gpt2": Family(norm="layernorm", gated_mlp=False, act_saved=4, attn_out_copy=True, eager_softmax_fp32=False,
-                   cpu_math_attention=True, q_proj=("c_attn",), o_proj="c_proj", up_proj=("c_fc",),
-                   down_proj="c_proj", dropout_attr=("attn_pdrop", "resid_pdrop", "embd_pdrop")),
+    "gpt2": Family(norm="layernorm", gated_mlp=False, act_saved=4, learned_positions=True, attn_out_copy=True,
+                   eager_softmax_fp32=False, cpu_math_attention=True, q_proj=("c_attn",), o_proj="c_proj",
+                   up_proj=("c_fc",), down_proj="c_proj", dropout_attr=("attn_pdrop", "resid_pdrop", "embd_pdrop")),
 }
+FAMILIES["gpt-sw3"] = FAMILIES["gpt2"]  # GPT2LMHeadModel
 
 
 def family_key(model) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from advisor.breakdown import DTYPE_BYTES, Breakdown, gpu_terms, nf4_bytes, shard
 from advisor.families import family_of
 from advisor.model import ModelShape
-from advisor.software import falcon_attention_interface
+from advisor.software import falcon_attention_interface, layout
 from advisor.spec import Hardware, InferSpec
 
 
@@ -106,15 +106,22 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
     models add cos and sin (prompt x head_dim, not per sequence), GPT-2 its position embeddings.
     generate() computes logits for the last position only (+ an fp32 copy)."""
     fam, _ = family_of(shape)
+    shape = layout(shape, "5")  # a MoE layer's width is its experts' (software.expert_width)
     a = DTYPE_BYTES[s.precision]
     prompt = s.prompt_len or s.seq_len
     tokens = s.batch * prompt
     h, nh = shape.hidden_size, shape.num_heads
     qd, kvd = nh * shape.head_dim, shape.num_kv_heads * shape.head_dim
     i = shape.intermediate_size * (shape.experts_per_token if shape.num_experts else 1)
-    if fam.moe:  # per routed expert: gathered input, gate_up output, act output, product; + accumulator
+    if fam.moe:
+        # transformers 5's grouped experts (integrations/moe.py grouped_mm_experts_forward), per routed token:
+        # the gathered input beside the gate_up output, the activation and the product (h + 4 x i), then,
+        # the input still held, the down projection's output, its weighted copy and that copy put back in
+        # token order (4 x h: the wider moment when the experts are narrower than the model); beside them the
+        # routing's bookkeeping: the router logits and their fp32 softmax (per token), the top-k indices, their
+        # sort, permutation, inverse permutation and its arange (int64) and the fp32 routing weights, twice
         k = max(shape.experts_per_token, 1)
-        mlp = k * a * (h + 4 * shape.intermediate_size) + a * h
+        mlp = k * a * max(h + 4 * shape.intermediate_size, 4 * h) + k * (5 * 8 + 2 * 4) + shape.num_experts * (a + 4)
     elif fam.gated_mlp:
         mlp = (4 if len(fam.up_proj) == 1 else 3) * a * i
     else:
@@ -153,7 +160,7 @@ def prefill_activation_bytes(shape: ModelShape, s: InferSpec, attn_impl: str = "
             attn += prompt * a + (2 * a * qd if 1 < shape.num_kv_heads < nh else 0)
     norm = 4 * h + a * h if fam.norm != "layernorm" else a * h
     hidden = (4 if shape.num_layers > 1 else 3) * a * h
-    if shape.model_type == "gpt2":
+    if fam.learned_positions:
         # learned positions: the model holds the token embeddings, the position embeddings (one
         # sequence's worth) and their sum, which is the first layer's input
         hidden += a * h

@@ -132,10 +132,22 @@ def same_rules(a: str, b: str) -> bool:
     return _rules(a) == _rules(b)
 
 
+def expert_width(shape) -> int:
+    """The MLP width of one routed expert, read off the fused down_proj tensor (experts, hidden, width): the
+    config's moe_intermediate_size where a family has one (Qwen3-MoE, OLMoE's dense intermediate_size is not the
+    experts'), else intermediate_size (Mixtral)."""
+    for g in shape.linears:
+        if g.experts > 1 and g.leaf == "down_proj":
+            return g.in_features
+    return shape.intermediate_size
+
+
 def layout(shape, version: str):
-    """The shape as ``version`` builds the model: on 4.x the fused expert tensors (and the router) become
-    per-expert nn.Linear layers, quantized under QLoRA and adapted one by one by LoRA. Unchanged on 5
-    and for models without fused experts."""
+    """The shape as ``version`` builds the model: its MoE layers' MLP width is the experts' (:func:`expert_width`);
+    on 4.x the fused expert tensors (and the router) become per-expert nn.Linear layers, quantized under QLoRA
+    and adapted one by one by LoRA. Unchanged on 5 and for models without fused experts."""
+    if shape.num_experts and expert_width(shape) != shape.intermediate_size:
+        shape = replace(shape, intermediate_size=expert_width(shape))
     names = PER_EXPERT_LINEARS.get(shape.model_type)
     if fuses_experts(version) or not names or not has_fused_experts(shape):
         return shape
