@@ -17,11 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from docblock import write_between  # noqa: E402
-
 from advisor.memory import estimate  # noqa: E402
 from advisor.model import ModelShape, count_on_meta  # noqa: E402
 from advisor.spec import Plan  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 _shapes: dict[str, ModelShape] = {}
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 FSDP_CONFIG = {"backward_prefetch": "backward_pre", "use_orig_params": True, "cpu_ram_efficient_loading": False,
@@ -34,11 +33,10 @@ FSDP_CONFIG = {"backward_prefetch": "backward_pre", "use_orig_params": True, "cp
 
 
 def main(batch: int, seq: int) -> dict:
-    import stack_cpu
+    from benchmarks import stack_cpu
 
     stack_cpu.shim_transformers4()
     import peft
-    import tiny_models
     import torch
     import torch.distributed.fsdp as fsdp_module
     import transformers
@@ -46,6 +44,7 @@ def main(batch: int, seq: int) -> dict:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from torch.profiler import record_function
 
+    from benchmarks import tiny_models
     from runner import memtrace
 
     torch.set_num_threads(1)

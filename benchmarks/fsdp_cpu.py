@@ -34,7 +34,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESULTS = ROOT / "benchmarks" / "results" / "fsdp_cpu.json"
 RESULTS4 = ROOT / "benchmarks" / "results" / "fsdp_cpu_tf4.json"
@@ -174,8 +173,7 @@ def measure(c, policy: str = "stack", repeats: int = 1) -> dict:
 
 
 def _measure_once(c, policy: str) -> dict:
-    from tiny_models import build_tiny, make_config
-
+    from benchmarks.tiny_models import build_tiny, make_config
     from runner.launch import free_port
 
     family, method, b, s, targets = c
@@ -239,7 +237,7 @@ if __name__ == "__main__":
 
     four = int(metadata.version("transformers").split(".")[0]) < 5
     if four:  # the side environment with transformers 4.x (make .venv-tf4)
-        import stack_cpu
+        from benchmarks import stack_cpu
 
         stack_cpu.shim_transformers4()
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
@@ -265,6 +263,6 @@ if __name__ == "__main__":
     md = markdown(rows, four)
     print(md)
     if a.write:
-        from docblock import write_between
+        from benchmarks.docblock import write_between
 
         write_between(a.write, block, md)

@@ -36,7 +36,6 @@ from advisor.units import MIB
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 GPU_MISTRAL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192)
@@ -72,12 +71,12 @@ def worker(model_dir: str, method: str, b: int, s: int, strategy: str, device: s
 
     import torch
     import torch.distributed as dist
-    from fsdp_cpu import spec_of
     from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     from advisor.stack import fsdp_wrap_policy, load_for_training, make_batch, make_optimizer, train_step
+    from benchmarks.fsdp_cpu import spec_of
     from runner import memtrace
 
     cuda = device == "cuda"
@@ -130,8 +129,7 @@ def worker(model_dir: str, method: str, b: int, s: int, strategy: str, device: s
 
 
 def measure(c: tuple, device: str, snapshot: str = "") -> dict:
-    from tiny_models import build_tiny
-
+    from benchmarks.tiny_models import build_tiny
     from runner.launch import free_port
 
     method, b, s, strategy = c
@@ -196,6 +194,6 @@ if __name__ == "__main__":
     md = markdown(rows, a.device)
     print(md)
     if a.write:
-        from docblock import write_between
+        from benchmarks.docblock import write_between
 
         write_between(a.write, "fsdpone", md)

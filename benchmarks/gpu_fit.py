@@ -29,14 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from docblock import write_between  # noqa: E402
-
 from advisor import gpu_memory as gm  # noqa: E402
 from advisor.memory import estimate, gradients_bytes, shard  # noqa: E402
 from advisor.model import resolve  # noqa: E402
 from advisor.policy import fit_verdict  # noqa: E402
 from advisor.spec import Plan  # noqa: E402
 from advisor.units import MIB  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 CAL = ROOT.parent / "shared" / "calibration"
 if not CAL.is_dir():

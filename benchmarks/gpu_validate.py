@@ -40,11 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from docblock import write_between  # noqa: E402
 
 from advisor.units import MIB  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 GPU = "a100-80gb"
 MIRROR = Path("/work/.mirror/foundation-model-stack+fms-acceleration/repo")

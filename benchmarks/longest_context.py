@@ -32,11 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from docblock import write_between  # noqa: E402
 
 from advisor.units import GIB  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 BASE_GPU = "a100-80gb"
 L8, L70 = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B"

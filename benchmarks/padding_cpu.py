@@ -25,9 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from docblock import write_between  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -37,7 +36,7 @@ TF4_FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral")  # tho
 
 def cases(release: str = "5") -> list[dict]:
     """The padded cases; on transformers 4.x only the families the 4.x rules were measured on."""
-    from calibrate import T
+    from benchmarks.calibrate import T
 
     bf = {"precision": "bf16", "optimizer": "adamw"}
     out = [
@@ -93,10 +92,10 @@ def padded_batch(vocab: int, batch: int, seq: int) -> dict:
 
 def measure_case(c: dict, steps: int = 3) -> dict:
     import transformers
-    from calibrate import case_id
-    from tiny_models import build_tiny, make_config
 
     from advisor import stack
+    from benchmarks.calibrate import case_id
+    from benchmarks.tiny_models import build_tiny, make_config
     from runner import memtrace
 
     model_dir = build_tiny(c["family"], **c.get("overrides", {}))
@@ -128,7 +127,7 @@ def measure() -> Path:
     import transformers
 
     if int(transformers.__version__.split(".")[0]) < 5:
-        import stack_cpu
+        from benchmarks import stack_cpu
 
         stack_cpu.shim_transformers4()
     rows = []
@@ -148,9 +147,8 @@ def plan_of(row: dict, padded: bool = True):
 
 
 def compare(row: dict, with_simulate: bool = False) -> dict:
-    import accuracy
-
     from advisor.memory import estimate
+    from benchmarks import accuracy
 
     shape = accuracy.shape_for(row)
     padded = estimate(plan_of(row), shape)

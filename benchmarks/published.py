@@ -16,12 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from docblock import write_between  # noqa: E402
-
 from advisor.memory import estimate  # noqa: E402
 from advisor.model import resolve  # noqa: E402
 from advisor.spec import Plan  # noqa: E402
 from advisor.units import GIB  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 GB = 1e9
 # (published row, plan, published bytes, metric, why a gap is expected)

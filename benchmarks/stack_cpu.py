@@ -36,18 +36,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from docblock import write_between  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "measured_cpu_tf4.json"
 VAL = ROOT / "benchmarks" / "results" / "measured_cpu_tf4_validation.json"  # validation_cases()
 
 
 def cases() -> list[dict]:
-    from calibrate import T
-
     from advisor.spec import LoraSpec
+    from benchmarks.calibrate import T
 
     out = []
     for fam in ("llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral"):
@@ -85,9 +83,8 @@ def validation_cases() -> list[dict]:
     the widest moment in some and the last in others; few tokens per expert, where the dequantized weight
     decides. (One case of the first set, QLoRA b1 x 64 with wide experts, found a moment the estimate
     missed: it moved to cases(), and the last three here were added after that moment was modelled.)"""
-    from calibrate import T
-
     from advisor.spec import LoraSpec
+    from benchmarks.calibrate import T
 
     qkvo = LoraSpec(targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     e8 = {"num_local_experts": 8}
@@ -138,7 +135,7 @@ def shim_transformers4() -> None:
     pre = modeling_utils.PreTrainedModel
     pre.from_pretrained = classmethod(_rename_dtype(pre.from_pretrained.__func__))
     integrations.validate_bnb_backend_availability = lambda **_: True
-    import tiny_models
+    from benchmarks import tiny_models
 
     tiny_models.DEFAULT_CACHE = ROOT / ".tuneplan-cache" / f"tiny-tf{transformers.__version__}"
 
@@ -149,8 +146,9 @@ def measure(steps: int, validation: bool = False) -> int:
     import time
 
     shim_transformers4()
-    import calibrate
     import torch
+
+    from benchmarks import calibrate
 
     torch.set_num_threads(1)
     stack = calibrate.stack_info(1)
@@ -176,7 +174,7 @@ def release(case: dict) -> str:
 def compare(case: dict) -> dict:
     """The analytic estimate of the case with training.transformers set to the measured release, and
     (for the contrast) with the default, transformers 5."""
-    import accuracy
+    from benchmarks import accuracy
 
     c = dict(case, spec=dict(case["spec"], transformers=release(case)))
     row = accuracy.compare(c)

@@ -33,14 +33,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from docblock import write_between  # noqa: E402
 
 from advisor import throughput as tp  # noqa: E402
 from advisor import throughput_cards as cards  # noqa: E402
 from advisor.gpus import find_gpu  # noqa: E402
 from advisor.spec import Plan  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data" / "throughput_published.csv"
 

@@ -21,8 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from docblock import write_between  # noqa: E402
-
 from advisor.model import resolve  # noqa: E402
 from advisor.serving import (  # noqa: E402
     VOCAB_PADDING,
@@ -30,6 +28,7 @@ from advisor.serving import (  # noqa: E402
     serving_estimate,
 )
 from advisor.units import GIB  # noqa: E402
+from benchmarks.docblock import write_between  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "results" / "vllm_startup_logs.json"
 TARGET = 0.05  # predicted KV cache size within 5% of what vLLM printed

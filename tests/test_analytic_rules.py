@@ -5,11 +5,9 @@ order of gradient accumulation); the slow ones re-measure the calibration cases 
 (benchmarks/calibrate.py, the profiler) and hold the analytic estimate to 3% of them.
 """
 
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from test_activations import B, S, saved_per_layer
 from tiny import TINY, build
 
@@ -24,11 +22,10 @@ from advisor.families import family_of
 from advisor.memory import training_phases
 from advisor.model import count_on_meta
 from advisor.spec import Hardware, LoraSpec, TrainSpec
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accuracy  # noqa: E402
-import calibrate  # noqa: E402
+from benchmarks import (
+    accuracy,  # noqa: E402
+    calibrate,  # noqa: E402
+)
 
 
 def _spec(method, precision, **kw):

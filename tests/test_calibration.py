@@ -2,15 +2,14 @@
 against the analytic estimate. Fails if accuracy regresses (full matrix: benchmarks/calibrate.py,
 table: docs/accuracy.md)."""
 
-import sys
 
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accuracy  # noqa: E402
-import calibrate  # noqa: E402
+from benchmarks import (
+    accuracy,  # noqa: E402
+    calibrate,  # noqa: E402
+)
 
 T, I = calibrate.T, calibrate.I
 CASES = [

@@ -8,16 +8,14 @@ unsharded embeddings and head, which FSDP keeps from forward to the end of backw
 layer as the only unit (the launch config alone) FSDP refuses fp32 adapters beside bf16 weights.
 (accelerate's own FSDP path needs a GPU.)"""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import fsdp_cpu  # noqa: E402
+from benchmarks import fsdp_cpu  # noqa: E402
 
 
 @pytest.mark.slow
@@ -37,11 +35,10 @@ def test_every_rank_keeps_the_whole_4bit_quant_state():
     """FSDP shards parameters only; bitsandbytes' quant state (absmax, nested absmax, code book) is an
     attribute of the 4-bit layer, so each rank holds all of it: as much as the unsharded model, and what
     the estimate keeps whole per GPU (advisor.memory.fsdp_qlora_weights)."""
-    from tiny_models import build_tiny
-
     from advisor.memory import fsdp_qlora_weights
     from advisor.model import count_on_meta
     from advisor.stack import load_for_training
+    from benchmarks.tiny_models import build_tiny
 
     case = next(c for c in fsdp_cpu.CASES if c[1] == "qlora")
     row = fsdp_cpu.measure(case)
@@ -108,7 +105,7 @@ def test_full_shard_on_one_rank_costs_nothing_more_per_sequence_on_the_cpu():
     really lifted (FSDP reports FULL_SHARD, and the unsharded buffers beside the shards cost more), the
     step is the same math (the same losses, to rounding), and one more sequence costs exactly what it costs under
     NO_SHARD."""
-    import fsdp_one_device as one
+    from benchmarks import fsdp_one_device as one
 
     rows = [one.measure(c, "cpu") for c in one.cases("cpu") if c[0] == "lora"]
     assert {(r["asked"], r["strategy"]) for r in rows} == {("no_shard", "NO_SHARD"), ("full_shard", "FULL_SHARD")}
@@ -124,7 +121,7 @@ def test_full_shard_on_one_rank_costs_nothing_more_per_sequence_on_the_cpu():
 def test_docs_show_the_one_device_table():
     import json
 
-    import fsdp_one_device as one
+    from benchmarks import fsdp_one_device as one
 
     rows = json.loads(one.results_path("cpu").read_text())
     doc = (ROOT / "docs" / "accuracy.md").read_text()

@@ -12,7 +12,6 @@ from advisor.model import resolve
 from advisor.spec import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _plan(device="cuda", gpu="A100 80GB", **t):
@@ -57,7 +56,7 @@ def test_allocator_cache_term():
 
 
 def test_constants_are_the_fit_and_validation_holds():
-    import gpu_fit
+    from benchmarks import gpu_fit
 
     rows = gpu_fit.fms_rows()
     p = gpu_fit.fit(rows)

@@ -4,15 +4,13 @@ No accuracy thresholds here (the rows are out of sample; a threshold would invit
 table builds, every row has a prediction, and docs/accuracy.md shows what the script computes now.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gpu_validate as gv  # noqa: E402
+from benchmarks import gpu_validate as gv  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,15 @@ random-weight model measured with the CPU profiler (benchmarks/calibrate.py), co
 analytic estimate (3%) and the simulate estimate (2%)."""
 
 import dataclasses
-import sys
 
 import pytest
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accuracy  # noqa: E402
-import calibrate  # noqa: E402
 
 from advisor.inference import math_attention_bytes  # noqa: E402
 from advisor.model import ModelShape, count_on_meta  # noqa: E402
+from benchmarks import (
+    accuracy,  # noqa: E402
+    calibrate,  # noqa: E402
+)
 
 I = calibrate.I
 

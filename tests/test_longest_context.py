@@ -3,15 +3,13 @@ HF + FA2 runs, 8-80 GB cards). No accuracy thresholds (the rows are out of sampl
 invite tuning on them): every row gets the stated plan and a prediction, the table builds, and
 docs/accuracy.md shows what the script computes now."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import longest_context as lc  # noqa: E402
+from benchmarks import longest_context as lc  # noqa: E402
 
 
 @pytest.fixture(scope="module")

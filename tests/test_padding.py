@@ -3,17 +3,15 @@
 benchmarks/padding_cpu.py holds the whole matrix (both transformers releases); docs/accuracy.md its tables."""
 
 import json
-import sys
 
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import calibrate  # noqa: E402
-import padding_cpu  # noqa: E402
-
 from advisor.spec import build_plan, padded_batches  # noqa: E402
+from benchmarks import (
+    calibrate,  # noqa: E402
+    padding_cpu,  # noqa: E402
+)
 
 # a small vocabulary at 512 tokens: the peak leaves the loss for the layers' forward and recomputation
 # (docs/accuracy.md, "Padding"); on transformers 4.48 the estimate stays short there by 2-3.2%

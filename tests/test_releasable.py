@@ -1,15 +1,12 @@
 """benchmarks/releasable.py: the floor under a capacity is the tensors plus what the allocator cannot
 give back (free space in segments that still hold a live block); wholly free segments are released."""
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import releasable as rel  # noqa: E402
 
 from advisor.units import MIB
+from benchmarks import releasable as rel  # noqa: E402
 
 
 def seq(*ops):

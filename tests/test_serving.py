@@ -2,8 +2,6 @@
 ranking, and the published-log comparison the docs report (benchmarks/vllm_startup.py)."""
 
 import dataclasses
-import importlib
-import sys
 
 import pytest
 from conftest import ROOT
@@ -288,8 +286,8 @@ def test_measured_cuda_totals_are_used_for_the_cards_logs_printed():
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    return importlib.import_module("vllm_startup")
+    from benchmarks import vllm_startup
+    return vllm_startup
 
 
 def test_the_constants_are_the_calibration_rows_fit(bench):

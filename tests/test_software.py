@@ -2,7 +2,6 @@
 checked against real steps measured on transformers 4.48.1 (benchmarks/stack_cpu.py, stored in
 benchmarks/results/measured_cpu_tf4.json) and on the installed transformers 5."""
 
-import sys
 
 import pytest
 from conftest import ROOT
@@ -12,10 +11,7 @@ from advisor.activations import logits_bytes
 from advisor.memory import estimate_training, trainable_params
 from advisor.service import resolve_model
 from advisor.spec import Hardware, SpecError, TrainSpec, build_plan
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import stack_cpu  # noqa: E402
+from benchmarks import stack_cpu  # noqa: E402
 
 
 @pytest.mark.parametrize("v,ok", [("5", True), ("5.24.0", True), ("4.57", True), ("4.48.1", True), ("4.46", True),

@@ -78,11 +78,7 @@ def test_pcie_is_slower_than_nvlink_for_zero3():
 
 def test_held_out_plain_stack_rows_meet_the_goal():
     """The issue's goal on the held-out fms a100_80gb rows (never fitted): median within 15%, none over 30%."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import throughput as bench
+    from benchmarks import throughput as bench
 
     errs = [abs(r.predicted() / r.measured - 1) for r in bench.rows(("validation",), "fms")]
     errs.sort()

@@ -4,18 +4,15 @@ only, and docs/accuracy.md showing what the script computes now.
 No accuracy threshold on the validation rows here (a threshold there would invite tuning on them; the plain
 stack's held-out rows keep theirs in tests/test_throughput.py)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import throughput as bench  # noqa: E402
 
 from advisor import throughput as tp  # noqa: E402
 from advisor import throughput_cards as cards  # noqa: E402
+from benchmarks import throughput as bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")
