@@ -46,6 +46,8 @@ class Breakdown:
     notes: list[str] = field(default_factory=list)
     overhead_high: int = 0  # the band: p90 nvidia-smi peak minus the expected one
     reserved_model: str = "tensors only (CPU RAM: no CUDA context, no caching allocator)"
+    overhead_low: int = 0  # the band's low side: the expected nvidia-smi peak minus its low end
+    band: dict = field(default_factory=dict)  # whose band: {"harness", "low", "high"} (shares; none on the CPU)
 
     def __post_init__(self) -> None:
         assert self.phases[self.peak_phase] == sum(self.components.values()), "breakdown does not add up"
@@ -65,20 +67,28 @@ class Breakdown:
         """The high end (p90) of the nvidia-smi band; equals peak_reserved_bytes on the CPU."""
         return self.peak_reserved_bytes + self.overhead_high
 
+    @property
+    def peak_reserved_low_bytes(self) -> int:
+        """The low end of the nvidia-smi band (the harness's, training.harness); the tensors on the CPU."""
+        return self.peak_reserved_bytes - self.overhead_low
+
 
 def gpu_terms(peak: int, comps: dict[str, int], hw, *, training: bool, step: int = 0, attention: int = 0,
-              replayed_reserved: int | None = None) -> dict:
+              replayed_reserved: int | None = None, harness: str = "tuneplan") -> dict:
     """Breakdown keyword arguments for the GPU-only terms (advisor.gpu_memory); none on the CPU.
     ``step``: what the optimizer step holds beyond weights, adapters and states (gradients +
-    the step's temporaries), per GPU."""
+    the step's temporaries), per GPU. ``harness``: what runs the job (training.harness), whose band."""
     if hw.device != "cuda":
         return {}
-    from advisor.gpu_memory import reserved_terms
+    from advisor.gpu_memory import arch_of, band, band_low, reserved_terms
 
     persistent = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
     r = reserved_terms(peak, persistent, step, gpu=hw.gpu, gpus=hw.gpus, training=training,
-                       attention=attention, replayed_reserved=replayed_reserved)
-    return {"overhead": r.overhead, "overhead_high": r.high_extra, "reserved_model": r.model}
+                       attention=attention, replayed_reserved=replayed_reserved, harness=harness)
+    arch = arch_of(hw.gpu)
+    return {"overhead": r.overhead, "overhead_high": r.high_extra, "reserved_model": r.model,
+            "overhead_low": r.low_extra, "band": {"harness": harness, "low": round(band_low(arch, harness), 4),
+                                                  "high": round(band(arch, harness), 4)}}
 
 
 def shard(x: int, n: int) -> int:

@@ -26,7 +26,10 @@ Terms (docs/memory-model.md "GPU memory"):
   left behind. Both constants fitted on published A100 runs (benchmarks/published.py --fit).
 
 The band: ``high`` adds the 90th percentile of the fit's relative residuals (at least
-``BAND_MIN``), widened by ``BAND_UNCALIBRATED`` for a generation without calibration data.
+``BAND_MIN``), widened by ``BAND_UNCALIBRATED`` for a generation without calibration data. That is the
+band of tuneplan's own runner; a plan run by another harness (``training.harness``: the HF Trainer / TRL
+path, or another) gets the band of that harness (``HARNESS_BANDS``: low and high shares of the expected
+peak, from the spread of published runs of it, benchmarks/harness_band.py --fit).
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ CALIBRATED_ARCHS = frozenset({"ampere"})
 # --------------------------------------------------------------------------------------------------
 BAND_MIN = 0.04
 BAND_UNCALIBRATED = 0.05
+# -- the band per harness: (low, high) shares of the expected nvidia-smi peak that published runs of it fell
+# below / above it (the 10th and 90th percentiles of the calibration rows' residuals, at least BAND_MIN and at
+# least the narrower harness's); fitted by benchmarks/harness_band.py --fit, sources in docs/accuracy.md ("The
+# band for the harness you run"). tuneplan's own runner keeps the band of the fit above.
+HARNESS_BANDS: dict[str, tuple[float, float]] = {
+    "tuneplan": (BAND_MIN, max(BAND_P90, BAND_MIN)),
+    "hf-trainer": (0.35, 0.04),
+    "other": (0.68, 0.51),
+}
+HARNESS_WORDS = {"tuneplan": "tuneplan's own runner", "hf-trainer": "the HF Trainer / TRL path",
+                 "other": "another harness"}
+# --------------------------------------------------------------------------------------------------
 CUBLAS_WORKSPACE = {True: 4096 * 8 * 1024, False: 4096 * 1024 * 2 + 16 * 1024 * 8}  # sm90+ : others
 CUBLASLT_WORKSPACE = 1024 * 1024
 HANDLES_TRAINING = 2  # main thread (forward, optimizer) + autograd's device thread (backward)
@@ -108,9 +123,25 @@ def allocator_cache_bytes(peak: int, persistent: int, step: int) -> int:
     return int(max(K_FRAG * transient, first_step - peak, 0))
 
 
-def band(arch: str | None) -> float:
-    b = max(BAND_P90, BAND_MIN)
-    return b + (0 if arch in CALIBRATED_ARCHS else BAND_UNCALIBRATED)
+def harness_band(harness: str = "tuneplan") -> tuple[float, float]:
+    """(low, high) shares of the expected peak for a plan run by ``harness`` (training.harness)."""
+    return HARNESS_BANDS.get(harness, HARNESS_BANDS["other"])
+
+
+def band(arch: str | None, harness: str = "tuneplan") -> float:
+    """The high end's share above the expected peak: the harness's, widened for an uncalibrated GPU."""
+    return harness_band(harness)[1] + (0 if arch in CALIBRATED_ARCHS else BAND_UNCALIBRATED)
+
+
+def band_low(arch: str | None, harness: str = "tuneplan") -> float:
+    """The low end's share below the expected peak, widened alike."""
+    return harness_band(harness)[0] + (0 if arch in CALIBRATED_ARCHS else BAND_UNCALIBRATED)
+
+
+def band_words(arch: str | None, harness: str = "tuneplan") -> str:
+    """The band in words, for the estimate's 'modelled' line."""
+    return (f"band for {HARNESS_WORDS.get(harness, harness)} (training.harness={harness}): "
+            f"-{band_low(arch, harness):.0%} to +{band(arch, harness):.0%} of the expected peak")
 
 
 @dataclass(frozen=True)
@@ -120,14 +151,18 @@ class Reserved:
     overhead: dict[str, int]
     high_extra: int  # p90 minus expected
     model: str  # which reserved model produced it
+    low_extra: int = 0  # expected minus the band's low end
+    harness: str = "tuneplan"  # whose band (training.harness)
 
 
 def reserved_terms(peak: int, persistent: int, step: int, *, gpu: str | None, gpus: int,
-                   training: bool, attention: int = 0, replayed_reserved: int | None = None) -> Reserved:
+                   training: bool, attention: int = 0, replayed_reserved: int | None = None,
+                   harness: str = "tuneplan") -> Reserved:
     """The overhead of a GPU estimate. ``peak``: live tensor bytes at the peak; ``persistent``: the
     part that lives across steps; ``step``: what the optimizer step holds beyond it; ``attention``: the
     attention backward workspace. ``replayed_reserved``: simulate's allocator replay of the real
-    sequence (max reserved of the tensors), used instead of the fitted cache term."""
+    sequence (max reserved of the tensors), used instead of the fitted cache term. ``harness``: what runs
+    the job (training.harness), whose band the estimate carries."""
     arch = arch_of(gpu)
     over = {
         "cuda_context": cuda_context_bytes(arch),
@@ -145,8 +180,10 @@ def reserved_terms(peak: int, persistent: int, step: int, *, gpu: str | None, gp
         model = "calibrated analytic terms (advisor/gpu_memory.py)"
     if arch not in CALIBRATED_ARCHS:
         model += f"; {arch or 'this GPU'} has no calibration data: Ampere's context, wider band"
+    model += f"; {band_words(arch, harness)}"
     total = peak + sum(over.values())
-    return Reserved({k: int(v) for k, v in over.items() if v}, int(band(arch) * total), model)
+    return Reserved({k: int(v) for k, v in over.items() if v}, int(band(arch, harness) * total), model,
+                    int(band_low(arch, harness) * total), harness)
 
 
 # What validation shows where the model is known to be short (docs/accuracy.md, "Validation only:

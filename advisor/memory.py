@@ -448,7 +448,8 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
     step = totals["optimizer_step"] - persist
     attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim, t.attn_impl)
     return Breakdown(comps, peak, totals, notes=notes,
-                     **gpu_terms(totals[peak], comps, hw, training=True, step=step, attention=attn))
+                     **gpu_terms(totals[peak], comps, hw, training=True, step=step, attention=attn,
+                                 harness=t.harness))
 
 
 

@@ -181,6 +181,8 @@ class EstimateResult:
             "peak_allocated_bytes": bd.peak_allocated_bytes,
             "peak_reserved_bytes": bd.peak_reserved_bytes,
             "peak_reserved_high_bytes": bd.peak_reserved_high_bytes,
+            "peak_reserved_low_bytes": bd.peak_reserved_low_bytes,
+            "band": bd.band,  # whose band and its widths (training.harness; docs/accuracy.md)
             "reserved_model": bd.reserved_model,
             "stack": modelled_stack(self.plan),
             "notes": self.notes,

@@ -31,6 +31,7 @@ InferPrecision = Literal["fp32", "bf16", "fp16"]
 ZeroStage = Literal[0, 1, 2, 3]
 DataFormat = Literal["auto", "alpaca", "prompt_completion", "qa", "text", "messages"]
 Template = Literal["auto", "alpaca", "chat", "plain"]
+Harness = Literal["tuneplan", "hf-trainer", "other"]
 
 # The choice lists every front end offers: the Literals above, read, never written a second time.
 METHODS: tuple[str, ...] = get_args(Method)
@@ -60,6 +61,7 @@ INFER_PRECISIONS: tuple[str, ...] = get_args(InferPrecision)
 ZERO_STAGES: tuple[int, ...] = get_args(ZeroStage)
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 TEMPLATES: tuple[str, ...] = get_args(Template)
+HARNESSES: tuple[str, ...] = get_args(Harness)
 
 
 def ui(flag: str | None = None, form: str | None = None) -> dict:
@@ -181,6 +183,11 @@ class TrainSpec(_Strict):
                               "fp32 copy of the logits; on 4.x mixture-of-experts layers are one nn.Linear per "
                               "expert, which QLoRA quantizes (advisor/software.py).",
                               json_schema_extra=ui(flag="--transformers", form="transformers"))
+    harness: Harness = Field("tuneplan", description="What runs the job, for the band around the expected GPU "
+                             "peak: tuneplan (tuneplan's own runner, the tightest band), hf-trainer (HF Trainer / "
+                             "TRL) or other (another harness: the widest); the band's widths come from published runs "
+                             "of each (docs/accuracy.md), and the fit verdict uses its high end.",
+                             json_schema_extra=ui(flag="--harness", form="harness"))
 
     @field_validator("transformers", mode="before")
     @classmethod

@@ -75,7 +75,7 @@ def _breakdown(res: _Result, plan: Plan, shape: ModelShape, notes: list[str]) ->
                      f"{(loaded or 0) / 2**30:.2f} GiB); with expandable_segments:True {(exp or 0) / 2**30:.2f} GiB")
     return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()}, notes=notes + extra,
                      **gpu_terms(phases[peak], comps, plan.hardware, training=training, attention=attn,
-                                 replayed_reserved=replayed))
+                                 replayed_reserved=replayed, harness=t.harness if training else "tuneplan"))
 
 
 def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
