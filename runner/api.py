@@ -127,3 +127,129 @@ def system_memory():
     from runner.monitor import system_memory as mem
 
     return mem()
+
+
+# --- for the app: after the run (the Chat screen) -------------------------------------------------------
+
+
+def open_run(run_dir: str | Path, *, checkpoint: str | None = None, merged: bool = False,
+             trust_remote_code: bool = False):
+    """The run in ``run_dir`` (runner.tuned.open_run: a TunedRun; reads the directory, loads nothing), or
+    UserError with the one line that says why it cannot be used (not a run, no adapter yet, custom code
+    without consent, ...)."""
+    from runner.tuned import open_run as open_
+
+    return open_(run_dir, checkpoint=checkpoint, merged=merged, trust_remote_code=trust_remote_code)
+
+
+def load_models(run, device: str = "auto"):
+    """The run's tuned model and its base, loaded as the runner trained them (runner.tuned.load_models);
+    seconds: call it from a worker thread. UserError when they cannot be loaded."""
+    from runner.tuned import load_models as load
+
+    return load(run, device)
+
+
+def chat_session(models, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, system: str | None = None):
+    """A runner.chat.ChatSession on loaded models: ``stream(text, which)`` yields the reply of "tuned" or
+    "base" as it is generated, then ``last_stats`` holds its tokens/s and memory. UserError when the run's
+    prompt format cannot be told."""
+    from runner.chat import ChatSession
+
+    return ChatSession(models, sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=seed), system=system)
+
+
+def sampling(*, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+    """runner.chat.Sampling (greedy when temperature is 0); UserError naming each bad value."""
+    from advisor.problems import UserError
+    from runner.chat import Sampling
+
+    bad = []
+    if max_new_tokens < 1:
+        bad.append(f"max new tokens must be at least 1 (got {max_new_tokens})")
+    if not temperature >= 0:
+        bad.append(f"temperature must be 0 (greedy) or more (got {temperature})")
+    if not 0 < top_p <= 1:
+        bad.append(f"top-p must be above 0 and at most 1 (got {top_p})")
+    if bad:
+        raise UserError(bad)
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def export_defaults(run) -> dict[str, Any]:
+    """Where `tuneplan export RUN_DIR` writes the merged model by default and in which dtype
+    (runner.export.default_out / default_dtype): {"out": Path, "dtype": "bf16" | "fp16" | "fp32"}."""
+    from runner.export import default_dtype, default_out
+
+    return {"out": default_out(run), "dtype": default_dtype(run)}
+
+
+# --- the estimate from the data: the runner's loader, as lengths ------------------------------------------
+
+
+def data_lengths(plan, data_path=None, progress=None):
+    """The plan's data as the runner's loader prepares it, in lengths (runner.data.measure, batched: a large
+    JSONL in seconds), for advisor.service.data_estimate: read with the plan's tokenizer and template (the
+    model directory's, or the hub's tokenizer files), or without one an approximation that says so.
+    ``progress(fraction, words)`` as the records are tokenized. Raises Problems for the data's problems."""
+    from advisor.problems import Problem, Problems
+    from advisor.service import DataLengths
+    from runner.data import DataError, measure
+
+    tokenizer, source = plan_tokenizer(plan)
+    try:
+        m = measure(plan.data, tokenizer, plan.training.seq_len, plan.run.seed, data_path, progress, source)
+    except DataError as e:
+        raise Problems([Problem(p, "data.path") for p in e.problems]) from None
+    return DataLengths(tuple(m.train), tuple(m.lines), len(m.val), m.examples, m.trained_tokens, m.records,
+                       m.truncated, m.skipped, m.format, m.template, m.source, m.exact,
+                       str(data_path or plan.data.path), tuple(m.warnings), tuple(m.lengths))
+
+
+def plan_tokenizer(plan):
+    """(tokenizer, words) for the plan's model: the model directory's tokenizer (or the one beside a
+    config.json), else the hub's tokenizer files (the cache, or a download of those files alone when online);
+    (None, why) when there is none, and the data is then counted approximately (runner.data.BYTES_PER_TOKEN)."""
+    from pathlib import Path
+
+    from runner.data import BYTES_PER_TOKEN
+    from runner.modeldir import looks_local
+
+    ref, m = plan.model.ref, plan.model
+    where = ref
+    if looks_local(ref):
+        p = Path(ref).expanduser()
+        where = str(p if p.is_dir() else p.parent)
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        kw = {} if looks_local(ref) or not m.revision else {"revision": m.revision}
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=m.trust_remote_code, **kw)
+        return tok, f"the tokenizer of {ref}"
+    except Exception as e:  # noqa: BLE001 - offline, gated, no tokenizer files: the approximation says why
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = why if len(why) <= 160 else why[:157] + "..."
+    return None, (f"no tokenizer for {ref} ({why}): tokens approximated as UTF-8 bytes / {BYTES_PER_TOKEN:g}, "
+                  "plus one BOS and one EOS per example")
+
+
+def prompt_problem(session, text: str, which: str = "tuned") -> str | None:
+    """Why the session's model cannot answer ``text`` whole: the prompt (with the conversation so far) and the
+    max new tokens asked for go beyond the model's positions (max_position_embeddings), where generate warns
+    and the replies turn to noise; None when it fits."""
+    n = len(session.prompt_ids(text, which))
+    m = session.sampling.max_new_tokens
+    cfg = session.models.tuned.config
+    limit = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "max_position_embeddings",
+                    None)
+    if not isinstance(limit, int) or n + m <= limit:
+        return None
+    fix = "shorten the message" + (" or start the conversation again (/reset)" if session.multi_turn else "")
+    if n < limit:
+        return (f"the prompt is {n:,} tokens and up to {m:,} new ones are asked for: {n + m:,}, beyond the model's "
+                f"{limit:,} positions; {fix}, or ask for at most {limit - n:,} new tokens")
+    return f"the prompt alone is {n:,} tokens, beyond the model's {limit:,} positions; {fix}"
