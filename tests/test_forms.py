@@ -8,6 +8,7 @@ BAD = {
     "model": "llama-9000", "gpu": "rtx 9999", "gpus": "0", "zero": "7", "task": "juggling", "method": "dora",
     "precision": "fp8", "optimizer": "lion", "batch": "0", "seq": "-5", "accum": "zero", "lora_r": "0",
     "lora_alpha": "-1", "lora_targets": "no_such_proj", "weight_quant": "int3", "transformers": "4.30",
+    "harness": "axolotl",
     "device": "tpu", "job_examples": "0", "job_avg_tokens": "-3", "epochs": "0", "job_target_batch": "0",
     "job_budget": "-5",
 }

@@ -25,6 +25,7 @@ from advisor.problems import Problems, UserError
 from advisor.spec import (
     ATTN_IMPLS,
     DEVICES,
+    HARNESSES,
     METHODS,
     OPTIMIZERS,
     PRECISION_ADAPTERS,
@@ -60,6 +61,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", dest="attn_impl", choices=ATTN_IMPLS)
     p.add_argument("--transformers", metavar="VERSION", help="transformers release the run uses: 5 (default) or "
                    "4.46-4.57 (the loss and MoE layers differ; see docs/memory-model.md)")
+    p.add_argument("--harness", choices=HARNESSES, help="what runs the job, for the band around the expected GPU "
+                   "peak: tuneplan (default: its own runner, the tightest band), hf-trainer (HF Trainer / TRL) or "
+                   "other (the widest; docs/accuracy.md)")
     _bool_flag(p, "padded", None, "batches carry padding, which gives sdpa a mask (default: when --batch > 1); "
                "--no-padded for data packed to exactly --seq tokens")
     p.add_argument("--weight-quant", choices=WEIGHT_QUANTS, help="inference weight storage")
@@ -93,6 +97,7 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     put(training, "grad_checkpointing", a.grad_checkpointing)
     put(training, "attn_impl", a.attn_impl)
     put(training, "transformers", getattr(a, "transformers", None))
+    put(training, "harness", getattr(a, "harness", None))
     put(lora, "r", a.lora_r)
     put(lora, "alpha", a.lora_alpha)
     put(lora, "dropout", a.lora_dropout)

@@ -14,7 +14,8 @@ from textual.screen import Screen
 from advisor.forms import FORM_DEFAULTS, Evaluation, evaluate, form_from_plan
 
 SCREENS = {"plan": "Plan: estimate, compare, GPUs", "advice": "Advice: recommendation, RAG vs fine-tune, exact",
-           "launch": "Launch: dataset, command, run", "watch": "Watch: live GPU memory"}
+           "launch": "Launch: dataset, command, run", "watch": "Watch: live GPU memory",
+           "chat": "Chat: talk to the tuned model beside its base; serve it"}
 
 
 def _plan_screen():
@@ -37,6 +38,11 @@ def _watch_screen():
     return WatchScreen()
 
 
+def _chat_screen():
+    from advisor.tui.screens.chat import ChatScreen
+    return ChatScreen()
+
+
 class TunePlanApp(App):
     """The app's state is one reactive: ``form``, every input of the plan (the Plan screen's fields and
     the job's, on the Advice screen). ``evaluation`` is derived from it in one place (:meth:`watch_form`
@@ -49,13 +55,15 @@ class TunePlanApp(App):
     TITLE = "tuneplan"
     SUB_TITLE = "will this fine-tune fit?"
     CSS_PATH = "tuneplan.tcss"
-    MODES = {"plan": _plan_screen, "advice": _advice_screen, "launch": _launch_screen, "watch": _watch_screen}
+    MODES = {"plan": _plan_screen, "advice": _advice_screen, "launch": _launch_screen, "watch": _watch_screen,
+             "chat": _chat_screen}
     DEFAULT_MODE = "plan"
     BINDINGS = [
         Binding("f2", "switch_mode('plan')", "Plan"),
         Binding("f3", "switch_mode('advice')", "Advice"),
         Binding("f4", "switch_mode('launch')", "Launch"),
         Binding("f5", "switch_mode('watch')", "Watch"),
+        Binding("f6", "switch_mode('chat')", "Chat"),
         Binding("ctrl+s", "save", "Save plan"),
         Binding("ctrl+o", "open", "Open plan"),
         Binding("ctrl+t", "toggle_theme", "Theme"),

@@ -48,3 +48,54 @@ class MemorySample(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, MemorySample)
+
+
+# --- the Chat screen: a run loaded in a worker, replies streamed token by token ---------------------------
+
+@dataclass
+class ChatOpened(Message):
+    """The run directory was read (runner.tuned.TunedRun) and "serve this" worked out; the models load next."""
+
+    key: int  # which load this belongs to (a newer load makes older messages stale)
+    run: Any
+    serve: Any = None  # advisor.tui.serve_this.ServeThis
+    serve_error: str | None = None
+
+
+@dataclass
+class ChatLoaded(Message):
+    key: int
+    session: Any  # runner.chat.ChatSession
+    seconds: float
+
+
+@dataclass
+class ChatFailed(Message):
+    """Why the run cannot be used or loaded: the UserError's text."""
+
+    key: int
+    text: str
+
+
+@dataclass
+class ChatChunk(Message):
+    """The reply so far (the whole text, not the last piece: a newer chunk of the same reply replaces it)."""
+
+    turn: int
+    which: str  # "tuned" or "base"
+    text: str
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, ChatChunk) and (message.turn, message.which) == (self.turn, self.which)
+
+
+@dataclass
+class ChatReplied(Message):
+    """A reply ended: its text, its stats (runner.chat.ReplyStats.as_dict) or the error that ended it."""
+
+    turn: int
+    which: str
+    text: str
+    stats: dict[str, Any] | None
+    error: str | None = None
+    last: bool = True  # the worker has finished (the session is free for the next prompt)

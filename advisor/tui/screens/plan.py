@@ -14,7 +14,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, Select, Static
 
 from advisor import present
-from advisor.forms import NO_GPU, TRANSFORMERS_CHOICES, Evaluation, fetch_model
+from advisor.forms import HARNESS_CHOICES, NO_GPU, TRANSFORMERS_CHOICES, Evaluation, fetch_model
 from advisor.present import money
 from advisor.tui.widgets.field import Field
 from advisor.tui.widgets.membar import MemoryBar
@@ -22,8 +22,10 @@ from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, sh
 from advisor.units import GIB, gib
 
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
-TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets", "transformers")
-SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers", "device")
+TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets", "transformers",
+              "harness")
+SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers", "harness",
+           "device")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
 
 
@@ -81,6 +83,9 @@ class PlanScreen(Screen):
                 yield Field("stack", _select("transformers", releases, f["transformers"]), "transformers",
                             "The transformers release the run uses: the loss and mixture-of-experts layers "
                             "differ (tuneplan run uses 5).")
+                yield Field("harness", _select("harness", HARNESS_CHOICES, f["harness"]), "harness",
+                            "What runs the job: the band around the expected peak is that harness's (tuneplan's own "
+                            "runner the tightest, another harness the widest); tight verdicts use its high end.")
                 yield Label("LoRA", classes="section")
                 yield Field("rank r", Input(f["lora_r"], id="lora_r", type="integer", compact=True), "lora_r")
                 yield Field("alpha", Input(f["lora_alpha"], id="lora_alpha", type="number", compact=True),
