@@ -909,3 +909,98 @@ def rank_serving(shape: ModelShape, ref: str, *, context: int | None = None, con
         advice.commands[id(o)] = vllm_command(ref, o.estimate, lora_rank=rank if enable_lora else None)
     advice.choice = next((o for o in advice.options if advice.serves(o)), None)
     return advice
+
+
+# --- the estimate from the data: the runner's real batches (advisor.batches, advisor.fragmentation) -----------
+# The front ends tokenize through runner.api.data_lengths (the runner's own loader, as lengths) and hand the
+# lengths here; the core never tokenizes.
+
+from advisor.batches import DataJob, DataLengths, LongestBatch  # noqa: E402,F401  (the service's data API)
+
+
+@dataclass
+class DataEstimate:
+    """A training plan estimated from its data: ``result`` is the estimate at the longest batch the runner
+    forms (the run's peak) with the data's job and time, its plan the user's plan with the data's job fields
+    (job.examples, job.avg_tokens); ``nominal`` the plan's own estimate (every batch micro_batch x seq_len);
+    ``over_run`` the nvidia-smi reserve over the run's batches (advisor.fragmentation; GPU plans)."""
+
+    result: EstimateResult
+    data: DataLengths
+    job: DataJob
+    nominal_allocated_bytes: int
+    nominal_reserved_bytes: int
+    over_run: Any = None
+
+    def as_json(self) -> dict[str, Any]:
+        out = self.result.as_json()
+        d, p = self.data, self.result.plan.training
+        out["data"] = {
+            "file": d.path, "records": d.records, "examples": d.examples, "val_sequences": d.val, "format": d.format,
+            "template": d.template, "tokenizer": d.source, "exact": d.exact, "tokens": d.stats(),
+            "trained_tokens": d.trained_tokens, "truncated": d.truncated, "skipped": d.skipped,
+            "warnings": list(d.warnings), "job": self.job.as_json(),
+            "nominal": {"micro_batch": p.micro_batch, "seq_len": p.seq_len,
+                        "peak_allocated_bytes": self.nominal_allocated_bytes,
+                        "peak_reserved_bytes": self.nominal_reserved_bytes},
+            "reserved_over_run": self.over_run.as_json() if self.over_run is not None else None}
+        return out
+
+
+def data_estimate(ctx: PlanContext, data: DataLengths, mode: str = "analytic",
+                  progress: Callable[[float, str], None] | None = None) -> DataEstimate:
+    """The plan from its data's real lengths (runner.api.data_lengths): the runner's exact steps, tokens and
+    padded positions (advisor.batches.data_job), the time model over every batch's own shape, the peak of
+    the longest batch the runner forms (the fail-fast probe's), and the reserve over the run's batches."""
+    from advisor.batches import MicroSeconds, data_job, data_job_time
+    from advisor.memory import estimate as analytic
+
+    plan = ctx.plan
+    if plan.task != "training":
+        raise Problems(Problem("an estimate from data is for training plans", "task", "use --task training"))
+    on_gpu = ctx.gpu is not None and plan.hardware.device == "cuda"
+    micro = MicroSeconds(plan, ctx.shape, ctx.gpu, data.train) if on_gpu else None
+    job = data_job(plan, data, micro, micro.fixed if micro else 0.0)
+    job_fields = plan.job.model_copy(update=job.plan_values()["job"])
+    job_plan = plan.model_copy(update={"job": job_fields})
+    longest = job.longest
+    at_longest = with_changes(PlanContext(job_plan, ctx.shape, ctx.gpu), "training", micro_batch=longest.rows,
+                              seq_len=longest.length)
+    the_job = Job(job.examples, job.avg_tokens, job.epochs, job_fields.target_batch, job_fields.budget_usd)
+    res = estimate(at_longest, mode, progress, job=the_job)
+    res.plan = job_plan
+    if data.exact:
+        res.plan_notes.append(f"from the data: the longest batch the runner forms, {longest.words()}, sets the "
+                              f"peak (the plan's micro_batch x seq_len is {plan.training.micro_batch} x "
+                              f"{plan.training.seq_len})")
+    else:
+        res.plan_notes.append(f"from the data, approximately: {data.source}; the longest batch, {longest.words()}, "
+                              "sets the peak")
+    res.plan_notes += list(job.notes)
+    if res.time is not None and micro is not None:
+        res.time = data_job_time(plan, ctx.shape, ctx.gpu, job)
+    nominal = analytic(plan, ctx.shape)
+    over = None
+    if plan.hardware.device == "cuda":
+        over = _reserve_over_run(plan, ctx, job)
+    return DataEstimate(res, data, job, nominal.peak_allocated_bytes, nominal.peak_reserved_bytes, over)
+
+
+def _reserve_over_run(plan: Plan, ctx: PlanContext, job: DataJob):
+    """advisor.fragmentation over process 0's batches, each shape's terms from the analytic estimate."""
+    from advisor.fragmentation import over_run
+    from advisor.memory import estimate as analytic
+
+    def at(rows: int, length: int):
+        t = plan.training.model_copy(update={"micro_batch": rows, "seq_len": length})
+        return analytic(plan.model_copy(update={"training": t}), ctx.shape)
+
+    def moving(bd) -> int:  # the largest phase outside the optimizer step: where the batch's tensors peak
+        return max(v for k, v in bd.phases.items() if k != "optimizer_step")
+
+    still = moving(at(1, 1))
+    hw = plan.hardware
+    probes = plan.run.fail_fast and not (hw.gpus > 1 and hw.zero in (1, 2))  # DeepSpeed skips the probe
+    return over_run(job.shapes, plan.training.grad_accum, lambda r, n: at(r, n).peak_reserved_bytes,
+                    lambda r, n: max(moving(at(r, n)) - still, 0), ctx.gpu.memory_bytes if ctx.gpu else None,
+                    probes, (job.longest.rows, job.longest.length))

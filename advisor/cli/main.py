@@ -199,6 +199,11 @@ def cmd_estimate(a: argparse.Namespace) -> int:
 
     data = plan_data(a)
     kv_cache_into_plan(a, data)
+    if getattr(a, "data", None):  # the job and the longest batch from the dataset (advisor/cli/dataest.py)
+        from advisor.cli.dataest import estimate_from_data, into_plan
+
+        into_plan(a, data)
+        return estimate_from_data(a, service.build(data))
     ctx = service.build(data)  # the job's numbers are plan fields (job.*, run.epochs): checked there
     engine = engine_of(a, ctx)  # inference: vllm or transformers; None for training
     if engine == "vllm":
@@ -300,6 +305,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="with --plan: overrides of its fields, as `tuneplan run` reads them (training.seq_len=4096)")
     add_job_arguments(e)
+    from advisor.cli.dataest import add_data_argument
+
+    add_data_argument(e)  # --data FILE: the job and the longest batch from the dataset
     e.add_argument("--max", action="append", choices=["seq", "batch"],
                    help="also find the longest sequence / largest micro-batch that fits the GPU (repeatable)")
     e.add_argument("--json", action="store_true", help="print one JSON object")

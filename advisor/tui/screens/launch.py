@@ -202,6 +202,9 @@ class LaunchScreen(Screen):
         plan = self.app.plan
         dataset = self.query_one("#dataset", Input).value.strip() or None
         plan = plan.model_copy(update={"data": plan.data.model_copy(update={"path": dataset})})
+        known = getattr(self, "_data_job", None)  # the data's examples and mean tokens, once estimated
+        if dataset and known and known[0] == str(Path(dataset).expanduser()):
+            plan = plan.model_copy(update={"job": plan.job.model_copy(update=known[1])})
         return apply_overrides(plan, self.overrides()) if self.overrides() else plan
 
     def preview(self) -> None:
@@ -238,17 +241,22 @@ class LaunchScreen(Screen):
         d, t = plan.data, plan.training
         found = runner_api.longest_in_file(path, plan.model.ref, t.seq_len, d.format, d.template,
                                            d.prompt_loss_weight, plan.model.trust_remote_code)
-        if found:
-            self.app.call_from_thread(self._show_longest, path, found)
+        estimated = data_estimate(plan, path) if plan.task == "training" else None
+        if found or estimated:
+            self.app.call_from_thread(self._show_longest, path, found, estimated)
 
-    def _show_longest(self, path: str, found: dict) -> None:
+    def _show_longest(self, path: str, found: dict, estimated=None) -> None:
         if self.query_one("#dataset", Input).value.strip() and \
                 str(Path(self.query_one("#dataset", Input).value.strip()).expanduser()) != path:
             return  # the user has named another file since
         text = self._preview_text.copy()
-        text.append(f"longest example: line {found['line']}, {found['tokens']:,} tokens\n", style="bold")
-        if found.get("warning"):
-            text.append(found["warning"] + "\n", style="bold yellow")
+        if found:
+            text.append(f"longest example: line {found['line']}, {found['tokens']:,} tokens\n", style="bold")
+            if found.get("warning"):
+                text.append(found["warning"] + "\n", style="bold yellow")
+        if estimated is not None:  # the job and the peak from the data; Start saves its job fields in the plan
+            self._data_job = (path, estimated.job.plan_values()["job"])
+            text.append_text(data_text(estimated))
         self.query_one("#preview", Static).update(text)
 
     # --- start / abort / attach ----------------------------------------------------------------------
@@ -431,6 +439,37 @@ class LaunchScreen(Screen):
         chart.set_data(mem, lines)
         if run.report is not None:
             self.query_one("#run-result", Static).update(report_table(run.report, run.predicted))
+
+
+def data_estimate(plan, path: str):
+    """The plan estimated from the dataset (runner.api.data_lengths + advisor.service.data_estimate), or None
+    when it cannot be told (the data's problems show in the preview already)."""
+    from advisor import service
+
+    try:
+        plan = plan.model_copy(update={"data": plan.data.model_copy(update={"path": path})})
+        return service.data_estimate(service.context_of(plan), runner_api.data_lengths(plan))
+    except Exception:  # noqa: BLE001 - a preview: what cannot be estimated is simply not shown
+        return None
+
+
+def data_text(de) -> Text:
+    """The data-driven job and peak, three lines under the preview."""
+    from advisor.units import duration, gib_str
+
+    j, res = de.job, de.result
+    text = Text()
+    text.append("from the data" + ("" if de.data.exact else " (approximate: no tokenizer)") + ": ", style="bold")
+    text.append(f"{j.steps:,} steps, {j.tokens:,} tokens, {j.positions_per_token:.3g} positions per token\n")
+    text.append(f"longest batch {j.longest.rows} x {j.longest.length}: peak {gib_str(res.peak_reserved_bytes)}")
+    if res.status:
+        text.append(f" ({res.status})", style="green" if res.status == "fits" else "bold red")
+    text.append(f"; every batch at seq_len: {gib_str(de.nominal_reserved_bytes)}\n")
+    if res.time is not None:
+        cost = f", ${res.time.cost_usd:,.2f}" if res.time.cost_usd is not None else ""
+        text.append(f"time {duration(res.time.hours)}{cost}; ")
+    text.append(f"job: {j.examples:,} examples x {j.avg_tokens:,} tokens (Start saves them in the plan)\n")
+    return text
 
 
 def _short(d: dict, width: int = 110) -> str:
