@@ -166,10 +166,41 @@ def test_extrapolation_is_exact(spec):
     assert fast.components == full.components
     assert fast.peak_phase == full.peak_phase
     assert fast.overhead == full.overhead == {}
-    # on cuda the allocator replay needs the whole sequence: every layer is simulated
-    cuda = simulate(Plan(task="training", training=spec, hardware={"device": "cuda"}), shape, extrapolate=True)
-    assert any("all 6 layers" in n for n in cuda.notes), cuda.notes
+    # on cuda the allocator replay needs the whole allocation sequence: it is built from the shallow runs' and
+    # replays to the same reserve as simulating every layer
+    cuda_plan = Plan(task="training", training=spec, hardware={"device": "cuda"})
+    cuda = simulate(cuda_plan, shape, extrapolate=True)
+    cuda_full = simulate(cuda_plan, shape, extrapolate=False)
+    assert any("allocation sequence of all 6 layers" in n for n in cuda.notes), cuda.notes
     assert cuda.components == full.components and "allocator replay" in cuda.reserved_model
+    assert (cuda.peak_reserved_bytes, cuda.peak_reserved_high_bytes, cuda.overhead) == \
+        (cuda_full.peak_reserved_bytes, cuda_full.peak_reserved_high_bytes, cuda_full.overhead)
+
+
+def test_allocation_sequence_extrapolation():
+    """advisor.simulate.events: the sequence of a model with 6 layers equals the one built from 2, 3 and 4
+    layers (every allocation, and which one each free frees), and a sequence that does not repeat is refused."""
+    from advisor.simulate import events
+    from advisor.simulate.runs import _train_run
+
+    shape = _shape("llama", num_hidden_layers=6)
+    spec = _T(method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True)
+    plan = Plan(task="training", training=spec, hardware={"device": "cuda"})
+    tokens = {n: _train_run(plan, shape, n, None, 0, 1, as_tokens=True).tokens for n in (2, 3, 4, 6)}
+
+    def canon(evs):  # allocations numbered in order, frees by the number of what they free
+        num, out = {}, []
+        for op, key, n in evs:
+            if op == "alloc":
+                num[key] = len(num)
+            out.append((op, num.get(key, key), n))
+        return out
+
+    built = events.extrapolate({n: tokens[n] for n in (2, 3, 4)}, 6)
+    assert built is not None
+    assert canon(events.decode(*built)) == canon(events.decode(tokens[6]))
+    odd = {2: tokens[2], 3: tokens[3], 4: tokens[3]}  # depth 4 adds nothing: not a layer-by-layer repetition
+    assert events.extrapolate(odd, 6) is None
 
 
 def test_allocator_replay_of_a_real_step():

@@ -24,7 +24,10 @@ What cannot run on fake tensors is accounted from shapes, exactly:
 
 Speed: for deep models the step is simulated with 2, 3 and 4 layers; when every phase's peak and
 every component at it grows by the same amount per layer (checked, not assumed) the result is
-extrapolated to the real depth, otherwise the full depth is simulated.
+extrapolated to the real depth, otherwise the full depth is simulated. On the GPU the allocator replay
+needs the whole allocation sequence; it is built from the three shallow ones when they repeat layer by
+layer (:mod:`advisor.simulate.events`, checked token for token). Weights are not initialized (fake
+tensors hold no values). Results are kept per plan and config in the process (:func:`simulate`).
 
 Device: tensors are fake CPU tensors. ``plan.hardware.device`` picks the optimizer path as torch
 does (CUDA: ``foreach``, a params-sized temporary; CPU: the per-tensor loop) and the GPU overhead
@@ -102,6 +105,18 @@ def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
     return _Result(phases, comps, list(rc.notes))  # no allocator replay: it needs the whole sequence
 
 
+def _with_replay(res: _Result, runs: dict[int, _Result], target: int) -> _Result | None:
+    """``res`` with the allocator replay of the ``target``-layer allocation sequence, built from the runs' tokens
+    (None when the sequences do not repeat layer by layer: the caller simulates every layer)."""
+    from advisor.simulate.events import decode, extrapolate
+    from advisor.simulate.tracker import replay_events
+
+    built = extrapolate({n: r.tokens for n, r in runs.items()}, target)
+    if built is None:
+        return None
+    return _Result(res.phases, res.components, res.notes, replay_events(decode(*built)))
+
+
 def _check_supported(plan: Plan, shape: ModelShape) -> None:
     if shape.num_experts:
         from advisor.simulate.experts import routing_independent
@@ -122,11 +137,40 @@ def _check_supported(plan: Plan, shape: ModelShape) -> None:
             raise SimulateError(f"{why}; use --mode analytic, which models {plan.training.transformers}")
 
 
+_MEMO: dict[tuple, Breakdown] = {}
+
+
+def _memo_key(plan: Plan, shape: ModelShape, extrapolate: bool) -> tuple:
+    """What the simulation depends on: the config, the task's spec, the hardware, the batches' padding."""
+    from advisor.spec import padded_batches
+
+    spec = plan.training if plan.task == "training" else plan.inference
+    return (shape.config_sha256, shape.name, plan.task, spec.model_dump_json(), plan.hardware.model_dump_json(),
+            padded_batches(plan) if plan.task == "training" else False, extrapolate)
+
+
 def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
              extrapolate: bool = True) -> Breakdown:
     """The peak live tensor bytes of the plan's step, from running the real architecture on fake
     tensors. ``extrapolate``: for deep models simulate 2, 3 and 4 layers and extrapolate (exact
-    when the per-layer increments agree; otherwise the full depth is simulated)."""
+    when the per-layer increments agree; otherwise the full depth is simulated). The same plan for the
+    same config is answered from memory the second time (a copy)."""
+    import copy
+
+    _check_supported(plan, shape)
+    key = _memo_key(plan, shape, extrapolate)
+    if key in _MEMO:
+        if progress:
+            progress(1.0, "done (simulated before)")
+        return copy.deepcopy(_MEMO[key])
+    b = _simulate(plan, shape, progress, extrapolate)
+    if len(_MEMO) >= 32:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = copy.deepcopy(b)
+    return b
+
+
+def _simulate(plan: Plan, shape: ModelShape, progress: Progress | None, extrapolate: bool) -> Breakdown:
     import os
     import warnings
 
@@ -145,22 +189,23 @@ def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
         else:
             depth = _num_layers(shape.config, shape)
             res = None
-            # the allocator replay (cuda) needs the whole allocation sequence: its reserve is not linear
-            # in depth (which moment sets it changes with the layer count), so no extrapolation there
-            whole = plan.hardware.device == "cuda"
-            if whole and extrapolate and depth > max(EXTRAPOLATE_FROM):
-                notes.append(f"simulated all {depth} layers: the allocator replay needs the whole allocation "
-                             "sequence")
-                extrapolate = False
+            # the allocator replay (cuda) needs the whole allocation sequence: its reserve is not linear in
+            # depth, so the sequence itself is extrapolated (events.extrapolate: checked token for token)
+            replay = plan.hardware.device == "cuda"
             if extrapolate and depth > max(EXTRAPOLATE_FROM):
                 runs = {}
                 for i, n in enumerate(EXTRAPOLATE_FROM):
                     k = len(EXTRAPOLATE_FROM)
-                    runs[n] = _train_run(plan, shape, n, progress, 0.9 * i / k, 0.9 * (i + 1) / k)
+                    runs[n] = _train_run(plan, shape, n, progress, 0.9 * i / k, 0.9 * (i + 1) / k, as_tokens=replay)
                 res = _extrapolate(runs, depth)
+                if res is not None and replay:
+                    res = _with_replay(res, runs, depth)
                 if res is not None:
                     notes.append(f"simulated {', '.join(map(str, EXTRAPOLATE_FROM))} layers; the per-layer "
                                  f"increment (identical between them) extrapolated to {depth}")
+                    if replay:
+                        notes.append(f"the allocation sequence of all {depth} layers built from theirs (each "
+                                     "layer's events repeated; checked) for the allocator replay")
                 else:
                     notes.append("per-layer increments differ between depths: simulated the full depth")
             if res is None:

@@ -67,6 +67,8 @@ def _preimport(hf_cfg, plan: Plan) -> None:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_cfg)]
     except KeyError:
         pass
+    # bitsandbytes always: peft imports it while it wraps the layers (under fake mode, when it was not imported
+    # before), and its NF4 / FP4 tables would then be fake tensors counted in the run that imported it
     for name in ("bitsandbytes", "peft.tuners.lora.bnb", "transformers.optimization", "transformers.masking_utils",
                  "transformers.loss.loss_utils", "transformers.integrations.sdpa_attention",
                  "transformers.cache_utils", "torch.utils.checkpoint"):

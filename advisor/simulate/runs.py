@@ -18,7 +18,15 @@ from advisor.simulate.fakes import (
     _preimport,
     _quantize_nf4,
 )
-from advisor.simulate.tracker import _hooks, _make_tracker, _RealMasks, _Rec, _Result, replay_reserved
+from advisor.simulate.tracker import (
+    _hooks,
+    _make_tracker,
+    _RealMasks,
+    _Rec,
+    _Result,
+    event_tokens,
+    replay_reserved,
+)
 from advisor.spec import Plan, padded_batches
 
 # ------------------------------------------------------------------------------------------
@@ -73,7 +81,9 @@ def _autocast(precision: str):
 
 
 def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Progress | None,
-               p0: float, p1: float) -> _Result:
+               p0: float, p1: float, as_tokens: bool = False) -> _Result:
+    """One simulated training run. ``as_tokens``: return the allocation sequence as tokens (for the
+    extrapolation of the allocator replay) instead of replaying it."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -160,6 +170,8 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
         comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
         # the optimizer states of the first step are alive throughout: tag-resolved above
         del model, opt, batch, loss, trainable, head
+    if as_tokens:
+        return _Result(phases, comps, notes, tokens=event_tokens(tracker.recs, tracker.marks))
     return _Result(phases, comps, notes, replay_reserved(tracker.recs, tracker.marks))
 
 

@@ -36,6 +36,7 @@ class _Result:
     components: dict[str, dict[str, int]]  # phase -> component -> bytes at that phase's peak
     notes: list[str] = field(default_factory=list)
     reserved: dict[str, int] = field(default_factory=dict)  # allocator replay: config name -> max reserved
+    tokens: list | None = None  # the allocation sequence as events.encode tokens (for events.extrapolate)
 
 
 def alloc_events(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list[tuple[str, object, int]]:
@@ -52,12 +53,28 @@ def alloc_events(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list[tu
     return [e for _, _, e in timed]
 
 
+def event_tokens(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list:
+    """The run's allocation sequence as advisor.simulate.events tokens (sizes, tags, ranks)."""
+    from advisor.simulate.events import encode
+
+    events = alloc_events(recs, marks)
+    # the frees after the last allocation (the model and optimizer let go at the end of the run) cannot change a
+    # peak, and their order (module by module) is not per layer: left out
+    while events and events[-1][0] == "free":
+        events.pop()
+    return encode(events, {i: rec.tag for i, rec in enumerate(recs)})
+
+
 def replay_reserved(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> dict[str, int]:
     """Max reserved bytes of the whole run (loading included) under the default caching allocator
     and under ``expandable_segments:True`` (see advisor/allocator.py)."""
+    return replay_events(alloc_events(recs, marks))
+
+
+def replay_events(events: list) -> dict[str, int]:
+    """:func:`replay_reserved` of an event sequence (alloc_events, or events.decode of extrapolated tokens)."""
     from advisor.allocator import AllocatorConfig, replay
 
-    events = alloc_events(recs, marks)
     out = {}
     for name, cfg in (("default", AllocatorConfig()), ("expandable", AllocatorConfig(expandable_segments=True))):
         r = replay(events, cfg)
