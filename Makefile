@@ -12,9 +12,9 @@ SKY_VENV ?= .venv-sky
 SKY_STAMP := $(SKY_VENV)/.installed
 SKYPILOT ?= skypilot==0.14.1
 
-.PHONY: run test check bench setup clean
+.PHONY: run test check bench setup clean newest
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		echo "no NVIDIA GPU: installing the CPU build of torch ($(TORCH_CPU))"; $(PY) -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -44,6 +44,23 @@ $(TF4_VENV)/.installed:
 
 .venv-tf4: $(TF4_VENV)/.installed
 
+# The newest releases, in an environment of their own: the newest transformers, peft and bitsandbytes from the
+# package index and the newest CPU torch (PyTorch's CPU index; $(TORCH_CPU) where it cannot be reached), then the
+# registry test (every decoder-only causal LM the installed transformers registers, tests/test_registry.py) and
+# the estimate's release note. How a maintainer checks a new release: `make newest`.
+NEWEST_VENV ?= .tuneplan-cache/venv-newest
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+newest:
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade --index-url $(TORCH_CPU_INDEX) torch \
+		|| $(NEWEST_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade -e ".[dev]" transformers peft bitsandbytes
+	$(NEWEST_VENV)/bin/python -c "import torch, transformers, peft, bitsandbytes as b; \
+		print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, \
+		'bitsandbytes', b.__version__)"
+	$(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_registry.py
+
 # The main job: the app, opening on the default plan (Llama-3.1-8B, QLoRA, one 24 GiB RTX 4090).
 # ARGS passes arguments through, e.g. make run ARGS="estimate --model gpt2 --json".
 run: $(STAMP)
@@ -60,4 +77,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_estimate.py
 
 clean:
-	rm -rf $(VENV) $(SKY_VENV) $(TF4_VENV) .pytest_cache
+	rm -rf $(VENV) $(SKY_VENV) $(TF4_VENV) $(NEWEST_VENV) .pytest_cache
