@@ -284,15 +284,12 @@ class CachingAllocator:
         return cand
 
     def _find_expandable(self, pool: _Pool, small: bool, stream: int, size: int) -> _Block:
-        def free(b: _Block | None) -> bool:
-            return b is not None and not b.allocated
-
         for ptr in sorted(pool.unmapped):
             c = pool.unmapped[ptr]
-            if free(c.prev):
+            if c.prev is not None and not c.prev.allocated:
                 c = c.prev
-            got, b = 0, c
-            while got < size and free(b):
+            got, b = 0, c  # type: tuple[int, _Block | None]
+            while got < size and b is not None and not b.allocated:
                 got += b.size
                 b = b.next
             if got >= size:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 from advisor.catalog import (  # noqa: F401 - re-exported: the profiles' home and look-ups live in catalog
     MODELS_DIR,
@@ -318,7 +319,7 @@ def _cache_dir() -> Path:
     return Path(base) / "shapes"
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -608,7 +609,7 @@ def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> M
     model = build_meta_model(config, trust_remote_code, where=f"for {name}")
     try:
         from transformers.pytorch_utils import Conv1D
-        linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D)
+        linear_types: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear, Conv1D)
     except ImportError:  # pragma: no cover
         linear_types = (torch.nn.Linear,)
 
@@ -627,6 +628,7 @@ def count_on_meta(name: str, config: dict, trust_remote_code: bool = False) -> M
         elif isinstance(module, linear_types):
             kind = "linear"
             w = module.weight
+            assert isinstance(w, torch.Tensor)
             if isinstance(module, torch.nn.Linear):
                 fin, fout = module.in_features, module.out_features
             else:  # GPT-2's Conv1D stores weight as (in, out)

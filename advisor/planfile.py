@@ -152,7 +152,7 @@ def apply_overrides(plan: Plan, overrides: list[str]) -> Plan:
         if not sep or not key:
             problems.append(f"override {item!r} is not key=value (e.g. training.micro_batch=2)")
             continue
-        node = data
+        node: Any = data
         parts = key.split(".")
         for p in parts[:-1]:
             if not isinstance(node, dict) or p not in node:

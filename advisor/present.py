@@ -74,7 +74,7 @@ def verdict_line(res: EstimateResult) -> Text | None:
     line.append(STATUS_WORDS[v.status], style=STATUS_COLOURS[v.status])
     if v.cache_limited:
         line.append(f" (the allocator's cache would outgrow the card; the tensors and workspaces need "
-                    f"{gib_str(v.floor_bytes)}, so PyTorch frees cached blocks and retries: it runs at the card's "
+                    f"{gib_str(v.floor_bytes or 0)}, so PyTorch frees cached blocks and retries: it runs at the card's "
                     "limit, with slower allocations)")
         return line
     line.append(f" ({'headroom' if v.headroom_bytes >= 0 else 'short by'} {gib_str(abs(v.headroom_bytes))}")
@@ -98,13 +98,13 @@ def breakdown_table(res: EstimateResult, title: str | None = None, compact: bool
     t.add_column("GiB", justify="right")
     t.add_column("share", justify="right")
     total = bd.peak_reserved_bytes or 1
-    for k, v in ordered(bd.components):
-        t.add_row(label(k), gib(v), f"{100 * v / total:.0f}%")
+    for k, size in ordered(bd.components):
+        t.add_row(label(k), gib(size), f"{100 * size / total:.0f}%")
     allocated, reserved = ("peak allocated", "peak reserved") if compact else \
         ("peak allocated (tensors)", "peak reserved (nvidia-smi)")
     t.add_row(Text(allocated, style="bold"), Text(gib(bd.peak_allocated_bytes), style="bold"), "")
-    for k, v in bd.overhead.items():
-        t.add_row(label(k), gib(v), f"{100 * v / total:.0f}%")
+    for k, size in bd.overhead.items():
+        t.add_row(label(k), gib(size), f"{100 * size / total:.0f}%")
     v = res.verdict
     if bd.overhead and v is not None and v.need_bytes > v.capacity_bytes:
         # nvidia-smi never shows more than the card: what it will read, and the need with no card limit
@@ -398,20 +398,6 @@ class _OptionsTable:
             if why:
                 where = f"{o.num_gpus} × {short_gpu(o.gpu)}" if o.num_gpus > 1 else short_gpu(o.gpu)
                 yield Text(f"  {n}. {o.method} on {where}: {why}", style="dim")
-
-
-def serving_table(serving) -> Table:
-    from rich.table import Table
-
-    st = Table(title="Serving (largest batch per context; longest context at batch 1)", title_justify="left")
-    ctxs = list(serving[0].max_batch)
-    for col in ["weights", "GiB", *[f"batch @ {k // 1024}k" if k >= 1024 else f"batch @ {k}" for k in ctxs],
-                "max context @ batch 1"]:
-        st.add_column(col, justify="left" if col == "weights" else "right")
-    for s in serving:
-        st.add_row(s.weights, gib(s.weights_bytes, 1), *[str(s.max_batch[k]) for k in ctxs],
-                   f"{s.max_context_batch1:,}")
-    return st
 
 
 def guide_text(g) -> Text:

@@ -34,7 +34,7 @@ from advisor.memory import estimate
 from advisor.model import ModelShape
 from advisor.policy import TIGHT_SHARE, Verdict, breakdown_verdict
 from advisor.policy import precision_for as precision_for  # noqa: PLC0414
-from advisor.spec import METHODS, InferSpec, Plan
+from advisor.spec import METHODS, Plan
 from advisor.units import duration as duration  # noqa: PLC0414  (re-exported for the front ends)
 from advisor.units import gib_str
 
@@ -323,20 +323,21 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
     for n in counts:
         if n > 1 and unsharded[0] > cap:
             break  # more GPUs cannot lower what overflows: it is what every GPU keeps whatever the sharding
-        found: list[tuple[float, int, int, bool, _Fit]] = []
+        # (tight?, hours, -micro-batch, zero) orders them; then the fit, tokens/s per GPU and the plan
+        found: list[tuple[tuple[bool, float, int, int], bool, _Fit, float, Plan]] = []
         for gc in (False, True):
             for z in ((0,) if n == 1 else (0, 1, 2, 3)):
-                fit, peak1 = _largest_fit(shape, base, method, precision, gc, n, z, target, gpu)
+                got, peak1 = _largest_fit(shape, base, method, precision, gc, n, z, target, gpu)
                 tried.append((n, z, gc, peak1))
-                if fit is None:
+                if got is None:
                     continue
-                p = _plan(base, method, precision, gc, fit.mb, fit.accum, n, z)
+                p = _plan(base, method, precision, gc, got.mb, got.accum, n, z)
                 st = throughput.step_time(p, shape, gpu)
-                hours = tokens / (st.tokens_per_s * n) / 3600
-                found.append((fit.status != "fits", hours, -fit.mb, z, gc, fit, st.tokens_per_s))
+                hrs = tokens / (st.tokens_per_s * n) / 3600
+                found.append(((got.status != "fits", hrs, -got.mb, z), gc, got, st.tokens_per_s, p))
         if not found:
             continue
-        _, hours, _, z, gc, fit, tps = min(found, key=lambda f: f[:4])
+        (_, hours, _, z), gc, fit, tps, chosen = min(found, key=lambda f: f[0])
         cost = hours * n * gpu.price_usd_hour if gpu.price_usd_hour is not None else None
         state = ("fits" if fit.status == "fits" else
                  f"tight: over the {TIGHT_SHARE:.0%} line or its high end over the card")
@@ -364,10 +365,11 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
         reasons.append(mb_txt)
         if precision != base.training.precision:
             reasons.append(f"{gpu.name} has no bf16: trained in {precision}")
-        lo, hi = throughput.BAND
-        reasons.append(f"about {duration(hours)} ({duration(hours / hi)}-{duration(hours / lo)}) for {tokens:,.0f} "
-                       f"tokens at {tps:,.0f} tokens/s per GPU (step-time model calibrated on A100 runs of the "
-                       f"plain stack)")
+        rng = throughput.time_range(chosen, shape, gpu)
+        reasons.append(f"about {duration(hours)} ({duration(hours / rng.high)}-{duration(hours / rng.low)}) for "
+                       f"{tokens:,.0f} tokens at {tps:,.0f} tokens/s per GPU (step-time model calibrated on A100 "
+                       f"and H100 runs of the plain stack"
+                       + (f"; range wider: {'; '.join(rng.outside)})" if rng.outside else ")"))
         if cost is not None:
             reasons.append(f"costs about ${cost:,.2f} ({hours:,.2f} h x {n} GPU{'s' if n > 1 else ''} x "
                            f"${gpu.price_usd_hour:.2f}/h)")
@@ -377,9 +379,9 @@ def _option_for(shape: ModelShape, base: Plan, gpu: Gpu, method: str, counts: It
                       fit.peak, cap, True, hours, cost, reasons, precision, gpu_id=gpu.id, status=fit.status,
                       tokens_per_s_per_gpu=tps)
     # nothing fits: report the smallest need on one GPU and on the most GPUs tried
-    one = [t for t in tried if t[0] == 1]
+    on_one = [t for t in tried if t[0] == 1]
     n_max = max(t[0] for t in tried)
-    best1 = min(one or tried, key=lambda t: t[3])
+    best1 = min(on_one or tried, key=lambda t: t[3])
     reasons = [f"{word} needs {gib(best1[3])} on {_where(gpu, best1[0], best1[1])} ({gib(cap)}; out of memory) "
                f"even at micro-batch 1"
                + (" with gradient checkpointing" if best1[2] else "")]
@@ -500,7 +502,9 @@ def recommend(shape: ModelShape, base_plan: Plan, gpu: Gpu | None, *, gpus: int 
          f"card (a plan that only the allocator's cache pushes over is not proposed); tight = over "
          f"{TIGHT_SHARE:.0%} of it or its high end over the card; fits is preferred over tight"),
         ("time: advisor.throughput's step-time model (GEMM roofline, attention, memory-bound work, QLoRA "
-         f"dequantization, communication), calibrated on A100 runs of the plain stack; range {lo:.2f}-{hi:.2f}x"),
+         f"dequantization, communication), calibrated on A100 and H100 runs of the plain stack; range "
+         f"{lo:.2f}-{hi:.2f}x where a plan is inside the calibration, wider where it is not (each option says "
+         "why)"),
         ("memory: a batch of several sequences is padded (sdpa gets an attention mask; data.padded=false for "
          "data packed to exactly seq_len tokens); time: every sequence counts seq_len tokens"),
         "FSDP full shard is estimated as ZeRO-3",
@@ -660,7 +664,9 @@ def nearest_plans(shape: ModelShape, plan: Plan, gpu: Gpu, tokens: float, limit:
 
     base = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"device": "cuda"})})
     ladder: list[tuple[str, Plan, dict[str, Any]]] = []
-    p, changes, words = base, {}, {}
+    p = base
+    changes: dict[str, Any] = {}
+    words: dict[str, str] = {}
     for what, fields in _savers(base, shape):
         p, ch = _changed(p, **fields)
         changes = {**changes, **ch}
@@ -698,52 +704,3 @@ def nearest_plans(shape: ModelShape, plan: Plan, gpu: Gpu, tokens: float, limit:
             {**ch, "hardware.gpu": card.id}, card)
     out.sort(key=lambda n: (len(n.changes), n.cost_usd if n.cost_usd is not None else math.inf))
     return out[:limit]
-
-
-# --- serving ------------------------------------------------------------------------------------
-
-CONTEXTS = (2048, 8192, 32768)
-MAX_BATCH = 65536
-
-
-@dataclass
-class ServingFit:
-    """Largest batch at each context, and the longest context at batch 1, for one weight format."""
-
-    weights: str  # bf16 (fp16 on cards without bf16), int8, nf4
-    precision: str
-    weights_bytes: int
-    max_batch: dict[int, int]  # context -> largest batch that fits (0: not even one sequence)
-    max_context_batch1: int  # 0: the weights alone do not fit
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["max_batch"] = {str(k): v for k, v in self.max_batch.items()}
-        return d
-
-
-def _serve_fits(shape: ModelShape, gpu: Gpu, gpus: int, precision: str, quant: str, batch: int, seq: int) -> bool:
-    plan = Plan(task="inference", inference=InferSpec(batch=batch, seq_len=seq, precision=precision,
-                                                     weight_quant=quant),
-                hardware={"gpu": None, "gpus": gpus, "device": "cuda"})
-    return breakdown_verdict(estimate(plan, shape), gpu.memory_bytes).fits
-
-
-def serving_capacity(shape: ModelShape, gpu: Gpu, gpus: int = 1) -> list[ServingFit]:
-    """For bf16 (fp16 on cards without bf16), int8 and nf4 weights: the largest batch at 2k, 8k,
-    32k and the model's maximum context, and the longest context at batch 1, all not out of memory
-    by advisor.policy.fit_verdict.
-    Uses advisor.memory's inference estimate (weights + KV cache for the whole context + prefill)."""
-    max_ctx = shape.max_position or 131072
-    contexts = sorted({c for c in CONTEXTS if c <= max_ctx} | {max_ctx})
-    half = "bf16" if gpu.bf16 else "fp16"
-    out = []
-    for quant, label in (("none", half), ("int8", "int8"), ("nf4", "nf4")):
-        plan = Plan(task="inference", inference=InferSpec(batch=1, seq_len=1, precision=half, weight_quant=quant),
-                    hardware={"gpu": None, "gpus": gpus, "device": "cuda"})
-        wbytes = estimate(plan, shape).components.get("weights", 0)
-        batches = {c: _largest(lambda b, c=c, q=quant: _serve_fits(shape, gpu, gpus, half, q, b, c), MAX_BATCH)
-                   for c in contexts}
-        ctx1 = _largest(lambda s, q=quant: _serve_fits(shape, gpu, gpus, half, q, 1, s), max_ctx)
-        out.append(ServingFit(label, half, wbytes, batches, ctx1))
-    return out

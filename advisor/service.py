@@ -621,14 +621,6 @@ def export_bytes(plan: Plan, shape: ModelShape, dtype: str, nf4: bool, merge: bo
     return out
 
 
-def serving_capacity(ctx: PlanContext, gpu: Gpu, gpus: int = 1):
-    """The largest batch and the longest context the model serves on ``gpus`` x ``gpu`` at each weight
-    precision (advisor.recommend.serving_capacity)."""
-    from advisor.recommend import serving_capacity as _capacity
-
-    return _capacity(ctx.shape, gpu, gpus)
-
-
 # --- serving with vLLM (advisor.serving): its KV cache at start-up, and which GPUs to rent ------------------
 
 ENGINES = ("vllm", "transformers")  # estimate --task inference: vLLM's start-up sizing, or HF generate

@@ -141,7 +141,7 @@ def rope_cache_bytes(shape: ModelShape, dtype_bytes: int) -> int:
         return 0
     cfg = _text_config(shape)
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    positions = shape.max_position or 0
+    positions: float = shape.max_position or 0
     if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
         positions = int(scaling.get("original_max_position_embeddings") or positions) * float(scaling.get("factor", 1))
     if cfg.get("kv_lora_rank"):
@@ -489,15 +489,15 @@ def _check_inputs(shape: ModelShape, total: int, util: float, tp: int, mml: int,
                                  KvCacheDtype), ("dtype", dtype, Dtype)):
         if value not in get_args(choices):
             bad.append(Problem(f"unknown {name} {value!r}", name, f"one of: {', '.join(get_args(choices))}"))
-    for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            bad.append(Problem(f"{name} must be a positive whole number (got {value!r})", name))
+    for limit, count in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            bad.append(Problem(f"{limit} must be a positive whole number (got {count!r})", limit))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         bad.append(Problem(f"block_size must be a positive whole number of tokens (got {block_size!r})", "block_size"))
     if enable_lora:
-        for name, value in (("max_lora_rank", max_lora_rank), ("max_loras", max_loras)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                bad.append(Problem(f"{name} must be a positive whole number (got {value!r})", name))
+        for limit, count in (("max_lora_rank", max_lora_rank), ("max_loras", max_loras)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                bad.append(Problem(f"{limit} must be a positive whole number (got {count!r})", limit))
     if bad:
         raise Problems(bad)
 
@@ -516,7 +516,7 @@ def serving_estimate(shape: ModelShape, gpu_memory_bytes: int, *, gpu_memory_uti
     if max_model_len is None and not shape.max_position:
         raise Problems(Problem(f"{shape.name}'s config gives no maximum length", "max_model_len",
                                "pass max_model_len (vLLM's --max-model-len)"))
-    mml = shape.max_position if max_model_len is None else max_model_len
+    mml = max_model_len if max_model_len is not None else int(shape.max_position or 0)
     _check_inputs(shape, gpu_memory_bytes, gpu_memory_utilization, tensor_parallel, mml, weight_quant,
                   kv_cache_dtype, dtype, max_num_seqs, max_num_batched_tokens, block_size, enable_lora,
                   max_lora_rank, max_loras)

@@ -83,7 +83,7 @@ def lora_config(spec: TrainSpec):
     from peft import LoraConfig
 
     targets = spec.lora.targets
-    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft takes a float lora_dropout=spec.lora.dropout,
                       target_modules=targets if targets == "all-linear" else list(targets),
                       task_type="CAUSAL_LM")
 
@@ -337,7 +337,7 @@ def train_step(model, batch: dict | list[dict], optimizer, spec: TrainSpec, max_
             scaler = _scalers[optimizer] = torch.amp.GradScaler(device_type)
     with phase("step"):
         model.train()
-        total = None
+        total: torch.Tensor | None = None
         for mb in micro:
             with phase("forward"), autocast(spec.precision, device_type):
                 loss = compute_loss(model, mb)
@@ -353,7 +353,7 @@ def train_step(model, batch: dict | list[dict], optimizer, spec: TrainSpec, max_
             # graph frees what backward leaves behind (e.g. checkpointed layers' saved inputs).
             loss = loss.detach()
             total = loss if total is None else total + loss
-        if isinstance(batch, list):
+        if isinstance(batch, list) and total is not None:
             loss = total
         with phase("optimizer"):
             if scaler is not None:

@@ -251,8 +251,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     if n_gpu > 1:
         link = link_bandwidth(gpu, n_gpu) * LINK_EFF
         ring = (n_gpu - 1) / n_gpu
-        wbytes = weights_bytes(shape, t)
-        gbytes = gradients_bytes(shape, t)
+        wbytes: float = weights_bytes(shape, t)
+        gbytes: float = gradients_bytes(shape, t)
         if t.precision.startswith("amp"):  # FSDP / ZeRO mixed precision gathers and reduces in the half dtype
             wbytes, gbytes = wbytes / 2, gbytes / 2
         if strat == "zero3":  # FSDP full shard: all-gather in forward and backward, reduce-scatter gradients

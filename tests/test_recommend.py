@@ -22,7 +22,6 @@ from advisor.recommend import (
     method_rank,
     precision_for,
     recommend,
-    serving_capacity,
     train_hours,
 )
 from advisor.spec import Plan
@@ -286,39 +285,6 @@ def test_bad_inputs_raise_with_a_clear_message(kw, words):
     with pytest.raises(AdviceError, match=words):
         advise(LLAMA8, "RTX 4090", **kw)
     assert issubclass(AdviceError, ValueError)
-
-
-# --- serving ------------------------------------------------------------------------------------
-
-def test_serving_capacity_orders_formats_and_contexts():
-    rows = serving_capacity(resolve(LLAMA8), find_gpu("RTX 4090"))
-    assert [r.weights for r in rows] == ["bf16", "int8", "nf4"]
-    for r in rows:
-        batches = list(r.max_batch.values())
-        assert batches == sorted(batches, reverse=True)  # longer context, smaller batch
-        assert 131072 in r.max_batch and 2048 in r.max_batch
-    assert rows[0].max_batch[2048] >= 1 and rows[0].max_context_batch1 < rows[2].max_context_batch1
-    assert rows[0].weights_bytes > rows[1].weights_bytes > rows[2].weights_bytes
-    assert serving_capacity(resolve(LLAMA8), find_gpu("T4"))[0].weights == "fp16"
-    # 70B bf16 weights alone exceed one 80 GB card
-    big = serving_capacity(resolve(LLAMA70), find_gpu("H100 SXM"))
-    assert big[0].max_context_batch1 == 0 and big[2].max_context_batch1 > 0
-
-
-def test_serving_capacity_edges_really_are_edges():
-    shape, gpu = resolve(LLAMA8), find_gpu("RTX 4090")
-    row = serving_capacity(shape, gpu)[0]
-
-    def need(batch, seq):
-        p = Plan(task="inference", inference={"batch": batch, "seq_len": seq, "precision": "bf16"},
-                 hardware={"gpu": None})
-        return estimate(p, shape)
-
-    b = row.max_batch[2048]
-    cap = gpu.memory_bytes
-    assert fits(need(b, 2048), cap) and not fits(need(b + 1, 2048), cap)
-    s = row.max_context_batch1
-    assert fits(need(1, s), cap) and not fits(need(1, s + 1), cap)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -144,14 +144,10 @@ def cmd_recommend(a: argparse.Namespace) -> int:
     ctx, gpu, methods = _inputs(a)
     plan = ctx.plan
     adv = service.advise(ctx, None, gpu, a.gpus, methods)  # the plan's job (job.*, run.epochs)
-    serving = service.serving_capacity(ctx, gpu, a.gpus or 1) if a.serving else None
     if a.json:
-        out = adv.to_json()
-        if serving is not None:
-            out["serving"] = [s.to_json() for s in serving]
-        print(json.dumps(out, indent=2))
+        print(json.dumps(adv.to_json(), indent=2))
     else:
-        print_advice(adv, serving)
+        print_advice(adv)
     if a.save is not None:
         if adv.choice is None:
             print(f"tuneplan: nothing fits, so no plan was written to {a.save}", file=sys.stderr)
@@ -171,7 +167,7 @@ def chosen_plan(plan, c):
     return service.apply_changes(plan, c.changes())
 
 
-def print_advice(adv, serving=None) -> None:
+def print_advice(adv) -> None:
     from rich.console import Console
 
     from advisor import present
@@ -184,8 +180,6 @@ def print_advice(adv, serving=None) -> None:
     if len(adv.options) > TABLE_ROWS:
         con.print(f"[dim]{len(adv.options) - TABLE_ROWS} more options: use --json[/]")
     print_nearest(con, adv.nearest)
-    if serving:
-        con.print(present.serving_table(serving))
     for n in adv.notes:
         con.print(f"[dim]note: {n}[/]")
     for n in adv.assumptions:
