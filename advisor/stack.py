@@ -83,7 +83,9 @@ def lora_config(spec: TrainSpec):
     from peft import LoraConfig
 
     targets = spec.lora.targets
-    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft takes a float lora_dropout=spec.lora.dropout,
+    # peft annotates lora_alpha as int but scales by any number (scaling = alpha / r)
+    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]
+                      lora_dropout=spec.lora.dropout,
                       target_modules=targets if targets == "all-linear" else list(targets),
                       task_type="CAUSAL_LM")
 
