@@ -26,7 +26,9 @@ from hypothesis import strategies as st  # noqa: E402
 from advisor.cli.main import main  # noqa: E402
 from runner.demo import DEMO_DATA  # noqa: E402
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+# TUNEPLAN_FUZZ_SCALE=N runs N times the examples (a deeper run, once in a while; CI runs 1)
+SCALE = max(1, int(os.environ.get("TUNEPLAN_FUZZ_SCALE", "1") or 1))
+FUZZ = settings(max_examples=25 * SCALE, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 _n = itertools.count()
 
@@ -313,7 +315,7 @@ def command_lines(draw, work):
     return argv
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=60 * SCALE)
 @given(data=st.data())
 def test_random_command_lines(work, data):
     call(data.draw(command_lines(work)))
@@ -321,7 +323,7 @@ def test_random_command_lines(work, data):
 
 # --- real processes: the exit status itself ---------------------------------------------------------
 
-@settings(FUZZ, max_examples=4)
+@settings(FUZZ, max_examples=4 * SCALE)
 @given(data=st.data())
 def test_command_lines_in_a_real_process(work, data):
     argv = data.draw(command_lines(work))
@@ -332,7 +334,7 @@ def test_command_lines_in_a_real_process(work, data):
     assert "Traceback" not in out.stderr + out.stdout, (argv, out.stderr[-2000:])
 
 
-@settings(FUZZ, max_examples=5)
+@settings(FUZZ, max_examples=5 * SCALE)
 @given(data=datasets(), fmt=st.sampled_from(["auto", "messages", "text", "alpaca"]),
        packing=st.booleans(), plw=st.sampled_from([0.0, 0.1, 1.0]))
 def test_training_on_mutated_datasets(work, tiny_model, data, fmt, packing, plw):
