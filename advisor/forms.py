@@ -40,6 +40,12 @@ NO_GPU = "none"  # the GPU select's "no GPU" choice (plan.hardware.gpu = None)
 # plan field -> the app's form field: the plan schema's own metadata (advisor.spec.field_table); "model"
 # is where a whole model section that is wrong lands
 LOC_FIELD = {path: meta["form"] for path, meta in field_table().items() if meta.get("form")} | {"model": "model"}
+# form field -> its help (the tooltip): the description of the first plan field it edits (training's, where a
+# form field edits training.* or inference.* by the task)
+FIELD_HELP: dict[str, str] = {}
+for _path, _meta in field_table().items():
+    if _meta.get("form") and _meta["description"]:
+        FIELD_HELP.setdefault(_meta["form"], _meta["description"])
 
 
 def say_change(c: Change, on_field: str | None = None) -> str:

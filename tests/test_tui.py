@@ -96,6 +96,22 @@ async def test_opens_on_the_default_plan_with_numbers():
 
 
 @pytest.mark.asyncio
+async def test_every_field_says_what_it_means():
+    """A field's tooltip is the plan schema's description of what it edits: the precision names its bytes per
+    parameter and which mode underflows, so a user need not know that 'bf16' is not 'amp-bf16'."""
+    from advisor.spec import field_table
+
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        tip = str(app.screen.query_one("#precision").tooltip)
+        assert tip == field_table()["training.precision"]["description"]
+        assert "8 bytes per parameter" in tip and "16 bytes per parameter" in tip and "underflows" in tip
+        for name in ("method", "optimizer", "batch", "seq", "accum", "ckpt", "gpus", "zero", "lora_r"):
+            assert app.screen.query_one(f"#{name}").tooltip, name
+
+
+@pytest.mark.asyncio
 async def test_typing_micro_batch_method_and_model_updates_the_estimate():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -7,6 +7,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
 from textual.widgets import Label, Static
 
+from advisor.forms import FIELD_HELP
+
 
 class Field(Vertical):
     DEFAULT_CSS = """
@@ -22,6 +24,7 @@ class Field(Vertical):
         super().__init__(id=f"field-{name}")
         self.label, self.control, self.field_name = label, control, name
         self._message = ""
+        tooltip = tooltip or FIELD_HELP.get(name)  # the plan schema's description of the field it edits
         if tooltip:
             control.tooltip = tooltip
 
