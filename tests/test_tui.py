@@ -112,6 +112,20 @@ async def test_every_field_says_what_it_means():
 
 
 @pytest.mark.asyncio
+async def test_a_plans_ambiguous_gpu_name_is_said_out_loud(tmp_path):
+    """'a100' in a plan fits three cards: the app reads it as one (the select holds its id) and says which, and
+    the others, as the CLI's note does."""
+    path = tmp_path / "plan.yaml"
+    path.write_text("model: {ref: meta-llama/Llama-3.1-8B}\ntraining: {method: qlora}\nhardware: {gpu: a100}\n")
+    app = make_app(plan_path=path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        said = " ".join(n.message for n in app._notifications)
+        assert app.form["gpu"] == "a100-80gb-sxm"
+        assert "'a100' is read as NVIDIA A100 SXM 80GB" in said and "A100 SXM 40GB" in said
+
+
+@pytest.mark.asyncio
 async def test_typing_micro_batch_method_and_model_updates_the_estimate():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -85,6 +85,7 @@ class TunePlanApp(App):
             self.switch_mode(self.start_mode)
         else:
             self.switch_mode("plan")
+        self._say_gpu_reading()
 
     # --- shared state -------------------------------------------------------------------------------
     def evaluate_form(self) -> Evaluation:
@@ -152,7 +153,16 @@ class TunePlanApp(App):
         self.form = gpu_ids(form_from_plan(plan))  # every screen shows it (they watch the evaluation)
         self.switch_mode("plan")
         self.notify(f"opened {path}")
+        self._say_gpu_reading()
         return True
+
+    def _say_gpu_reading(self) -> None:
+        """A plan's GPU name that fits several cards ('a100') is read as one of them: say which, and the others."""
+        from advisor.gpus import gpu_name_note
+
+        note = gpu_name_note(((self.plan_base or {}).get("hardware") or {}).get("gpu"))
+        if note:
+            self.notify(note, title="GPU name", timeout=12)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
