@@ -424,3 +424,34 @@ def replay(events: Iterable[Event], config: AllocatorConfig | None = None,
                     raise OutOfMemory(f"{a.reserved} bytes reserved at {key!r}, over {capacity}")
             marks[str(key)] = a.peak_reserved
     return a.result(marks)
+
+
+@dataclass
+class StepReserve:
+    """One step of :func:`replay_steps`: its peaks (the peaks reset when it starts, as
+    ``torch.cuda.reset_peak_memory_stats`` does) and the cache given back so far."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    reserved_bytes: int  # at the step's end
+    releases: int
+
+
+def replay_steps(persistent: Iterable[int], steps: Iterable[Iterable[Event]], config: AllocatorConfig | None = None,
+                 capacity: int | None = None) -> list[StepReserve]:
+    """Allocate ``persistent`` blocks (weights, states: they live through the run), then replay each step's
+    allocation sequence on the same allocator, one :class:`StepReserve` per step: how the reserve of a run of
+    batches of varying shapes grows (advisor/fragmentation.py). Keys of different steps may repeat."""
+    a = CachingAllocator(config, capacity)
+    for i, nbytes in enumerate(persistent):
+        a.malloc(("persistent", i), nbytes)
+    out = []
+    for events in steps:
+        a.peak_reserved, a.peak_allocated = a.reserved, a.allocated
+        for op, key, nbytes in events:
+            if op == "alloc":
+                a.malloc(key, nbytes)
+            elif op == "free":
+                a.free(key)
+        out.append(StepReserve(a.peak_allocated, a.peak_reserved, a.reserved, a.releases))
+    return out

@@ -980,19 +980,7 @@ def data_estimate(ctx: PlanContext, data: DataLengths, mode: str = "analytic",
 
 def _reserve_over_run(plan: Plan, ctx: PlanContext, job: DataJob):
     """advisor.fragmentation over process 0's batches, each shape's terms from the analytic estimate."""
-    from advisor.fragmentation import over_run
-    from advisor.memory import estimate as analytic
+    from advisor.fragmentation import plan_over_run
 
-    def at(rows: int, length: int):
-        t = plan.training.model_copy(update={"micro_batch": rows, "seq_len": length})
-        return analytic(plan.model_copy(update={"training": t}), ctx.shape)
-
-    def moving(bd) -> int:  # the largest phase outside the optimizer step: where the batch's tensors peak
-        return max(v for k, v in bd.phases.items() if k != "optimizer_step")
-
-    still = moving(at(1, 1))
-    hw = plan.hardware
-    probes = plan.run.fail_fast and not (hw.gpus > 1 and hw.zero in (1, 2))  # DeepSpeed skips the probe
-    return over_run(job.shapes, plan.training.grad_accum, lambda r, n: at(r, n).peak_reserved_bytes,
-                    lambda r, n: max(moving(at(r, n)) - still, 0), ctx.gpu.memory_bytes if ctx.gpu else None,
-                    probes, (job.longest.rows, job.longest.length))
+    return plan_over_run(plan, ctx.shape, ctx.gpu.memory_bytes if ctx.gpu else None, job.shapes,
+                         (job.longest.rows, job.longest.length))
