@@ -72,6 +72,14 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(norm="layernorm", gated_mlp=False, act_saved=4, learned_positions=True, attn_out_copy=True,
                    eager_softmax_fp32=False, cpu_math_attention=True, q_proj=("c_attn",), o_proj="c_proj",
                    up_proj=("c_fc",), down_proj="c_proj", dropout_attr=("attn_pdrop", "resid_pdrop", "embd_pdrop")),
+    # GPT-J style: attention and MLP in parallel on one LayerNorm's output, a GELU MLP (gelu_new: 4 tensors)
+    "gptj": Family(norm="layernorm", single_norm=True, gated_mlp=False, act_saved=4, o_proj="out_proj",
+                   up_proj=("fc_in",), down_proj="fc_out", dropout_attr=("attn_pdrop", "resid_pdrop", "embd_pdrop")),
+    "codegen": Family(norm="layernorm", single_norm=True, gated_mlp=False, act_saved=4, q_proj=("qkv_proj",),
+                      o_proj="out_proj", up_proj=("fc_in",), down_proj="fc_out",
+                      dropout_attr=("attn_pdrop", "resid_pdrop", "embd_pdrop")),
+    "phi": Family(norm="layernorm", single_norm=True, gated_mlp=False, act_saved=4, o_proj="dense", up_proj=("fc1",),
+                  down_proj="fc2", dropout_attr=("attention_dropout", "resid_pdrop", "embd_pdrop")),
 }
 FAMILIES["gpt-sw3"] = FAMILIES["gpt2"]  # GPT2LMHeadModel
 

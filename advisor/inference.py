@@ -5,7 +5,7 @@ from __future__ import annotations
 from advisor.breakdown import DTYPE_BYTES, Breakdown, gpu_terms, nf4_bytes, shard
 from advisor.families import family_of
 from advisor.model import ModelShape
-from advisor.software import falcon_attention_interface, layout
+from advisor.software import layout
 from advisor.spec import Hardware, InferSpec
 
 
@@ -60,16 +60,14 @@ def kv_cache_bytes(shape: ModelShape, s: InferSpec, tokens: int | None = None) -
     return per_token * ((shape.num_layers - n_slide) * tokens + n_slide * min(tokens, window or tokens))
 
 
-# Falcon hands sdpa its multi-query key/value head as is (no repeat_kv, no enable_gqa): the fused
-# kernels need as many key/value heads as query heads (torch sdp_utils
-# check_batch_size_and_num_heads_dense), so torch takes the math path. GPT-2 takes it in training
-# only, for its dropout: in eval it gets the CPU flash kernel like the rest
-INFER_CPU_MATH = frozenset({"falcon"})
-
-
 def math_path(shape: ModelShape, device: str) -> bool:
-    """Up to transformers 5.24 (software.falcon_attention_interface): 5.25 hands Falcon's sdpa enable_gqa."""
-    return device == "cpu" and shape.model_type in INFER_CPU_MATH and not falcon_attention_interface("5")
+    """Whether torch's CPU sdpa takes its math path in generation: a family that hands sdpa its multi-query
+    key/value heads as they are (no repeat_kv, no enable_gqa: Falcon up to transformers 5.24, GPT-BigCode,
+    whose attention module has no num_key_value_groups for the sdpa integration) -- the fused kernels need as many
+    key/value heads as query heads (torch sdp_utils check_batch_size_and_num_heads_dense). GPT-2 takes it in
+    training only, for its dropout: in eval it gets the CPU flash kernel like the rest."""
+    fam, _ = family_of(shape)
+    return device == "cpu" and fam.cpu_math_attention and shape.num_kv_heads < shape.num_heads
 
 
 def math_attention_bytes(shape: ModelShape, batch: int, q_len: int, kv_len: int, a: int) -> int:
