@@ -89,3 +89,10 @@ class Problems(Exception):
 
 
 UserError = Problems  # the name the front ends and the runner use for "the user's mistake"
+
+
+def problem_text(lines: list[str]) -> str:
+    """Problems as every tuneplan command prints them on stderr: one line, or a count and one line each."""
+    if len(lines) == 1:
+        return f"tuneplan: {lines[0]}"
+    return "\n".join([f"tuneplan: {len(lines)} problems:", *(f"  - {line}" for line in lines)])

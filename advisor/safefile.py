@@ -45,10 +45,10 @@ def open_append(path: str | Path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def fsync_dir(path: str | Path) -> None:
-    """Flush a directory's entries (a rename in it) to the disk; a no-op where directories cannot be opened."""
+def _fsync(path: str | Path, flags: int) -> None:
+    """Flush one file or directory to the disk; nothing where it cannot be opened or flushed."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | flags | CLOEXEC)
     except OSError:
         return
     try:
@@ -59,21 +59,16 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename in it) to the disk; a no-op where directories cannot be opened."""
+    _fsync(path, getattr(os, "O_DIRECTORY", 0))
+
+
 def fsync_tree(root: str | Path) -> None:
     """Flush every file and directory under ``root`` (a folder about to be renamed into place)."""
-    root = Path(root)
-    for here, _dirs, files in os.walk(root, followlinks=False):
+    for here, _dirs, files in os.walk(Path(root), followlinks=False):
         for name in files:
-            try:
-                fd = os.open(os.path.join(here, name), os.O_RDONLY | NOFOLLOW | CLOEXEC)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(here, name), NOFOLLOW)
         fsync_dir(here)
 
 

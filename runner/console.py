@@ -106,12 +106,9 @@ def print_report(rep: dict[str, Any]) -> None:
 
 def print_problems(lines: list[str]) -> None:
     """Problems as every tuneplan command prints them: one line, or a count and one line each."""
-    if len(lines) == 1:
-        print(f"tuneplan: {lines[0]}", file=sys.stderr)
-    else:
-        print(f"tuneplan: {len(lines)} problems:", file=sys.stderr)
-        for line in lines:
-            print(f"  - {line}", file=sys.stderr)
+    from advisor.problems import problem_text
+
+    print(problem_text(lines), file=sys.stderr)
 
 
 def _print_error(err: dict, run_dir: Path) -> None:

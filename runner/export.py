@@ -33,6 +33,7 @@ from typing import Any
 from advisor.problems import Problems, UserError
 from advisor.spec import INFER_PRECISIONS
 from advisor.units import gib_str
+from runner.rundir import is_inside
 from runner.tuned import TunedRun, load_tokenizer
 
 DTYPES: tuple[str, ...] = INFER_PRECISIONS  # the weights dtypes (advisor.spec)
@@ -98,14 +99,6 @@ def default_out(run: TunedRun) -> Path:
 
 # --- checks -----------------------------------------------------------------------------------
 
-def _inside(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def check_out(out: Path, run: TunedRun, base_dir: Path | None, flag: str = "--out") -> None:
     """UserError when ``out`` must not be written: a link, a file, a folder with something in it, one of the
     run's own files, or the base model's folder."""
@@ -119,9 +112,9 @@ def check_out(out: Path, run: TunedRun, base_dir: Path | None, flag: str = "--ou
     if full == run_dir:
         raise UserError(f"{flag} {out} is the run directory itself; give a new folder")
     for name in (*RUN_NAMES, EVENTS_FILE, LOCK_FILE, ATTEMPTS):
-        if _inside(full, run_dir / name):
+        if is_inside(full, run_dir / name):
             raise UserError(f"{flag} {out} is inside the run's own {name}; give a folder outside the run's files")
-    if base_dir is not None and _inside(full, base_dir.resolve()):
+    if base_dir is not None and is_inside(full, base_dir.resolve()):
         raise UserError(f"{flag} {out} is inside the base model directory {base_dir}; give another folder")
     if out.exists():
         if not out.is_dir():

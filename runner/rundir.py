@@ -244,7 +244,7 @@ def links_in(run_dir: str | Path) -> list[str]:
         root = d / tree
         if root.is_symlink() or not root.is_dir():
             continue
-        if not _inside(root.resolve(), d.resolve()):
+        if not is_inside(root.resolve(), d.resolve()):
             found.append(tree)
             continue
         for here, dirs, files in os.walk(root, followlinks=False):
@@ -274,7 +274,7 @@ def _unwritable(d: Path) -> str | None:
     return None
 
 
-def _inside(a: Path, b: Path) -> bool:
+def is_inside(a: Path, b: Path) -> bool:
     """a is b or below it."""
     try:
         a.relative_to(b)
@@ -304,11 +304,11 @@ def check(run_dir: str | Path, plan, *, resume: bool) -> RunDirState:
     if looks_local(plan.model.ref):
         model = Path(plan.model.ref).expanduser().resolve()
         here = d.resolve()
-        if _inside(model, here):
+        if is_inside(model, here):
             problems.append(Problem(f"run directory {d} contains the model directory {plan.model.ref} it trains "
                                     "from (the run writes model/, adapter/ and checkpoints/ there)", None,
                                     "choose a run directory outside the model directory"))
-        elif _inside(here, model):
+        elif is_inside(here, model):
             problems.append(Problem(f"run directory {d} is inside the model directory {plan.model.ref} it trains "
                                     "from", None, "choose a run directory outside the model directory"))
     if st.owner is not None:

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from advisor.problems import Change, Problem, Problems
+from advisor.problems import Change, Problem, Problems, problem_text
 from advisor.spec import field_table
 
 EXIT_USER_ERROR = 2
@@ -89,13 +89,7 @@ def report_problems(e: Problems, as_json: bool = False) -> int:
                                         "flag": FLAGS.get(p.field or "")}
                                        for p in e.items]},
                          indent=2))
-    lines = [render(p) for p in e.items]
-    if len(lines) == 1:
-        print(f"tuneplan: {lines[0]}", file=sys.stderr)
-    else:
-        print(f"tuneplan: {len(lines)} problems:", file=sys.stderr)
-        for line in lines:
-            print(f"  - {line}", file=sys.stderr)
+    print(problem_text([render(p) for p in e.items]), file=sys.stderr)
     return EXIT_USER_ERROR
 
 
