@@ -57,6 +57,7 @@ def test_launch_screen(snap_compare, monkeypatch):
         screen.query_one("#dataset").value = "runner/demo_data/instructions.jsonl"
         screen.query_one("#run-dir").value = "runs/example"
         screen.preview()
+        await pilot.app.workers.wait_for_complete()  # the preview's worker: longest example, job and peak from the data
         await _steady(pilot)
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=before)
