@@ -117,7 +117,7 @@ def family_of(model, version: str = "5") -> tuple[Family, bool]:
 # layer kinds of layer_types / layers_block_type that are attention over the cached keys (the analytic rules);
 # anything else (mamba, linear_attention, conv, ...) is a recurrent or state-space mixer
 _ATTENTION_KINDS = frozenset({"full_attention", "sliding_attention", "attention", "global", "local",
-                              "chunked_attention", "full", "sliding"})
+                              "chunked_attention", "full", "sliding", "indexed_attention", "sparse_attention"})
 
 
 def _structure(text: dict) -> str:

@@ -21,6 +21,7 @@ not modelled, refused with a message. Pure: no torch, no transformers.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import replace
 
@@ -169,8 +170,9 @@ def layout(shape, version: str):
     return replace(shape, linears=tuple(out))
 
 
+@functools.lru_cache(maxsize=1)
 def installed() -> str | None:
-    """The transformers version installed here (package metadata; nothing is imported), or None."""
+    """The transformers version installed here (package metadata, read once; nothing is imported), or None."""
     from importlib import metadata
 
     try:

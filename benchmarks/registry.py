@@ -330,6 +330,57 @@ def _check(model_type: str, modes: tuple[str, ...]) -> Row:
     return row
 
 
+def _verdict(row: dict) -> str:
+    if row["status"] != "checked":
+        return row["status"]
+    return "routed" if row["why"] else "checked"
+
+
+def _errs(row: dict | None) -> list[str]:
+    if row is None:
+        return ["", "", ""]
+    out = []
+    for m in ("lora", "full", "inference"):
+        if m in row["errors"]:
+            out.append(f"{row['errors'][m]:+.1%}")
+        elif m == "lora" and row.get("lora_refused"):
+            out.append("peft refuses")
+        elif m in row.get("sim_problem", {}):
+            out.append("sim fails")
+        else:
+            out.append("")
+    return out
+
+
+def _reason(row: dict) -> str:
+    if row["status"] == "checked" and row["why"]:
+        why = row["why"]
+        return why[why.find("(") + 1:why.rfind(")")] if "(" in why.split(" is not")[0] else "no checked profile"
+    return row["why"].split(":")[0][:70] if row["status"] != "checked" else ""
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per model type, the analytic peak against simulate's on each release measured."""
+    versions = [r["transformers"] for r in results]
+    by = [{row["model_type"]: row for row in r["rows"]} for r in results]
+    types = sorted(set().union(*by))
+    head = "| model type | verdict | " + " | ".join(f"{v}: LoRA | full | inference" for v in versions) + " | why |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(versions))]
+    counts: dict[str, dict[str, int]] = {v: {} for v in versions}
+    for t in types:
+        rows = [b.get(t) for b in by]
+        first = next(r for r in rows if r is not None)
+        verdicts = {_verdict(r) for r in rows if r is not None}
+        for v, r in zip(versions, rows, strict=True):
+            if r is not None:
+                counts[v][_verdict(r)] = counts[v].get(_verdict(r), 0) + 1
+        cells = [c for r in rows for c in _errs(r if r is None or r["status"] == "checked" else None)]
+        lines.append(f"| `{t}` | {' / '.join(sorted(verdicts))} | " + " | ".join(cells) + f" | {_reason(first)} |")
+    summary = "; ".join(f"transformers {v}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts[v].items()))
+                        for v in versions)
+    return "\n".join(lines) + f"\n\n{summary}."
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
@@ -341,7 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("types", nargs="*")
     ap.add_argument("--json")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print (or --write) the table of saved sweeps")
+    ap.add_argument("--write", metavar="MD", help="with --table: replace the registry block of this markdown file")
     args = ap.parse_args(argv)
+    if args.table:
+        md = table([json.loads(Path(p).read_text()) for p in args.table])
+        if args.write:
+            from benchmarks.docblock import write_between
+
+            write_between(args.write, "registry", md)
+        else:
+            print(md)
+        return 0
     import transformers
 
     rows = []
