@@ -48,6 +48,9 @@ KvCacheDtype = Literal["auto", "fp8"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 Status = Literal["fits", "weights_too_big", "no_kv_room", "max_model_len_too_long"]
+# --max-lora-rank takes one of these: vLLM's MaxLoRARanks (vllm/config/lora.py, vllm-project/vllm@01230b4),
+# a Literal that its argument parser turns into the flag's choices, so `vllm serve` refuses any other rank
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 BLOCK_SIZE = 16  # CacheConfig.block_size on CUDA (the logs: num_gpu_blocks x 16 = the printed tokens)
 VOCAB_PADDING = 64  # vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
@@ -459,6 +462,23 @@ class VllmEstimate:
         return d
 
 
+def lora_rank_for(r: int) -> int | None:
+    """The smallest --max-lora-rank vLLM accepts that holds an adapter of rank ``r``; None above the largest."""
+    return next((x for x in VLLM_LORA_RANKS if x >= r), None)
+
+
+def lora_rank_problem(rank, field: str = "max_lora_rank") -> Problem | None:
+    """A --max-lora-rank vLLM refuses (not one of VLLM_LORA_RANKS): one problem listing the ranks it takes."""
+    if not isinstance(rank, bool) and rank in VLLM_LORA_RANKS:
+        return None
+    allowed = ", ".join(map(str, VLLM_LORA_RANKS))
+    up = lora_rank_for(rank) if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1 else None
+    fix = (f"{up} holds an adapter of rank {rank}" if up is not None else
+           f"an adapter above rank {VLLM_LORA_RANKS[-1]} cannot be served beside the base: serve the merged model"
+           if isinstance(rank, int) and not isinstance(rank, bool) and rank > VLLM_LORA_RANKS[-1] else None)
+    return Problem(f"vLLM accepts only {allowed} (got {rank!r})", field, fix)
+
+
 def _check_inputs(shape: ModelShape, total: int, util: float, tp: int, mml: int, weight_quant: str,
                   kv_cache_dtype: str, dtype: str, max_num_seqs: int | None, max_num_batched_tokens: int | None,
                   block_size: int, enable_lora: bool, max_lora_rank: int, max_loras: int) -> None:
@@ -498,6 +518,10 @@ def _check_inputs(shape: ModelShape, total: int, util: float, tp: int, mml: int,
         for limit, count in (("max_lora_rank", max_lora_rank), ("max_loras", max_loras)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 bad.append(Problem(f"{limit} must be a positive whole number (got {count!r})", limit))
+    if enable_lora and isinstance(max_lora_rank, int) and not isinstance(max_lora_rank, bool) and max_lora_rank >= 1:
+        rank_problem = lora_rank_problem(max_lora_rank)
+        if rank_problem is not None:
+            bad.append(rank_problem)
     if bad:
         raise Problems(bad)
 

@@ -20,6 +20,7 @@ from advisor.service import (
     KV_CACHE_DTYPES,
     SERVING_WEIGHTS,
 )
+from advisor.serving import VLLM_LORA_RANKS, lora_rank_problem
 
 # estimate: the engine's flags (None: not given) -> the words of its help
 VLLM_FLAGS = ("gpu_memory_utilization", "max_model_len", "tensor_parallel", "max_num_seqs", "enable_lora",
@@ -43,7 +44,8 @@ def _add_vllm_knobs(p: argparse.ArgumentParser) -> None:
                    help="vLLM's KV cache: auto (the model's dtype, default) or fp8 (1 byte)")
     p.add_argument("--enable-lora", action="store_true", default=None,
                    help="vLLM: serve LoRA adapters beside the base (preallocates their slots)")
-    p.add_argument("--max-lora-rank", type=int, metavar="R", help="vLLM: the largest adapter rank (default 16)")
+    p.add_argument("--max-lora-rank", type=int, metavar="R", help="vLLM: the largest adapter rank, one of "
+                   f"{', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's choices; default 16)")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +114,8 @@ def engine_of(a: argparse.Namespace, ctx) -> str | None:
                                     "transformers' generate (--engine transformers)", None,
                                     "add --engine vllm (and --gpu)" if ctx.gpu is None else "add --engine vllm"))
     else:
+        if a.max_lora_rank is not None and (bad_rank := lora_rank_problem(a.max_lora_rank, "serving.max_lora_rank")):
+            problems.append(bad_rank)  # vLLM's parser refuses it, with --enable-lora or without
         if a.mode != "analytic":
             problems.append(Problem("--mode simulate traces transformers' generate; vLLM's estimate is analytic",
                                     None, "drop --mode simulate, or use --engine transformers"))
@@ -173,8 +177,10 @@ def cmd_recommend_serving(a: argparse.Namespace) -> int:
         problems.append(Problem(f"{', '.join(training)}: the training job's flags, not read with --serving", None,
                                 "give the serving question with --context (tokens per request) and --concurrency "
                                 "(requests at once)"))
+    bad_rank = lora_rank_problem(a.max_lora_rank, "serving.max_lora_rank") if a.max_lora_rank is not None else None
+    if bad_rank is not None:  # vLLM's parser refuses it, with --enable-lora or without
+        problems.append(bad_rank)
     gpu = shape = None
-    if a.gpu is not None:
         try:
             gpu = service.find_gpu(a.gpu)
         except Problems as e:
@@ -190,7 +196,8 @@ def cmd_recommend_serving(a: argparse.Namespace) -> int:
             advice = service.rank_serving(shape, a.model, context=a.context, concurrency=a.concurrency,
                                           weights=a.weights or "bf16", kv_cache_dtype=a.kv_cache_dtype or "auto",
                                           gpu_memory_utilization=a.gpu_memory_utilization, gpu=gpu, gpus=a.gpus,
-                                          enable_lora=bool(a.enable_lora), max_lora_rank=a.max_lora_rank)
+                                          enable_lora=bool(a.enable_lora),
+                                          max_lora_rank=None if bad_rank else a.max_lora_rank)  # said above
         except Problems as e:
             problems += e.items
     if problems or advice is None:
