@@ -181,6 +181,7 @@ def cmd_recommend_serving(a: argparse.Namespace) -> int:
     if bad_rank is not None:  # vLLM's parser refuses it, with --enable-lora or without
         problems.append(bad_rank)
     gpu = shape = None
+    if a.gpu is not None:
         try:
             gpu = service.find_gpu(a.gpu)
         except Problems as e:
