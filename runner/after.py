@@ -82,7 +82,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
             + ("; greedy" if sampling.temperature == 0 else f"; temperature {sampling.temperature:g}, "
                f"top-p {sampling.top_p:g}, seed {sampling.seed}"))
     if a.prompt is not None:
-        _answer(chat, a.prompt, a.compare)
+        problem = _answer(chat, a.prompt, a.compare)
+        if problem:
+            raise UserError(problem)
         return 0
     tty = sys.stdin.isatty()
     if tty:
@@ -101,18 +103,30 @@ def cmd_chat(a: argparse.Namespace) -> int:
             _stderr("(conversation forgotten)")
             continue
         if text:
-            _answer(chat, text, a.compare)
+            problem = _answer(chat, text, a.compare)
+            if problem:
+                _stderr(f"tuneplan: {problem}")  # this message is not sent; the next one may be
     return 0
 
 
-def _answer(chat, text: str, compare: bool) -> None:
-    for which in (("base", "tuned") if compare else ("tuned",)):
+def _answer(chat, text: str, compare: bool) -> str | None:
+    """Print each model's reply as it comes; or, sending nothing, why the model cannot read the message whole
+    (runner.chat.prompt_problem, the line the app shows)."""
+    from runner.chat import prompt_problem
+
+    whiches = ("base", "tuned") if compare else ("tuned",)
+    for which in whiches:
+        problem = prompt_problem(chat, text, which)
+        if problem:
+            return problem
+    for which in whiches:
         if compare:
             print(f"{which}> ", end="", flush=True)
         for chunk in chat.stream(text, which):
             print(chunk, end="", flush=True)
         print(flush=True)
         _stderr(_stats_line(chat.last_stats))
+    return None
 
 
 # --- eval ----------------------------------------------------------------------------------------

@@ -238,18 +238,8 @@ def plan_tokenizer(plan):
 
 
 def prompt_problem(session, text: str, which: str = "tuned") -> str | None:
-    """Why the session's model cannot answer ``text`` whole: the prompt (with the conversation so far) and the
-    max new tokens asked for go beyond the model's positions (max_position_embeddings), where generate warns
-    and the replies turn to noise; None when it fits."""
-    n = len(session.prompt_ids(text, which))
-    m = session.sampling.max_new_tokens
-    cfg = session.models.tuned.config
-    limit = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "max_position_embeddings",
-                    None)
-    if not isinstance(limit, int) or n + m <= limit:
-        return None
-    fix = "shorten the message" + (" or start the conversation again (/reset)" if session.multi_turn else "")
-    if n < limit:
-        return (f"the prompt is {n:,} tokens and up to {m:,} new ones are asked for: {n + m:,}, beyond the model's "
-                f"{limit:,} positions; {fix}, or ask for at most {limit - n:,} new tokens")
-    return f"the prompt alone is {n:,} tokens, beyond the model's {limit:,} positions; {fix}"
+    """Why the session's model cannot answer ``text`` whole (runner.chat.prompt_problem: the prompt and the max
+    new tokens beyond the model's positions), the line `tuneplan chat` gives too; None when it fits."""
+    from runner.chat import prompt_problem as problem
+
+    return problem(session, text, which)

@@ -120,6 +120,24 @@ class ChatSession:
         self.last_stats = stats
 
 
+def prompt_problem(session: ChatSession, text: str, which: str = "tuned") -> str | None:
+    """Why the session's model cannot answer ``text`` whole: the prompt (with the conversation so far) and the
+    max new tokens asked for go beyond the model's positions (max_position_embeddings), where generate warns
+    and the replies turn to noise; None when it fits. `tuneplan chat` and the app's Chat screen say it alike."""
+    n = len(session.prompt_ids(text, which))
+    m = session.sampling.max_new_tokens
+    cfg = session.models.tuned.config
+    limit = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "max_position_embeddings",
+                    None)
+    if not isinstance(limit, int) or n + m <= limit:
+        return None
+    fix = "shorten the message" + (" or start the conversation again (/reset)" if session.multi_turn else "")
+    if n < limit:
+        return (f"the prompt is {n:,} tokens and up to {m:,} new ones are asked for: {n + m:,}, beyond the model's "
+                f"{limit:,} positions; {fix}, or ask for at most {limit - n:,} new tokens")
+    return f"the prompt alone is {n:,} tokens, beyond the model's {limit:,} positions; {fix}"
+
+
 def eos_ids(models: Models) -> list[int]:
     """Every token that ends a turn: the tokenizer's EOS and the model's generation config's."""
     ids: list[int] = []
