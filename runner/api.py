@@ -186,6 +186,56 @@ def export_defaults(run) -> dict[str, Any]:
     return {"out": default_out(run), "dtype": default_dtype(run)}
 
 
+def read_eval(run) -> dict[str, Any] | None:
+    """The run's eval.json (what `tuneplan eval` wrote last, runner.evaluate), None when it has none; UserError
+    when it is a symbolic link or not JSON."""
+    from runner.evaluate import EVAL_FILE, read_json_nofollow
+
+    found = read_json_nofollow(run.run_dir / EVAL_FILE)
+    return found if isinstance(found, dict) else None
+
+
+def evaluate_run(models, *, samples: int = 3, max_new_tokens: int = 64, data_path=None, progress=None):
+    """`tuneplan eval` on loaded models (runner.evaluate): the checks first (a run still writing the directory,
+    the data), then base and tuned loss and perplexity with the training mask, ``samples`` held-out prompts
+    answered by both (greedy), written to RUN_DIR/eval.json and report.json's ``eval``; ``progress(words)``
+    as it goes. Seconds: call it from a worker thread. (result, eval.json path, report.json updated);
+    UserError with the one line that says why not."""
+    from advisor.problems import UserError
+    from runner.evaluate import check_data_file, check_writable, evaluate, save
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise UserError(f"samples must be 0 or more (got {samples})")
+    how = sampling(max_new_tokens=max_new_tokens)
+    run = models.run
+    check_writable(run)
+    check_data_file(run, data_path)
+    result = evaluate(models, data_path=data_path, samples=samples, sampling=how, progress=progress)
+    path, report = save(run, result)
+    return result, path, report
+
+
+def plan_export(run, out=None, dtype: str | None = None, nf4: bool = False):
+    """Every check `tuneplan export` makes before it starts (runner.export.plan_export: the folder, RAM and disk
+    against what the merge needs, the time): an ExportPlan (``.words()``: the lines the CLI prints), or
+    UserError with the one line that says why not."""
+    from runner.export import plan_export as plan
+
+    return plan(run, out, dtype, nf4)
+
+
+def export_run(xp, progress=None) -> dict[str, Any]:
+    """Write the export ``plan_export`` checked (runner.export.export: the merged model, and the 4-bit copy);
+    seconds to minutes: call it from a worker thread. What it wrote: {"merged": DIR, "nf4": DIR (with the
+    4-bit copy), "bytes": {"merged": n, "nf4": n} (the files written), "seconds", "chat_template"}."""
+    from runner.export import export
+
+    done = export(xp, progress=progress)
+    done["bytes"] = {k: sum(f.stat().st_size for f in Path(done[k]).rglob("*") if f.is_file() and not f.is_symlink())
+                     for k in ("merged", "nf4") if k in done}
+    return done
+
+
 # --- the estimate from the data: the runner's loader, as lengths ------------------------------------------
 
 

@@ -99,3 +99,53 @@ class ChatReplied(Message):
     stats: dict[str, Any] | None
     error: str | None = None
     last: bool = True  # the worker has finished (the session is free for the next prompt)
+
+
+# --- after the run (the Chat screen's Eval and Export tabs): runner.api in a worker -------------------------
+
+@dataclass
+class EvalProgress(Message):
+    """What the evaluation is doing now (runner.evaluate's progress words); a newer one replaces it."""
+
+    key: int  # which run this belongs to (opening another run makes older messages stale)
+    text: str
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, EvalProgress) and message.key == self.key
+
+
+@dataclass
+class EvalDone(Message):
+    """An evaluation's result (eval.json's object), or the run's eval.json read when it opened, or why not."""
+
+    key: int
+    result: dict[str, Any] | None
+    where: str | None = None  # what was written ("wrote RUN_DIR/eval.json; report.json has it under 'eval'")
+    error: str | None = None
+    ran: bool = False  # from the Evaluate button (written just now), not the eval.json read on opening the run
+
+
+@dataclass
+class ExportChecked(Message):
+    """What an export will need (runner.export.ExportPlan.words: RAM, disk, time), or the one line why not."""
+
+    key: int
+    check: int  # which check of this run (the choices changed since: stale)
+    lines: list[str] | None
+    error: str | None = None
+
+
+@dataclass
+class ExportProgress(Message):
+    key: int
+    text: str
+
+
+@dataclass
+class ExportDone(Message):
+    """What the export wrote (runner.api.export_run), or why it failed; "serve this" for the folder it wrote."""
+
+    key: int
+    done: dict[str, Any] | None
+    error: str | None = None
+    serve: Any = None  # advisor.tui.serve_this.ServeThis for the export

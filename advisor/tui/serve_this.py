@@ -16,12 +16,9 @@ from typing import Any
 from rich.text import Text
 
 from advisor import present, service
+from advisor.serving import VLLM_LORA_RANKS, lora_rank_for
 from advisor.units import mib_or_gib
 from runner import api as runner_api
-
-# --max-lora-rank takes one of these (vLLM's MaxLoRARanks, vllm/config/lora.py); a run's rank r is served
-# with the smallest one that holds it
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -34,6 +31,7 @@ class ServeThis:
     adapter: Any = None  # the same for the base with --enable-lora (LoRA / QLoRA runs), None otherwise
     lora_module: str | None = None  # NAME=PATH for --lora-modules
     notes: list[str] = field(default_factory=list)
+    exported: str | None = None  # what the export wrote (the app's Export tab), once it has
 
     @property
     def serve_cmd(self) -> list[str] | None:
@@ -50,8 +48,9 @@ class ServeThis:
         return [*a.command(a.choice), "--lora-modules", self.lora_module]
 
 
-def serve_this(run) -> ServeThis:
-    """What to run to serve ``run`` (a runner.tuned.TunedRun) with vLLM. Problems when the base model's
+def serve_this(run, export_dir: str | Path | None = None, exported: str | None = None) -> ServeThis:
+    """What to run to serve ``run`` (a runner.tuned.TunedRun) with vLLM: its export in ``export_dir`` (default:
+    where `tuneplan export` writes; ``exported`` says what was written there). Problems when the base model's
     shape cannot be read (advisor.service.resolve_model) or the question is one vLLM refuses."""
     plan = run.plan
     shape = service.resolve_model(plan.model.ref, plan.model.revision, plan.model.trust_remote_code)
@@ -62,18 +61,22 @@ def serve_this(run) -> ServeThis:
     if plan.hardware.device == "cuda" and plan.hardware.gpu:
         gpu = service.find_gpu(plan.hardware.gpu)
     run_dir = Path(run.run_dir).absolute()
-    out = Path(runner_api.export_defaults(run)["out"]).absolute()
-    dtype = runner_api.export_defaults(run)["dtype"]
+    defaults = runner_api.export_defaults(run)
+    out = Path(export_dir if export_dir is not None else defaults["out"]).absolute()
+    dtype = defaults["dtype"]
     export_cmd = ["tuneplan", "export", str(run_dir)]
+    if export_dir is not None and out != Path(defaults["out"]).absolute():
+        export_cmd += ["--out", str(out)]
     notes = []
     if dtype == "fp32":  # vLLM serves 16-bit weights (its "auto" casts fp32 down): half the disk
         export_cmd += ["--dtype", "bf16"]
-        notes.append("the run computed in fp32; vLLM serves 16-bit weights, so export in bf16 (half the disk)")
+        if exported is None:
+            notes.append("the run computed in fp32; vLLM serves 16-bit weights, so export in bf16 (half the disk)")
     merged = service.rank_serving(shape, str(out), context=context, concurrency=1, gpu=gpu)
-    res = ServeThis(context, export_cmd, out, merged, run.kind, notes=notes)
+    res = ServeThis(context, export_cmd, out, merged, run.kind, notes=notes, exported=exported)
     if run.kind == "adapter":
         r = plan.training.lora.r
-        rank = next((x for x in VLLM_LORA_RANKS if x >= r), None)
+        rank = lora_rank_for(r)  # vLLM refuses any other --max-lora-rank: the next one up holds rank r
         if rank is None:
             notes.append(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this adapter's r is {r}: serve the "
                          "merged export")
@@ -113,7 +116,10 @@ def serve_text(s: ServeThis) -> Text:
                 f"{how}, as vLLM sizes its KV cache at start-up\n", style="dim")
     what = "merges the adapter into the base" if s.kind == "adapter" else "a standalone folder"
     text.append(f"1. export ({what}, with the run's tokenizer and chat template):\n", style="bold")
-    text.append(f"   {shlex.join(s.export_cmd)}\n", style="cyan")
+    if s.exported:
+        text.append(f"   done: {s.exported}\n", style="green")
+    else:
+        text.append(f"   {shlex.join(s.export_cmd)}\n", style="cyan")
     text.append("2. serve the export:\n", style="bold")
     if s.serve_cmd is not None:
         text.append(f"   {shlex.join(s.serve_cmd)}\n", style="cyan")

@@ -1,6 +1,7 @@
 """Chat: talk to a run's tuned model (the run started on Launch, or any run directory), with the base model's
-reply beside it for the same prompt and sampling, the tokens/s and the memory of each reply; and "serve this":
-the export command, the `vllm serve` command and the GPU it needs.
+reply beside it for the same prompt and sampling, the tokens/s and the memory of each reply; its Eval and Export
+tabs (advisor.tui.screens.after_run: `tuneplan eval` and `tuneplan export` for the same run); and "serve this":
+the export command (or the export written), the `vllm serve` command and the GPU it needs.
 
 The run is opened and its models loaded in a worker thread (runner.api.open_run / load_models: seconds); each
 reply streams from another worker (runner.chat.ChatSession.stream) as ChatChunk messages, a newer chunk of a
@@ -19,10 +20,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Static
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Static, TabbedContent, TabPane
 
 from advisor.problems import Problems
-from advisor.tui.messages import ChatChunk, ChatFailed, ChatLoaded, ChatOpened, ChatReplied
+from advisor.tui.messages import ChatChunk, ChatFailed, ChatLoaded, ChatOpened, ChatReplied, ExportDone
+from advisor.tui.screens.after_run import EvalPanel, ExportPanel
 from advisor.units import mib_or_gib
 from runner import api as runner_api
 
@@ -62,19 +64,25 @@ class ChatScreen(Screen):
                              placeholder="a run directory (Enter loads it); the run started on Launch comes here"),
                        Button("Load", id="chat-load", compact=True),
                        Checkbox("trust remote code", id="chat-trust", compact=True))
-            yield _row(Checkbox("compare with the base", id="chat-compare", compact=True),
-                       Label("max new tokens", classes="field-label"),
-                       Input("128", id="chat-max", type="integer", compact=True, classes="chat-num"),
-                       Label("temperature", classes="field-label"),
-                       Input("0", id="chat-temp", type="number", compact=True, classes="chat-num"),
-                       Label("(0: greedy; seed 0, the same draws for base and tuned)", classes="chat-hint"))
             yield Static("", id="chat-status")
             with Horizontal(id="chat-body"):
-                with Vertical(id="chat-left"):
-                    yield VerticalScroll(id="chat-log")
-                    yield Input("", id="chat-prompt", compact=True,
-                                placeholder="a message (Enter sends; /reset forgets the conversation; Esc stops)")
-                    yield Static("", id="chat-note")  # why a message was not sent
+                with TabbedContent(id="chat-tabs"):
+                    with TabPane("Chat", id="tab-chat"), Vertical(id="chat-left"):
+                        yield _row(Checkbox("compare with the base", id="chat-compare", compact=True),
+                                   Label("max new tokens", classes="field-label"),
+                                   Input("128", id="chat-max", type="integer", compact=True, classes="chat-num"),
+                                   Label("temperature", classes="field-label"),
+                                   Input("0", id="chat-temp", type="number", compact=True, classes="chat-num"),
+                                   Label("(0: greedy; seed 0 for both)", classes="chat-hint"))
+                        yield VerticalScroll(id="chat-log")
+                        yield Input("", id="chat-prompt", compact=True,
+                                    placeholder="a message (Enter sends; /reset forgets the conversation; Esc "
+                                    "stops)")
+                        yield Static("", id="chat-note")  # why a message was not sent
+                    with TabPane("Eval", id="tab-eval"):
+                        yield EvalPanel(id="eval-panel")
+                    with TabPane("Export", id="tab-export"):
+                        yield ExportPanel(id="export-panel")
                 with VerticalScroll(id="chat-serve"):
                     yield Label("Serve this", classes="section")
                     yield Static("", id="serve-text")
@@ -125,6 +133,8 @@ class ChatScreen(Screen):
         self.loaded_dir = run_dir
         self.run = self.session = self.serve = self.error = None
         self.replying = False
+        self.query_one(EvalPanel).reset()
+        self.query_one(ExportPanel).reset()
         self.show_serve()
         self.set_status(Text(f"opening {run_dir} …", style="bold"))
         self.load(str(Path(run_dir).expanduser().absolute()), self.query_one("#chat-trust", Checkbox).value,
@@ -163,6 +173,7 @@ class ChatScreen(Screen):
         if m.key != self.key:
             return
         self.error = m.text
+        self.query_one(EvalPanel).not_loaded()
         text = Text(m.text, style="bold red")
         if "trust-remote-code" in m.text or "trust_remote_code" in m.text:
             text.append("\nhere: tick 'trust remote code' and Load, if you trust that model's code", style="yellow")
@@ -173,6 +184,8 @@ class ChatScreen(Screen):
             return
         self.run, self.serve = m.run, m.serve
         run = m.run
+        self.query_one(EvalPanel).opened(run)
+        self.query_one(ExportPanel).opened(run)
         self.set_status(Text(f"loading {run.run_dir}/{run.label} ({METHODS.get(run.method, run.method)}, "
                              f"{run.precision}) … (seconds: the base model and the adapter)", style="bold"))
         self.show_serve(m.serve_error)
@@ -182,6 +195,7 @@ class ChatScreen(Screen):
             return
         self.session = s = m.session
         run, models = s.models.run, s.models
+        self.query_one(EvalPanel).loaded(models)
         text = Text()
         text.append(f"loaded {run.run_dir}/{run.label} ", style="bold green")
         text.append(f"({METHODS.get(run.method, run.method)}, {run.precision}, {models.device}) in {m.seconds:.1f} s; "
@@ -190,7 +204,8 @@ class ChatScreen(Screen):
                     + ("" if s.multi_turn else " (one message at a time, as the run trained)"), style="dim")
         self.set_status(text)
         self.query_one("#chat-log", VerticalScroll).mount(Static(Text(f"— {run.run_dir}/{run.label} —", style="dim")))
-        self.query_one("#chat-prompt", Input).focus()
+        if self.query_one("#chat-tabs", TabbedContent).active == "tab-chat":  # focus would switch the tab
+            self.query_one("#chat-prompt", Input).focus()
 
     # --- serve this -------------------------------------------------------------------------------------
     def show_serve(self, error: str | None = None) -> None:
@@ -205,6 +220,12 @@ class ChatScreen(Screen):
             out.update(Text("the `vllm serve` command and the GPU it needs, once a run is open", style="dim"))
         self.query_one("#copy-export", Button).disabled = self.serve is None
         self.query_one("#copy-serve", Button).disabled = self.serve is None or self.serve.serve_cmd is None
+
+    def on_export_done(self, m: ExportDone) -> None:
+        """The Export tab wrote the merged model: "serve this" serves that folder."""
+        if m.serve is not None:
+            self.serve = m.serve
+            self.show_serve()
 
     @on(Button.Pressed, "#copy-export")
     def _copy_export(self) -> None:
@@ -233,6 +254,10 @@ class ChatScreen(Screen):
             return
         if self.replying:
             self.notify("a reply is being written; Esc stops it", severity="warning")
+            return
+        if self.query_one(EvalPanel).busy:
+            self.notify("the evaluation is using the models (Eval tab); send when it has finished",
+                        severity="warning")
             return
         note = self.query_one("#chat-note", Static)
         if text == "/reset":
