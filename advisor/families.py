@@ -166,9 +166,7 @@ def lora_problem(shape, targets="all-linear") -> str | None:
         return None
     class _Stub:
         class config:  # noqa: N801 - the attribute peft reads
-            pass
-
-    _Stub.config.model_type = shape.model_type
+            model_type = shape.model_type
     wanted = shape.lora_groups(targets)
     cfg = LoraConfig(r=8, target_modules=targets if targets == "all-linear" else list(targets))
     for g in wanted:

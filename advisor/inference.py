@@ -173,7 +173,8 @@ def has_eos(shape: ModelShape) -> bool:
     """Whether generate gets an EOS token from the model's config (the length processors that
     generate_step's min_new_tokens adds are skipped without one)."""
     cfg = shape.config or {}
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    text = cfg.get("text_config")
+    text = text if isinstance(text, dict) else {}
     eos = cfg.get("eos_token_id", text.get("eos_token_id"))
     return eos is not None and eos != []
 

@@ -103,6 +103,7 @@ def build(data: dict[str, Any]) -> PlanContext:
                                 "set the device to cuda to size it on that GPU, or choose no GPU for a CPU run"))
     if problems:
         raise Problems(problems)
+    assert plan is not None and shape is not None  # each is None only with a problem raised above
     if plan.task == "training":  # the model as the plan's transformers release builds it (MoE: per-expert on 4.x)
         from advisor.software import layout
 
@@ -214,6 +215,10 @@ def modelled_stack(plan: Plan | None = None) -> dict[str, str]:
     return stack(plan.training.transformers if plan is not None and plan.task == "training" else None)
 
 
+def _gpu_name(ctx: PlanContext) -> str:
+    return ctx.gpu.name if ctx.gpu is not None else "the GPU"
+
+
 def verdict_for(bd: Breakdown, gpu: Gpu | None) -> Verdict | None:
     """The one fit verdict of a breakdown on a card (advisor.policy.fit_verdict)."""
     if gpu is None:
@@ -257,7 +262,7 @@ def estimate(ctx: PlanContext, mode: str = "analytic", progress: Callable[[float
     if ctx.plan.task == "training":
         res.job = job = job or Job.of(ctx.plan)
         if res.status == "oom":
-            res.time_note = (f"no time or cost: the plan does not fit {ctx.gpu.name} (out of memory), so there is "
+            res.time_note = (f"no time or cost: the plan does not fit {_gpu_name(ctx)} (out of memory), so there is "
                              "no run to time")
         else:
             res.time, res.time_note = job_time(ctx, job)
@@ -302,6 +307,9 @@ def limits(ctx: PlanContext, what: str):
     """The largest seq_len ('seq') or micro-batch ('batch') that fits the plan's GPU (advisor.limits)."""
     from advisor.limits import limit
 
+    if ctx.gpu is None:
+        raise Problems(Problem("the largest seq_len or micro-batch is the one that fits a GPU: the plan names none",
+                               "hardware.gpu", "name the GPU (--gpu)"))
     return limit(ctx.plan, ctx.shape, ctx.gpu, what)
 
 
@@ -395,7 +403,7 @@ def gpu_rows(ctx: PlanContext, tokens: float | None = None) -> list[GpuRow]:
     bd = analytic(plan, ctx.shape)
     rows = []
     for g in gpu_table().values():
-        v = verdict_for(bd, g)
+        v = breakdown_verdict(bd, g.memory_bytes)
         row = GpuRow(g.id, g.name, g.memory_bytes, bd.peak_reserved_bytes, v.status, g.price_usd_hour, g.bf16)
         if plan.task == "training" and tokens and v.status != "oom" and (n == 1 or g.interconnect != "none"):
             row.hours = train_hours(ctx.shape, plan, g, n, zero, tokens)
@@ -599,7 +607,7 @@ def checkpoint_bytes(plan: Plan) -> tuple[ModelShape, int, int]:
     return shape, trainable_params(shape, t) * trainable_bytes_per_param(t), optimizer_states_bytes(shape, t)
 
 
-def export_bytes(plan: Plan, shape: ModelShape, dtype: str, nf4: bool, merge: bool) -> dict[str, int]:
+def export_bytes(plan: Plan, shape: ModelShape, dtype: str, nf4: bool, merge: bool) -> dict[str, Any]:
     """Host RAM an export needs, by part (advisor.lifecycle's merge moment for an adapter, the model in
     ``dtype`` for a full fine-tune), with ``"merged"`` (the merged model's bytes on disk) and, with
     ``nf4``, ``"4-bit copy"`` (a bitsandbytes NF4 copy built after the merge) and ``"nf4_disk"``."""
@@ -869,8 +877,9 @@ def rank_serving(shape: ModelShape, ref: str, *, context: int | None = None, con
     concurrency = DEFAULT_CONCURRENCY if concurrency is None else concurrency
     util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
     rank = 16 if max_lora_rank is None else max_lora_rank
-    kw = dict(gpu_memory_utilization=util, max_model_len=context, weight_quant=SERVING_WEIGHTS.get(weights, "none"),
-              kv_cache_dtype=kv_cache_dtype, enable_lora=enable_lora, max_lora_rank=rank)
+    kw: dict[str, Any] = dict(gpu_memory_utilization=util, max_model_len=context,
+                              weight_quant=SERVING_WEIGHTS.get(weights, "none"), kv_cache_dtype=kv_cache_dtype,
+                              enable_lora=enable_lora, max_lora_rank=rank)
     counts = SERVING_COUNTS if gpus is None else (gpus,)
     probe = gpu or next(iter(gpu_table().values()))
     try:  # every mistake in the question at once, before the search (advisor.serving checks its own)
@@ -950,8 +959,8 @@ def data_estimate(ctx: PlanContext, data: DataLengths, mode: str = "analytic",
     plan = ctx.plan
     if plan.task != "training":
         raise Problems(Problem("an estimate from data is for training plans", "task", "use --task training"))
-    on_gpu = ctx.gpu is not None and plan.hardware.device == "cuda"
-    micro = MicroSeconds(plan, ctx.shape, ctx.gpu, data.train) if on_gpu else None
+    gpu = ctx.gpu if plan.hardware.device == "cuda" else None  # time is a GPU's
+    micro = MicroSeconds(plan, ctx.shape, gpu, data.train) if gpu is not None else None
     job = data_job(plan, data, micro, micro.fixed if micro else 0.0)
     job_fields = plan.job.model_copy(update=job.plan_values()["job"])
     job_plan = plan.model_copy(update={"job": job_fields})
@@ -969,8 +978,8 @@ def data_estimate(ctx: PlanContext, data: DataLengths, mode: str = "analytic",
         res.plan_notes.append(f"from the data, approximately: {data.source}; the longest batch, {longest.words()}, "
                               "sets the peak")
     res.plan_notes += list(job.notes)
-    if res.time is not None and micro is not None:
-        res.time = data_job_time(plan, ctx.shape, ctx.gpu, job)
+    if res.time is not None and gpu is not None:
+        res.time = data_job_time(plan, ctx.shape, gpu, job)
     nominal = analytic(plan, ctx.shape)
     over = None
     if plan.hardware.device == "cuda":

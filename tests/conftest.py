@@ -27,6 +27,18 @@ def run_stopped_after(plan, run_dir, step: int) -> int:
 
 import pytest  # noqa: E402
 
+# Fixtures that build, load or train a real model, or render the app to an SVG snapshot: a test that asks for
+# one is in the slow tier (`make test` and CI run it; `make check` leaves it out). Tests that train or load a
+# model without such a fixture carry @pytest.mark.slow themselves, as does any test over about half a second.
+SLOW_FIXTURES = {"tiny_model_dir", "model_dir", "trained", "stopped_run", "cpu_run", "tiny_model", "models",
+                 "tiny_plan", "installed", "snap_compare"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

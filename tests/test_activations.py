@@ -54,6 +54,7 @@ CASES = [(f, "bf16", "full") for f in ("llama", "qwen2", "phi3", "gpt_neox", "fa
 
 
 @pytest.mark.parametrize("family,precision,method", CASES)
+@pytest.mark.slow
 def test_layer_walk_matches_saved_tensors(family, precision, method):
     import peft
 
@@ -74,6 +75,7 @@ def test_layer_walk_matches_saved_tensors(family, precision, method):
     assert predicted == pytest.approx(measured, rel=0.01), (predicted, measured)
 
 
+@pytest.mark.slow
 def test_qlora_layer_walk_matches_saved_tensors(tmp_path):
     import peft
     import transformers

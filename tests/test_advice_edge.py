@@ -40,6 +40,7 @@ def _estimate_fits(command: list[str], capsys) -> dict:
 
 
 @pytest.mark.parametrize("model, card, seq", QUESTIONS)
+@pytest.mark.slow
 def test_no_recommendation_is_over_its_card_and_nothing_fits_is_never_the_last_word(model, card, seq, capsys):
     from advisor.cli.common import plan_command
     from advisor.service import apply_changes, build
@@ -65,6 +66,7 @@ def _base(model, card, seq):
     return {"model": {"ref": model}, "training": {"seq_len": seq}, "hardware": {"gpu": card}}
 
 
+@pytest.mark.slow
 def test_the_issues_rtx_3060_question(capsys):
     """QLoRA Llama-3.1-8B on a 12 GB RTX 3060 at 4k: was "QLoRA on 16 x RTX 3060, 14.5 GiB on a 12 GiB card,
     tight"; with --gpus 1, only "Nothing fits." Now: no plan over the card, more GPUs are not proposed
@@ -88,6 +90,7 @@ def test_an_out_of_memory_estimate_lists_the_nearest_plans_and_no_time(capsys):
     assert any(n["changes"] == {"hardware.gpus": 4, "hardware.zero": 3} for n in out["nearest"])
 
 
+@pytest.mark.slow
 def test_nvidia_smi_never_reads_above_the_card(capsys):
     """Where only the allocator's cache is over the card, nvidia-smi reads the card's memory and the run goes
     on at its limit; the reserve with no card limit stays in --json under its own name."""
@@ -103,6 +106,7 @@ def test_nvidia_smi_never_reads_above_the_card(capsys):
     assert "nvidia-smi (at the card's limit)" in text and "peak reserved, no card limit" in text
 
 
+@pytest.mark.slow
 def test_one_job_from_recommend_save_to_estimate_plan(tmp_path, capsys):
     """recommend --epochs 2 --examples 5000 --save wrote run.epochs 1.0 and the default job; estimate --plan then
     timed 1000 x 512 x 3. Now the plan carries the job, and every command times the same one."""

@@ -46,6 +46,7 @@ def _lora(model, dropout=0.0):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.slow
 def test_amp_layer_keeps_autocasts_half_copies(method):
     """Under torch.autocast a layer saves half copies: each linear's input cast per call (q, k, v
     each cast the fp32 normed input), the half weights (for grad_input), half MLP tensors and sdpa's
@@ -117,6 +118,7 @@ def test_amp_cache_holds_trainable_casts_to_the_end_of_forward():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.slow
 def test_lora_dropout_keeps_fp32_mask_only_where_input_needs_grad(precision):
     """peft casts the input to the adapter's fp32 before dropout, so torch's CPU dropout keeps an
     fp32 mask (was counted in the input dtype), and only when the input needs a gradient: the first
@@ -139,6 +141,7 @@ def test_lora_dropout_keeps_fp32_mask_only_where_input_needs_grad(precision):
 # Tied heads and position embeddings
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gpt2_position_embedding_gradient_comes_last():
     """GPT-2's learned position embedding (wpe) gets its gradient in the embedding's backward, after
     every layer's; the tied head's (wte) is the token embedding's. The analytic head gradient during
@@ -160,6 +163,7 @@ def test_gpt2_position_embedding_gradient_comes_last():
     assert ph["backward_last_layer"]["gradients"] == 4 * (shape.vocab_size * shape.hidden_size + per_layer)
 
 
+@pytest.mark.slow
 def test_lora_on_fused_experts_saves_the_merged_weights():
     """peft's ParamWrapper merges W + B @ A per forward; the grouped matmul saves the merged 3-D weight,
     and the factors' bf16 casts: counted per layer by merged_expert_bytes."""
@@ -185,6 +189,7 @@ def test_lora_on_fused_experts_saves_the_merged_weights():
 
 
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,k_proj,v_proj,o_proj"])
+@pytest.mark.slow
 def test_fused_experts_save_their_inputs_only_for_a_weight_gradient(targets):
     """transformers 5's grouped matmuls: the routed tokens' tensors a Mixtral layer saves are the gate/up
     output, the activation and the expert output (for the routing weight), plus the matmul inputs only

@@ -203,6 +203,7 @@ GPU_CASES = [
 
 
 @pytest.mark.parametrize("command,needle", CASES, ids=[c for c, _ in CASES])
+@pytest.mark.slow
 def test_bad_input_is_one_clear_message(w, command, needle):
     import shlex
 
@@ -214,6 +215,7 @@ def test_bad_input_is_one_clear_message(w, command, needle):
 
 
 @pytest.mark.parametrize("name,needle", GPU_CASES)
+@pytest.mark.slow
 def test_bad_gpu_file_is_one_clear_message(w, name, needle, monkeypatch):
     monkeypatch.setenv("TUNEPLAN_GPUS", str(w / name))
     for argv in (["profiles", "--gpus"], ["estimate", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "RTX 4090"]):

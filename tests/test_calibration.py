@@ -36,6 +36,7 @@ def test_analytic_within_10_percent_of_measured(case):
     assert abs(row["error"]) <= 0.10, row
 
 
+@pytest.mark.slow
 def test_every_stored_measurement_within_3_percent():
     """The whole calibration matrix as measured (benchmarks/results/measured_cpu.json): the analytic
     estimate within 3% of every case (the goal docs/accuracy.md reports)."""

@@ -72,6 +72,7 @@ def _ck_files(run_dir):
     return sorted(p.relative_to(ck) for p in ck.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_checkpoint_files(stopped_run):
     run_dir, _ = stopped_run
     names = {str(p) for p in _ck_files(run_dir)}
@@ -80,6 +81,7 @@ def test_checkpoint_files(stopped_run):
     assert not any(n.endswith((".pkl", ".pickle")) or n == "rng.pt" for n in names)
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_in_any_checkpoint_file_never_runs(stopped_run, tmp_path):
     """Every file of the checkpoint, one at a time, replaced by a pickle that would create a marker
     file: loading refuses each one the loader reads (a message naming it), and nothing runs."""
@@ -107,6 +109,7 @@ def test_a_planted_pickle_in_any_checkpoint_file_never_runs(stopped_run, tmp_pat
                             "adapter/adapter_model.safetensors"}
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_as_bin_weights_is_refused(stopped_run, tmp_path):
     from runner.checkpoint import CheckpointError, load_weights
 
@@ -118,6 +121,7 @@ def test_a_planted_pickle_as_bin_weights_is_refused(stopped_run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_planted_optimizer_pickle(stopped_run, tmp_path, capsys):
     """As a user meets it: `tuneplan run --resume DIR` on a downloaded run directory."""
     from advisor.cli.main import main
@@ -135,6 +139,7 @@ def test_resume_refuses_a_planted_optimizer_pickle(stopped_run, tmp_path, capsys
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit",
                                   "paged_adamw_32bit"])
+@pytest.mark.slow
 def test_every_optimizer_state_loads_weights_only(name, tmp_path):
     import torch
 

@@ -108,6 +108,7 @@ def test_json_errors_are_a_list_of_typed_problems(capsys):
     assert all(p["message"] for p in out["problems"])
 
 
+@pytest.mark.slow
 def test_the_model_as_the_first_word(capsys):
     """`tuneplan estimate MODEL` and `recommend MODEL` as a new user types them; --model is the same."""
     code, out, _ = run(capsys, "estimate", "meta-llama/Llama-3.2-1B", "--json")

@@ -162,6 +162,7 @@ def _cli(tmp_path, *args):
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow
 def test_command_writes_the_file_and_bad_nodes_are_one_line(tmp_path):
     _, path = _plan(tmp_path)
     out = _cli(tmp_path, str(path), "--target", "slurm", "-o", "job.sbatch")
@@ -186,6 +187,7 @@ def test_a_model_config_that_cannot_be_read_is_one_problem(tmp_path):
     assert [p.field for p in e.value.items] == ["model.ref"] and "size the disk" in e.value.items[0].what
 
 
+@pytest.mark.slow
 def test_overrides_reach_the_nodes_through_the_mounted_plan(tmp_path):
     """Every node reads the plan file: `tuneplan cloud PLAN k=v` writes the plan with the overrides and
     mounts that one, not the original."""

@@ -179,6 +179,7 @@ NEW_FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+@pytest.mark.slow
 def test_meta_count_and_lora_equal_the_real_model_and_peft(family):
     import peft
     import transformers

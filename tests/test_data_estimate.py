@@ -229,6 +229,7 @@ def test_bad_input_is_one_message(tmp_path, long_tailed, capsys):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_the_launch_screen_shows_the_job_and_peak_from_the_data(tiny_model_dir, long_tailed, tmp_path):
     """Once a dataset is chosen the app shows the data's steps, tokens and longest-batch peak, and Start's plan
     carries the data's job fields."""

@@ -34,6 +34,7 @@ def test_data_check_longest_warns_above_seq_len():
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd_momentum"])
+@pytest.mark.slow
 def test_probe_creates_the_optimizer_state_and_moves_no_weight(optimizer):
     import torch
     from tiny import build
@@ -93,6 +94,7 @@ def _run(plan, run_dir, hooks=None):
     return r, r.run()
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_fit_fails_before_the_first_step(model_dir, one_long, tmp_path, monkeypatch):
     # No GPU here: the test hook raises torch.OutOfMemoryError (what CUDA's allocator raises) in any
     # forward of more than 400 tokens; the short batches hold about 2 x 40, the long one 2 x 500+.
@@ -114,6 +116,7 @@ def test_a_batch_that_does_not_fit_fails_before_the_first_step(model_dir, one_lo
     assert err["suggestion"]["changes"] or err["suggestion"].get("note")
 
 
+@pytest.mark.slow
 def test_probe_leaves_training_unchanged(model_dir, one_long, tmp_path, monkeypatch):
     """LoRA dropout draws from torch's generator: the probe puts it back, drops its gradients and
     never steps the optimizer, so the losses are the same to the bit with and without it."""
@@ -139,6 +142,7 @@ def test_data_check_shows_the_longest_example_and_warns(model_dir, one_long, cap
     assert "longest example: line 41" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_error_is_the_last_event_even_with_the_monitor_sampling_fast(model_dir, one_long, tmp_path):
     """The memory monitor is stopped before the run writes its error (or end): a sample a moment later
     used to land after it (seen in CI: the last event was "memory")."""

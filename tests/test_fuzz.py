@@ -131,6 +131,7 @@ def plan_texts(draw):
 
 @FUZZ
 @given(text=plan_texts(), command=st.sampled_from(["estimate", "run"]))
+@pytest.mark.slow
 def test_mutated_plan_files(work, text, command):
     path = _fresh(work, "plan.yaml")
     path.write_bytes(text)
@@ -150,6 +151,7 @@ CONFIG_KEYS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_lay
 @given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JUNK, min_size=1, max_size=3),
        drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2),
        method=st.sampled_from(["full", "lora", "qlora"]), raw=st.one_of(st.none(), st.none(), st.binary(max_size=40)))
+@pytest.mark.slow
 def test_mutated_config_json(work, changes, drop, method, raw):
     from tiny import TINY
 
@@ -183,6 +185,7 @@ def gpu_files(draw):
 
 @FUZZ
 @given(content=gpu_files(), command=st.sampled_from(["estimate", "profiles", "recommend"]))
+@pytest.mark.slow
 def test_mutated_gpu_files(work, content, command):
     path = _fresh(work, "gpus.yaml")
     path.write_bytes(content)
@@ -249,6 +252,7 @@ def tiny_model(tmp_path_factory):
 @FUZZ
 @given(data=datasets(), fmt=st.sampled_from(["auto", "auto", "alpaca", "messages", "text"]),
        tokenize=st.integers(0, 3), seq=st.sampled_from(["2048", "8", "1"]))
+@pytest.mark.slow
 def test_mutated_datasets(work, tiny_model, data, fmt, tokenize, seq):
     suffix, content = data
     path = _fresh(work, "data" + suffix)
@@ -317,6 +321,7 @@ def command_lines(draw, work):
 
 @settings(FUZZ, max_examples=60 * SCALE)
 @given(data=st.data())
+@pytest.mark.slow
 def test_random_command_lines(work, data):
     call(data.draw(command_lines(work)))
 
@@ -325,6 +330,7 @@ def test_random_command_lines(work, data):
 
 @settings(FUZZ, max_examples=4 * SCALE)
 @given(data=st.data())
+@pytest.mark.slow
 def test_command_lines_in_a_real_process(work, data):
     argv = data.draw(command_lines(work))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -337,6 +343,7 @@ def test_command_lines_in_a_real_process(work, data):
 @settings(FUZZ, max_examples=5 * SCALE)
 @given(data=datasets(), fmt=st.sampled_from(["auto", "messages", "text", "alpaca"]),
        packing=st.booleans(), plw=st.sampled_from([0.0, 0.1, 1.0]))
+@pytest.mark.slow
 def test_training_on_mutated_datasets(work, tiny_model, data, fmt, packing, plw):
     """One real step on whatever data passes the checks: a clear refusal (2) or a run (0), never a crash."""
     from advisor.planfile import save_plan

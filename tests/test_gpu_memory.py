@@ -55,6 +55,7 @@ def test_allocator_cache_term():
     assert gm.allocator_cache_bytes(100, 90, 30) == int(90 + gm.M_FIRST_STEP * 30 - 100)
 
 
+@pytest.mark.slow
 def test_constants_are_the_fit_and_validation_holds():
     from benchmarks import gpu_fit
 
@@ -95,6 +96,7 @@ def test_moe_qlora_note_and_sharding_terms():
     assert any("bnb_4bit_quant_storage" in n for n in fq.notes)
 
 
+@pytest.mark.slow
 def test_gpu_measure_cpu_path(tmp_path):
     """benchmarks/gpu_measure.py's plumbing on the CPU: a real tiny training run in a subprocess,
     measured by the CPU profiler, written to JSON beside the estimate for the same plan."""

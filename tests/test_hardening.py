@@ -77,6 +77,7 @@ def test_a_link_planted_under_a_run_written_name_is_refused_and_its_target_untou
         assert victim.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_a_link_inside_checkpoints_is_refused_on_resume(tmp_path, tiny_model_dir, eight_examples, capsys):
     """A checkpoint folder swapped for a link into another directory: the run would read, write and
     delete step-N folders there."""
@@ -245,6 +246,7 @@ def _nan_at(step):
     return Hooks(before_step=poison)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_clearly_and_the_advice_resumes_it(tmp_path, tiny_model_dir, eight_examples, capsys):
     from advisor.planfile import load_plan
     from runner.commands import run_in_process
@@ -269,6 +271,7 @@ def test_a_nan_loss_stops_the_run_clearly_and_the_advice_resumes_it(tmp_path, ti
     assert any("learning_rate=5e-05" in n for n in events[-1]["report"]["notes"])
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_learning_rate_trains_at_it(tmp_path, tiny_model_dir, eight_examples, capsys):
     run_dir = _stopped(tmp_path, tiny_model_dir, eight_examples, max_steps=4)
     code, cap = _run(["--resume", run_dir, "training.learning_rate=0.00005"], capsys)
@@ -280,6 +283,7 @@ def test_a_resume_with_another_learning_rate_trains_at_it(tmp_path, tiny_model_d
     assert steps[-2]["lr"] == pytest.approx(5e-5 * 3 / 5, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_non_finite_gradients_without_clipping_are_never_saved(tmp_path, tiny_model_dir, eight_examples, capsys):
     """No clipping, so no gradient norm: a NaN gradient leaves NaN weights behind a finite loss. The
     checkpoint at that step would be the 'last good' one; it is refused instead."""
@@ -326,6 +330,7 @@ def _edit_adapter(ck, edit):
     (lambda w: {k.replace("lora_A", "lora_X"): v for k, v in w.items()}, "missing from it"),
     (lambda w: {k: (v[:2] if "lora_A" in k else v) for k, v in w.items()}, "another shape"),
 ])
+@pytest.mark.slow
 def test_a_checkpoint_adapter_that_does_not_match_is_refused(edit, words, tmp_path, tiny_model_dir, eight_examples,
                                                              capsys):
     """set_peft_model_state_dict's result was not checked: an adapter matching nothing loaded nothing
@@ -337,6 +342,7 @@ def test_a_checkpoint_adapter_that_does_not_match_is_refused(edit, words, tmp_pa
     assert "set step-2 aside" in cap.err
 
 
+@pytest.mark.slow
 def test_optimizer_state_of_another_shape_or_none_is_refused(tmp_path, tiny_model_dir, eight_examples, capsys):
     import torch
 
@@ -354,6 +360,7 @@ def test_optimizer_state_of_another_shape_or_none_is_refused(tmp_path, tiny_mode
 
 # --- 5. a checkpoint is never deleted before its replacement is in place ---------------------------------
 
+@pytest.mark.slow
 def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path, tiny_model_dir, eight_examples):
     """The step was saved twice (its save_every checkpoint, then the stop's): the second save deleted
     step-N before renaming its copy into place."""
@@ -362,6 +369,7 @@ def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path, tiny_model_dir, ei
     assert saved == [2]
 
 
+@pytest.mark.slow
 def test_a_complete_copy_left_by_a_killed_writer_is_promoted(tmp_path, tiny_model_dir, eight_examples, capsys):
     """SIGKILL between renaming the old step-N aside and the new one into place left only the copy;
     the next run deleted it and started from step 0."""
@@ -467,6 +475,7 @@ def test_as_pid_1_in_a_container_sigterm_still_stops_a_two_process_run(tmp_path,
     assert (run_dir / "checkpoints" / f"step-{end['step']}" / "state.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_repeated_sigterm_does_not_abort_the_checkpoint(tmp_path, tiny_model_dir, eight_examples):
     """Schedulers and launchers send SIGTERM to every process, and tuneplan forwards it too: a second
     SIGTERM must not turn the orderly stop into an immediate one (only a second Ctrl-C does)."""
@@ -487,6 +496,7 @@ def test_a_repeated_sigterm_does_not_abort_the_checkpoint(tmp_path, tiny_model_d
 
 # --- 7. custom code only with --trust-remote-code on the command ----------------------------------------
 
+@pytest.mark.slow
 def test_a_plans_trust_remote_code_alone_is_refused(tmp_path, tiny_model_dir, eight_examples, capsys):
     from advisor.planfile import load_plan, save_plan
 
@@ -508,6 +518,7 @@ def test_a_plans_trust_remote_code_alone_is_refused(tmp_path, tiny_model_dir, ei
 
 # --- 8. errors that say what they are -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_damaged_optimizer_file_is_named_and_the_advice_resumes_from_the_checkpoint_before(
         tmp_path, tiny_model_dir, eight_examples, capsys):
     """A corrupt optimizer.pt gave 'the run failed: 101' and advice to repeat the failing resume."""
@@ -534,6 +545,7 @@ def test_a_damaged_optimizer_file_is_named_and_the_advice_resumes_from_the_check
     assert read_events(run_dir)[0][-1]["report"]["resumed_from"].endswith("step-2")
 
 
+@pytest.mark.slow
 def test_a_non_numeric_loss_in_state_json_is_a_damaged_checkpoint(tmp_path, tiny_model_dir, eight_examples, capsys):
     run_dir = _stopped(tmp_path, tiny_model_dir, eight_examples)
     state = run_dir / "checkpoints" / "step-2" / "state.json"
@@ -595,6 +607,7 @@ def test_a_full_disk_is_named_whoever_writes(writer, small_disk):
     assert kind == "disk" and message.startswith("no space left on the device"), message
 
 
+@pytest.mark.slow
 def test_a_run_on_a_disk_that_fills_up_is_one_message_and_resumes(small_disk, tmp_path, tiny_model_dir, eight_examples,
                                                                    capsys):
     """The disk fills after step 1; the checkpoint of step 2 fails inside torch.save or safetensors with a
@@ -686,6 +699,7 @@ def test_a_half_written_event_line_does_not_swallow_the_next_start(tmp_path):
     assert [e.get("step") for e in events if e["type"] == "start"] == [None, 3]
 
 
+@pytest.mark.slow
 def test_a_restart_killed_midway_leaves_a_directory_that_starts_again(tmp_path, tiny_model_dir, eight_examples,
                                                                        capsys):
     from advisor.planfile import load_plan

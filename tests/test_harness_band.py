@@ -28,6 +28,7 @@ def predicted():
     return hb.predict(hb.rows())
 
 
+@pytest.mark.slow
 def test_every_row_has_a_plan_and_a_prediction(predicted):
     ids = [r["id"] for r in predicted]
     assert len(ids) == len(set(ids)) == len(hb.csv_rows()) + 36

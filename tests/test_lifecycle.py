@@ -127,6 +127,7 @@ def _close(pred, meas, what):
     assert abs(pred - meas) <= TOL * meas, f"{what}: predicted {pred}, measured {meas}"
 
 
+@pytest.mark.slow
 def test_measured_llama_lora_loading_and_evaluation(models):
     from benchmarks.lifecycle import measure_case, predict
 
@@ -135,6 +136,7 @@ def test_measured_llama_lora_loading_and_evaluation(models):
     _close(pred["eval_peak"], meas["eval_peak"], "evaluation")
 
 
+@pytest.mark.slow
 def test_measured_qwen2_qlora_loading(models):
     """Tied embeddings, qkv biases; NF4 with double quantization and prepare_model_for_kbit_training."""
     from benchmarks.lifecycle import measure_case, predict
@@ -145,6 +147,7 @@ def test_measured_qwen2_qlora_loading(models):
     _close(pred["eval_peak"], meas["eval_peak"], "evaluation")
 
 
+@pytest.mark.slow
 def test_measured_mistral_merge_export(models, tmp_path):
     from benchmarks.lifecycle import measure_case, measure_merge, predict
 

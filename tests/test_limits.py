@@ -64,6 +64,7 @@ def changed(p: Plan, **kw) -> Plan:
 
 
 @pytest.mark.parametrize("model, gpu, method", CASES)
+@pytest.mark.slow
 def test_max_seq_fits_and_one_more_does_not(model, gpu, method):
     shape, g = resolve(model), find_gpu(gpu)
     p = plan(method, g, micro_batch=1)

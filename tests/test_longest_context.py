@@ -17,6 +17,7 @@ def predicted():
     return lc.predict()
 
 
+@pytest.mark.slow
 def test_every_row_has_the_stated_plan_and_a_prediction(predicted):
     assert len(predicted) == len(lc.PUBLISHED) == 18
     for r in predicted:
@@ -33,6 +34,7 @@ def test_the_card_is_the_rows_size():
     assert lc.card(12).bf16 and "12 GiB" in lc.card(12).name
 
 
+@pytest.mark.slow
 def test_docs_show_what_the_script_computes(predicted):
     md = lc.markdown(predicted)
     assert sum(line.startswith("|") for line in md.splitlines()) == 2 + len(predicted)

@@ -18,6 +18,7 @@ def plan(ref, **training):
 
 
 @pytest.mark.parametrize("ref", MODELS)
+@pytest.mark.slow
 def test_every_setting_estimates_and_adds_up(ref):
     shape = resolve(ref)
     seq = min(1024, shape.max_position or 1024)
@@ -33,6 +34,7 @@ def test_every_setting_estimates_and_adds_up(ref):
 
 
 @pytest.mark.parametrize("ref", MODELS)
+@pytest.mark.slow
 def test_more_work_never_needs_less_memory(ref):
     shape = resolve(ref)
     seq = min(512, shape.max_position or 512)
@@ -49,6 +51,7 @@ def test_more_work_never_needs_less_memory(ref):
 
 
 @pytest.mark.parametrize("ref", MODELS)
+@pytest.mark.slow
 def test_qlora_weights(ref):
     """LoRA keeps the bf16 base; QLoRA stores the quantizable layers in ~4.13 bits and (peft's
     preparation) everything else in fp32, so it saves memory only where linear layers dominate:

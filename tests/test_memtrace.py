@@ -16,6 +16,7 @@ def _f32(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes // 4, dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_phase_peaks_are_exact_on_a_synthetic_step():
     def work():
         keep = _f32(4 * MB)  # "weights", allocated inside the profile
@@ -46,6 +47,7 @@ def test_phase_peaks_are_exact_on_a_synthetic_step():
     assert tr.final_bytes == 0 and tr.result == MB  # `keep` died when work() returned
 
 
+@pytest.mark.slow
 def test_tensors_from_before_the_profile_are_invisible():
     before = _f32(8 * MB)
 
@@ -66,6 +68,7 @@ def test_tensors_from_before_the_profile_are_invisible():
     assert min(tr.peak_bytes, tr.final_bytes) >= 0
 
 
+@pytest.mark.slow
 def test_gc_count_sees_live_tensors():
     base = memtrace.gc_live_tensor_bytes()
     x = _f32(3 * MB)
@@ -73,6 +76,7 @@ def test_gc_count_sees_live_tensors():
     del x
 
 
+@pytest.mark.slow
 def test_real_step_tiny_llama(tmp_path):
     """A real transformers model, full fp32 + plain SGD: between steps only the weights and the
     batch are alive (no optimizer state, gradients set to None), and nothing escapes the trace."""

@@ -25,6 +25,7 @@ def test_bundled_counts_are_pinned(name, count):
     assert resolve(name).params_total == count
 
 
+@pytest.mark.slow
 def test_shipped_shapes_equal_a_fresh_meta_count(tmp_path, monkeypatch):
     """profiles/shapes/ must never drift from the real architectures."""
     for name, path in bundled_profiles().items():

@@ -83,6 +83,7 @@ def test_gpu_profiles_read_apart(capsys):
         assert first in text and all(w in text for w in rest)
 
 
+@pytest.mark.slow
 def test_estimate_reads_at_80_columns(capsys):
     argv = ["estimate", "meta-llama/Llama-3.1-8B", "--gpu", "a100", "--max", "seq"]
     out = render(capsys, argv)
@@ -99,6 +100,7 @@ def test_estimate_reads_at_80_columns(capsys):
     ["recommend", "meta-llama/Llama-3.1-8B", "--gpu", "RTX 3060", "--seq", "4096"],  # options with a 'why'
     ["recommend", "Qwen/Qwen2.5-7B", "--gpu", "h100", "--budget", "0.01"],  # over budget
 ])
+@pytest.mark.slow
 def test_recommend_reads_at_80_columns(argv, capsys):
     from advisor.present import option_why, short_gpu
     from advisor.units import gib

@@ -29,6 +29,7 @@ def borderline():
 
 
 @pytest.mark.parametrize("case", ["tight", "cache", "oom"])
+@pytest.mark.slow
 def test_estimate_json_tui_recommend_and_run_agree(borderline, case, capsys):
     from advisor.cli.main import main
     from runner.preflight import fit_check

@@ -30,6 +30,7 @@ def test_when_a_plan_is_padded(training, data, padded):
     assert padded_batches(build_plan({"training": training, "data": data})) is padded
 
 
+@pytest.mark.slow
 def test_a_real_padded_step_measures_the_padded_estimate():
     """Llama LoRA without checkpointing, padded: the mask each layer keeps and k, v repeated to every head;
     the unpadded estimate misses them (so the padded rule is what makes this pass)."""

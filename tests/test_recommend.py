@@ -101,12 +101,14 @@ def test_llama70b_on_one_h100_is_qlora():
     check_promises(adv, LLAMA70)
 
 
+@pytest.mark.slow
 def test_llama70b_one_h100_free_count_still_prefers_one_gpu_qlora():
     adv = advise(LLAMA70, "H100 SXM")
     assert adv.choice.method == "qlora" and adv.choice.num_gpus == 1
     assert any("would need" in r and "GPUs" in r for r in adv.choice.reasons)
 
 
+@pytest.mark.slow
 def test_small_model_on_an_80gb_card_is_full_fine_tuning():
     adv = advise("Qwen/Qwen2.5-0.5B", "A100 80GB")
     assert adv.choice.method == "full" and adv.choice.num_gpus == 1
@@ -130,6 +132,7 @@ def test_full_on_a_card_without_bf16_uses_amp_fp16():
     assert precision_for("lora", find_gpu("H100 SXM"), "bf16") == "bf16"
 
 
+@pytest.mark.slow
 def test_forced_full_70b_takes_several_h100s_with_zero3():
     adv = advise(LLAMA70, "H100 SXM", methods=("full",))
     c = adv.choice
@@ -143,6 +146,7 @@ def test_forced_full_70b_takes_several_h100s_with_zero3():
     check_promises(half, LLAMA70)
 
 
+@pytest.mark.slow
 def test_a_sharded_lora_choice_carries_the_known_error_of_published_runs():
     """LoRA of a 70B on H100s is sharded (ZeRO-3 / FSDP): the advice says what published 2-GPU runs of
     that kind showed (advisor.gpu_memory.validation_note); one-GPU QLoRA and full fine-tuning do not."""
@@ -153,11 +157,13 @@ def test_a_sharded_lora_choice_carries_the_known_error_of_published_runs():
         assert not any(n.startswith("known error:") for n in adv.notes)
 
 
+@pytest.mark.slow
 def test_fixed_gpu_count_is_respected():
     adv = advise(LLAMA8, "RTX 4090", gpus=4)
     assert {o.num_gpus for o in adv.options} == {4}
 
 
+@pytest.mark.slow
 def test_nothing_fits_gives_no_choice_and_numbers():
     adv = advise("meta-llama/Llama-3.1-405B", "RTX 3060", gpus=1)
     assert adv.choice is None
@@ -166,6 +172,7 @@ def test_nothing_fits_gives_no_choice_and_numbers():
     assert adv.to_json()["choice"] is None
 
 
+@pytest.mark.slow
 def test_the_faster_of_checkpointing_on_and_off_is_taken():
     """Was "no checkpointing when it fits". With the step-time model a fixed cost per layer and
     micro-step (fitted on the plain stack) makes micro-batch 16 with checkpointing faster than 8 x 2
@@ -234,6 +241,7 @@ def test_cost_is_hours_times_gpus_times_price_and_qlora_is_slower():
     assert double.choice.hours == pytest.approx(2 * adv.choice.hours)
 
 
+@pytest.mark.slow
 def test_without_a_gpu_every_priced_gpu_is_ranked_and_the_cheapest_wins():
     adv = advise(LLAMA8, None)  # its speed is a benchmark's goal (benchmarks/bench_estimate.py), not a test's
     c = adv.choice
@@ -245,6 +253,7 @@ def test_without_a_gpu_every_priced_gpu_is_ranked_and_the_cheapest_wins():
     check_promises(adv, LLAMA8)
 
 
+@pytest.mark.slow
 def test_budget_is_respected_when_something_fits_within_it():
     free = advise(LLAMA70, None)
     cheapest = min(o.cost_usd for o in free.options if o.fits)
@@ -388,6 +397,7 @@ def test_recommend_save_writes_a_runnable_plan(tmp_path, capsys):
     assert plan.hardware.gpus == choice["num_gpus"] and plan.hardware.gpu
 
 
+@pytest.mark.slow
 def test_one_gpu_machines_are_never_joined():
     """Apple silicon has no interconnect: the advisor never times several of them, it says why."""
     adv = advise("meta-llama/Llama-3.1-405B", "apple-m3-max-128gb")

@@ -72,6 +72,7 @@ def assert_row(row: registry.Row) -> None:
 
 
 @pytest.mark.parametrize("model_type", FAST)
+@pytest.mark.slow
 def test_registry_fast_tier(model_type):
     assert model_type in _all_types()
     assert_row(registry.check(model_type))

@@ -179,6 +179,7 @@ def _follow(command, capsys):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_failed_before_the_first_checkpoint_restarts_as_advised(tmp_path, model_dir, data8, capsys):
     from runner.commands import run_in_process
     from runner.recipe import Hooks
@@ -204,6 +205,7 @@ def test_failed_before_the_first_checkpoint_restarts_as_advised(tmp_path, model_
     assert "finished run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, model_dir, data8, capsys):
     from runner.recipe import Recipe
 
@@ -235,6 +237,7 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, model_dir, dat
     assert [e["step"] for e in read_events(run2)[0] if e["type"] == "step"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_is_an_interruption_not_an_empty_failure(tmp_path, model_dir, data8, capsys):
     from advisor.planfile import load_plan
     from runner.commands import run_in_process
@@ -254,6 +257,7 @@ def test_a_second_ctrl_c_is_an_interruption_not_an_empty_failure(tmp_path, model
     assert events[-1]["type"] == "end" and events[-1]["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_after_an_oom_the_advice_resumes_from_the_checkpoint(tmp_path, model_dir, data8, capsys):
     from advisor.planfile import load_plan
     from runner.commands import run_in_process
@@ -278,6 +282,7 @@ def test_after_an_oom_the_advice_resumes_from_the_checkpoint(tmp_path, model_dir
         assert "--run-dir" in s["command"] and "--resume" not in s["command"]
 
 
+@pytest.mark.slow
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, model_dir, data8, capsys):
     from advisor.planfile import load_plan
 
@@ -330,6 +335,7 @@ def test_ctrl_c_while_loading_a_real_process_then_the_advice_works(tmp_path, mod
     assert read_events(run_dir)[0][-1]["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_failed_download_leaves_a_directory_that_restarts(tmp_path, model_dir, data8, capsys):
     """The hub cannot be reached (offline): one message; then the same directory with a local model runs."""
     plan = plan_file(tmp_path / "plan.yaml", model_dir, data8)
@@ -359,6 +365,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume_starts_from_step_0(tmp_
     assert (run_dir / "attempts" / "1" / "events.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_a_finished_run_trains_further_as_advised(tmp_path, model_dir, data8, capsys):
     plan = plan_file(tmp_path / "plan.yaml", model_dir, data8, save_every=2, max_steps=4)
     run_dir = tmp_path / "D"
@@ -373,6 +380,7 @@ def test_a_finished_run_trains_further_as_advised(tmp_path, model_dir, data8, ca
     assert events[-1]["report"]["resumed_from"].endswith("step-2")  # the newest checkpoint (none at the end)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_message_and_the_run_resumes(tmp_path, model_dir, data8, capsys):
     import errno
 
@@ -395,6 +403,7 @@ def test_a_full_disk_is_one_message_and_the_run_resumes(tmp_path, model_dir, dat
     assert code == 0, cap.err
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_refused_when_it_loads(tmp_path, model_dir, data8, capsys):
     """A moved model (same weights, new path) resumes; a different architecture is refused clearly."""
     import shutil

@@ -73,6 +73,7 @@ def test_loss_decreases(method, model_dir, data8, tmp_path):
     assert [p.name for p in sorted((tmp_path / "r" / "checkpoints").iterdir())] == ["step-4"]
 
 
+@pytest.mark.slow
 def test_run_dir_layout_adapter_loads_and_generates(model_dir, data8, tmp_path, monkeypatch):
     import torch
     from peft import PeftModel
@@ -119,6 +120,7 @@ def test_run_dir_layout_adapter_loads_and_generates(model_dir, data8, tmp_path, 
     assert torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_prompt_loss_weight_run(model_dir, data8, tmp_path):
     plan = make_plan(model_dir, data8, tmp_path, "lora", steps=2, data={"prompt_loss_weight": 0.1, "packing": True})
     r, code = run(plan, tmp_path / "r")
@@ -126,6 +128,7 @@ def test_prompt_loss_weight_run(model_dir, data8, tmp_path):
     assert all(x is not None for x in losses(tmp_path / "r"))
 
 
+@pytest.mark.slow
 def test_simulated_cuda_oom_reports_peak_and_next_plan(model_dir, data8, tmp_path):
     # No GPU here: a hook raises torch.OutOfMemoryError (what the CUDA caching allocator raises)
     # before step 2, so this exercises the handling, not a real allocator failure.
@@ -154,6 +157,7 @@ def test_model_without_weights_is_a_model_error(tmp_path, data8):
     assert read_events(tmp_path / "r")[0][-1]["type"] == "error"
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_match_an_uninterrupted_run(model_dir, data8, tmp_path):
     """Stop after step 3 (as SIGTERM does: the loop's stop flag), resume, and get the same losses."""
     plan = make_plan(model_dir, data8, tmp_path, "lora", steps=6, training={"micro_batch": 2},
@@ -169,6 +173,7 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(model_dir, data8, tmp_p
     assert b == pytest.approx(a, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_real_cpu_allocation_failure_is_an_oom_with_a_next_plan(model_dir, data8, tmp_path):
     """The CPU allocator's own failure (torch.empty of 2**62 bytes: "DefaultCPUAllocator: can't allocate
     memory") before step 2 is reported as out of memory, with a smaller plan, not as a runtime error."""
@@ -189,6 +194,7 @@ def test_a_real_cpu_allocation_failure_is_an_oom_with_a_next_plan(model_dir, dat
     assert not (tmp_path / "r" / "traceback.txt").exists()  # an expected failure, not a bug
 
 
+@pytest.mark.slow
 def test_the_merge_runs_without_the_training_model(model_dir, data8, tmp_path, monkeypatch):
     """merge_export reloads the base on the host; the training model must be gone by then (it was kept
     alive by a local of save_final, so a merge needed the training model's memory as well as its own,

@@ -204,6 +204,7 @@ def test_every_card_in_a_ranking_is_priced_nvidia():
 # --- the app ---------------------------------------------------------------------------------------
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_the_plan_screen_shows_vllm_for_an_inference_plan():
     pytest.importorskip("textual")
     import io

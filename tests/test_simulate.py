@@ -107,6 +107,7 @@ TRAIN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+@pytest.mark.slow
 def test_training_matches_measurement(case):
     from advisor.simulate import simulate
 
@@ -121,6 +122,7 @@ def test_training_matches_measurement(case):
     assert b.components.get("weights", 0) > 0
 
 
+@pytest.mark.slow
 def test_inference_matches_measurement():
     from advisor.simulate import simulate
 
@@ -134,6 +136,7 @@ def test_inference_matches_measurement():
 
 
 @pytest.mark.parametrize("family,batch", [("falcon", 2), ("llama", 4)])
+@pytest.mark.slow
 def test_prefill_of_almost_the_whole_sequence(family, batch):
     """The prompt all but a few tokens: the prefill is the peak. Falcon's single key/value head sends
     sdpa to the math kernel (its boolean mask made additive, _safe_softmax's -inf mask); at batch 4
@@ -153,6 +156,7 @@ def test_prefill_of_almost_the_whole_sequence(family, batch):
     _T(method="lora", precision="bf16", optimizer="adamw", grad_checkpointing=True),
     _T(method="full", precision="fp32", optimizer="adamw"),
 ], ids=["lora-gc", "full-nogc"])
+@pytest.mark.slow
 def test_extrapolation_is_exact(spec):
     """2, 3 and 4 layers extrapolated to 6 equal the full 6-layer simulation, byte for byte."""
     from advisor.simulate import simulate
@@ -177,6 +181,7 @@ def test_extrapolation_is_exact(spec):
         (cuda_full.peak_reserved_bytes, cuda_full.peak_reserved_high_bytes, cuda_full.overhead)
 
 
+@pytest.mark.slow
 def test_allocation_sequence_extrapolation():
     """advisor.simulate.events: the sequence of a model with 6 layers equals the one built from 2, 3 and 4
     layers (every allocation, and which one each free frees), and a sequence that does not repeat is refused."""
@@ -203,6 +208,7 @@ def test_allocation_sequence_extrapolation():
     assert events.extrapolate(odd, 6) is None
 
 
+@pytest.mark.slow
 def test_allocator_replay_of_a_real_step():
     """The simulated step's allocation sequence replayed through the caching-allocator model: the
     reserve is at least the live peak (rounded blocks), the expandable variant never needs more
@@ -220,6 +226,7 @@ def test_allocator_replay_of_a_real_step():
     assert cpu.overhead == {} and cpu.peak_reserved_high_bytes == cpu.peak_reserved_bytes
 
 
+@pytest.mark.slow
 def test_breakdown_and_progress():
     from advisor.memory import Breakdown
     from advisor.simulate import simulate
@@ -285,6 +292,7 @@ def test_import_is_light():
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_sliding_window_generation_jumps_to_the_last_step():
     """Gemma 2's sliding-window cache layers keep window - 1 tokens and count the rest: the jump to
     the last decode step must set both (it used to crash on the mask's length)."""

@@ -30,12 +30,14 @@ def cpu_run(tiny_model_dir, eight_examples, tmp_path_factory):
     return r, [e for e in events if e["type"] == "step"], json.loads((d / "run" / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_warm_up_steps_are_not_measured(cpu_run):
     _, steps, _ = cpu_run
     assert [e["speed"] is None for e in steps] == [True, True, False, False, False, False]
     assert [e["speed"]["measured"]["steps_measured"] for e in steps[2:]] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_the_cpu_run_reports_what_it_measured_and_says_the_gpu_model_does_not_apply(cpu_run):
     r, steps, rep = cpu_run
     s = rep["speed"]

@@ -207,6 +207,7 @@ def test_throughput_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_recommend_choice_time_equals_job_time_of_its_plan():
     """The estimate's time fields (job_time) and recommend's option agree for the same plan."""
     from advisor.recommend import recommend

@@ -36,6 +36,7 @@ def test_every_row_is_sourced_and_in_one_set():
             assert r["note"], f"{r['id']}: an excluded row says why"
 
 
+@pytest.mark.slow
 def test_calibration_is_three_families_written_down_before_the_fit(stages):
     cal = [r for r in bench.load() if r["set"] == "calibration"]
     assert {r["family"] for r in cal} == {"fms", "qwen", "llm_foundry"}
@@ -50,6 +51,7 @@ def test_validation_spans_three_harnesses_and_three_generations(val):
         assert r.predicted() > 0 and 0 < r.implied_mfu() < 2, r.id
 
 
+@pytest.mark.slow
 def test_shipped_constants_are_the_fit_of_the_calibration_rows(stages):
     """The fit sees the calibration rows only; refitting them reproduces the shipped constants."""
     keep = dict(tp.CALIBRATION)

@@ -112,6 +112,7 @@ async def test_every_field_says_what_it_means():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_a_plans_ambiguous_gpu_name_is_said_out_loud(tmp_path):
     """'a100' in a plan fits three cards: the app reads it as one (the select holds its id) and says which, and
     the others, as the CLI's note does."""
@@ -126,6 +127,7 @@ async def test_a_plans_ambiguous_gpu_name_is_said_out_loud(tmp_path):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_typing_micro_batch_method_and_model_updates_the_estimate():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -154,6 +156,7 @@ async def test_typing_micro_batch_method_and_model_updates_the_estimate():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_invalid_input_is_flagged_on_its_field_and_nothing_crashes():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -171,6 +174,7 @@ async def test_invalid_input_is_flagged_on_its_field_and_nothing_crashes():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_unknown_gpu_in_a_loaded_plan_is_flagged_on_the_gpu_field():
     plan = build_plan({"hardware": {"gpu": "rtx 9999"}})
     app = make_app(plan=plan)
@@ -180,6 +184,7 @@ async def test_unknown_gpu_in_a_loaded_plan_is_flagged_on_the_gpu_field():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_comparison_and_gpu_table_show():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -197,6 +202,7 @@ async def test_comparison_and_gpu_table_show():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_inference_task_compares_weight_storage():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -210,6 +216,7 @@ async def test_inference_task_compares_weight_storage():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_advice_screen_shows_a_recommendation_and_the_guide():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -228,6 +235,7 @@ async def test_advice_screen_shows_a_recommendation_and_the_guide():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_save_and_open_round_trip(tmp_path):
     app = make_app()
     path = tmp_path / "plan.yaml"
@@ -249,6 +257,7 @@ async def test_save_and_open_round_trip(tmp_path):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_watch_screen_says_what_it_can_see():
     app = make_app(mode="watch")
     async with app.run_test(size=SIZE) as pilot:
@@ -265,6 +274,7 @@ async def test_watch_screen_says_what_it_can_see():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_switching_screens_and_the_theme():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -311,6 +321,7 @@ async def test_exact_estimate_runs_in_a_worker_and_shows_beside_the_analytic():
         assert f"{exact.peak_allocated_bytes / GIB:,.2f}" in table
 
 
+@pytest.mark.slow
 def test_the_app_never_imports_torch_and_the_package_not_textual():
     """`tuneplan` (no command) may import advisor.tui cheaply; opening the app needs no torch/transformers."""
     import subprocess
@@ -329,6 +340,7 @@ def test_the_app_never_imports_torch_and_the_package_not_textual():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_watch_screen_plots_each_gpu_and_lists_its_processes(monkeypatch):
     """NVML's view (runner.monitor.gpu_snapshot) rendered per device and per process; faked, as CI has no GPU."""
     monitor = pytest.importorskip("runner.monitor")
@@ -353,6 +365,7 @@ async def test_watch_screen_plots_each_gpu_and_lists_its_processes(monkeypatch):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_enter_resolves_a_hub_id_in_a_worker_and_flags_a_failure(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     app = make_app()
@@ -367,6 +380,7 @@ async def test_enter_resolves_a_hub_id_in_a_worker_and_flags_a_failure(monkeypat
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_the_transformers_release_is_a_choice_on_the_form(tmp_path):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -389,6 +403,7 @@ async def test_the_transformers_release_is_a_choice_on_the_form(tmp_path):
 # --- one state for every screen ---------------------------------------------------------------------------
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_a_job_edited_on_advice_is_the_job_on_plan_and_in_the_saved_plan(tmp_path):
     """The job lives in the app's one form: edit it on the Advice screen, and the Plan screen's time
     and cost, its GPU table and the saved plan all use it (they showed 1,000 examples before)."""
@@ -415,6 +430,7 @@ async def test_a_job_edited_on_advice_is_the_job_on_plan_and_in_the_saved_plan(t
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_a_bad_job_value_is_flagged_on_its_field_and_advice_waits():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -429,6 +445,7 @@ async def test_a_bad_job_value_is_flagged_on_its_field_and_advice_waits():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_the_device_is_on_the_form_and_a_gpu_on_the_cpu_is_flagged_there():
     """A CPU plan opened in the app and given a GPU: the verdict would count tensors only; it is a
     problem on the device field, which the form shows (it was hidden)."""

@@ -52,6 +52,7 @@ async def test_start_a_tiny_cpu_run_and_see_its_report(tiny_plan):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_attach_to_a_finished_run_directory(tmp_path):
     """Reattach: events.jsonl written by someone else is read back and shown."""
     import json
@@ -82,6 +83,7 @@ async def test_attach_to_a_finished_run_directory(tmp_path):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_launch_screen_offers_local_skypilot_and_slurm(tmp_path):
     """A 16-H100 plan over two nodes: the per-node commands here, the SkyPilot task and the sbatch script
     it would write (runner.rent.render, the text `tuneplan cloud` writes), and Write file writes it."""
@@ -136,6 +138,7 @@ async def test_launch_preview_shows_the_longest_example_and_warns_past_the_seque
 # --- the app acts -----------------------------------------------------------------------------------------
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_enter_on_a_recommendation_applies_it_to_the_plan():
     app = make_app()
     async with app.run_test(size=(160, 48)) as pilot:
@@ -155,6 +158,7 @@ async def test_enter_on_a_recommendation_applies_it_to_the_plan():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_nothing_fits_lists_the_nearest_plans_and_enter_applies_one():
     app = make_app()
     async with app.run_test(size=(160, 48)) as pilot:
@@ -174,6 +178,7 @@ async def test_nothing_fits_lists_the_nearest_plans_and_enter_applies_one():
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_a_start_error_stays_on_screen_until_dismissed(tmp_path):
     app = make_app(mode="launch", plan_path=tmp_path / "plan.yaml")
     async with app.run_test(size=(160, 48)) as pilot:
@@ -192,6 +197,7 @@ async def test_a_start_error_stays_on_screen_until_dismissed(tmp_path):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_the_save_dialog_selects_its_default_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = make_app()

@@ -36,7 +36,7 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _add_vllm_knobs(p: argparse.ArgumentParser) -> None:
+def _add_vllm_knobs(p: argparse._ActionsContainer) -> None:  # a parser or an argument group
     """The flags estimate and recommend --serving share (vLLM's names)."""
     p.add_argument("--gpu-memory-utilization", type=float, metavar="F",
                    help=f"vLLM: share of the GPU's memory it takes (default {DEFAULT_GPU_MEMORY_UTILIZATION:g})")

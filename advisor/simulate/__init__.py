@@ -89,7 +89,8 @@ def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
         return None
     if set(ra.phases) != set(rb.phases) or set(rb.phases) != set(rc.phases):
         return None
-    phases, comps = {}, {}
+    phases: dict[str, int] = {}
+    comps: dict[str, dict[str, int]] = {}
     for ph in rc.phases:
         d1, d2 = rb.phases[ph] - ra.phases[ph], rc.phases[ph] - rb.phases[ph]
         if d1 != d2:
@@ -111,7 +112,9 @@ def _with_replay(res: _Result, runs: dict[int, _Result], target: int) -> _Result
     from advisor.simulate.events import decode, extrapolate
     from advisor.simulate.tracker import replay_events
 
-    built = extrapolate({n: r.tokens for n, r in runs.items()}, target)
+    if any(r.tokens is None for r in runs.values()):
+        return None
+    built = extrapolate({n: r.tokens or [] for n, r in runs.items()}, target)
     if built is None:
         return None
     return _Result(res.phases, res.components, res.notes, replay_events(decode(*built)))
@@ -213,4 +216,5 @@ def _simulate(plan: Plan, shape: ModelShape, progress: Progress | None, extrapol
                     EXTRAPOLATE_FROM) else 0.9, 1.0)
     if progress:
         progress(1.0, "done")
+    assert res is not None  # the full depth is simulated where extrapolation did not hold
     return _breakdown(res, plan, shape, notes)

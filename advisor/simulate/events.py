@@ -70,7 +70,8 @@ def decode(tokens: Sequence[Token], rules: Sequence[tuple[str, int] | None] | No
             nxt += 1
         elif tok[0] == "f":
             same = live[(tok[1], tok[2])]
-            end, r = rules[idx] if rules is not None else ("new", tok[3])
+            rule = rules[idx] if rules is not None else None
+            end, r = rule if rule is not None else ("new", tok[3])
             out.append(("free", same.pop(len(same) - 1 - r if end == "new" else r), 0))
         else:
             out.append(("mark", tok[1], 0))

@@ -3,7 +3,9 @@ subtracts it when it dies; per-phase peaks; module hooks that tag what is create
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ class _Result:
     tokens: list | None = None  # the allocation sequence as events.encode tokens (for events.extrapolate)
 
 
-def alloc_events(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list[tuple[str, object, int]]:
+def alloc_events(recs: list[_Rec], marks: Sequence[tuple[int, str]] = ()) -> list[tuple[str, object, int]]:
     """The allocation/free sequence of the run, in order, for :func:`advisor.allocator.replay`:
     each storage is allocated when it is born and freed when it dies (never, if it lives on)."""
     timed: list[tuple[int, int, tuple[str, object, int]]] = []
@@ -53,7 +55,7 @@ def alloc_events(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list[tu
     return [e for _, _, e in timed]
 
 
-def event_tokens(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list:
+def event_tokens(recs: list[_Rec], marks: Sequence[tuple[int, str]] = ()) -> list:
     """The run's allocation sequence as advisor.simulate.events tokens (sizes, tags, ranks)."""
     from advisor.simulate.events import encode
 
@@ -65,7 +67,7 @@ def event_tokens(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> list:
     return encode(events, {i: rec.tag for i, rec in enumerate(recs)})
 
 
-def replay_reserved(recs: list[_Rec], marks: list[tuple[int, str]] = ()) -> dict[str, int]:
+def replay_reserved(recs: list[_Rec], marks: Sequence[tuple[int, str]] = ()) -> dict[str, int]:
     """Max reserved bytes of the whole run (loading included) under the default caching allocator
     and under ``expandable_segments:True`` (see advisor/allocator.py)."""
     return replay_events(alloc_events(recs, marks))
@@ -139,6 +141,9 @@ def _make_tracker(cpu: bool = False):
             self.math_depth = 0
 
         # -- bookkeeping --------------------------------------------------------------------
+        def _freed(self, rec: _Rec, key: int, _ref: object) -> None:  # weakref's callback: the storage died
+            self._free(rec, key)
+
         def _free(self, rec: _Rec, key: int) -> None:
             if rec.died is not None:
                 return
@@ -160,7 +165,7 @@ def _make_tracker(cpu: bool = False):
             self.seq += 1
             rec = _Rec(st.nbytes(), self.seq, phase=self.phase, in_module=self.module_depth > 0,
                        head=self.head, shape=tuple(t.shape))
-            rec.ref = weakref.ref(st, lambda _r, rec=rec, key=key: self._free(rec, key))
+            rec.ref = weakref.ref(st, functools.partial(self._freed, rec, key))
             self.recs.append(rec)
             self.live[key] = rec
             self.total += rec.nbytes
