@@ -54,6 +54,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# each family as a config.json states it (model_type inside): what count_on_meta and a config file take
+TINY: dict[str, dict] = {family: {"model_type": model_type, **kwargs}
+                         for family, (model_type, kwargs) in FAMILIES.items()}
+
+
 def make_config(family: str, **overrides):
     """A ``PretrainedConfig`` of the real class for ``family`` with tiny dims (plus overrides)."""
     from transformers import AutoConfig
@@ -82,6 +87,18 @@ def build_tiny(family: str, cache_dir: str | Path | None = None, seed: int = 0, 
     model.save_pretrained(out)
     del model
     return out
+
+
+def build(family: str, dtype=None, attn: str | None = None, **overrides):
+    """A random-weight model of ``family`` in memory (not saved), in ``dtype`` (fp32 by default), with sdpa
+    attention (eager for gemma2, whose soft-capping sdpa does not do)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    attn = attn or ("eager" if family == "gemma2" else "sdpa")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(make_config(family, **overrides), dtype=dtype or torch.float32,
+                                            attn_implementation=attn)
 
 
 def build_all(cache_dir: str | Path | None = None) -> dict[str, Path]:
