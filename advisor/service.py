@@ -521,9 +521,16 @@ def model_shape(ref: str, revision: str | None = None, trust_remote_code: bool =
 
 def prediction(plan: Plan, model_dir: str) -> EstimateResult:
     """The estimate a run compares its measurement with: the plan on the model as it lies in
-    ``model_dir`` (the runner's local copy), analytic, with the plan's job."""
+    ``model_dir`` (the runner's local copy), analytic, with the plan's job. The run is tuneplan's own runner
+    whatever harness the plan was sized for, so the band is the runner's (training.harness = tuneplan)."""
     data = plan.model_dump(mode="json")
     data["model"]["ref"] = str(model_dir)
+    if plan.task == "training" and plan.training.harness != "tuneplan":
+        data["training"]["harness"] = "tuneplan"
+        res = estimate(build(data))
+        res.plan_notes.append(f"the plan was sized for {plan.training.harness}'s band; tuneplan run runs tuneplan's "
+                              "own runner, so this run is compared with the runner's band")
+        return res
     return estimate(build(data))
 
 

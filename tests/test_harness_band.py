@@ -192,3 +192,19 @@ def test_the_form_carries_the_harness():
     ev = evaluate(form)
     assert ev.ok and ev.plan.training.harness == "other"
     assert form_from_plan(ev.plan)["harness"] == "other"
+
+
+def test_a_run_is_compared_with_the_runners_band_whatever_the_plan_was_sized_for():
+    """`tuneplan run` runs tuneplan's own runner: a plan sized for another harness's band is compared with the
+    runner's (the expected peak is the same; the band and the note say whose)."""
+    from advisor.service import prediction
+    from advisor.spec import build_plan
+
+    plan = build_plan({"model": {"ref": "meta-llama/Llama-3.1-8B"}, "training": {"method": "qlora", "harness": "other"},
+                       "hardware": {"gpu": "RTX 4090"}})
+    own = prediction(plan.model_copy(update={"training": plan.training.model_copy(update={"harness": "tuneplan"})}),
+                     "meta-llama/Llama-3.1-8B")
+    res = prediction(plan, "meta-llama/Llama-3.1-8B")
+    assert res.breakdown.band["harness"] == "tuneplan" and res.breakdown.band == own.breakdown.band
+    assert res.peak_reserved_bytes == own.peak_reserved_bytes
+    assert any("sized for other's band" in n for n in res.plan_notes)
