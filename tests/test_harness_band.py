@@ -208,3 +208,20 @@ def test_a_run_is_compared_with_the_runners_band_whatever_the_plan_was_sized_for
     assert res.breakdown.band["harness"] == "tuneplan" and res.breakdown.band == own.breakdown.band
     assert res.peak_reserved_bytes == own.peak_reserved_bytes
     assert any("sized for other's band" in n for n in res.plan_notes)
+
+
+def test_recommend_takes_the_harness_and_its_band(capsys, tmp_path):
+    """recommend --harness: the same search with that harness's band (a plan tuneplan's runner fits is tight
+    under another harness's wider band), and the saved plan keeps the harness."""
+    import json
+
+    from advisor.cli.main import main
+    from advisor.planfile import load_plan
+
+    status = {}
+    for h in ("tuneplan", "other"):
+        assert main(["recommend", "meta-llama/Llama-3.1-8B", "--gpu", "RTX 4090", "--methods", "lora", "--harness", h,
+                     "--json", "--save", str(tmp_path / f"{h}.yaml")]) == 0
+        status[h] = json.loads(capsys.readouterr().out)["choice"]["status"]
+    assert status == {"tuneplan": "fits", "other": "tight"}
+    assert load_plan(tmp_path / "other.yaml").training.harness == "other"

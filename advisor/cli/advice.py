@@ -11,7 +11,7 @@ from typing import Any
 from advisor.cli.common import add_model_arguments, put, take_model
 from advisor.problems import Problem, Problems
 from advisor.service import DEFAULT_AVG_TOKENS, DEFAULT_EPOCHS, DEFAULT_EXAMPLES, DEFAULT_SEQ, DEFAULT_TARGET_BATCH
-from advisor.spec import METHODS, OPTIMIZERS
+from advisor.spec import HARNESSES, METHODS, OPTIMIZERS, field_table
 
 TABLE_ROWS = 20
 
@@ -37,6 +37,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
     r.add_argument("--transformers", metavar="VERSION", help="transformers release the run will use: 5 (default) "
                    "or 4.46-4.57 (a mixture of experts is quantized by QLoRA on 4.x)")
+    r.add_argument("--harness", choices=HARNESSES, help=field_table()["training.harness"]["description"]
+                   .replace("%", "%%") + " (default tuneplan)")
     from advisor.cli.serving import add_serving_arguments
 
     add_serving_arguments(r)  # --serving: a question of its own (vLLM: context, requests at once, weights)
@@ -93,6 +95,7 @@ def _inputs(a: argparse.Namespace):
     training: dict[str, Any] = {"seq_len": a.seq if a.seq is not None else service.default_seq(shape)}
     put(training, "optimizer", a.optimizer)
     put(training, "transformers", a.transformers)
+    put(training, "harness", a.harness)
     if a.lora_r is not None:
         training["lora"] = {"r": a.lora_r}
     model = {"ref": a.model, "trust_remote_code": a.trust_remote_code}
