@@ -657,7 +657,7 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     tokens = t.micro_batch * t.seq_len
     v = shape.vocab_size
     # dtype of the head's output: autocast computes it in half; QLoRA's head is fp32 after preparation
-    if t.precision.startswith("amp"):
+    if t.precision.startswith("amp") or t.precision == "mixed-bf16":  # mixed: the head gathered in bf16
         head = 2
     else:
         head = 4 if t.method == "qlora" else param_bytes(t.precision)

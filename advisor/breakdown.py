@@ -82,13 +82,17 @@ def gpu_terms(peak: int, comps: dict[str, int], hw, *, training: bool, step: int
         return {}
     from advisor.gpu_memory import arch_of, band, band_low, reserved_terms
 
-    persistent = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
+    persistent = sum(comps.get(k, 0) for k in PERSISTENT)
     r = reserved_terms(peak, persistent, step, gpu=hw.gpu, gpus=hw.gpus, training=training,
                        attention=attention, replayed_reserved=replayed_reserved, harness=harness)
     arch = arch_of(hw.gpu)
     return {"overhead": r.overhead, "overhead_high": r.high_extra, "reserved_model": r.model,
             "overhead_low": r.low_extra, "band": {"harness": harness, "low": round(band_low(arch, harness), 4),
                                                   "high": round(band(arch, harness), 4)}}
+
+
+# the components alive for the whole run (from the first optimizer step on), whatever the moment
+PERSISTENT = ("weights", "master_weights", "lora_adapters", "optimizer_states")
 
 
 def shard(x: int, n: int) -> int:
@@ -109,7 +113,8 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
 
 # what each component is called on every screen (advisor.present, the advice's reasons)
 COMPONENT_LABELS = {
-    "weights": "weights", "lora_adapters": "LoRA adapters", "gradients": "gradients",
+    "weights": "weights", "master_weights": "fp32 master weights", "lora_adapters": "LoRA adapters",
+    "gradients": "gradients",
     "optimizer_states": "optimizer states", "activations": "activations",
     "logits_and_loss": "logits + loss", "transient": "transient buffers", "kv_cache": "KV cache",
     "prefill_activations": "prefill activations", "zero3_gathered_params": "ZeRO-3 gathered params",

@@ -39,6 +39,7 @@ from advisor.breakdown import (  # noqa: F401
     ADAM8_BLOCK,
     ADAM8_MIN_SIZE,
     DTYPE_BYTES,
+    PERSISTENT,
     Breakdown,
     compute_bytes,
     gpu_terms,
@@ -234,6 +235,42 @@ def moe_lora_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str | None:
             "(e.g. --lora-targets q_proj,k_proj,v_proj,o_proj) avoid it")
 
 
+def as_run(t: TrainSpec, hw: Hardware) -> TrainSpec:
+    """The training settings as the run has them. ``mixed-bf16`` where nothing is sharded (one GPU, DDP) is what
+    accelerate's ``mixed_precision: bf16`` runs there: ``torch.autocast`` over fp32 weights, amp-bf16
+    (accelerate/accelerator.py @ 1.16.0: ``native_amp`` wraps the model's forward in autocast; no FSDP
+    MixedPrecision, no DeepSpeed bf16 engine)."""
+    if t.precision == "mixed-bf16" and not mixed_sharded(t, hw):
+        return t.model_copy(update={"precision": "amp-bf16"})
+    return t
+
+
+def mixed_sharded(t: TrainSpec, hw: Hardware) -> str | None:
+    """Which framework's mixed precision a ``mixed-bf16`` plan runs: "fsdp" (zero 3: FSDP's MixedPrecision,
+    fp32 flat-parameter shards, bf16 gathered units) or "deepspeed" (zero 1-2: bf16 weights beside fp32 master
+    partitions), None without sharding (then it is amp-bf16, :func:`as_run`)."""
+    if t.precision != "mixed-bf16" or hw.gpus <= 1 or hw.zero == 0:
+        return None
+    return "fsdp" if hw.zero >= 3 else "deepspeed"
+
+
+def mixed_note(mixed: str | None, asked: str, hw: Hardware) -> str | None:
+    """What a ``mixed-bf16`` plan was estimated as, in words."""
+    if mixed == "fsdp":
+        return (f"mixed-bf16 under FSDP (accelerate's mixed_precision: bf16 = MixedPrecision with bf16 param, reduce "
+                f"and buffer dtypes): fp32 weight, gradient and optimizer-state shards (1/{hw.gpus} each per GPU), "
+                "each layer gathered in bf16 for its forward and backward, gradients computed and reduced in bf16")
+    if mixed == "deepspeed":
+        return (f"mixed-bf16 under DeepSpeed ZeRO-{hw.zero} (bf16 enabled): bf16 weights on every GPU, fp32 master "
+                f"weights and optimizer states in 1/{hw.gpus} partitions, bf16 gradients"
+                + (" partitioned" if hw.zero == 2 else "") + ", this partition's in fp32 at the optimizer step")
+    if asked == "mixed-bf16":
+        return ("mixed-bf16 without sharding (one GPU, or DDP with --zero 0) is accelerate's autocast over fp32 "
+                "weights: estimated as amp-bf16; its fp32 masters are sharded with --gpus N --zero 3 (FSDP) or "
+                "--zero 1/2 (DeepSpeed)")
+    return None
+
+
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
@@ -259,10 +296,12 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     carry padding (spec.padded_batches), so sdpa attention gets a mask (as it does in every batch of a family
     whose model always builds one: Family.always_masked)."""
     shape = layout(shape, t.transformers)
+    t = as_run(t, hw)
     dev = hw.device
     n = hw.gpus if hw.gpus > 1 else 1
     z = hw.zero if n > 1 else 0
     w = weights_bytes(shape, t)
+    mixed = mixed_sharded(t, hw)
     fsdp_q = fsdp_qlora(t, hw)
     ta = t
     replicated = 0
@@ -275,6 +314,16 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     lora = lora_adapter_bytes(shape, t)
     g = gradients_bytes(shape, t)
     o = optimizer_states_bytes(shape, t)
+    master = step_grads = 0
+    if mixed == "deepspeed":
+        # DeepSpeed bf16 with ZeRO-1/2 (engine._cast_module_mixed_precision, zero/stage_1_and_2.py): the module's
+        # weights are bf16 on every GPU, the fp32 master partition (single_partition_of_fp32_groups) is 1/n of
+        # them; backward makes bf16 gradients; step() flattens this rank's partition of them into fp32 (its .grad)
+        # and frees the bf16 ones, steps, and copies the partition back into the bf16 weights
+        master = shard(w, n)
+        w = w // 2
+        step_grads = shard(g, n)
+        g = g // 2
     if z >= 1:
         o = shard(o, n)
     if z >= 2:
@@ -289,7 +338,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         # and the next one's with BACKWARD_PRE prefetch in backward; the root's from the start of
         # forward to the end of backward (FSDP does not reshard the root after forward, it is needed
         # again first in backward). Measured on the CPU: benchmarks/fsdp_cpu.py.
-        pb = compute_bytes(t.precision) if fsdp_q else param_bytes(t.precision)
+        # (FSDP mixed precision: the units are gathered in its param_dtype, bf16, from fp32 shards)
+        pb = compute_bytes(t.precision) if fsdp_q or mixed else param_bytes(t.precision)
         root = (shape.params_embedding + shape.params_lm_head) * pb
         if fsdp_q:  # the 4-bit layers, stored in the compute dtype, with their norms
             unit = (w - root) // max(shape.num_layers, 1)
@@ -300,7 +350,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     ddp_buckets = 2 * 25 * MIB if n > 1 and z == 0 and t.method == "full" else 0
     # DeepSpeed ZeRO-1/2 (contiguous_gradients, its default): backward() allocates an IPG buffer of
     # reduce_bucket_size (5e8) elements in the model dtype (two with overlap_comm, off by default)
-    zero_bucket = DS_REDUCE_BUCKET * param_bytes(t.precision) if n > 1 and z in (1, 2) else 0
+    zero_bucket = DS_REDUCE_BUCKET * (compute_bytes(t.precision) if mixed else param_bytes(t.precision)) \
+        if n > 1 and z in (1, 2) else 0
     # a padded batch's mask, kept from the forward to the first layer's backward (checkpointing: to the end)
     # (and the masks an unpadded batch gets: Family.always_masked, sliding windows; activations.masks_built)
     built = masks_built(shape, ta, padded)
@@ -317,8 +368,10 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     opt_tmp = optimizer_step_transient_bytes(shape, t, dev)
     if z >= 1:
         opt_tmp = shard(opt_tmp, n)
+    if mixed == "deepspeed":  # the fp32 partition the optimizer steps (its temporaries as torch's foreach AdamW)
+        opt_tmp = shard(optimizer_step_transient_bytes(shape, t, dev), n)
     accum = g_kept if t.grad_accum > 1 else 0  # grads from earlier micro-batches stay until the step
-    head_grad = layer_grad = emb_grad = 0
+    head_grad = layer_grad = emb_grad = root_grad = 0
     fam, _ = family_of(shape, t.transformers)
     ctx = _ctx(shape, ta, t.seq_len, dev, padded, layer_windows(shape)[0] if shape.num_layers else None)
     tokens = t.micro_batch * t.seq_len
@@ -335,7 +388,9 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     first_layer_acts += mask if not t.grad_checkpointing else 0  # (with checkpointing: in gc_inputs)
     gc_inputs += mask if t.grad_checkpointing else 0
     if t.method == "full":
-        b = param_bytes(t.precision)
+        # mixed precision: a unit's gradient is computed in the bf16 of its gathered weights (FSDP reduce_dtype bf16,
+        # then cast to the fp32 shard; DeepSpeed's bf16 .grad)
+        b = compute_bytes(t.precision) if mixed else param_bytes(t.precision)
         # tied embeddings: the head's gradient is the token embedding's (vocab x hidden); learned
         # position embeddings (GPT-2's wpe) get theirs only in the embedding's backward, the last
         # op of backward, like an untied input embedding
@@ -349,6 +404,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
             # FSDP reduce-scatters each unit's gradient from its unsharded buffer: a layer's as it
             # finishes, the root's (head and embeddings, one flat parameter) at the end of backward
             head_grad, emb_grad = head_grad + emb_grad, 0
+            root_grad = head_grad
         elif z >= 2:
             head_grad, emb_grad, layer_grad = shard(head_grad, n), shard(emb_grad, n), shard(layer_grad, n)
     # 4.x's per-expert linears: the layer's gradients and given-back experts' activations at its widest
@@ -363,8 +419,11 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         first_grads = g_kept
     elif t.method == "full" and z >= 3:
         # under FSDP the layers' gradients are shards as they finish; the root's stays whole until
-        # backward ends, beside the unit in backward
-        first_grads = g_kept + head_grad + layer_grad
+        # backward ends, beside the unit in backward, and neither has its shard yet (measured: the shards of
+        # the first layer and the root counted too were +6% on a short full fine-tune, fsdp_mixed_cpu)
+        b = compute_bytes(t.precision) if mixed else param_bytes(t.precision)
+        not_yet = shard((head_grad + layer_grad) // b * trainable_bytes_per_param(t), n)
+        first_grads = max(g_kept - not_yet, 0) + head_grad + layer_grad
     elif t.method == "full":
         first_grads = max(g_kept - layer_grad - emb_grad, 0) + expert_grad
     else:
@@ -372,7 +431,7 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     # the embedding dropout's mask, saved when the embedding output needs a gradient (checkpointing:
     # enable_input_require_grads; full: the embedding trains)
     emb_dropout = tokens * ctx.a * shape.hidden_size if ctx.dropout and t.grad_checkpointing else 0
-    base = {"weights": w, "lora_adapters": lora, "optimizer_states": o}
+    base = {"weights": w, "master_weights": master, "lora_adapters": lora, "optimizer_states": o}
     if accum:
         base["gradients"] = accum
     if ddp_buckets:
@@ -401,23 +460,30 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs - expert_freed,
                                  "gradients": first_grads, "transient": ws + deq_bwd},
         "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
+        # FSDP: the root's gradient reduce-scattered last, from its unsharded buffer, while its parameters are still
+        # gathered, beside every shard made (its own in the master dtype: measured to the byte, fsdp_mixed_cpu)
+        "backward_root_reduce": {**bwd, **gathered(0), "activations": gc_inputs, "gradients": g_kept + root_grad},
         # checkpointing: the first layer recomputed up to its down projection (see
         # recompute_end_transient_bytes); its own gradients do not exist yet (LoRA: one layer's
         # adapters, every adapter lives in a layer)
         "backward_recompute": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs + emb_dropout,
                                "gradients": first_grads, "transient": recompute_end},
-        "optimizer_step": {**base, "gradients": g_kept, "transient": opt_tmp},
+        "optimizer_step": {**base, "gradients": step_grads or g_kept, "transient": opt_tmp},
     }
     if not recompute_end:
         del phases["backward_recompute"], phases["backward_last_recompute"]
     if not up_sum:
         del phases["forward_last_layer"]
+    if not root_grad:
+        del phases["backward_root_reduce"]
     return {k: {c: int(v) for c, v in comps.items() if v} for k, comps in phases.items()}
 
 
 def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool = False) -> Breakdown:
     shape = layout(shape, t.transformers)  # per-expert linears on transformers 4.x (advisor/software.py)
     phases = training_phases(shape, t, hw, padded)
+    mixed, asked = mixed_sharded(t, hw), t.precision
+    t = as_run(t, hw)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
     comps = phases[peak]
@@ -429,6 +495,9 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
     moe = moe_qlora_note(shape, t, hw)
     if moe:
         notes.append(moe)
+    words = mixed_note(mixed, asked, hw)
+    if words:
+        notes.append(words)
     merged = moe_lora_note(shape, t, hw)
     if merged:
         notes.append(merged)
@@ -444,7 +513,7 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
         notes.append(pad)
     if fam.attn_softcap_attr and shape.features.get(fam.attn_softcap_attr) and t.attn_impl == "sdpa":
         notes.append("attention softcapping needs eager or flash attention (sdpa cannot); estimated as eager")
-    persist = sum(comps.get(k, 0) for k in ("weights", "lora_adapters", "optimizer_states"))
+    persist = sum(comps.get(k, 0) for k in PERSISTENT)
     step = totals["optimizer_step"] - persist
     attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim, t.attn_impl)
     return Breakdown(comps, peak, totals, notes=notes,

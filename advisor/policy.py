@@ -95,7 +95,7 @@ def fit_status(need: int, capacity: int, high: int | None = None) -> Status:
 
 
 # --- precision support ----------------------------------------------------------------------------
-BF16_PRECISIONS = ("bf16", "amp-bf16")
+BF16_PRECISIONS = ("bf16", "amp-bf16", "mixed-bf16")
 
 
 def precision_problem(gpu: Gpu | None, precision: str) -> Problem | None:
@@ -113,7 +113,7 @@ def precision_for(method: str, gpu: Gpu | None, base: str) -> str:
         return base
     if method == "full" and base in ("bf16", "fp16", "amp-bf16"):
         return "amp-fp16"
-    return {"bf16": "fp16", "amp-bf16": "amp-fp16"}.get(base, base)
+    return {"bf16": "fp16", "amp-bf16": "amp-fp16", "mixed-bf16": "amp-fp16"}.get(base, base)
 
 
 def precision_note(method: str, precision: str, optimizer: str) -> str | None:

@@ -610,6 +610,10 @@ def _savers(plan: Plan, shape: ModelShape) -> list[tuple[str, dict[str, Any]]]:
                     {"training__micro_batch": 1, "training__grad_accum": t.micro_batch * t.grad_accum}))
     if t.optimizer in ("adamw", "paged_adamw_32bit"):
         out.append(("8-bit paged AdamW (optimizer states in 8 bits)", {"training__optimizer": "paged_adamw_8bit"}))
+    hw = plan.hardware
+    if t.method == "full" and t.precision == "amp-bf16" and hw.gpus > 1 and hw.zero >= 1:
+        out.append(("FSDP / ZeRO mixed precision (mixed-bf16: fp32 masters sharded, bf16 compute copies)",
+                    {"training__precision": "mixed-bf16"}))
     if t.method == "full" and shape.linears:
         out.append(("LoRA (frozen weights, adapters trained)", {"training__method": "lora"}))
     if t.method != "qlora" and shape.linears:
@@ -669,8 +673,16 @@ def nearest_plans(shape: ModelShape, plan: Plan, gpu: Gpu, tokens: float, limit:
     words: dict[str, str] = {}
     for what, fields in _savers(base, shape):
         p, ch = _changed(p, **fields)
+        if p.training.method != "full" and p.training.precision == "mixed-bf16":  # mixed-bf16 is for full
+            asked = base.training.precision  # fine-tuning: adapters keep the asked precision (bf16 for mixed-bf16)
+            p, _ = _changed(p, training__precision=asked if asked != "mixed-bf16" else "bf16")
+            changes.pop("training.precision", None)
+            words.pop("training.precision", None)
         changes = {**changes, **ch}
         words[next(iter(ch))] = what  # a later rung on the same field (QLoRA after LoRA) replaces its words
+        if "training.precision" not in words and p.training.precision != base.training.precision:
+            words["training.precision"] = "adapters over bf16 weights (mixed-bf16 is for full fine-tuning)"
+            changes["training.precision"] = p.training.precision
         ladder.append(("; ".join(words.values()), p, dict(changes)))
     for what, lp, ch in ladder:  # the first rung that fits
         if add(what, lp, ch, gpu):

@@ -555,10 +555,12 @@ def smaller_plan(plan: Plan, shape: ModelShape, capacity: int | None, below: flo
             yield {"training.micro_batch": mb, "training.grad_accum": acc}
         if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
             yield {"training.optimizer": "paged_adamw_8bit"}
+        # (mixed-bf16 is for full fine-tuning: adapters in bf16)
+        keep = {"training.precision": "bf16"} if t["precision"] == "mixed-bf16" else {}
         if t["method"] == "full":
-            yield {"training.method": "lora"}
+            yield {"training.method": "lora", **keep}
         if t["method"] != "qlora":
-            yield {"training.method": "qlora"}
+            yield {"training.method": "qlora", **keep}
 
     changes: dict[str, Any] = {}
     for rung in rungs():

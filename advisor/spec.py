@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from advisor.model import ModelShape
 
 Method = Literal["full", "lora", "qlora"]
-Precision = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16", "mixed-bf16"]
 Optimizer = Literal[
     "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "sgd_momentum", "adafactor"
 ]
@@ -48,6 +48,12 @@ PRECISION_WORDS: dict[str, str] = {
                 "AdamW: 16 bytes per parameter, 20 during the optimizer step)",
     "amp-fp16": "mixed as amp-bf16, fp16 compute with loss scaling: the safe choice on cards without bf16 (T4, V100)",
     "fp32": "everything in fp32, activations too (per parameter as amp-bf16)",
+    "mixed-bf16": "FSDP / ZeRO mixed precision as accelerate's mixed_precision: bf16 and DeepSpeed's bf16 run it: "
+                  "fp32 master weights and optimizer states sharded over the GPUs, bf16 compute copies of the "
+                  "gathered weights (FSDP) or bf16 weights beside fp32 master shards (DeepSpeed ZeRO-1/2), gradients "
+                  "reduced in bf16 (a full fine-tune with AdamW under FSDP: 16 bytes per parameter, 20 during the "
+                  "optimizer step, divided over the GPUs, plus the gathered layers in bf16); on one GPU or DDP it is "
+                  "amp-bf16; full fine-tuning only (LoRA and QLoRA adapters are fp32 masters in every mode)",
 }
 PRECISION_ADAPTERS = ("LoRA and QLoRA adapters and their optimizer states are fp32 in every mode: for LoRA the "
                       "precision sets the frozen weights (amp-* and fp32: fp32, twice bf16's memory), for QLoRA the "
@@ -188,6 +194,15 @@ class TrainSpec(_Strict):
                              "TRL) or other (another harness: the widest); the band's widths come from published runs "
                              "of each (docs/accuracy.md), and the fit verdict uses its high end.",
                              json_schema_extra=ui(flag="--harness", form="harness"))
+
+    @field_validator("precision")
+    @classmethod
+    def _mixed_is_for_full(cls, v: str, info) -> str:
+        if v == "mixed-bf16" and info.data.get("method") in ("lora", "qlora"):
+            raise ValueError(f"mixed-bf16 (fp32 master weights sharded, bf16 compute) is for full fine-tuning; "
+                             f"{info.data['method']} keeps its adapters in fp32 in every mode: use bf16 (or "
+                             "method full)")
+        return v
 
     @field_validator("transformers", mode="before")
     @classmethod

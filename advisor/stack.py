@@ -9,6 +9,10 @@ runner trains, so that what :mod:`runner.memtrace` measures is what a user's run
   in it (pure half training: gradients and optimizer states in the parameter dtype, as torch does);
   ``amp-bf16``/``amp-fp16`` -> fp32 weights, forward under ``torch.autocast`` (backward outside,
   as HF Trainer does; amp-fp16 adds a ``GradScaler``).
+* ``mixed-bf16`` -> fp32 weights (the masters) and ``torch.autocast`` in the step, as amp-bf16; under FSDP
+  the runner's accelerate config says ``mixed_precision: bf16``, so accelerate wraps the model with FSDP's
+  ``MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)`` (:func:`fsdp_mixed_precision`) and
+  DeepSpeed ZeRO-1/2 runs its bf16 engine (bf16 weights, fp32 master partitions).
 * ``lora``: ``peft.LoraConfig`` + ``get_peft_model`` with peft's defaults
   (``autocast_adapter_dtype=True`` keeps the adapters in fp32 even on a bf16/fp16 base).
 * ``qlora``: ``BitsAndBytesConfig`` NF4, then ``prepare_model_for_kbit_training`` (which casts every
@@ -60,13 +64,25 @@ def param_dtype(precision: str) -> torch.dtype:
 
 def compute_dtype(precision: str) -> torch.dtype:
     """Dtype the matmuls run in (also the QLoRA ``bnb_4bit_compute_dtype``)."""
-    return _DTYPES[precision.removeprefix("amp-")]
+    return _DTYPES[precision.removeprefix("amp-").removeprefix("mixed-")]
 
 
 def autocast(precision: str, device_type: str):
-    if precision.startswith("amp-"):
+    if precision.startswith(("amp-", "mixed-")):
         return torch.autocast(device_type=device_type, dtype=compute_dtype(precision))
     return contextlib.nullcontext()
+
+
+def fsdp_mixed_precision(precision: str):
+    """FSDP's mixed-precision policy for ``precision``, as accelerate builds it from ``mixed_precision: bf16``
+    (accelerate/utils/dataclasses.py @ 1.16.0, ``FullyShardedDataParallelPlugin.set_mixed_precision``: param, reduce
+    and buffer dtypes all bf16 for FSDP 1); None for the precisions FSDP runs as they are."""
+    if precision != "mixed-bf16":
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    dt = compute_dtype(precision)
+    return MixedPrecision(param_dtype=dt, reduce_dtype=dt, buffer_dtype=dt)
 
 
 def enable_checkpointing(model) -> None:

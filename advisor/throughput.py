@@ -104,7 +104,7 @@ class StepTime:
 
 
 def _peak_flops(gpu: Gpu, precision: str) -> float:
-    half = gpu.bf16_tflops if precision in ("bf16", "amp-bf16") and gpu.bf16_tflops else gpu.fp16_tflops
+    half = gpu.bf16_tflops if precision in ("bf16", "amp-bf16", "mixed-bf16") and gpu.bf16_tflops else gpu.fp16_tflops
     half = float(half or gpu.tflops) * 1e12
     return half * FP32_SHARE if precision == "fp32" else half
 
@@ -173,7 +173,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     mm = attn = flops = lora_elem = 0.0
     # peft keeps adapters in fp32 (autocast_adapter_dtype=True) and casts the input to it: without
     # autocast the adapter GEMMs run in fp32, without tensor cores
-    autocast = t.precision.startswith("amp") if stack.autocast is None else stack.autocast
+    # mixed-bf16: accelerate autocasts the forward (FSDP, DDP); DeepSpeed's bf16 weights compute in bf16 alike
+    autocast = t.precision.startswith(("amp", "mixed")) if stack.autocast is None else stack.autocast
     half_adapters = autocast or not stack.peft_wrapper
     apeak = peak * FP32_SHARE if not half_adapters and t.precision != "fp32" else peak
     if half_adapters:  # half-precision wrapper: dropout on the bf16 input, bf16 B output, scale, add
@@ -253,7 +254,7 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
         ring = (n_gpu - 1) / n_gpu
         wbytes: float = weights_bytes(shape, t)
         gbytes: float = gradients_bytes(shape, t)
-        if t.precision.startswith("amp"):  # FSDP / ZeRO mixed precision gathers and reduces in the half dtype
+        if t.precision.startswith(("amp", "mixed")):  # FSDP / ZeRO mixed precision gathers and reduces in half
             wbytes, gbytes = wbytes / 2, gbytes / 2
         if strat == "zero3":  # FSDP full shard: all-gather in forward and backward, reduce-scatter gradients
             comm_micro = ring * (2 * wbytes + gbytes) / link
@@ -313,7 +314,7 @@ def time_range(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | No
                      f"{CALIBRATED_PARAMS[1] / 1e9:.0f}B)")
     if not CALIBRATED_SEQ[0] <= t.seq_len <= CALIBRATED_SEQ[1]:
         other.append(f"seq_len {t.seq_len} (calibrated {CALIBRATED_SEQ[0]}-{CALIBRATED_SEQ[1]})")
-    if t.precision not in ("bf16", "amp-bf16"):
+    if t.precision not in ("bf16", "amp-bf16", "mixed-bf16"):
         other.append(f"{t.precision} (calibrated: bf16)")
     if shape.num_experts:
         other.append("a mixture of experts (no calibration row)")

@@ -90,7 +90,7 @@ def _duration(s: float) -> str:
 
 def default_dtype(run: TunedRun) -> str:
     """The run's compute dtype: what its merged/ would hold."""
-    return run.precision.removeprefix("amp-")
+    return run.precision.removeprefix("amp-").removeprefix("mixed-")
 
 
 def default_out(run: TunedRun) -> Path:

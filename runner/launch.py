@@ -57,12 +57,15 @@ def uses_accelerate_config(plan: Plan) -> bool:
 def accelerate_config(plan: Plan, port: int | None = None) -> dict[str, Any]:
     """The `accelerate launch` config for the plan's hardware: DDP (zero 0), DeepSpeed ZeRO-1/2
     (zero 1, 2) or FSDP full shard (zero 3). Precision is the runner's business (mixed_precision no:
-    the model is loaded in the plan's dtype, amp-* autocasts in the step)."""
+    the model is loaded in the plan's dtype, amp-* autocasts in the step), except ``mixed-bf16``, which is
+    accelerate's own ``mixed_precision: bf16``: FSDP's MixedPrecision over the fp32 shards (zero 3), DeepSpeed's
+    bf16 engine with fp32 master partitions (zero 1-2), autocast under DDP (zero 0)."""
     hw = plan.hardware
     cpu = hw.device == "cpu"
+    mixed = "bf16" if plan.training.precision == "mixed-bf16" else "no"
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE", "num_machines": hw.nodes, "machine_rank": hw.node_rank,
-        "num_processes": hw.gpus, "mixed_precision": "no", "use_cpu": cpu, "same_network": True,
+        "num_processes": hw.gpus, "mixed_precision": mixed, "use_cpu": cpu, "same_network": True,
         "rdzv_backend": "static", "main_training_function": "main", "debug": False,
         "main_process_port": hw.main_port if hw.nodes > 1 else (port or 29500),
     }

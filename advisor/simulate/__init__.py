@@ -140,6 +140,15 @@ def _check_supported(plan: Plan, shape: ModelShape) -> None:
             raise SimulateError(f"{why}; use --mode analytic, which models {plan.training.transformers}")
 
 
+def _as_run(plan: Plan) -> Plan:
+    """The plan as one device runs it (advisor.memory.as_run): mixed-bf16 is accelerate's autocast, amp-bf16."""
+    if plan.task != "training":
+        return plan
+    from advisor.memory import as_run
+
+    return plan.model_copy(update={"training": as_run(plan.training, plan.hardware)})
+
+
 _MEMO: dict[tuple, Breakdown] = {}
 
 
@@ -161,6 +170,7 @@ def simulate(plan: Plan, shape: ModelShape, progress: Progress | None = None,
     import copy
 
     _check_supported(plan, shape)
+    plan = _as_run(plan)
     key = _memo_key(plan, shape, extrapolate)
     if key in _MEMO:
         if progress:
