@@ -11,9 +11,10 @@ layers / softcapping left at its class defaults) and holds it to one rule:
   not modelled analytically, and the estimate says so (and the app runs simulate instead).
 
 A model type the tiny builder cannot build, or that is not a decoder-only LM (encoder-decoder halves, BERT-style
-encoders), is never covered by the analytic rules. The fast tier checks a few families of every kind; the whole
-registry (about 150 types, minutes each on two cores) is marked slow. `make newest` runs it against the newest
-transformers, peft, bitsandbytes and torch.
+encoders), is never covered by the analytic rules. Building and simulating a family takes seconds, so the live
+checks are slow tests (one family of each kind first, then the whole registry: about 200 types, half an hour on
+two cores); the fast tier checks that every covered family passed the recorded sweeps of the releases measured.
+`make newest` runs the whole registry against the newest transformers, peft, bitsandbytes and torch.
 """
 
 from __future__ import annotations
@@ -71,9 +72,33 @@ def assert_row(row: registry.Row) -> None:
     assert not off, f"{name}: analytic vs simulate {off} (more than {registry.TOL:.0%}); fix the rule or route it"
 
 
+RECORDED = sorted((ROOT / "benchmarks" / "results").glob("registry_transformers-*.json"))
+
+
+def test_the_covered_families_are_the_ones_the_recorded_sweeps_checked():
+    """The fast tier's check (no model is built): every family the analytic rules cover was checked by a recorded
+    sweep of the whole registry (`python benchmarks/registry.py --json benchmarks/results/registry_transformers-
+    VERSION.json`, one per release measured), with exact counts and within 3% of simulate in every mode."""
+    import json
+
+    from advisor.families import FAMILIES
+
+    assert len(RECORDED) >= 2, "a recorded sweep per release measured (benchmarks/results/registry_*.json)"
+    for path in RECORDED:
+        sweep = json.loads(path.read_text())
+        rows = {r["model_type"]: r for r in sweep["rows"]}
+        for model_type in FAMILIES:
+            row = rows.get(model_type)
+            assert row is not None and row["status"] == "checked", f"{model_type} not checked in {path.name}"
+            assert row["params"] == row["params_real"] and (row["lora_refused"] or row["lora"] == row["lora_real"])
+            assert set(row["errors"]) == set(MODES) and not row["sim_problem"], (path.name, model_type, row)
+            off = {m: e for m, e in row["errors"].items() if abs(e) > registry.TOL}
+            assert not off, f"{model_type} in {path.name}: {off}"
+
+
 @pytest.mark.parametrize("model_type", FAST)
 @pytest.mark.slow
-def test_registry_fast_tier(model_type):
+def test_registry_one_family_of_each_kind(model_type):
     assert model_type in _all_types()
     assert_row(registry.check(model_type))
 
@@ -84,6 +109,7 @@ def test_registry(model_type):
     assert_row(registry.check(model_type))
 
 
+@pytest.mark.slow
 def test_unknown_architectures_are_routed_with_a_reason():
     """A model type without a checked profile (a new family in a newer transformers) is routed, and the
     reason names what sets it apart where it can tell (here: Falcon-H1's Mamba layers)."""
