@@ -221,3 +221,21 @@ def test_qlora_recomputation_ends_at_the_last_experts_dequantized_down_projectio
     assert _per_expert_recompute_end_bytes(shape, t.model_copy(update={"method": "lora"}), "cuda") == 0
     five = software.layout(resolve_model("mistralai/Mixtral-8x7B-v0.1", None, False), "5")
     assert _per_expert_recompute_end_bytes(five, t.model_copy(update={"transformers": "5"}), "cuda") == 0
+
+
+def test_an_estimate_on_a_newer_transformers_says_so(monkeypatch):
+    """Installed transformers newer than every release the analytic rules were checked on: one line in the
+    estimate's notes saying so and which mode made it; none on a checked release."""
+    from advisor.memory import estimate
+
+    plan = build_plan({"model": {"ref": "gpt2"}, "training": {"seq_len": 128}})
+    shape = resolve_model("gpt2", None, False)
+    monkeypatch.setattr(software, "installed", lambda: "5.99.0")
+    assert software.newer_than_checked() == "5.99.0"
+    notes = estimate(plan, shape).notes
+    line = next(n for n in notes if "5.99.0" in n)
+    assert f"up to {software.CHECKED[-1]}" in line and "--mode simulate" in line
+    assert "simulated with the installed transformers 5.99.0" in software.release_note("simulate")
+    monkeypatch.setattr(software, "installed", lambda: software.CHECKED[-1] + ".0")
+    assert software.release_note("analytic") is None
+    assert not any("not yet checked" in n for n in estimate(plan, shape).notes)
