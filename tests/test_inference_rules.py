@@ -74,3 +74,14 @@ def test_math_attention_decode_counts_the_broadcast_key():
     assert math_attention_bytes(_shape(1), 2, 1, 255, 2) == 1024 * 2 + 3 * 65280 + 261120 + 8160
     # as many key/value heads as query heads: no broadcast copy; fp32 inputs are not upcast
     assert math_attention_bytes(_shape(4), 2, 1, 255, 4) == 1024 + 4 * 65280 + 8160
+
+
+def test_a_multimodal_gemma3s_sliding_layers_come_from_its_text_config():
+    """Gemma 3 4B-27B keep layer_types under text_config: read from the resolved text config, 29 of the 4B's 34
+    layers are sliding (5 local : 1 global); the raw config has none at the top level, which counted all 34."""
+    from advisor.inference import layer_windows, sliding_layers
+    from advisor.model import resolve
+
+    shape = resolve("google/gemma-3-4b-it")
+    assert "layer_types" not in shape.config and sliding_layers(shape) == (29, 1024)
+    assert layer_windows(shape)[:6] == [1024] * 5 + [None]
