@@ -154,9 +154,12 @@ def test_the_longest_batch_peak_is_what_the_fail_fast_probe_measures(which, tiny
     """The estimate at the data's longest batch against the probe on that batch, measured on the CPU
     (torch.profiler's memory events: runner.profiling); the plan's nominal micro_batch x seq_len is far off."""
     from runner.failfast import longest_batch, probe
+    from runner.memtrace import gc_live_tensor_bytes
     from runner.profiling import profiled_step
     from runner.recipe import Recipe
 
+    # tensors other tests keep alive in this process (session fixtures) are not this step's
+    others = gc_live_tensor_bytes()
     plan = _plan(tiny_model_dir, _data(which, long_tailed), seq_len=512, data={"val_split": 0.0})
     de = service.data_estimate(service.context_of(plan), runner_api.data_lengths(plan))
     r = Recipe(plan, tmp_path / "r", log=lambda m: None)
@@ -165,6 +168,7 @@ def test_the_longest_batch_peak_is_what_the_fail_fast_probe_measures(which, tiny
         r.setup()  # the runner's own probe runs here (check_longest_batch)
         batch, longest = longest_batch(r.data.train, 4, r.tokenizer.pad_token_id)
         _, measured = profiled_step(probe, (r.model, batch, "fp32"), {"optimizer": r.optimizer})
+        measured -= others
     finally:
         r.stop_sampling()
         r.cleanup()

@@ -24,6 +24,8 @@ def test_every_setting_estimates_and_adds_up(ref):
     seq = min(1024, shape.max_position or 1024)
     for method, precision, optimizer, gc in itertools.product(("full", "lora", "qlora"), PRECISIONS, OPTIMIZERS,
                                                               (True, False)):
+        if precision == "mixed-bf16" and method != "full":
+            continue  # refused by the spec (adapters stay fp32): tests/test_savers.py
         p = plan(ref, method=method, precision=precision, optimizer=optimizer, grad_checkpointing=gc,
                  seq_len=seq, attn_impl="eager" if shape.model_type.startswith("gemma") else "sdpa")
         bd = estimate(p, shape)
