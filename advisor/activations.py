@@ -674,6 +674,26 @@ def logits_bytes(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     return tokens * v * fwd, tokens * v * bwd
 
 
+def offloaded_input_bytes(shape: ModelShape, t: TrainSpec) -> int:
+    """One checkpointed layer's saved input, the hidden state (tokens x hidden in the residual dtype), which
+    offloading moves to host memory (advisor.stack.offload_checkpoints: torch's non-reentrant checkpoint saves
+    the layer's positional inputs through the saved-tensor hooks, ``_CheckpointFrame.save_inputs``; the mask
+    and the rotary cos/sin are keyword arguments and stay on the device). 0 without offloading."""
+    if not (t.offload_activations and t.grad_checkpointing):
+        return 0
+    return t.micro_batch * t.seq_len * residual_bytes(t) * shape.hidden_size
+
+
+def offloaded_host_bytes(shape: ModelShape, t: TrainSpec, device: str) -> int:
+    """Host memory the offloaded inputs take: every layer's, from its forward to the end of backward. On a GPU
+    they are pinned, and torch's CachingHostAllocator rounds each pinned block up to a power of two
+    (``ATen/core/CachingHostAllocator.h`` of torch 2.13, ``PowerOf2Ceil``; kept cached between steps)."""
+    one = offloaded_input_bytes(shape, t)
+    if device == "cuda" and one:
+        one = 1 << (one - 1).bit_length()
+    return shape.num_layers * one
+
+
 def qlora_dequant_bytes(shape: ModelShape, t: TrainSpec) -> int:
     """QLoRA: the largest linear layer dequantized to the compute dtype for its matmul."""
     if t.method != "qlora":

@@ -48,6 +48,7 @@ class Breakdown:
     reserved_model: str = "tensors only (CPU RAM: no CUDA context, no caching allocator)"
     overhead_low: int = 0  # the band's low side: the expected nvidia-smi peak minus its low end
     band: dict = field(default_factory=dict)  # whose band: {"harness", "low", "high"} (shares; none on the CPU)
+    host: dict[str, int] = field(default_factory=dict)  # host RAM the step holds beside the device (offloaded inputs)
 
     def __post_init__(self) -> None:
         assert self.phases[self.peak_phase] == sum(self.components.values()), "breakdown does not add up"
@@ -121,7 +122,7 @@ COMPONENT_LABELS = {
     "ddp_buckets": "DDP gradient buckets", "zero_buckets": "ZeRO reduce buckets", "cuda_context": "CUDA context",
     "cublas_workspace": "cuBLAS workspace", "attention_workspace": "attention workspace",
     "nccl_buffers": "NCCL buffers", "allocator_cache": "allocator cache", "inputs": "input batch",
-    "logits": "logits",
+    "logits": "logits", "offloaded_activations": "offloaded activations",
 }
 
 

@@ -41,6 +41,9 @@ class Gpu:
     link_gbs: float = 32.0  # GB/s per GPU per direction over that interconnect (PCIe 4.0 x16 when unstated)
     gpus_per_node: int = 8  # GPUs one node holds; beyond that rings cross the network
     internode_gbs: float = 25.0  # GB/s per GPU between nodes (one 200 Gb/s NIC per GPU when unstated)
+    # GB/s per direction between the GPU and its host's memory (offloaded activations cross it): the card's PCIe
+    # link (link_gbs for a PCIe card), PCIe 4.0 x16 when unstated, 0 with unified memory (no separate host memory)
+    host_link_gbs: float = 32.0
     interconnect_source: str = ""
 
     @property
@@ -116,6 +119,9 @@ def _parse(data: object, where: str) -> list[Gpu]:
                 link_gbs=_number(e, "link_gbs", "GB/s per direction", default=32.0) or 0.0,
                 gpus_per_node=int(_number(e, "gpus_per_node", "GPUs per node", default=8.0, positive=True) or 8),
                 internode_gbs=_number(e, "internode_gbs", "GB/s between nodes", default=25.0) or 0.0,
+                host_link_gbs=_number(e, "host_link_gbs", "GB/s per direction to the host", default=(
+                    0.0 if e.get("unified_memory") else _number(e, "link_gbs", "GB/s per direction", default=32.0)
+                    if _interconnect(e) == "pcie" else 32.0)) or 0.0,
                 interconnect_source=str(e.get("interconnect_source", "")),
             ))
         except (TypeError, ValueError) as err:

@@ -26,6 +26,8 @@ from advisor.activations import (  # noqa: F401  (re-exported: the estimate's pa
     logits_bytes,
     masks_built,
     merged_expert_bytes,
+    offloaded_host_bytes,
+    offloaded_input_bytes,
     padding_forward_bytes,
     padding_kept_bytes,
     per_expert_dequant_bytes,
@@ -271,6 +273,17 @@ def mixed_note(mixed: str | None, asked: str, hw: Hardware) -> str | None:
     return None
 
 
+def offload_note(shape: ModelShape, t: TrainSpec, hw: Hardware, host: int) -> str:
+    """What offloading moves, in words."""
+    one = offloaded_input_bytes(shape, t)
+    where = ("pinned host memory (each block rounded up to a power of two by torch's pinned-memory cache)"
+             if hw.device == "cuda" else "host memory, on the CPU the same RAM (component 'offloaded activations': "
+             "nothing is saved there)")
+    return (f"offloaded checkpoints: the {shape.num_layers} layers' saved inputs ({one / MIB:,.1f} MiB each) wait in "
+            f"{where}, {host / GIB:.2f} GiB per {'GPU process' if hw.device == 'cuda' else 'process'}; backward "
+            "copies one back at a time")
+
+
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
@@ -387,6 +400,14 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
                  if t.grad_checkpointing else 0)
     first_layer_acts += mask if not t.grad_checkpointing else 0  # (with checkpointing: in gc_inputs)
     gc_inputs += mask if t.grad_checkpointing else 0
+    # offloaded checkpoints: every layer's saved input is in host memory from its forward until backward copies it
+    # back for that layer's recomputation (benchmarks/offload_cpu.py). With frozen embeddings the first layer's
+    # input stays on the device all the same: enable_input_require_grads makes the embedding output a leaf that
+    # requires grad, and the graph's AccumulateGrad node holds it to the end of backward
+    off_one = offloaded_input_bytes(shape, ta)
+    off_kept = off_one if t.method != "full" else 0
+    acts -= shape.num_layers * off_one - off_kept
+    gc_inputs -= shape.num_layers * off_one - off_kept
     if t.method == "full":
         # mixed precision: a unit's gradient is computed in the bf16 of its gathered weights (FSDP reduce_dtype bf16,
         # then cast to the fp32 shard; DeepSpeed's bf16 .grad)
@@ -450,14 +471,15 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         "forward_end": {**base, **gathered(0), "activations": acts + amp_cache, "logits_and_loss": l_fwd,
                         "transient": deq},
         "backward_start": {**bwd, **gathered(1), "activations": acts, "logits_and_loss": l_bwd},
-        "backward_last_layer": {**bwd, **gathered(2), "activations": acts + recompute - expert_freed,
+        "backward_last_layer": {**bwd, **gathered(2), "activations": acts + off_one + recompute - expert_freed,
                                 "gradients": base.get("gradients", 0) + head_grad + last_layer_grad,
                                 "transient": ws + deq_bwd},
         # checkpointing: the last layer (the first in backward) recomputed up to its widest moment, every
         # other layer's checkpoint still held (see recompute_end_transient_bytes)
-        "backward_last_recompute": {**bwd, **gathered(1), "activations": acts + recompute,
+        "backward_last_recompute": {**bwd, **gathered(1), "activations": acts + off_one + recompute,
                                     "gradients": base.get("gradients", 0), "transient": recompute_end},
-        "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs - expert_freed,
+        "backward_first_layer": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs + off_one
+                                 - expert_freed,
                                  "gradients": first_grads, "transient": ws + deq_bwd},
         "backward_end": {**bwd, "activations": gc_inputs, "gradients": g_kept},
         # FSDP: the root's gradient reduce-scattered last, from its unsharded buffer, while its parameters are still
@@ -466,7 +488,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         # checkpointing: the first layer recomputed up to its down projection (see
         # recompute_end_transient_bytes); its own gradients do not exist yet (LoRA: one layer's
         # adapters, every adapter lives in a layer)
-        "backward_recompute": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs + emb_dropout,
+        "backward_recompute": {**bwd, **gathered(1), "activations": first_layer_acts + gc_inputs + off_one
+                               + emb_dropout,
                                "gradients": first_grads, "transient": recompute_end},
         "optimizer_step": {**base, "gradients": step_grads or g_kept, "transient": opt_tmp},
     }
@@ -476,6 +499,14 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
         del phases["forward_last_layer"]
     if not root_grad:
         del phases["backward_root_reduce"]
+    if off_one and dev == "cpu":
+        # on the CPU the host copies are in the same RAM: counted at each moment they live (every layer's from the
+        # forward on; backward frees each as it copies it back: measured, benchmarks/offload_cpu.py)
+        L = shape.num_layers
+        for name, held in (("forward_end", L), ("backward_start", L), ("backward_last_layer", L - 1),
+                           ("backward_last_recompute", L - 1)):
+            if name in phases:
+                phases[name]["offloaded_activations"] = held * off_one
     return {k: {c: int(v) for c, v in comps.items() if v} for k, comps in phases.items()}
 
 
@@ -516,7 +547,12 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
     persist = sum(comps.get(k, 0) for k in PERSISTENT)
     step = totals["optimizer_step"] - persist
     attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim, t.attn_impl)
-    return Breakdown(comps, peak, totals, notes=notes,
+    host = offloaded_host_bytes(shape, t.model_copy(update={"method": "lora"}) if fsdp_qlora(t, hw) else t, hw.device)
+    if host:
+        notes.append(offload_note(shape, t, hw, host))
+    if hw.device == "cpu":  # the host copies are in the phases' components (the same RAM)
+        host = 0
+    return Breakdown(comps, peak, totals, notes=notes, host={"offloaded_activations": host} if host else {},
                      **gpu_terms(totals[peak], comps, hw, training=True, step=step, attention=attn,
                                  harness=t.harness))
 

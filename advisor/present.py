@@ -116,6 +116,8 @@ def breakdown_table(res: EstimateResult, title: str | None = None, compact: bool
             t.add_row(Text("on this card", style="bold"), Text("out of memory", style="bold red"), "")
     elif bd.overhead:
         t.add_row(Text(reserved, style="bold"), Text(gib(bd.peak_reserved_bytes), style="bold"), "")
+    for k, size in bd.host.items():  # beside the device peak, in the host's RAM (offloaded activations)
+        t.add_row(Text(f"host RAM: {label(k)}", style="italic"), Text(gib(size), style="italic"), "host")
     return t
 
 
@@ -233,6 +235,8 @@ def moments_line(res: EstimateResult) -> Text | None:
         line.append("; " + ", ".join(others))
     if res.host_ram_bytes:
         where = max(res.moments.items(), key=lambda kv: kv[1].host_bytes)[0] if res.moments else "step"
+        if sum(res.breakdown.host.values()) >= res.host_ram_bytes:  # the step's offloaded activations
+            where = "step"
         line.append(f" · host RAM needed {gib_str(res.host_ram_bytes, 1)} ({MOMENT_WORDS.get(where, where)})")
     return line
 

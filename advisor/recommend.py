@@ -597,10 +597,12 @@ def _changed(plan: Plan, **fields: Any) -> tuple[Plan, dict[str, Any]]:
     return out, changes
 
 
-def _savers(plan: Plan, shape: ModelShape) -> list[tuple[str, dict[str, Any]]]:
+def _savers(plan: Plan, shape: ModelShape, gpu: Gpu | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The switches practitioners flip to make a job fit, in the order they reach for them (each adds to
     the one before): checkpointing, micro-batch 1 (accumulation keeps the effective batch), an 8-bit paged
-    optimizer, QLoRA, a smaller LoRA rank."""
+    optimizer, FSDP / ZeRO mixed precision for a sharded amp-bf16 full fine-tune (no time cost), offloading the
+    checkpointed activations to host RAM (not with unified memory), LoRA, QLoRA, a smaller LoRA rank. Each rung's time
+    cost is the time model's (the offload copies over the host link)."""
     t = plan.training
     out: list[tuple[str, dict[str, Any]]] = []
     if not t.grad_checkpointing:
@@ -614,6 +616,9 @@ def _savers(plan: Plan, shape: ModelShape) -> list[tuple[str, dict[str, Any]]]:
     if t.method == "full" and t.precision == "amp-bf16" and hw.gpus > 1 and hw.zero >= 1:
         out.append(("FSDP / ZeRO mixed precision (mixed-bf16: fp32 masters sharded, bf16 compute copies)",
                     {"training__precision": "mixed-bf16"}))
+    if not t.offload_activations and (gpu is None or gpu.host_link_gbs):
+        out.append(("activation checkpoints offloaded to host RAM (a copy each way over the host link)",
+                    {"training__offload_activations": True, "training__grad_checkpointing": True}))
     if t.method == "full" and shape.linears:
         out.append(("LoRA (frozen weights, adapters trained)", {"training__method": "lora"}))
     if t.method != "qlora" and shape.linears:
@@ -671,7 +676,7 @@ def nearest_plans(shape: ModelShape, plan: Plan, gpu: Gpu, tokens: float, limit:
     p = base
     changes: dict[str, Any] = {}
     words: dict[str, str] = {}
-    for what, fields in _savers(base, shape):
+    for what, fields in _savers(base, shape, gpu):
         p, ch = _changed(p, **fields)
         if p.training.method != "full" and p.training.precision == "mixed-bf16":  # mixed-bf16 is for full
             asked = base.training.precision  # fine-tuning: adapters keep the asked precision (bf16 for mixed-bf16)

@@ -176,6 +176,7 @@ class EstimateResult:
             "plan": self.plan.model_dump(mode="json"),
             "mode": self.mode,
             "breakdown": bd.components,
+            "host": bd.host,  # host RAM the step holds beside the device peak (offloaded activations)
             "peak_phase": bd.peak_phase,
             "phases": bd.phases,
             "overhead": bd.overhead,
@@ -279,7 +280,7 @@ def run_moments(res: EstimateResult) -> None:
     plan, shape = res.plan, res.shape
     res.moments = lifecycle.run_moments(plan, shape)
     res.run_peak = lifecycle.run_peak(plan, shape, res.peak_reserved_bytes)
-    res.host_ram_bytes = lifecycle.host_ram_bytes(plan, shape)
+    res.host_ram_bytes = lifecycle.host_ram_bytes(plan, shape, sum(res.breakdown.host.values()))
     name, peak = res.run_peak
     if res.gpu is not None and name != "step" and peak > res.gpu.memory_bytes and plan.hardware.device == "cuda":
         res.plan_notes.append(f"the run's peak is not the training step but {name.replace('_', ' ')}: "
@@ -555,6 +556,8 @@ def smaller_plan(plan: Plan, shape: ModelShape, capacity: int | None, below: flo
             yield {"training.micro_batch": mb, "training.grad_accum": acc}
         if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
             yield {"training.optimizer": "paged_adamw_8bit"}
+        if not t["offload_activations"]:
+            yield {"training.grad_checkpointing": True, "training.offload_activations": True}
         # (mixed-bf16 is for full fine-tuning: adapters in bf16)
         keep = {"training.precision": "bf16"} if t["precision"] == "mixed-bf16" else {}
         if t["method"] == "full":

@@ -194,6 +194,20 @@ class TrainSpec(_Strict):
                              "TRL) or other (another harness: the widest); the band's widths come from published runs "
                              "of each (docs/accuracy.md), and the fit verdict uses its high end.",
                              json_schema_extra=ui(flag="--harness", form="harness"))
+    offload_activations: bool = Field(False, description="Offload the checkpointed layer inputs to pinned host "
+                                      "memory (torch's save_on_cpu around each checkpointed layer, as transformers' "
+                                      "activation_checkpointing_enable(offload=True)): GPU memory down by every "
+                                      "layer's saved input, host RAM up by as much, and a copy each way over the host "
+                                      "link per step; needs gradient checkpointing.",
+                                      json_schema_extra=ui(flag="--offload-activations", form="offload"))
+
+    @field_validator("offload_activations")
+    @classmethod
+    def _offload_needs_checkpoints(cls, v: bool, info) -> bool:
+        if v and info.data.get("grad_checkpointing") is False:
+            raise ValueError("offloading moves the checkpointed layers' inputs to host memory, and without gradient "
+                             "checkpointing there are none: turn checkpointing on (training.grad_checkpointing=true)")
+        return v
 
     @field_validator("precision")
     @classmethod

@@ -13,6 +13,8 @@ runner trains, so that what :mod:`runner.memtrace` measures is what a user's run
   the runner's accelerate config says ``mixed_precision: bf16``, so accelerate wraps the model with FSDP's
   ``MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)`` (:func:`fsdp_mixed_precision`) and
   DeepSpeed ZeRO-1/2 runs its bf16 engine (bf16 weights, fp32 master partitions).
+* ``offload_activations``: each checkpointed layer under :class:`HostOffload` (torch's ``save_on_cpu``), its
+  saved inputs in pinned host memory until backward (:func:`offload_checkpoints`).
 * ``lora``: ``peft.LoraConfig`` + ``get_peft_model`` with peft's defaults
   (``autocast_adapter_dtype=True`` keeps the adapters in fp32 even on a bf16/fp16 base).
 * ``qlora``: ``BitsAndBytesConfig`` NF4, then ``prepare_model_for_kbit_training`` (which casts every
@@ -93,6 +95,64 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+
+
+OFFLOAD_RANGE = "offload:pack"  # record_function around each copy to host (benchmarks/offload_cpu.py reads it)
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """The tensors autograd saves inside this context go to host memory and come back as a new device tensor
+    when backward needs them: ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` of torch 2.13
+    (``torch/autograd/graph.py``: an empty pinned host tensor, ``copy_(non_blocking=True)``; back with
+    ``to(device, non_blocking=True)``), with one difference that only the CPU sees: the way back always copies
+    (``copy=True``), so on the CPU, where ``to("cpu")`` would hand back the host tensor itself, the step
+    allocates what a GPU's step allocates and the CPU measures it (benchmarks/offload_cpu.py). Pinned only
+    where CUDA is (CPU tensors are already host memory). ``on_pack(packed)``: told of every host tensor."""
+
+    def __init__(self, on_pack=None):
+        from torch.profiler import record_function
+
+        def pack(t: torch.Tensor):
+            pinned = t.device.type == "cuda" and not t.is_sparse
+            with record_function(OFFLOAD_RANGE):
+                packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pinned)
+                packed.copy_(t, non_blocking=pinned)
+            if on_pack is not None:
+                on_pack(packed)
+            return t.device, packed
+
+        def unpack(saved) -> torch.Tensor:
+            device, packed = saved
+            return packed.to(device, non_blocking=packed.is_pinned(), copy=True)
+
+        super().__init__(pack, unpack)
+
+
+def offload_checkpoints(model, on_pack=None, hooks=None) -> int:
+    """Run every checkpointed layer under :class:`HostOffload`, as transformers 5's
+    ``activation_checkpointing_enable(offload=True)`` does (``modeling_utils.py``: ``save_on_cpu`` around
+    ``checkpoint``): what the non-reentrant checkpoint saves outside the layer -- its positional inputs, the
+    hidden states (``_CheckpointFrame.save_inputs``; keyword arguments such as the mask and the rotary cos/sin
+    stay where they are) -- is held in host memory until backward recomputes the layer. The layers' own saved
+    tensors are the checkpoint's placeholders, untouched. ``hooks()``: other saved-tensor hooks to use instead
+    (advisor.simulate's, which count the host copy without making it). Returns how many layers now offload."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for m in model.modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if not isinstance(m, GradientCheckpointingLayer) or fn is None or not m.gradient_checkpointing \
+                or getattr(fn, "offloads", False):
+            continue
+
+        def offloaded(function, *args, _fn=fn, **kwargs):
+            with hooks() if hooks is not None else HostOffload(on_pack):
+                return _fn(function, *args, **kwargs)
+
+        offloaded.offloads = True  # type: ignore[attr-defined]
+        m._gradient_checkpointing_func = offloaded  # type: ignore[assignment]
+        n += 1
+    return n
 
 
 def lora_config(spec: TrainSpec):
@@ -201,6 +261,8 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
         if spec.grad_checkpointing:
             enable_checkpointing(model)
     model.config.use_cache = False
+    if spec.offload_activations and spec.grad_checkpointing:
+        offload_checkpoints(model)
     if spec.method in ("lora", "qlora"):
         from peft import get_peft_model
 

@@ -44,6 +44,7 @@ from advisor.throughput_terms import (  # noqa: F401 - re-exported: the public n
     ELEM_I_FUSED_BYTES,
     ELEM_I_PLAIN_BYTES,
     FP32_SHARE,
+    HOST_LINK_EFF,
     LINK_EFF,
     LORA_IN_BYTES,
     LORA_IN_BYTES_HALF,
@@ -142,6 +143,20 @@ def link_bandwidth(gpu: Gpu, num_gpus: int) -> float:
     if num_gpus > gpu.gpus_per_node:
         gbs = min(gbs, gpu.internode_gbs)
     return gbs * 1e9
+
+
+def offload_seconds(plan: Plan, shape: ModelShape, gpu: Gpu) -> float:
+    """Offloaded activation checkpoints, per micro-step: every layer's saved input goes to host memory in the forward
+    and comes back in the backward, each copy over the host link at HOST_LINK_EFF of its rate. The runner copies on
+    the compute stream (advisor.stack.HostOffload, as torch's save_on_cpu and transformers' offload=True), so nothing
+    hides them; an implementation with its own copy stream (torchtune's OffloadActivations) overlaps them instead
+    (docs/time-model.md). 0 without offloading, and with unified memory (nothing to copy)."""
+    from advisor.activations import offloaded_input_bytes
+
+    one = offloaded_input_bytes(shape, plan.training)
+    if not one or not gpu.host_link_gbs:
+        return 0.0
+    return 2 * shape.num_layers * one / (gpu.host_link_gbs * 1e9 * HOST_LINK_EFF)
 
 
 def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | None = None,
@@ -244,7 +259,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
         dequant = nq * (NF4_BYTES_PER_WEIGHT + 2.0) * c["DEQUANT_PASSES"] * (fwd_passes + 1) / (BW_EFF * bw)
 
     lora_s = lora_elem / (BW_EFF * bw)
-    micro = mm + attn + elem + loss + latency + dequant + lora_s
+    offload = offload_seconds(plan, shape, gpu)
+    micro = mm + attn + elem + loss + latency + dequant + lora_s + offload
 
     # communication per GPU (ring collectives: all-gather / reduce-scatter move (n-1)/n of the tensor)
     strat = strategy_of(plan)
@@ -277,6 +293,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     parts = {"matmul_s": mm * ga, "attention_s": attn * ga, "elementwise_s": elem * ga, "loss_s": loss * ga,
              "latency_s": latency * ga, "dequant_s": dequant * ga, "lora_wrapper_s": lora_s * ga,
              "comm_exposed_s": exposed_micro * ga + exposed_step, "optimizer_s": opt}
+    if offload:
+        parts["offload_s"] = offload * ga
     step = sum(parts.values())
     return StepTime(step, parts, int(T) * ga, flops * ga)
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 # overhead, nccl-tests#212). Counted, not fitted: the calibration rows do not constrain it (docs/time-model.md).
 LINK_EFF = 0.75
 BW_EFF = 0.85  # achievable share of the memory bandwidth in streaming kernels (BabelStream on A100: ~1.7 of 2.0 TB/s)
+# share of the host link's line rate a pinned copy reaches: 24.8 GB/s host-to-device and device-to-host per GPU over
+# PCIe 4.0 x16 on 8 A100-SXM4-80GB (nvbandwidth, forums.developer.nvidia.com/t/352186), of our table's 32
+HOST_LINK_EFF = 0.78
 # elementwise bytes per token per layer per pass (bf16): two RMSNorms with fp32 upcast (~24 B per hidden
 # value each), two residual adds (12), rope on q and k (~16): 76 B per hidden value; the gated activation
 # silu(gate) * up (read 2, write 1 in 2 bytes, plus silu's own read/write): 10 B per intermediate value;

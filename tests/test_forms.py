@@ -2,7 +2,7 @@
 
 import pytest
 
-from advisor.forms import FORM_DEFAULTS, LOC_FIELD, evaluate
+from advisor.forms import CHECKBOXES, FORM_DEFAULTS, LOC_FIELD, evaluate
 
 BAD = {
     "model": "llama-9000", "gpu": "rtx 9999", "gpus": "0", "zero": "7", "task": "juggling", "method": "dora",
@@ -16,7 +16,7 @@ INFERENCE_ONLY = {"weight_quant"}
 
 
 def test_every_form_field_has_a_bad_value_here():
-    assert set(BAD) == set(FORM_DEFAULTS) - {"ckpt"}  # ckpt is a checkbox: no bad value exists
+    assert set(BAD) == set(FORM_DEFAULTS) - set(CHECKBOXES)  # a checkbox has no bad value
 
 
 @pytest.mark.parametrize("field", sorted(BAD))

@@ -77,6 +77,7 @@ def _breakdown(res: _Result, plan: Plan, shape: ModelShape, notes: list[str]) ->
         extra.append(f"allocator replay: max reserved {replayed / 2**30:.2f} GiB of tensors (loading alone "
                      f"{(loaded or 0) / 2**30:.2f} GiB); with expandable_segments:True {(exp or 0) / 2**30:.2f} GiB")
     return Breakdown(comps, peak, {k: int(v) for k, v in phases.items()}, notes=notes + extra,
+                     host={"offloaded_activations": res.host} if res.host else {},
                      **gpu_terms(phases[peak], comps, plan.hardware, training=training, attention=attn,
                                  replayed_reserved=replayed, harness=t.harness if training else "tuneplan"))
 
@@ -103,7 +104,10 @@ def _extrapolate(results: dict[int, _Result], target: int) -> _Result | None:
             if xb - xa != xc - xb:
                 return None
             comps[ph][k] = xc + (target - c) * (xc - xb)
-    return _Result(phases, comps, list(rc.notes))  # no allocator replay: it needs the whole sequence
+    if rb.host - ra.host != rc.host - rb.host:
+        return None
+    host = rc.host + (target - c) * (rc.host - rb.host)  # offloaded inputs: one per layer
+    return _Result(phases, comps, list(rc.notes), host=host)  # no allocator replay: it needs the whole sequence
 
 
 def _with_replay(res: _Result, runs: dict[int, _Result], target: int) -> _Result | None:
@@ -117,7 +121,7 @@ def _with_replay(res: _Result, runs: dict[int, _Result], target: int) -> _Result
     built = extrapolate({n: r.tokens or [] for n, r in runs.items()}, target)
     if built is None:
         return None
-    return _Result(res.phases, res.components, res.notes, replay_events(decode(*built)))
+    return _Result(res.phases, res.components, res.notes, replay_events(decode(*built)), host=res.host)
 
 
 def _check_supported(plan: Plan, shape: ModelShape) -> None:

@@ -56,6 +56,12 @@ def _build_training(plan: Plan, shape: ModelShape, config: dict):
     elif t.grad_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False
+    if t.offload_activations and t.grad_checkpointing:  # as advisor.stack.load_for_training, host copies counted
+        from advisor.stack import offload_checkpoints
+
+        host = _HostCount(pow2=plan.hardware.device == "cuda")  # (its tag is set by _train_run on the CPU)
+        offload_checkpoints(model, hooks=lambda: _SimOffload(host))
+        model.tuneplan_host = host
     if t.method in ("lora", "qlora"):
         from peft import get_peft_model
 
@@ -67,6 +73,50 @@ def _build_training(plan: Plan, shape: ModelShape, config: dict):
             p.requires_grad_(True)
     model.train()
     return model, attn_used
+
+
+class _HostCount:
+    """Host bytes held by offloaded activations, now and at most (pinned blocks rounded up to a power of two on a
+    GPU, as torch's CachingHostAllocator does: advisor.activations.offloaded_host_bytes)."""
+
+    def __init__(self, pow2: bool):
+        self.pow2, self.now, self.peak = pow2, 0, 0
+        self.tag = None  # on the CPU: tags each host copy for the tracker (the same RAM)
+
+    def add(self, n: int) -> int:
+        n = 1 << (n - 1).bit_length() if self.pow2 and n > 0 else n
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        return n
+
+
+class _HostCopy:
+    """What advisor.stack.HostOffload keeps in host memory: its shape, dtype and size; on the CPU, where host memory
+    is the RAM the step is measured in, the copy itself too (a tensor tagged ``offloaded_activations``)."""
+
+    def __init__(self, t, host: _HostCount):
+        import torch
+
+        self.shape, self.dtype, self.device, self.host = t.shape, t.dtype, t.device, host
+        self.nbytes = host.add(t.numel() * t.element_size())
+        self.copy = None
+        if host.tag is not None:
+            self.copy = torch.empty(t.shape, dtype=t.dtype)
+            host.tag(self.copy)
+
+    def __del__(self):
+        self.host.now -= self.nbytes
+
+
+def _SimOffload(host: _HostCount):
+    """advisor.stack.HostOffload on fake tensors: the saved tensor leaves the device (nothing keeps it there) and
+    is counted on the host; backward gets a new device tensor of its shape, as the copy back makes."""
+    import torch
+
+    def unpack(c: _HostCopy):
+        return torch.empty(c.shape, dtype=c.dtype, device=c.device)
+
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: _HostCopy(t, host), unpack)
 
 
 def _autocast(precision: str):
@@ -118,6 +168,8 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
         # masking_utils is told to build the mask a padded batch gets (see _RealMasks)
         masks.padded = padded_batches(plan)
         head = model.get_output_embeddings()
+        if getattr(model, "tuneplan_host", None) is not None and plan.hardware.device == "cpu":
+            model.tuneplan_host.tag = lambda c: tracker.tag(c, "offloaded_activations")
         handles = _hooks(model, tracker, head)
         trainable = [p for p in model.parameters() if p.requires_grad]
         steps = 2  # the first creates the optimizer states; the second is the steady state
@@ -169,10 +221,12 @@ def _train_run(plan: Plan, shape: ModelShape, n_layers: int | None, progress: Pr
         phases = {ph: tracker.peaks[ph].bytes for ph in TRAIN_PHASES if ph in tracker.peaks}
         comps = {ph: tracker.components_at(tracker.peaks[ph].seq, classify) for ph in phases}
         # the optimizer states of the first step are alive throughout: tag-resolved above
+        host = getattr(model, "tuneplan_host", None)
         del model, opt, batch, loss, trainable, head
+    host_peak = host.peak if host is not None else 0
     if as_tokens:
-        return _Result(phases, comps, notes, tokens=event_tokens(tracker.recs, tracker.marks))
-    return _Result(phases, comps, notes, replay_reserved(tracker.recs, tracker.marks))
+        return _Result(phases, comps, notes, tokens=event_tokens(tracker.recs, tracker.marks), host=host_peak)
+    return _Result(phases, comps, notes, replay_reserved(tracker.recs, tracker.marks), host=host_peak)
 
 
 # ------------------------------------------------------------------------------------------

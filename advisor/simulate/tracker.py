@@ -39,6 +39,7 @@ class _Result:
     notes: list[str] = field(default_factory=list)
     reserved: dict[str, int] = field(default_factory=dict)  # allocator replay: config name -> max reserved
     tokens: list | None = None  # the allocation sequence as events.encode tokens (for events.extrapolate)
+    host: int = 0  # peak host bytes of offloaded activations (training.offload_activations)
 
 
 def alloc_events(recs: list[_Rec], marks: Sequence[tuple[int, str]] = ()) -> list[tuple[str, object, int]]:

@@ -14,7 +14,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, DataTable, Footer, Header, Input, Label, Select, Static
 
 from advisor import present
-from advisor.forms import HARNESS_CHOICES, NO_GPU, TRANSFORMERS_CHOICES, Evaluation, fetch_model
+from advisor.forms import CHECKBOXES, HARNESS_CHOICES, NO_GPU, TRANSFORMERS_CHOICES, Evaluation, fetch_model
 from advisor.present import money
 from advisor.tui.widgets.field import Field
 from advisor.tui.widgets.membar import MemoryBar
@@ -22,8 +22,8 @@ from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, sh
 from advisor.units import GIB, gib
 
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
-TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "lora_r", "lora_alpha", "lora_targets", "transformers",
-              "harness")
+TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "offload", "lora_r", "lora_alpha", "lora_targets",
+              "transformers", "harness")
 SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers", "harness",
            "device")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_targets")
@@ -77,6 +77,8 @@ class PlanScreen(Screen):
                 yield Field("grad accum", Input(f["accum"], id="accum", type="integer", compact=True), "accum")
                 yield Field("checkpoint", Checkbox("recompute in backward", bool(f["ckpt"]), id="ckpt",
                                                    compact=True), "ckpt")
+                yield Field("offload", Checkbox("checkpoints in host RAM", bool(f["offload"]), id="offload",
+                                                compact=True), "offload")
                 releases = list(TRANSFORMERS_CHOICES)
                 if f["transformers"] not in {v for _, v in releases}:  # a loaded plan's own release
                     releases.append((f"transformers {f['transformers']}", f["transformers"]))
@@ -118,7 +120,8 @@ class PlanScreen(Screen):
             form[name] = self.query_one(f"#{name}", Input).value
         for name in SELECTS:
             form[name] = self.query_one(f"#{name}", Select).value
-        form["ckpt"] = self.query_one("#ckpt", Checkbox).value
+        for name in CHECKBOXES:
+            form[name] = self.query_one(f"#{name}", Checkbox).value
         return form
 
     def write_form(self, form: dict[str, Any]) -> None:
@@ -134,8 +137,9 @@ class PlanScreen(Screen):
                     sel.value = form[name]
                 except Exception:  # a GPU named in the file but not in the table: flagged by the estimate
                     pass
-        if self.query_one("#ckpt", Checkbox).value != bool(form["ckpt"]):
-            self.query_one("#ckpt", Checkbox).value = bool(form["ckpt"])
+        for name in CHECKBOXES:
+            if self.query_one(f"#{name}", Checkbox).value != bool(form[name]):
+                self.query_one(f"#{name}", Checkbox).value = bool(form[name])
 
     @on(Input.Changed)
     @on(Select.Changed)
