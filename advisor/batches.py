@@ -71,7 +71,8 @@ class DataLengths:
 
 @dataclass(frozen=True)
 class LongestBatch:
-    """The micro-batch the fail-fast probe runs: ``rows`` sequences padded to ``length``."""
+    """The micro-batch the fail-fast probe runs (runner.failfast.longest_batch): ``rows`` sequences padded to
+    ``length``; ``lines`` are their record numbers in the data file."""
 
     rows: int
     length: int
@@ -82,7 +83,6 @@ class LongestBatch:
         return self.rows * self.length
 
     def words(self) -> str:
-        """As runner.failfast.Longest.words says it."""
         where = ", ".join(str(n) for n in self.lines[:4]) + (", ..." if len(self.lines) > 4 else "")
         return f"{self.rows} x {self.length} tokens (line{'s' if len(self.lines) > 1 else ''} {where})"
 

@@ -404,6 +404,24 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
             "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1]}
 
 
+def _trainable(examples: list, seq_len: int, trained) -> tuple[list, list[str]]:
+    """The examples with a token to train on (``trained(e)`` > 0), and the warnings about the rest and about
+    truncation; none left is a DataError. The runner's data and the estimate's lengths say the same."""
+    warnings = []
+    empty = [e for e in examples if trained(e) == 0]
+    if empty:
+        lines = ", ".join(str(e.line) for e in empty[:8])
+        warnings.append(f"{len(empty)} examples lost every response token to truncation at seq_len {seq_len} and "
+                        f"are skipped (lines {lines}{', ...' if len(empty) > 8 else ''}); raise training.seq_len")
+    truncated = sum(e.truncated for e in examples)
+    if truncated and truncated > len(empty):
+        warnings.append(f"{truncated} of {len(examples)} examples are longer than seq_len {seq_len} and were cut")
+    kept = [e for e in examples if trained(e) > 0]
+    if not kept:
+        raise DataError(["no example has a token to train on (see the warnings above)"] + warnings)
+    return kept, warnings
+
+
 def prepare(spec, tokenizer, seq_len: int, seed: int, data_path: str | None = None) -> Prepared:
     """DataSpec -> tokenized, split (and optionally packed) examples; DataError lists every problem."""
     path = data_path or spec.path
@@ -417,18 +435,8 @@ def prepare(spec, tokenizer, seq_len: int, seed: int, data_path: str | None = No
         records = records[: spec.max_examples]
     template = resolve_template(fmt, spec.template, tokenizer)
     examples = [tokenize(r, fmt, template, tokenizer, seq_len, spec.prompt_loss_weight) for r in records]
-    warnings = []
-    empty = [e for e in examples if e.trained_tokens == 0]
-    if empty:
-        lines = ", ".join(str(e.line) for e in empty[:8])
-        warnings.append(f"{len(empty)} examples lost every response token to truncation at seq_len {seq_len} and "
-                        f"are skipped (lines {lines}{', ...' if len(empty) > 8 else ''}); raise training.seq_len")
     truncated = sum(e.truncated for e in examples)
-    if truncated and truncated > len(empty):
-        warnings.append(f"{truncated} of {len(examples)} examples are longer than seq_len {seq_len} and were cut")
-    examples = [e for e in examples if e.trained_tokens > 0]
-    if not examples:
-        raise DataError(["no example has a token to train on (see the warnings above)"] + warnings)
+    examples, warnings = _trainable(examples, seq_len, lambda e: e.trained_tokens)
     train, val = split(examples, spec.val_split, seed)
     stats = {"records": len(records), "train": len(train), "val": len(val), "truncated": truncated,
              "tokens": length_stats([len(e.input_ids) for e in examples]),
@@ -614,18 +622,8 @@ def measure(spec, tokenizer, seq_len: int, seed: int, data_path: str | None = No
         examples = approximate_lengths(records, fmt, template, seq_len, spec.prompt_loss_weight, progress=progress)
     else:
         examples = token_lengths(records, fmt, template, tokenizer, seq_len, spec.prompt_loss_weight, progress)
-    warnings = []
-    empty = [e for e in examples if e.trained == 0]
-    if empty:
-        lines = ", ".join(str(e.line) for e in empty[:8])
-        warnings.append(f"{len(empty)} examples lost every response token to truncation at seq_len {seq_len} and "
-                        f"are skipped (lines {lines}{', ...' if len(empty) > 8 else ''}); raise training.seq_len")
     truncated = sum(e.truncated for e in examples)
-    if truncated and truncated > len(empty):
-        warnings.append(f"{truncated} of {len(examples)} examples are longer than seq_len {seq_len} and were cut")
-    kept = [e for e in examples if e.trained > 0]
-    if not kept:
-        raise DataError(["no example has a token to train on (see the warnings above)"] + warnings)
+    kept, warnings = _trainable(examples, seq_len, lambda e: e.trained)
     train, val = split(kept, spec.val_split, seed)
     lengths, lines = [e.n for e in train], [e.line for e in train]
     val_lengths = [e.n for e in val]
@@ -634,4 +632,5 @@ def measure(spec, tokenizer, seq_len: int, seed: int, data_path: str | None = No
         lengths, lines = pack_lengths(lengths, lines, seq_len)
         val_lengths, _ = pack_lengths(val_lengths, [e.line for e in val], seq_len)
     return Measured(lengths, lines, val_lengths, n_train, sum(e.trained for e in kept), len(records), truncated,
-                    len(empty), fmt, template, source, tokenizer is not None, warnings, [e.n for e in kept])
+                    len(examples) - len(kept), fmt, template, source, tokenizer is not None, warnings,
+                    [e.n for e in kept])

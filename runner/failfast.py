@@ -20,28 +20,10 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from advisor.batches import LongestBatch
 from runner.exits import is_oom
-
-
-@dataclass(frozen=True)
-class Longest:
-    """The largest micro-batch: ``rows`` examples of ``length`` tokens after padding; ``lines`` are
-    their record numbers in the data file."""
-
-    rows: int
-    length: int
-    lines: tuple[int, ...]
-
-    @property
-    def tokens(self) -> int:
-        return self.rows * self.length
-
-    def words(self) -> str:
-        where = ", ".join(str(n) for n in self.lines[:4]) + (", ..." if len(self.lines) > 4 else "")
-        return f"{self.rows} x {self.length} tokens (line{'s' if len(self.lines) > 1 else ''} {where})"
 
 
 def longest_examples(examples: list, micro_batch: int) -> list:
@@ -50,14 +32,15 @@ def longest_examples(examples: list, micro_batch: int) -> list:
     return sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:micro_batch]
 
 
-def longest_batch(examples: list, micro_batch: int, pad_id: int, pad_to: int | None = None) -> tuple[dict, Longest]:
+def longest_batch(examples: list, micro_batch: int, pad_id: int,
+                  pad_to: int | None = None) -> tuple[dict, LongestBatch]:
     """The collated longest micro-batch, padded as the run pads (pad_to: data.pad_to=seq_len)."""
     from runner.data import collate
 
     chosen = longest_examples(examples, micro_batch)
     batch = collate(chosen, pad_id, pad_to)
     rows, length = batch["input_ids"].shape
-    return batch, Longest(int(rows), int(length), tuple(e.line for e in chosen))
+    return batch, LongestBatch(int(rows), int(length), tuple(e.line for e in chosen))
 
 
 def probe(model, batch: dict, precision: str, backward=None, optimizer=None) -> tuple[float, bool]:
