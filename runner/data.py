@@ -404,6 +404,20 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
             "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1]}
 
 
+def _records(spec, data_path: str | None) -> tuple[list, str]:
+    """The data file's records (at most data.max_examples) and its format; DataError lists every problem."""
+    path = data_path or spec.path
+    if not path:
+        raise DataError(["data.path is not set; give a .jsonl/.json/.csv file (override: data.path=FILE)"])
+    records, fmt, problems = load_and_check(path, spec.format)
+    if problems:
+        more = len(problems) - MAX_PROBLEMS
+        raise DataError(problems[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else []))
+    if spec.max_examples:
+        records = records[: spec.max_examples]
+    return records, fmt
+
+
 def _trainable(examples: list, seq_len: int, trained) -> tuple[list, list[str]]:
     """The examples with a token to train on (``trained(e)`` > 0), and the warnings about the rest and about
     truncation; none left is a DataError. The runner's data and the estimate's lengths say the same."""
@@ -424,15 +438,7 @@ def _trainable(examples: list, seq_len: int, trained) -> tuple[list, list[str]]:
 
 def prepare(spec, tokenizer, seq_len: int, seed: int, data_path: str | None = None) -> Prepared:
     """DataSpec -> tokenized, split (and optionally packed) examples; DataError lists every problem."""
-    path = data_path or spec.path
-    if not path:
-        raise DataError(["data.path is not set; give a .jsonl/.json/.csv file (override: data.path=FILE)"])
-    records, fmt, problems = load_and_check(path, spec.format)
-    if problems:
-        more = len(problems) - MAX_PROBLEMS
-        raise DataError(problems[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else []))
-    if spec.max_examples:
-        records = records[: spec.max_examples]
+    records, fmt = _records(spec, data_path)
     template = resolve_template(fmt, spec.template, tokenizer)
     examples = [tokenize(r, fmt, template, tokenizer, seq_len, spec.prompt_loss_weight) for r in records]
     truncated = sum(e.truncated for e in examples)
@@ -608,15 +614,7 @@ def measure(spec, tokenizer, seq_len: int, seed: int, data_path: str | None = No
     """:func:`prepare`'s result as lengths, fast: the same checks and DataErrors, the same split and packing,
     the same truncation at ``seq_len``. ``tokenizer`` None: the approximation of :func:`approximate_lengths`
     (``source`` then says so)."""
-    path = data_path or spec.path
-    if not path:
-        raise DataError(["data.path is not set; give a .jsonl/.json/.csv file (override: data.path=FILE)"])
-    records, fmt, problems = load_and_check(path, spec.format)
-    if problems:
-        more = len(problems) - MAX_PROBLEMS
-        raise DataError(problems[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else []))
-    if spec.max_examples:
-        records = records[: spec.max_examples]
+    records, fmt = _records(spec, data_path)
     template = resolve_template(fmt, spec.template, tokenizer)
     if tokenizer is None:
         examples = approximate_lengths(records, fmt, template, seq_len, spec.prompt_loss_weight, progress=progress)
