@@ -272,20 +272,13 @@ def _bisect(a: list[int], x: int) -> int:
 def data_job_time(plan: Plan, shape: ModelShape, gpu: Gpu, dj: DataJob) -> JobTime:
     """The time model's JobTime for the data's job: its exact steps and tokens, every micro-batch timed
     at its own padded shape (the slowest process of each step), the range and price as job_time has them."""
-    from advisor.throughput import JobTime, assumptions_line, step_time, time_range
+    from advisor.throughput import JobTime, assumptions_line, priced, step_time, time_range
 
     rng = time_range(plan, shape, gpu)
     n = plan.hardware.gpus
     secs = dj.seconds or 0.0
     hours = secs / 3600
-    h_low, h_high = hours / rng.high, hours / rng.low
-    price = gpu.price_usd_hour
-    if price is None:
-        cost = c_lo = c_hi = None
-        note = f"no hourly price for {gpu.name} in the GPU table ({gpu.price_source or 'none given'}), so no cost"
-    else:
-        cost, c_lo, c_hi = hours * n * price, h_low * n * price, h_high * n * price
-        note = None
+    h_low, h_high, price, cost, c_lo, c_hi, note = priced(hours, rng, gpu, n)
     nominal = step_time(plan, shape, gpu)
     step_s = secs / max(dj.steps, 1)
     scale = step_s / nominal.step_s if nominal.step_s else 0.0

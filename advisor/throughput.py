@@ -423,6 +423,18 @@ def assumptions_line(plan: Plan, gpu: Gpu, rng: TimeRange | None = None, pad: fl
     return line
 
 
+def priced(hours: float, rng: TimeRange, gpu: Gpu, n: int) -> tuple:
+    """A job's hours on ``n`` of ``gpu``: (hours_low, hours_high, price, cost, cost_low, cost_high, cost_note). The
+    time range is the throughput range turned over (time scales inversely); without a price the costs are None and
+    the note says why."""
+    h_low, h_high = hours / rng.high, hours / rng.low
+    price = gpu.price_usd_hour
+    if price is None:
+        note = f"no hourly price for {gpu.name} in the GPU table ({gpu.price_source or 'none given'}), so no cost"
+        return h_low, h_high, None, None, None, None, note
+    return h_low, h_high, price, hours * n * price, h_low * n * price, h_high * n * price, None
+
+
 def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens: int, epochs: float) -> JobTime:
     """Time and cost of training on `examples` examples of `avg_tokens` tokens for `epochs` epochs.
 
@@ -447,14 +459,7 @@ def job_time(plan: Plan, shape: ModelShape, gpu: Gpu, examples: int, avg_tokens:
     steps = max(1, math.ceil(positions / per_step_all))
     secs = positions / (st.tokens_per_s * n)
     hours = secs / 3600
-    h_low, h_high = hours / rng.high, hours / rng.low  # throughput's (low, high): time scales inversely
-    price = gpu.price_usd_hour
-    if price is None:
-        cost = c_lo = c_hi = None
-        note = f"no hourly price for {gpu.name} in the GPU table ({gpu.price_source or 'none given'}), so no cost"
-    else:
-        cost, c_lo, c_hi = hours * n * price, h_low * n * price, h_high * n * price
-        note = None
+    h_low, h_high, price, cost, c_lo, c_hi, note = priced(hours, rng, gpu, n)
     return JobTime(st.step_s, st.tokens_per_s / pad, tokens, steps, hours, h_low, h_high, n, gpu.name, price, cost,
                    c_lo, c_hi, note, assumptions_line(plan, gpu, rng, pad), st.parts, (rng.low, rng.high),
                    list(rng.outside), pad)

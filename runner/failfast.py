@@ -20,10 +20,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from advisor.batches import LongestBatch
 from runner.exits import is_oom
+
+if TYPE_CHECKING:
+    from advisor.service import LongestBatch
 
 
 def longest_examples(examples: list, micro_batch: int) -> list:
@@ -35,6 +37,7 @@ def longest_examples(examples: list, micro_batch: int) -> list:
 def longest_batch(examples: list, micro_batch: int, pad_id: int,
                   pad_to: int | None = None) -> tuple[dict, LongestBatch]:
     """The collated longest micro-batch, padded as the run pads (pad_to: data.pad_to=seq_len)."""
+    from advisor.service import LongestBatch
     from runner.data import collate
 
     chosen = longest_examples(examples, micro_batch)
