@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 
+from advisor import liger
 from advisor.activations import (  # noqa: F401  (re-exported: the estimate's parts)
     _ctx,
     activations_bytes,
@@ -284,6 +285,21 @@ def offload_note(shape: ModelShape, t: TrainSpec, hw: Hardware, host: int) -> st
             "copies one back at a time")
 
 
+def liger_note(shape: ModelShape, t: TrainSpec, hw: Hardware) -> str:
+    """What Liger's kernels change, in words, with what the figures rest on."""
+    t = as_run(t, hw)
+    plain = logits_bytes(shape, t)[0]
+    fused = liger.loss_bytes(shape, t)[0]
+    rows = min(liger.chunk_rows(t.micro_batch * t.seq_len, shape.vocab_size, shape.hidden_size),
+               t.micro_batch * t.seq_len)
+    where = "" if hw.device == "cuda" else "; Liger's kernels run on CUDA only, so tuneplan run refuses this plan here"
+    return (f"Liger kernels: the fused linear cross-entropy never materializes the logits (the loss's forward peak "
+            f"{fused / GIB:.2f} GiB instead of {plain / GIB:.2f} GiB: the hidden states' gradient, the head's when it "
+            f"trains, {rows:,}-token chunks of logits); RMSNorm keeps its input only, SwiGLU recomputes its product "
+            f"in backward. Read from Liger-Kernel's source ({liger.SOURCE}); the peak with Liger is checked against "
+            f"its published HF Trainer runs (docs/accuracy.md){where}")
+
+
 def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     """QLoRA sharded by FSDP / ZeRO-3 over several GPUs (bnb_4bit_quant_storage in the compute dtype)."""
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
@@ -372,6 +388,8 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     acts = activations_bytes(shape, ta, dev, padded) + mask
     recompute = recompute_bytes(shape, ta, dev, padded)
     l_fwd, l_bwd = logits_bytes(shape, ta)
+    if t.liger:  # the fused linear cross-entropy: no logits, the gradients made in the forward (advisor/liger.py)
+        l_fwd, l_bwd = liger.loss_bytes(shape, ta)
     head_cast = amp_head_cast_bytes(shape, ta)  # the head's half weight, saved until its backward
     l_fwd, l_bwd = l_fwd + head_cast, l_bwd + head_cast
     amp_cache = amp_cache_bytes(shape, ta, dev)
@@ -399,6 +417,15 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     gc_inputs = (tokens * shape.num_layers * ctx.a * shape.hidden_size + rope_bytes(shape, ta)
                  if t.grad_checkpointing else 0)
     first_layer_acts += mask if not t.grad_checkpointing else 0  # (with checkpointing: in gc_inputs)
+    if t.liger:
+        # Liger's RMSNorm keeps its input and one fp32 rstd, its SwiGLU recomputes act(gate) * up in backward, and
+        # the fused loss needs no saved head input (advisor/liger.py): less kept in every layer that keeps its set
+        # (all of them without checkpointing, the recomputed one with it) and outside the layers
+        lay = tokens * liger.layer_saved_delta(shape, fam, ctx)
+        first_layer_acts -= lay
+        acts -= tokens * liger.head_saved_delta(shape, fam, ctx) + (0 if t.grad_checkpointing
+                                                                     else shape.num_layers * lay)
+        recompute -= lay if t.grad_checkpointing else 0
     gc_inputs += mask if t.grad_checkpointing else 0
     # offloaded checkpoints: every layer's saved input is in host memory from its forward until backward copies it
     # back for that layer's recomputation (benchmarks/offload_cpu.py). With frozen embeddings the first layer's
@@ -552,6 +579,8 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
         notes.append(offload_note(shape, t, hw, host))
     if hw.device == "cpu":  # the host copies are in the phases' components (the same RAM)
         host = 0
+    if t.liger:
+        notes.append(liger_note(shape, t, hw))
     return Breakdown(comps, peak, totals, notes=notes, host={"offloaded_activations": host} if host else {},
                      **gpu_terms(totals[peak], comps, hw, training=True, step=step, attention=attn,
                                  harness=t.harness))

@@ -29,6 +29,7 @@ from typing import Any
 from advisor import throughput
 from advisor.gpus import Gpu, gpu_table
 from advisor.guide import FULL_FINETUNE_EXAMPLES
+from advisor.liger import supported as liger_supported
 from advisor.limits import largest as _largest
 from advisor.memory import estimate
 from advisor.model import ModelShape
@@ -600,9 +601,10 @@ def _changed(plan: Plan, **fields: Any) -> tuple[Plan, dict[str, Any]]:
 def _savers(plan: Plan, shape: ModelShape, gpu: Gpu | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The switches practitioners flip to make a job fit, in the order they reach for them (each adds to
     the one before): checkpointing, micro-batch 1 (accumulation keeps the effective batch), an 8-bit paged
-    optimizer, FSDP / ZeRO mixed precision for a sharded amp-bf16 full fine-tune (no time cost), offloading the
-    checkpointed activations to host RAM (not with unified memory), LoRA, QLoRA, a smaller LoRA rank. Each rung's time
-    cost is the time model's (the offload copies over the host link)."""
+    optimizer, FSDP / ZeRO mixed precision for a sharded amp-bf16 full fine-tune (no time cost), Liger's kernels on
+    an NVIDIA card for the families Liger-Kernel patches (faster: the time model's loss and elementwise terms),
+    offloading the checkpointed activations to host RAM (not with unified memory), LoRA, QLoRA, a smaller LoRA rank.
+    Each rung's time cost is the time model's (the offload copies over the host link)."""
     t = plan.training
     out: list[tuple[str, dict[str, Any]]] = []
     if not t.grad_checkpointing:
@@ -616,6 +618,10 @@ def _savers(plan: Plan, shape: ModelShape, gpu: Gpu | None = None) -> list[tuple
     if t.method == "full" and t.precision == "amp-bf16" and hw.gpus > 1 and hw.zero >= 1:
         out.append(("FSDP / ZeRO mixed precision (mixed-bf16: fp32 masters sharded, bf16 compute copies)",
                     {"training__precision": "mixed-bf16"}))
+    if not t.liger and hw.device == "cuda" and (gpu is None or gpu.vendor.lower() == "nvidia") \
+            and liger_supported(shape.model_type):
+        out.append(("Liger kernels (fused linear cross-entropy: logits never materialized)",
+                    {"training__liger": True}))
     if not t.offload_activations and (gpu is None or gpu.host_link_gbs):
         out.append(("activation checkpoints offloaded to host RAM (a copy each way over the host link)",
                     {"training__offload_activations": True, "training__grad_checkpointing": True}))

@@ -87,6 +87,9 @@ def build(data: dict[str, Any]) -> PlanContext:
         problems += e.items
     if plan is not None and shape is not None:
         problems += check_against_shape(plan, shape)
+        from advisor.liger import problems as liger_problems
+
+        problems += liger_problems(plan, shape)
     gpu_name = (data.get("hardware") or {}).get("gpu")
     if gpu_name:
         try:

@@ -200,6 +200,12 @@ class TrainSpec(_Strict):
                                       "layer's saved input, host RAM up by as much, and a copy each way over the host "
                                       "link per step; needs gradient checkpointing.",
                                       json_schema_extra=ui(flag="--offload-activations", form="offload"))
+    liger: bool = Field(False, description="Liger kernels (liger-kernel, CUDA with Triton; tuneplan[liger]): fused "
+                        "linear cross-entropy (the logits are never materialized: the loss keeps the hidden states' "
+                        "gradient, and the head's when it trains), RMSNorm saving its input only, SwiGLU "
+                        "recomputing its product, in-place RoPE; for the model types Liger-Kernel patches "
+                        "(advisor/liger.py).",
+                        json_schema_extra=ui(flag="--liger"))
 
     @field_validator("offload_activations")
     @classmethod

@@ -15,6 +15,8 @@ runner trains, so that what :mod:`runner.memtrace` measures is what a user's run
   DeepSpeed ZeRO-1/2 runs its bf16 engine (bf16 weights, fp32 master partitions).
 * ``offload_activations``: each checkpointed layer under :class:`HostOffload` (torch's ``save_on_cpu``), its
   saved inputs in pinned host memory until backward (:func:`offload_checkpoints`).
+* ``liger``: Liger-Kernel's kernels patched into the loaded model (:func:`apply_liger`: its
+  ``_apply_liger_kernel_to_instance`` with the family's defaults), on CUDA only (:func:`liger_problem`).
 * ``lora``: ``peft.LoraConfig`` + ``get_peft_model`` with peft's defaults
   (``autocast_adapter_dtype=True`` keeps the adapters in fp32 even on a bf16/fp16 base).
 * ``qlora``: ``BitsAndBytesConfig`` NF4, then ``prepare_model_for_kbit_training`` (which casts every
@@ -232,6 +234,8 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
     flattens one dtype per unit). What advisor.memory (``fsdp_qlora``) and advisor.lifecycle model.
     """
     shard_4bit = fsdp
+    if spec.liger and liger_problem(device):  # before anything loads: Triton on CUDA, an optional extra
+        raise ValueError(liger_problem(device))
     if spec.attn_impl == "flash_attention_2" and device == "cpu":
         raise ValueError("flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU")
     kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_impl, trust_remote_code=trust_remote_code)
@@ -261,6 +265,8 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
         if spec.grad_checkpointing:
             enable_checkpointing(model)
     model.config.use_cache = False
+    if spec.liger:  # before peft wraps it: Liger patches the transformers model's modules and forward
+        apply_liger(model, device)
     if spec.offload_activations and spec.grad_checkpointing:
         offload_checkpoints(model)
     if spec.method in ("lora", "qlora"):
@@ -272,6 +278,41 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
             p.requires_grad_(True)
     model.train()
     return model
+
+
+def liger_problem(device: str) -> str | None:
+    """Why Liger's kernels cannot run here (None when they can): they are Triton programs for an NVIDIA GPU, and
+    liger-kernel is an optional extra (tuneplan[liger]). Checked before anything is loaded (runner.preflight)."""
+    from advisor.liger import INSTALL
+
+    head = "Liger kernels run on an NVIDIA GPU with Triton"
+    fix = f"run on a CUDA machine with liger-kernel installed ({INSTALL}), or drop --liger (training.liger=false)"
+    if not str(device).startswith("cuda"):
+        return f"{head}: this plan runs on the CPU (hardware.device={device}); {fix}"
+    if not torch.cuda.is_available():
+        return f"{head}: no CUDA GPU is visible here; {fix}"
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
+        return f"{head}: liger-kernel is not installed here; {fix}"
+    return None
+
+
+def apply_liger(model, device: str) -> None:
+    """Patch Liger's kernels into a loaded model (liger_kernel.transformers._apply_liger_kernel_to_instance, the
+    family's apply_liger_kernel_to_* with its defaults: RoPE, RMSNorm, SwiGLU / GeGLU, fused linear cross-entropy)."""
+    why = liger_problem(device)
+    if why:
+        raise ValueError(why)
+
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    from advisor.liger import refusal
+
+    why = refusal(getattr(model.config, "model_type", ""))
+    if why:
+        raise ValueError(why)
+    _apply_liger_kernel_to_instance(model=model)
 
 
 def fsdp_wrap_policy(model):

@@ -183,7 +183,8 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
     lora_targets = set()
     if not full:
         lora_targets = {id(g) for g in shape.lora_groups(t.lora.targets)}
-    fused = stack.fused_norms or stack.compiled
+    liger = t.liger  # Liger's kernels: fused RMSNorm and RoPE, SwiGLU, the fused linear cross-entropy (LOSS_BYTES)
+    fused = stack.fused_norms or stack.compiled or liger
 
     mm = attn = flops = lora_elem = 0.0
     # peft keeps adapters in fp32 (autocast_adapter_dtype=True) and casts the input to it: without
@@ -242,12 +243,12 @@ def step_time(plan: Plan, shape: ModelShape, gpu: Gpu, c: dict[str, float] | Non
 
     act_b = 4 if t.precision == "fp32" else 2
     is_gated = gated(shape)
-    i_bytes = (ELEM_I_FUSED_BYTES if stack.compiled else ELEM_I_BYTES) if is_gated else ELEM_I_PLAIN_BYTES
+    i_bytes = (ELEM_I_FUSED_BYTES if stack.compiled or liger else ELEM_I_BYTES) if is_gated else ELEM_I_PLAIN_BYTES
     per_tok = (ELEM_H_FUSED_BYTES if fused else ELEM_H_BYTES) * shape.hidden_size + i_bytes * shape.intermediate_size
     if shape.num_experts and shape.experts_per_token:
         per_tok += MOE_ROUTE_BYTES * shape.hidden_size * shape.experts_per_token
     elem = per_tok * act_b / 2 * T * shape.num_layers * (fwd_passes + 2) / (BW_EFF * bw)
-    loss = LOSS_BYTES[loss_kind(stack, t.transformers)] * T * shape.vocab_size / (BW_EFF * bw)
+    loss = LOSS_BYTES["liger" if liger else loss_kind(stack, t.transformers)] * T * shape.vocab_size / (BW_EFF * bw)
     per_layer = c["LAYER_LATENCY_S"]
     if strategy_of(plan) == "zero3" or stack.sharded_single:  # FSDP / ZeRO-3 hooks on every layer
         per_layer += c["SHARD_LAYER_LATENCY_S"]

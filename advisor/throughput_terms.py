@@ -38,7 +38,12 @@ MOE_ROUTE_BYTES = 10
 # (12); backward: nll's gradient (4), log_softmax's backward reads two fp32 tensors and writes one (12),
 # the cast back to bf16 (6): 42. Up to 4.45 the model upcast the logits itself and the loss copied the
 # shifted logits (.contiguous(): read 4 write 4, and its backward: zeros + copy, 12): 62.
-LOSS_BYTES = {"hf": 42, "hf-legacy": 62, "fused": 0}
+LOSS_BYTES = {"hf": 42, "hf-legacy": 62, "fused": 0, "liger": 4}
+# "liger": Liger-Kernel's fused linear cross-entropy (ops/fused_linear_cross_entropy.py @ ead96b6): the head's GEMMs
+# stay (logits chunk, input and weight gradients: counted with the head), the logits are never written whole; its
+# cross-entropy kernel reads each chunk's bf16 logits once and writes their gradient in place: 4 B per logit.
+# Liger's RMSNorm and RoPE are the fused kernels of ELEM_H_FUSED_BYTES, its SwiGLU the one kernel of
+# ELEM_I_FUSED_BYTES (swiglu.py: read gate and up, write the product; backward recomputes it in the same kernel)
 # eager attention per score element (transformers' eager_attention_forward): forward: QK^T writes bf16 (2),
 # scaling (4), mask add (6), fp32 softmax (6), cast to bf16 (6), read by PV (2): 26; backward: grad of the
 # probabilities (2), cast back (6), softmax backward (12), scaling (4), read twice by the QK^T gradients (8): 32

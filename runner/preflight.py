@@ -127,6 +127,12 @@ def preflight(plan, plan_path: Path | None, force: bool = False, log=print, *, r
             check(run_dir, plan, resume=resume)
         except Problems as e:
             problems += e.items
+    if plan.task == "training" and plan.training.liger and here:  # Triton on CUDA, an optional extra
+        from advisor.stack import liger_problem
+
+        why = liger_problem(plan.hardware.device)
+        if why:
+            problems.append(Problem(why, "training.liger"))
     if plan.hardware.device == "cpu" and here:
         import os
 

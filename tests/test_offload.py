@@ -66,7 +66,8 @@ def test_the_advice_offers_offloading_with_its_time():
     from advisor.recommend import nearest_plans
 
     shape, card = resolve(LLAMA), find_gpu("rtx-3060")
-    near = nearest_plans(shape, _plan(False, seq_len=2048), card, 1e6)
+    # with the 8-bit optimizer and Liger's kernels on already (the ladder reaches for both before offloading)
+    near = nearest_plans(shape, _plan(False, seq_len=2048, liger=True, optimizer="paged_adamw_8bit"), card, 1e6)
     rungs = [n for n in near if n.changes.get("training.offload_activations")]
     assert rungs and all(n.status == "fits" and n.hours is not None for n in rungs)
     assert any("offloaded to host RAM" in n.what for n in rungs)

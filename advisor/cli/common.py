@@ -35,8 +35,8 @@ _JOB_FIELDS = ("job.", "guide.", "run.epochs", "serving.")
 _COMMAND_FIELDS = ("hardware.gpu", "hardware.gpus", "hardware.zero", "training.method", "training.precision",
                    "training.optimizer", "training.micro_batch", "training.seq_len", "training.grad_accum",
                    "training.grad_checkpointing", "training.lora.r", "training.lora.alpha", "training.lora.targets",
-                   "training.transformers", "training.offload_activations", "job.examples", "job.avg_tokens",
-                   "run.epochs")
+                   "training.transformers", "training.offload_activations", "training.liger", "job.examples",
+                   "job.avg_tokens", "run.epochs")
 
 
 def plan_command(plan, command: str = "estimate") -> list[str]:

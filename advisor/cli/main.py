@@ -69,6 +69,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     _bool_flag(p, "offload-activations", None, "keep the checkpointed layers' inputs in pinned host memory "
                "(torch's save_on_cpu): less GPU memory, as much more host RAM, a copy each way over the host link "
                "per step (needs gradient checkpointing)")
+    _bool_flag(p, "liger", None, "Liger kernels (CUDA, pip install 'tuneplan[liger]'): fused linear cross-entropy, "
+               "the logits never materialized; RMSNorm, SwiGLU, RoPE (the model types Liger-Kernel patches)")
     p.add_argument("--weight-quant", choices=WEIGHT_QUANTS, help="inference weight storage")
     p.add_argument("--prompt-len", type=int, help="inference: prompt tokens (default: the whole --seq)")
     p.add_argument("--gpu", help="one card's name, e.g. 'RTX 4090', h100, a100-40gb (the count is --gpus)")
@@ -102,6 +104,7 @@ def plan_dict_from_args(a: argparse.Namespace) -> dict[str, Any]:
     put(training, "transformers", getattr(a, "transformers", None))
     put(training, "harness", getattr(a, "harness", None))
     put(training, "offload_activations", getattr(a, "offload_activations", None))
+    put(training, "liger", getattr(a, "liger", None))
     put(lora, "r", a.lora_r)
     put(lora, "alpha", a.lora_alpha)
     put(lora, "dropout", a.lora_dropout)

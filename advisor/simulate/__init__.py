@@ -136,6 +136,9 @@ def _check_supported(plan: Plan, shape: ModelShape) -> None:
         raise SimulateError(f"{shape.name}: no config.json to build the architecture from")
     if plan.hardware.gpus > 1:
         raise SimulateError("simulate covers one device; use --mode analytic for multi-GPU sharding")
+    if plan.task == "training" and plan.training.liger:
+        raise SimulateError("Liger's kernels are Triton programs, which fake tensors cannot run: use --mode analytic "
+                            "(it models them tensor by tensor from Liger-Kernel's source)")
     if plan.task == "training":
         from advisor.software import mismatch
 
