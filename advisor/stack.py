@@ -295,6 +295,14 @@ def liger_problem(device: str) -> str | None:
 
     if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
         return f"{head}: liger-kernel is not installed here; {fix}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        have = version("liger-kernel")
+    except PackageNotFoundError:
+        return None  # a source checkout on the path: trust it
+    if tuple(int(x) for x in (have.split(".") + ["0"])[:2] if x.isdigit()) < (0, 7):
+        return f"{head}: liger-kernel {have} is older than 0.7, the first release for transformers 5; {fix}"
     return None
 
 
