@@ -339,6 +339,10 @@ def plan_notes(plan: Plan) -> list[str]:
         said = precision_note(t.method, t.precision, t.optimizer)  # pure bf16 vs amp, pure fp16's underflow
         if said:
             notes.append(said)
+        if t.liger and 0 < plan.data.prompt_loss_weight < 1:
+            notes.append("with data.prompt_loss_weight between 0 and 1 the runner weighs each token's loss from the "
+                         "logits, which Liger's fused loss does not return: the logits are materialized as without "
+                         "Liger, so this estimate's loss term is low")
     return notes
 
 

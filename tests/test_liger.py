@@ -81,6 +81,13 @@ def test_without_checkpointing_every_layer_keeps_less():
     assert on["forward_end"]["activations"] < off["forward_end"]["activations"]
 
 
+def test_a_weighted_prompt_loss_says_the_logits_come_back():
+    """The runner's prompt_loss_weight loss comes from the logits (Liger's forward returns them without labels)."""
+    ctx = service.build({"model": {"ref": LLAMA}, "training": {"liger": True}, "data": {"prompt_loss_weight": 0.1}})
+    assert any("prompt_loss_weight" in n for n in service.estimate(ctx).plan_notes)
+    assert not any("prompt_loss_weight" in n for n in service.estimate(_ctx(liger=True)).plan_notes)
+
+
 def test_simulate_says_it_cannot_run_triton(capsys):
     assert main(["estimate", LLAMA, "--seq", "512", "--liger", "--mode", "simulate"]) == 2
     err = capsys.readouterr().err
