@@ -23,12 +23,12 @@ FORM_DEFAULTS: dict[str, Any] = {
     "model": "meta-llama/Llama-3.1-8B", "gpu": "rtx-4090", "gpus": "1", "zero": "0", "task": "training",
     "method": "qlora", "precision": "bf16", "optimizer": "adamw", "batch": "1", "seq": "2048", "accum": "1",
     "ckpt": True, "lora_r": "16", "lora_alpha": "16", "lora_targets": "all-linear", "weight_quant": "none",
-    "transformers": "5", "harness": "tuneplan", "offload": False, "device": "cuda",
+    "transformers": "5", "harness": "tuneplan", "offload": False, "liger": False, "device": "cuda",
     # the job (job.*, run.epochs), edited on the Advice screen
     "job_examples": "1000", "job_avg_tokens": "512", "epochs": "3", "job_target_batch": "16", "job_budget": "",
 }
 JOB_INPUTS = ("job_examples", "job_avg_tokens", "epochs", "job_target_batch", "job_budget")
-CHECKBOXES = ("ckpt", "offload")  # true/false fields: no bad value exists
+CHECKBOXES = ("ckpt", "offload", "liger")  # true/false fields: no bad value exists
 # the form's choice of transformers release: one per set of memory rules (advisor/software.py); a loaded
 # plan's own release string is offered beside them
 TRANSFORMERS_CHOICES = [("transformers 5", "5"), ("transformers 4.49-4.57", "4.57"),
@@ -70,7 +70,8 @@ def form_from_plan(plan: Plan) -> dict[str, Any]:
         "batch": str(i.batch if inf else t.micro_batch), "seq": str(i.seq_len if inf else t.seq_len),
         "accum": str(t.grad_accum), "ckpt": t.grad_checkpointing, "lora_r": str(t.lora.r),
         "lora_alpha": f"{t.lora.alpha:g}", "lora_targets": targets, "weight_quant": i.weight_quant,
-        "transformers": t.transformers, "harness": t.harness, "offload": t.offload_activations, "device": hw.device,
+        "transformers": t.transformers, "harness": t.harness, "offload": t.offload_activations, "liger": t.liger,
+        "device": hw.device,
         "job_examples": str(plan.job.examples), "job_avg_tokens": str(plan.job.avg_tokens),
         "epochs": f"{plan.run.epochs:g}", "job_target_batch": str(plan.job.target_batch),
         "job_budget": "" if plan.job.budget_usd is None else f"{plan.job.budget_usd:g}",
@@ -88,7 +89,8 @@ def plan_dict(form: dict[str, Any], base: dict[str, Any] | None = None) -> dict[
     tr = d.setdefault("training", {})
     tr.update({"method": form["method"], "optimizer": form["optimizer"], "grad_accum": form["accum"],
                "grad_checkpointing": bool(form["ckpt"]), "transformers": form.get("transformers") or "5",
-               "harness": form.get("harness") or "tuneplan", "offload_activations": bool(form.get("offload"))})
+               "harness": form.get("harness") or "tuneplan", "offload_activations": bool(form.get("offload")),
+               "liger": bool(form.get("liger"))})
     tr.setdefault("lora", {}).update({"r": form["lora_r"], "alpha": form["lora_alpha"],
                                       "targets": form["lora_targets"]})
     inf = d.setdefault("inference", {})

@@ -212,6 +212,12 @@ def evaluation(plan: Plan, shape: ModelShape) -> Moment:
     tokens = t.micro_batch * t.seq_len
     cb = compute_bytes(t.precision)
     logits, _ = logits_bytes(shape, t)
+    what = "forward without grad at the micro-batch; fp32 logits for the loss"
+    if t.liger and not 0 < plan.data.prompt_loss_weight < 1:  # the fused loss in validation too (skip_logits)
+        from advisor.liger import eval_loss_bytes
+
+        logits = eval_loss_bytes(shape, t)
+        what = "forward without grad at the micro-batch; Liger's fused loss (no logits)"
     hidden = 2 * tokens * shape.hidden_size * (4 if t.method == "qlora" else cb)  # residual + normed input
     layer = LAYER_WORKSPACE_FACTOR * tokens * max(shape.intermediate_size, shape.hidden_size) * cb
     persist = _persistent(plan, shape)
@@ -219,8 +225,7 @@ def evaluation(plan: Plan, shape: ModelShape) -> Moment:
     if _sharded(plan):  # FSDP gathers the unit being computed (and prefetches the next)
         gathered = 2 * (weights_bytes(shape, t) // max(shape.num_layers, 1))
     tensors = persist + gathered + hidden + max(layer, logits)
-    return _moment(plan, tensors, persist, tensors if _cpu(plan) else 0,
-                   "forward without grad at the micro-batch; fp32 logits for the loss", matmuls=True)
+    return _moment(plan, tensors, persist, tensors if _cpu(plan) else 0, what, matmuls=True)
 
 
 def checkpoint(plan: Plan, shape: ModelShape) -> Moment:

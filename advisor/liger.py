@@ -146,3 +146,14 @@ def head_saved_delta(shape: ModelShape, fam: Family, ctx) -> int:
     """Bytes per token outside the layers Liger does not keep: the final norm's (as a layer's), and the head's input
     kept for its weight gradient (the fused loss computed that gradient in the forward)."""
     return norm_saved(ctx, fam, shape.hidden_size) + (ctx.c * shape.hidden_size if ctx.full else 0)
+
+
+def eval_loss_bytes(shape: ModelShape, t: TrainSpec) -> int:
+    """The fused linear cross-entropy in validation (no_grad; advisor.stack.compute_loss passes skip_logits=True):
+    fused_linear_cross_entropy_forward still allocates the input gradient (``zeros_like(_input)``, whether or not
+    it requires grad), the fp32 loss per token and one chunk's logits; no head gradient, no products."""
+    tokens = t.micro_batch * t.seq_len
+    v, h = shape.vocab_size, shape.hidden_size
+    chunk_b, hid_b, _ = _head_dtypes(t)
+    rows = min(chunk_rows(tokens, v, h), tokens)
+    return tokens * h * hid_b + tokens * 4 + rows * v * chunk_b

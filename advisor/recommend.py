@@ -232,7 +232,8 @@ class AdviceFit:
 
 def advice_fit(plan: Plan, shape: ModelShape, gpu: Gpu) -> AdviceFit:
     """Strict at the edge: the expected peak (not the floor the allocator falls back to) must be on the
-    card, after adding the most the estimate was short on held-out runs of this kind."""
+    card, after adding the most the estimate was short on held-out runs of this kind, and so must every moment of
+    the run outside the step (evaluation, loading, saving: advisor.lifecycle)."""
     from advisor.gpu_memory import known_error
 
     bd = estimate(plan, shape)
@@ -247,6 +248,13 @@ def advice_fit(plan: Plan, shape: ModelShape, gpu: Gpu) -> AdviceFit:
         need = int(need + extra)
         margin = (f"+{gib(extra)} for the known error of sharded LoRA / QLoRA ({what} up to {share:.0%} above "
                   "the estimate on published runs)")
+    if hw.device == "cuda":  # a moment outside the step (evaluation, loading, saving) above it counts too
+        from advisor.lifecycle import run_peak
+
+        moment, peak = run_peak(plan, shape, bd.peak_reserved_bytes)
+        if moment != "step" and peak > need:
+            need = peak
+            margin = f"the run's peak is {moment.replace('_', ' ')}, not the training step"
     if v.status == "oom" or need > cap:
         status = "oom"
     elif v.status == "tight" or need > TIGHT_SHARE * cap:

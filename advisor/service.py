@@ -547,7 +547,9 @@ def smaller_plan(plan: Plan, shape: ModelShape, capacity: int | None, below: flo
     ``capacity`` (not merely "tight": the plan before it has just run out) and whose expected peak is
     below ``below`` bytes. The rungs, each adding to the one before: gradient checkpointing on; halve
     the micro-batch (doubling accumulation: the effective batch stays) down to 1; an 8-bit paged
-    optimizer; LoRA (from full); QLoRA. ``{"changes": {field: value}, "need_bytes": ...}`` or None."""
+    optimizer; Liger's kernels (a family it patches, on CUDA); offloaded activation checkpoints; LoRA (from full);
+    QLoRA. ``{"changes": {field: value}, "need_bytes": ...}`` or None."""
+    from advisor import liger
     from advisor.memory import estimate as analytic
     from advisor.spec import build_plan
 
@@ -563,6 +565,8 @@ def smaller_plan(plan: Plan, shape: ModelShape, capacity: int | None, below: flo
             yield {"training.micro_batch": mb, "training.grad_accum": acc}
         if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
             yield {"training.optimizer": "paged_adamw_8bit"}
+        if not t["liger"] and plan.hardware.device == "cuda" and liger.supported(shape.model_type):
+            yield {"training.liger": True}  # no time cost (liger-kernel: tuneplan[liger])
         if not t["offload_activations"]:
             yield {"training.grad_checkpointing": True, "training.offload_activations": True}
         # (mixed-bf16 is for full fine-tuning: adapters in bf16)

@@ -205,7 +205,7 @@ class TrainSpec(_Strict):
                         "gradient, and the head's when it trains), RMSNorm saving its input only, SwiGLU "
                         "recomputing its product, in-place RoPE; for the model types Liger-Kernel patches "
                         "(advisor/liger.py).",
-                        json_schema_extra=ui(flag="--liger"))
+                        json_schema_extra=ui(flag="--liger", form="liger"))
 
     @field_validator("offload_activations")
     @classmethod

@@ -321,6 +321,7 @@ def apply_liger(model, device: str) -> None:
     if why:
         raise ValueError(why)
     _apply_liger_kernel_to_instance(model=model)
+    model.tuneplan_liger = True  # compute_loss asks the fused loss for evaluation too (skip_logits)
 
 
 def fsdp_wrap_policy(model):
@@ -406,12 +407,25 @@ def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0, device: str
 _scalers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
+def _liger_patched(model) -> bool:
+    """Whether apply_liger patched this model, seen through DDP's wrapper (``.module``; FSDP and peft forward
+    attribute lookups to the model they wrap)."""
+    while model is not None:
+        if getattr(model, "tuneplan_liger", False):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
 def compute_loss(model, batch: dict) -> torch.Tensor:
     # Trainer.compute_loss: outputs is a local, so the logits are released when this returns.
     if batch.get("loss_weights") is not None:
         return _weighted_loss(model, batch)
+    # Liger's forward makes logits whenever the model is not training (lce_forward: skip_logits defaults to
+    # self.training); validation asks for the fused loss too, so evaluation never holds the logits
+    extra = {"skip_logits": True} if _liger_patched(model) else {}
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    labels=batch["labels"])
+                    labels=batch["labels"], **extra)
     return outputs.loss
 
 

@@ -88,6 +88,44 @@ def test_a_weighted_prompt_loss_says_the_logits_come_back():
     assert not any("prompt_loss_weight" in n for n in service.estimate(_ctx(liger=True)).plan_notes)
 
 
+def test_validation_uses_the_fused_loss_and_the_advice_counts_every_moment():
+    """Liger's forward makes the logits whenever the model is not training; the runner's validation passes
+    skip_logits=True (advisor.stack.compute_loss), so evaluation holds no logits either (advisor.liger.eval_loss_bytes).
+    With a weighted prompt loss the logits come back, evaluation becomes the run's peak, and the advice, which
+    counts every moment of the run, calls that plan out of memory on a 12 GB card."""
+    from advisor.gpus import find_gpu
+    from advisor.lifecycle import evaluation
+    from advisor.recommend import advice_fit
+
+    savers = {"liger": True, "optimizer": "paged_adamw_8bit", "offload_activations": True}
+    ctx = _ctx(**savers)
+    t = ctx.plan.training
+    tokens, v = 4096, ctx.shape.vocab_size
+    assert liger.eval_loss_bytes(ctx.shape, t) == tokens * 4096 * 4 + tokens * 4 + 128 * v * 4  # fp32 head: QLoRA
+    plain = evaluation(_ctx().plan, ctx.shape)
+    assert evaluation(ctx.plan, ctx.shape).tensor_bytes < plain.tensor_bytes - 3 * 2**30  # 3.9 GiB of fp32 logits
+    card = find_gpu("rtx-3060")
+    assert advice_fit(ctx.plan, ctx.shape, card).status != "oom"
+    weighted = service.build({"model": {"ref": LLAMA}, "hardware": {"gpu": "rtx-3060"},
+                              "data": {"prompt_loss_weight": 0.5},
+                              "training": {"method": "qlora", "seq_len": 4096, **savers}})
+    fit = advice_fit(weighted.plan, weighted.shape, card)
+    assert fit.status == "oom" and "evaluation" in (fit.margin or "")
+
+
+def test_the_fused_loss_is_asked_for_through_a_ddp_wrapper():
+    import torch
+
+    from advisor.stack import _liger_patched
+
+    model = torch.nn.Linear(2, 2)
+    assert not _liger_patched(model)
+    model.tuneplan_liger = True
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # DDP keeps the model as .module and forwards no attribute
+    assert _liger_patched(wrapper) and _liger_patched(model)
+
+
 def test_simulate_says_it_cannot_run_triton(capsys):
     assert main(["estimate", LLAMA, "--seq", "512", "--liger", "--mode", "simulate"]) == 2
     err = capsys.readouterr().err
@@ -173,3 +211,17 @@ def test_the_accuracy_tables_are_current():
         if r["role"] == "calibration" and r["liger"] == "true":
             assert abs(r["floor"] - r["measured"]) < 0.01 * r["measured"], r["id"]
             assert r["pred_max"] >= r["measured"] - 64 * MIB, r["id"]  # the expected peak is not below it
+
+
+def test_after_an_out_of_memory_the_runner_suggests_liger_too():
+    """service.smaller_plan (the runner's answer to a CUDA out-of-memory error) climbs the same savers, Liger among
+    them on CUDA for a family it patches: Llama-3.1-8B QLoRA at 3,072 tokens on a 12 GB card."""
+    from advisor.service import expected_peak, smaller_plan
+
+    ctx = _ctx(seq_len=3072)
+    got = smaller_plan(ctx.plan, ctx.shape, 12 * 2**30, expected_peak(ctx.plan, ctx.shape))
+    assert got is not None and got["changes"]["training.liger"] is True and got["need_bytes"] < 12 * 2**30
+    cpu = service.build({"model": {"ref": LLAMA}, "training": {"method": "qlora", "seq_len": 3072},
+                         "hardware": {"device": "cpu", "gpu": None}})
+    got = smaller_plan(cpu.plan, cpu.shape, None, expected_peak(cpu.plan, cpu.shape))
+    assert got is None or "training.liger" not in got["changes"]

@@ -157,6 +157,27 @@ async def test_typing_micro_batch_method_and_model_updates_the_estimate():
 
 @pytest.mark.asyncio
 @pytest.mark.slow
+async def test_the_memory_savers_are_on_the_form():
+    """Offloading and Liger are checkboxes of the plan: ticking one re-estimates as the CLI's flag does; Liger on a
+    family it does not patch is flagged on its own field."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.screen.query_one("#liger").value = True
+        await settle(pilot)
+        assert app.evaluation.result.as_json() == expected(liger=True)
+        assert app.evaluation.result.as_json()["breakdown"].get("logits_and_loss", 0) < \
+            expected()["breakdown"]["logits_and_loss"] / 10
+        app.screen.query_one("#offload").value = True
+        await settle(pilot)
+        assert app.evaluation.result.as_json() == expected(liger=True, offload=True)
+        await type_into(pilot, "#model", "gpt2")
+        field = app.screen.query_one("#field-liger")
+        assert field.has_class("-invalid") and "no patch for model_type 'gpt2'" in field.error
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
 async def test_invalid_input_is_flagged_on_its_field_and_nothing_crashes():
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:

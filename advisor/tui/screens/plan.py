@@ -22,7 +22,7 @@ from advisor.tui.widgets.tables import badge, breakdown_table, compare_table, sh
 from advisor.units import GIB, gib
 
 INPUTS = ("model", "gpus", "batch", "seq", "accum", "lora_r", "lora_alpha", "lora_targets")
-TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "offload", "lora_r", "lora_alpha", "lora_targets",
+TRAIN_ONLY = ("method", "optimizer", "accum", "ckpt", "offload", "liger", "lora_r", "lora_alpha", "lora_targets",
               "transformers", "harness")
 SELECTS = ("gpu", "zero", "task", "method", "precision", "optimizer", "weight_quant", "transformers", "harness",
            "device")
@@ -79,6 +79,8 @@ class PlanScreen(Screen):
                                                    compact=True), "ckpt")
                 yield Field("offload", Checkbox("checkpoints in host RAM", bool(f["offload"]), id="offload",
                                                 compact=True), "offload")
+                yield Field("liger", Checkbox("fused loss and kernels", bool(f["liger"]), id="liger",
+                                              compact=True), "liger")
                 releases = list(TRANSFORMERS_CHOICES)
                 if f["transformers"] not in {v for _, v in releases}:  # a loaded plan's own release
                     releases.append((f"transformers {f['transformers']}", f["transformers"]))
