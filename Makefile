@@ -59,7 +59,7 @@ newest:
 	$(NEWEST_VENV)/bin/python -c "import torch, transformers, peft, bitsandbytes as b; \
 		print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, \
 		'bitsandbytes', b.__version__)"
-	$(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_registry.py
+	TUNEPLAN_REGISTRY=all $(NEWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_registry.py
 
 # The main job: the app, opening on the default plan (Llama-3.1-8B, QLoRA, one 24 GiB RTX 4090).
 # ARGS passes arguments through, e.g. make run ARGS="estimate --model gpt2 --json".
