@@ -17,7 +17,6 @@ gathered in fp32, autocast) and pure ``bf16``, the two modes mixed-bf16 is neith
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -151,17 +150,10 @@ if __name__ == "__main__":
         _, _, d, prec, b, s = sys.argv
         worker(d, prec, int(b), int(s))
         sys.exit(0)
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--write", help="markdown file with the fsdpmixed block (docs/accuracy.md)")
-    ap.add_argument("--table", action="store_true", help="use benchmarks/results/fsdp_mixed_cpu.json, measure nothing")
-    ap.add_argument("--only", help="measure only cases whose id contains this")
-    a = ap.parse_args()
-    if a.table:
-        rows = json.loads(RESULTS.read_text())
-    else:
-        rows = [measure(c) for c in CASES if not a.only or a.only in case_id(c)]
-        if not a.only:
-            RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    from benchmarks.docblock import stored_or_measured, table_arguments
+
+    a = table_arguments("fsdpmixed", RESULTS)
+    rows = stored_or_measured(a, RESULTS, CASES, case_id, measure)
     md = markdown(rows)
     print(md)
     if a.write:

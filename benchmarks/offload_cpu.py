@@ -14,7 +14,6 @@ tensors, host tensors -- are compared with tuneplan's estimate of the same plan 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -191,17 +190,10 @@ def markdown(rows: list[dict], simulated: dict[str, int] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--write", help="markdown file with the offloadcpu block (docs/accuracy.md)")
-    ap.add_argument("--table", action="store_true", help="use benchmarks/results/offload_cpu.json, measure nothing")
-    ap.add_argument("--only", help="measure only cases whose id contains this")
-    a = ap.parse_args()
-    if a.table:
-        rows = json.loads(RESULTS.read_text())
-    else:
-        rows = [measure(c) for c in CASES if not a.only or a.only in case_id(c)]
-        if not a.only:
-            RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    from benchmarks.docblock import stored_or_measured, table_arguments
+
+    a = table_arguments("offloadcpu", RESULTS)
+    rows = stored_or_measured(a, RESULTS, CASES, case_id, measure)
     sims = {r["id"]: simulate_of(r, True) for r in rows}
     md = markdown(rows, sims)
     print(md)
