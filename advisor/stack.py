@@ -286,7 +286,8 @@ def liger_problem(device: str) -> str | None:
     from advisor.liger import INSTALL
 
     head = "Liger kernels run on an NVIDIA GPU with Triton"
-    fix = f"run on a CUDA machine with liger-kernel installed ({INSTALL}), or drop --liger (training.liger=false)"
+    fix = (f"run on a CUDA machine with liger-kernel installed ({INSTALL}), or train without Liger "
+           "(training.liger=false: no --liger, the app's liger box cleared)")
     if not str(device).startswith("cuda"):
         return f"{head}: this plan runs on the CPU (hardware.device={device}); {fix}"
     if not torch.cuda.is_available():

@@ -177,7 +177,7 @@ def test_the_runner_refuses_liger_off_cuda_before_loading_anything(tmp_path, tin
                        env=runner_env(), timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Liger kernels run on an NVIDIA GPU with Triton" in r.stderr and "Traceback" not in r.stderr
-    assert "tuneplan[liger]" in r.stderr and "drop --liger" in r.stderr
+    assert "tuneplan[liger]" in r.stderr and "train without Liger" in r.stderr
     assert not (tmp_path / "runs").exists()
     d = subprocess.run([sys.executable, "-m", "runner", str(plan), "--dry-run"], capture_output=True, text=True,
                        env=runner_env(), timeout=300)
