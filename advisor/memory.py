@@ -305,6 +305,13 @@ def fsdp_qlora(t: TrainSpec, hw: Hardware) -> bool:
     return t.method == "qlora" and hw.gpus > 1 and hw.zero >= 3
 
 
+def activation_spec(t: TrainSpec, hw: Hardware) -> TrainSpec:
+    """The settings the activations follow (``t`` as :func:`as_run` gives it): QLoRA under FSDP keeps no
+    prepare_model_for_kbit_training, so its other parameters and residual stream stay in the compute dtype --
+    activations as LoRA's."""
+    return t.model_copy(update={"method": "lora"}) if fsdp_qlora(t, hw) else t
+
+
 def fsdp_qlora_weights(shape: ModelShape, t: TrainSpec) -> tuple[int, int]:
     """QLoRA under FSDP / ZeRO-3: (bytes in the flat parameters, bytes every rank holds whole).
     The flat parameters are the packed 4-bit values (stored in the compute dtype) and every other
@@ -332,14 +339,12 @@ def training_phases(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: bool 
     w = weights_bytes(shape, t)
     mixed = mixed_sharded(t, hw)
     fsdp_q = fsdp_qlora(t, hw)
-    ta = t
+    ta = activation_spec(t, hw)
     replicated = 0
     if fsdp_q:
         # QLoRA under FSDP: the 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage)
-        # so FSDP can flatten and shard them, and prepare_model_for_kbit_training is not used: the
-        # other parameters and the residual stream stay in the compute dtype -- activations as LoRA's
+        # so FSDP can flatten and shard them
         w, replicated = fsdp_qlora_weights(shape, t)
-        ta = t.model_copy(update={"method": "lora"})
     lora = lora_adapter_bytes(shape, t)
     g = gradients_bytes(shape, t)
     o = optimizer_states_bytes(shape, t)
@@ -574,9 +579,10 @@ def estimate_training(shape: ModelShape, t: TrainSpec, hw: Hardware, padded: boo
     persist = sum(comps.get(k, 0) for k in PERSISTENT)
     step = totals["optimizer_step"] - persist
     attn = attention_workspace_bytes(t.micro_batch, t.seq_len, shape.num_heads, shape.head_dim, t.attn_impl)
-    host = offloaded_host_bytes(shape, t.model_copy(update={"method": "lora"}) if fsdp_qlora(t, hw) else t, hw.device)
+    ts = activation_spec(t, hw)
+    host = offloaded_host_bytes(shape, ts, hw.device)
     if host:
-        notes.append(offload_note(shape, t, hw, host))
+        notes.append(offload_note(shape, ts, hw, host))
     if hw.device == "cpu":  # the host copies are in the phases' components (the same RAM)
         host = 0
     if t.liger:

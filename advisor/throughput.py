@@ -152,8 +152,10 @@ def offload_seconds(plan: Plan, shape: ModelShape, gpu: Gpu) -> float:
     hides them; an implementation with its own copy stream (torchtune's OffloadActivations) overlaps them instead
     (docs/time-model.md). 0 without offloading, and with unified memory (nothing to copy)."""
     from advisor.activations import offloaded_input_bytes
+    from advisor.memory import activation_spec, as_run
 
-    one = offloaded_input_bytes(shape, plan.training)
+    hw = plan.hardware
+    one = offloaded_input_bytes(shape, activation_spec(as_run(plan.training, hw), hw))  # what the estimate moves
     if not one or not gpu.host_link_gbs:
         return 0.0
     return 2 * shape.num_layers * one / (gpu.host_link_gbs * 1e9 * HOST_LINK_EFF)
