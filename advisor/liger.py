@@ -60,6 +60,12 @@ def supported(model_type: str) -> bool:
     return model_type in MODEL_TYPES
 
 
+def offered(model_type: str, device: str, vendor: str | None = None) -> bool:
+    """Whether the savers offer Liger (recommend's nearest plans, the runner's answer to an out-of-memory error):
+    a family Liger patches, on a CUDA plan, on an NVIDIA card where the card is known."""
+    return supported(model_type) and device == "cuda" and (vendor is None or vendor.lower() == "nvidia")
+
+
 def refusal(model_type: str) -> str | None:
     """What is wrong with a plan with liger on for this family (None when Liger patches it)."""
     if supported(model_type):

@@ -29,7 +29,7 @@ from typing import Any
 from advisor import throughput
 from advisor.gpus import Gpu, gpu_table
 from advisor.guide import FULL_FINETUNE_EXAMPLES
-from advisor.liger import supported as liger_supported
+from advisor.liger import offered as liger_offered
 from advisor.limits import largest as _largest
 from advisor.memory import estimate
 from advisor.model import ModelShape
@@ -626,8 +626,7 @@ def _savers(plan: Plan, shape: ModelShape, gpu: Gpu | None = None) -> list[tuple
     if t.method == "full" and t.precision == "amp-bf16" and hw.gpus > 1 and hw.zero >= 1:
         out.append(("FSDP / ZeRO mixed precision (mixed-bf16: fp32 masters sharded, bf16 compute copies)",
                     {"training__precision": "mixed-bf16"}))
-    if not t.liger and hw.device == "cuda" and (gpu is None or gpu.vendor.lower() == "nvidia") \
-            and liger_supported(shape.model_type):
+    if not t.liger and liger_offered(shape.model_type, hw.device, gpu.vendor if gpu else None):
         out.append(("Liger kernels (fused linear cross-entropy: logits never materialized)",
                     {"training__liger": True}))
     if not t.offload_activations and (gpu is None or gpu.host_link_gbs):

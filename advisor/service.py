@@ -565,7 +565,7 @@ def smaller_plan(plan: Plan, shape: ModelShape, capacity: int | None, below: flo
             yield {"training.micro_batch": mb, "training.grad_accum": acc}
         if t["optimizer"] in ("adamw", "paged_adamw_32bit"):
             yield {"training.optimizer": "paged_adamw_8bit"}
-        if not t["liger"] and plan.hardware.device == "cuda" and liger.supported(shape.model_type):
+        if not t["liger"] and liger.offered(shape.model_type, plan.hardware.device):
             yield {"training.liger": True}  # no time cost (liger-kernel: tuneplan[liger])
         if not t["offload_activations"]:
             yield {"training.grad_checkpointing": True, "training.offload_activations": True}

@@ -234,8 +234,9 @@ def load_for_training(model_dir: str | Path, spec: TrainSpec, device: str = "cpu
     flattens one dtype per unit). What advisor.memory (``fsdp_qlora``) and advisor.lifecycle model.
     """
     shard_4bit = fsdp
-    if spec.liger and liger_problem(device):  # before anything loads: Triton on CUDA, an optional extra
-        raise ValueError(liger_problem(device))
+    why = liger_problem(device) if spec.liger else None  # before anything loads: Triton on CUDA, an optional extra
+    if why:
+        raise ValueError(why)
     if spec.attn_impl == "flash_attention_2" and device == "cpu":
         raise ValueError("flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU")
     kwargs: dict[str, Any] = dict(attn_implementation=spec.attn_impl, trust_remote_code=trust_remote_code)
